@@ -1,0 +1,1 @@
+"""The Textual console and the `recon-console` command line. Talks to `services.workspace`."""

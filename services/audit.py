@@ -1,0 +1,216 @@
+"""The tamper-evident audit trail: append-only, hash-chained entries.
+
+Each entry's `hash` is SHA-256 over the canonical JSON (orjson, keys sorted, UTF-8, no spaces)
+of all its fields except `hash`, `prev_hash` included; the first entry's `prev_hash` is 64 zeros.
+`verify` recomputes the chain and names the first broken entry; a checkpoint (size, head hash)
+taken earlier also reveals a cut tail or rewritten history.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import IO, Any
+
+import orjson
+
+from services.store import Store, utc_text
+
+__all__ = ["AUDIT_FIELDS", "AuditAction", "AuditTrail", "Checkpoint", "VerifyReport"]
+
+GENESIS = "0" * 64
+AUDIT_FIELDS = ("seq", "at", "operator", "action", "merchant_id", "order_id", "version", "amount",
+                "currency", "consent_id", "consent_sha256", "batch_id", "approved_set_sha256",
+                "idempotency_key", "outcome", "square_code", "detail", "prev_hash")
+_ALL = (*AUDIT_FIELDS, "hash")
+
+
+class AuditAction(StrEnum):
+    CONSENT_IMPORTED = "consent_imported"
+    CONSENT_REVOKED = "consent_revoked"
+    PREVIEW = "preview"
+    APPROVAL = "approval"
+    INTENT = "intent"
+    OUTCOME = "outcome"
+    CANCEL = "cancel"
+    RECOVERY = "recovery"
+    BATCH_FINISHED = "batch_finished"
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    canonical = orjson.dumps({k: entry.get(k) for k in AUDIT_FIELDS},
+                             option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    size: int
+    head_hash: str
+    created_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.size, "head_hash": self.head_hash, "created_at": self.created_at}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: bool
+    entries: int
+    head_hash: str
+    broken_at: int | None = None
+    problem: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "entries": self.entries, "head_hash": self.head_hash,
+                "broken_at": self.broken_at, "problem": self.problem}
+
+    def sentence(self) -> str:
+        if self.ok:
+            return f"Audit chain verified: {self.entries} entries, head {self.head_hash[:12]}."
+        return f"Audit chain BROKEN at entry {self.broken_at}: {self.problem}"
+
+
+class AuditTrail:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def append(self, conn: sqlite3.Connection | None = None, **fields: Any) -> dict[str, Any]:
+        """Append one entry. Pass `conn` to join a transaction already open (BEGIN IMMEDIATE),
+        so the entry commits with the change it records."""
+        if conn is None:
+            with self.store.transaction() as own:
+                return self._append(own, fields)
+        return self._append(conn, fields)
+
+    def append_many(self, conn: sqlite3.Connection, entries: list[dict[str, Any]]
+                    ) -> list[dict[str, Any]]:
+        return [self._append(conn, fields) for fields in entries]
+
+    def _append(self, conn: sqlite3.Connection, fields: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(fields) - set(AUDIT_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown audit fields: {sorted(unknown)}")
+        last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        entry: dict[str, Any] = dict.fromkeys(AUDIT_FIELDS)
+        entry.update(fields)
+        entry["seq"] = 1 if last is None else last[0] + 1
+        entry["prev_hash"] = GENESIS if last is None else last[1]
+        entry["at"] = entry["at"] or utc_text()
+        entry["action"] = str(entry["action"])
+        entry["hash"] = entry_hash(entry)
+        conn.execute(f"INSERT INTO audit ({', '.join(_ALL)}) VALUES "
+                     f"({', '.join('?' for _ in _ALL)})", [entry[k] for k in _ALL])
+        return entry
+
+    # ------------------------------------------------------------------ reading
+    def entries(self, *, merchant_id: str | None = None, operator: str | None = None,
+                order_id: str | None = None, outcome: str | None = None,
+                since: str | None = None, until: str | None = None, action: str | None = None,
+                limit: int | None = None, newest_first: bool = False
+                ) -> Iterator[dict[str, Any]]:
+        sql = f"SELECT {', '.join(_ALL)} FROM audit WHERE 1=1"
+        params: list[Any] = []
+        for column, value in (("merchant_id", merchant_id), ("operator", operator),
+                              ("order_id", order_id), ("outcome", outcome),
+                              ("action", action)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        if since is not None:
+            sql += " AND at >= ?"
+            params.append(since)
+        if until is not None:
+            sql += " AND at < ?"
+            params.append(until)
+        sql += " ORDER BY seq" + (" DESC" if newest_first else "")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        cursor = self.store.conn.execute(sql, params)
+        while True:
+            rows = cursor.fetchmany(5000)
+            if not rows:
+                return
+            for row in rows:
+                yield dict(zip(_ALL, row, strict=True))
+
+    def size(self) -> int:
+        row = self.store.conn.execute("SELECT COUNT(*) FROM audit").fetchone()
+        return int(row[0])
+
+    def verify(self, checkpoint: Checkpoint | None = None) -> VerifyReport:
+        """Recompute every link. Also catches gaps (a deleted entry), reordering, and, given a
+        checkpoint, a cut tail or history rewritten before it."""
+        expected_seq = 1
+        prev = GENESIS
+        hashes_at_checkpoint: str | None = None
+        cursor = self.store.conn.execute(f"SELECT {', '.join(_ALL)} FROM audit ORDER BY seq")
+        count = 0
+        while True:
+            rows = cursor.fetchmany(10000)
+            if not rows:
+                break
+            for row in rows:
+                entry = dict(zip(_ALL, row, strict=True))
+                seq = entry["seq"]
+                if seq != expected_seq:
+                    return VerifyReport(False, count, prev, expected_seq,
+                                        f"entry {expected_seq} is missing (next is {seq}).")
+                if entry["prev_hash"] != prev:
+                    return VerifyReport(False, count, prev, seq,
+                                        "its prev_hash does not match the entry before it.")
+                if entry_hash(entry) != entry["hash"]:
+                    return VerifyReport(False, count, prev, seq,
+                                        "its contents do not match its hash (changed).")
+                prev = entry["hash"]
+                count += 1
+                expected_seq += 1
+                if checkpoint is not None and seq == checkpoint.size:
+                    hashes_at_checkpoint = prev
+        if checkpoint is not None:
+            if count < checkpoint.size:
+                return VerifyReport(False, count, prev, count + 1,
+                                    f"the chain has {count} entries but the checkpoint of "
+                                    f"{checkpoint.created_at} saw {checkpoint.size}: entries "
+                                    "were cut from the end.")
+            if checkpoint.size and hashes_at_checkpoint != checkpoint.head_hash:
+                return VerifyReport(False, count, prev, checkpoint.size,
+                                    "entry at the checkpoint's size does not have the "
+                                    "checkpoint's head hash: history was rewritten.")
+        return VerifyReport(True, count, prev)
+
+    def checkpoint(self) -> Checkpoint:
+        row = self.store.conn.execute(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None:
+            return Checkpoint(0, GENESIS, utc_text())
+        return Checkpoint(int(row[0]), str(row[1]), utc_text())
+
+    # ------------------------------------------------------------------ export
+    def export(self, out: IO[str], fmt: str, *, merchant_id: str | None = None,
+               since: str | None = None) -> int:
+        count = 0
+        rows = self.entries(merchant_id=merchant_id, since=since)
+        if fmt == "jsonl":
+            for entry in rows:
+                out.write(orjson.dumps(entry, option=orjson.OPT_SORT_KEYS).decode() + "\n")
+                count += 1
+        elif fmt == "csv":
+            writer = csv.DictWriter(out, fieldnames=list(_ALL))
+            writer.writeheader()
+            for entry in rows:
+                writer.writerow(entry)
+                count += 1
+        else:
+            raise ValueError(f"unknown export format {fmt!r}: use csv or jsonl")
+        return count
+
+    def export_text(self, fmt: str, **filters: Any) -> str:
+        buffer = io.StringIO()
+        self.export(buffer, fmt, **filters)
+        return buffer.getvalue()

@@ -1,0 +1,205 @@
+"""Consent records: validation against `consent.schema.json`, the model used in code, and status.
+
+A record is checked by the JSON Schema first (format checks on), then loaded into
+`ConsentRecord`; a test proves the two agree on every example in `tests/data/consent/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from jsonschema import Draft202012Validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from services.errors import ConsentFileError
+
+__all__ = [
+    "DEFAULT_ORDER_SOURCES",
+    "ConsentRecord",
+    "ConsentStatus",
+    "InvalidConsent",
+    "consent_schema",
+    "parse_consent_file",
+    "record_sha256",
+    "validate_consent",
+]
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "consent.schema.json"
+DEFAULT_ORDER_SOURCES = ("Square Online",)
+EXPIRING_SOON = timedelta(days=14)
+# The same pattern stands in consent.schema.json beside `"format": "email"`.
+EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+
+
+class ConsentStatus(StrEnum):
+    ACTIVE = "active"
+    NOT_YET_EFFECTIVE = "not_yet_effective"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Grantor(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    role: str = Field(min_length=1, max_length=200)
+    email: str = Field(max_length=320, pattern=EMAIL_PATTERN)
+    authority: Literal["square_account_owner", "signed_service_agreement", "other_documented"]
+
+
+class Grantee(_Strict):
+    organisation: str = Field(min_length=1, max_length=200)
+    role: str = Field(min_length=1, max_length=200)
+
+
+class MoneyLimit(_Strict):
+    amount: int = Field(ge=0)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+
+
+class ConsentScope(_Strict):
+    action: Literal["complete_fully_paid_orders"]
+    order_sources: tuple[str, ...] | None = Field(None, min_length=1)
+    min_order_age_hours: int | None = Field(None, ge=0, le=8760)
+    max_orders_per_batch: int | None = Field(None, ge=1, le=100000)
+    max_amount_per_batch: MoneyLimit | None = None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.order_sources or DEFAULT_ORDER_SOURCES
+
+
+class Notice(_Strict):
+    version: str = Field(min_length=1, max_length=64)
+    text_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Evidence(_Strict):
+    method: Literal["e_signature", "portal_checkbox", "email_reply"]
+    reference: str = Field(min_length=1, max_length=500)
+    captured_at: AwareDatetime
+    captured_by: str = Field(min_length=1, max_length=200)
+
+
+class Revocation(_Strict):
+    revoked_at: AwareDatetime
+    revoked_by: str = Field(min_length=1, max_length=200)
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+class ConsentRecord(_Strict):
+    consent_id: str = Field(pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                                    r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+    schema_version: Literal[1]
+    merchant_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    location_ids: Literal["ALL"] | tuple[str, ...]
+    grantor: Grantor
+    grantee: Grantee
+    scope: ConsentScope
+    notice: Notice
+    evidence: Evidence
+    effective_from: AwareDatetime
+    expires_at: AwareDatetime | None = None
+    revocation: Revocation | None = None
+
+    def status_at(self, moment: datetime) -> ConsentStatus:
+        if self.revocation is not None and self.revocation.revoked_at <= moment:
+            return ConsentStatus.REVOKED
+        if moment < self.effective_from:
+            return ConsentStatus.NOT_YET_EFFECTIVE
+        if self.expires_at is not None and self.expires_at <= moment:
+            return ConsentStatus.EXPIRED
+        return ConsentStatus.ACTIVE
+
+    def expiring_soon(self, moment: datetime) -> bool:
+        return (self.status_at(moment) is ConsentStatus.ACTIVE and self.expires_at is not None
+                and self.expires_at - moment <= EXPIRING_SOON)
+
+    def covers_location(self, location_id: str) -> bool:
+        return self.location_ids == "ALL" or location_id in self.location_ids
+
+    def covers_source(self, source_name: str | None) -> bool:
+        return source_name in self.scope.sources
+
+    def to_document(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def record_sha256(document: dict[str, Any]) -> str:
+    """Hash of the canonical JSON of a record: what the audit says was relied on."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@cache
+def consent_schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())  # type: ignore[no-any-return]
+
+
+@cache
+def _validator() -> Draft202012Validator:
+    return Draft202012Validator(consent_schema(),
+                                format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+@dataclass(frozen=True)
+class InvalidConsent:
+    """One problem: where in the record, and what is wrong."""
+
+    path: str
+    message: str
+
+
+def _path(parts: list[Any]) -> str:
+    text = "$"
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text
+
+
+def validate_consent(document: Any) -> tuple[ConsentRecord | None, list[InvalidConsent]]:
+    """Schema first (the contract), then the model (what code uses); both must accept."""
+    problems = [InvalidConsent(_path(list(e.absolute_path)), e.message)
+                for e in sorted(_validator().iter_errors(document),
+                                key=lambda e: list(map(str, e.absolute_path)))]
+    if problems:
+        return None, problems
+    try:
+        return ConsentRecord.model_validate(document), []
+    except ValidationError as error:
+        return None, [InvalidConsent(_path(list(e["loc"])), e["msg"]) for e in error.errors()]
+
+
+def parse_consent_file(path: Path) -> list[tuple[ConsentRecord, dict[str, Any]]]:
+    """All records of a file (one record or an array), or ConsentFileError naming the first
+    problem: the file, the record, the field path and what is wrong. Nothing partial."""
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConsentFileError(f"{path}: file not found.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConsentFileError(f"{path}: not valid JSON ({error}).") from None
+    items = document if isinstance(document, list) else [document]
+    if not items:
+        raise ConsentFileError(f"{path}: the array holds no consent records.")
+    records = []
+    for index, item in enumerate(items):
+        record, problems = validate_consent(item)
+        if problems:
+            where = f"record {index}: " if isinstance(document, list) else ""
+            first = problems[0]
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ConsentFileError(f"{path}: {where}{first.path}: {first.message}{more}; "
+                                   "fix the record and import it again.")
+        assert record is not None
+        records.append((record, item))
+    return records

@@ -1,0 +1,153 @@
+"""Which open orders are completion candidates, and why every other one is not.
+
+`classify` is a pure function of the order, the merchant's consents and the moment; the queue,
+the preview and the engine's send-time re-check all call it, so they cannot disagree.
+The checks run in the order below; the first that fails gives the reason code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from services.consent import DEFAULT_ORDER_SOURCES, ConsentRecord, ConsentStatus
+from services.square_models import SquareOrder
+
+__all__ = ["Classification", "EligibilityReason", "apply_batch_limits", "classify",
+           "dashboard_url"]
+
+
+class EligibilityReason(StrEnum):
+    NOT_OPEN = "NOT_OPEN"
+    OUTSIDE_CONSENT_SCOPE = "OUTSIDE_CONSENT_SCOPE"   # source, location or currency not covered
+    REFUNDED = "REFUNDED"                             # refunds or returns: needs a human
+    PAYMENT_NOT_CAPTURED = "PAYMENT_NOT_CAPTURED"     # card AUTHORIZED, VOIDED or FAILED
+    NOT_FULLY_PAID = "NOT_FULLY_PAID"                 # money still due, or no tender at all
+    MANUAL_ONLY = "MANUAL_ONLY"                       # no version: the API cannot update it
+    NO_CONSENT = "NO_CONSENT"
+    CONSENT_NOT_YET_EFFECTIVE = "CONSENT_NOT_YET_EFFECTIVE"
+    CONSENT_EXPIRED = "CONSENT_EXPIRED"
+    CONSENT_REVOKED = "CONSENT_REVOKED"
+    TOO_RECENT = "TOO_RECENT"                         # younger than min_order_age_hours
+    OVER_AMOUNT_LIMIT = "OVER_AMOUNT_LIMIT"           # alone exceeds max_amount_per_batch
+    BATCH_LIMIT_REACHED = "BATCH_LIMIT_REACHED"       # set by apply_batch_limits
+
+
+_UNCAPTURED = frozenset({"AUTHORIZED", "VOIDED", "FAILED"})
+_CONSENT_REASON = {
+    ConsentStatus.NOT_YET_EFFECTIVE: EligibilityReason.CONSENT_NOT_YET_EFFECTIVE,
+    ConsentStatus.EXPIRED: EligibilityReason.CONSENT_EXPIRED,
+    ConsentStatus.REVOKED: EligibilityReason.CONSENT_REVOKED,
+}
+# When several consents fail to cover an order, report the one closest to being usable.
+_CONSENT_PRIORITY = [ConsentStatus.REVOKED, ConsentStatus.EXPIRED,
+                     ConsentStatus.NOT_YET_EFFECTIVE]
+
+
+@dataclass(frozen=True)
+class Classification:
+    eligible: bool
+    reason: EligibilityReason | None
+    detail: str
+    consent: ConsentRecord | None = None
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def classify(order: SquareOrder, consents: Sequence[ConsentRecord], now: datetime
+             ) -> Classification:
+    def no(reason: EligibilityReason, detail: str,
+           consent: ConsentRecord | None = None) -> Classification:
+        return Classification(False, reason, detail, consent)
+
+    if order.state != "OPEN":
+        return no(EligibilityReason.NOT_OPEN, f"Order is {order.state}.")
+    sources = {s for c in consents for s in c.scope.sources} or set(DEFAULT_ORDER_SOURCES)
+    if order.source_name not in sources:
+        return no(EligibilityReason.OUTSIDE_CONSENT_SCOPE,
+                  f"Source {order.source_name or 'unknown'!r} is not covered.")
+    if order.refunds or order.returns:
+        return no(EligibilityReason.REFUNDED, "Has refunds or returns: needs a person.")
+    uncaptured = [t for t in order.tenders if t.card_status in _UNCAPTURED]
+    if uncaptured:
+        return no(EligibilityReason.PAYMENT_NOT_CAPTURED,
+                  f"Card payment is {uncaptured[0].card_status}, not captured.")
+    if not order.tenders:
+        return no(EligibilityReason.NOT_FULLY_PAID, "No payment has been taken.")
+    if order.amount_due > 0:
+        return no(EligibilityReason.NOT_FULLY_PAID,
+                  f"{order.amount_due} {order.currency} still due.")
+    if order.version is None:
+        return no(EligibilityReason.MANUAL_ONLY,
+                  "No version: complete it in the Square Dashboard.")
+    covering = [c for c in consents
+                if c.covers_location(order.location_id) and c.covers_source(order.source_name)]
+    active = [c for c in covering if c.status_at(now) is ConsentStatus.ACTIVE]
+    if not active:
+        if not consents:
+            return no(EligibilityReason.NO_CONSENT, "The merchant has not consented.")
+        if not covering:
+            return no(EligibilityReason.OUTSIDE_CONSENT_SCOPE,
+                      f"Location {order.location_id} is not covered by the consent.")
+        statuses = {c.status_at(now): c for c in covering}
+        for status in _CONSENT_PRIORITY:
+            if status in statuses:
+                return no(_CONSENT_REASON[status], f"Consent is {status.value}.",
+                          statuses[status])
+    consent = max(active, key=lambda c: c.effective_from)
+    scope = consent.scope
+    if scope.min_order_age_hours:
+        age = now - _parse(order.created_at)
+        if age < timedelta(hours=scope.min_order_age_hours):
+            return no(EligibilityReason.TOO_RECENT,
+                      f"Younger than {scope.min_order_age_hours} h.", consent)
+    limit = scope.max_amount_per_batch
+    if limit is not None:
+        if limit.currency != order.currency:
+            return no(EligibilityReason.OUTSIDE_CONSENT_SCOPE,
+                      f"Consent's amount limit is in {limit.currency}, order in "
+                      f"{order.currency}.", consent)
+        if order.total_amount > limit.amount:
+            return no(EligibilityReason.OVER_AMOUNT_LIMIT,
+                      f"Total exceeds the consent's batch limit of {limit.amount}.", consent)
+    return Classification(True, None, "Fully paid, open, consented.", consent)
+
+
+@dataclass(frozen=True)
+class LimitedItem:
+    key: tuple[str, str]
+    consent: ConsentRecord
+    amount: int
+
+
+def apply_batch_limits(items: Iterable[LimitedItem]) -> tuple[list[tuple[str, str]],
+                                                              list[tuple[str, str]]]:
+    """Split (merchant, order) keys into those within each consent's per-batch limits and those
+    held back (BATCH_LIMIT_REACHED). Items are taken in the order given (oldest first)."""
+    counts: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    kept: list[tuple[str, str]] = []
+    held: list[tuple[str, str]] = []
+    for item in items:
+        scope = item.consent.scope
+        consent_id = item.consent.consent_id
+        count = counts.get(consent_id, 0) + 1
+        total = totals.get(consent_id, 0) + item.amount
+        if (scope.max_orders_per_batch is not None and count > scope.max_orders_per_batch) or (
+                scope.max_amount_per_batch is not None
+                and total > scope.max_amount_per_batch.amount):
+            held.append(item.key)
+            continue
+        counts[consent_id] = count
+        totals[consent_id] = total
+        kept.append(item.key)
+    return kept, held
+
+
+def dashboard_url(order_id: str, base_url: str = "https://app.squareup.com") -> str:
+    """Where a person completes a manual-only order."""
+    return f"{base_url}/dashboard/orders/overview/{order_id}"

@@ -1,0 +1,109 @@
+"""The errors the services raise, in one tree. Each says what is wrong and what to do.
+
+    ReconError
+    ├── ConfigurationError          bad settings, credentials file, unknown merchant (exit 2)
+    │   ├── CredentialsError
+    │   └── ConsentFileError        a consent file that does not validate
+    ├── SquareApiError              Square answered with an error envelope
+    │   ├── SquareAuthError         401: token unknown, expired or revoked
+    │   ├── SquareScopeError        403: token lacks a scope
+    │   ├── SquareRateLimited       429 after our retries ran out
+    │   ├── SquareNotFound          404
+    │   ├── SquareInvalidRequest    400 (VERSION_MISMATCH and friends)
+    │   └── SquareServerError       5xx after our retries ran out
+    ├── SquareUnavailable           no answer at all (connection refused, timeouts)
+    └── AuditChainError             the audit chain does not verify
+
+The console maps these to one sentence in `console/messages.py`; the command line prints
+`str(error)` on stderr.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "AuditChainError",
+    "ConfigurationError",
+    "ConsentFileError",
+    "CredentialsError",
+    "ReconError",
+    "SquareApiError",
+    "SquareAuthError",
+    "SquareInvalidRequest",
+    "SquareNotFound",
+    "SquareRateLimited",
+    "SquareScopeError",
+    "SquareServerError",
+    "SquareUnavailable",
+]
+
+
+class ReconError(Exception):
+    """Base of every error the services raise on purpose."""
+
+
+class ConfigurationError(ReconError):
+    pass
+
+
+class CredentialsError(ConfigurationError):
+    pass
+
+
+class ConsentFileError(ConfigurationError):
+    pass
+
+
+@dataclass
+class SquareApiError(ReconError):
+    status: int
+    code: str
+    detail: str
+    field: str | None = None
+    category: str = ""
+    retry_after: float | None = None
+
+    def __str__(self) -> str:
+        where = f" ({self.field})" if self.field else ""
+        return f"Square answered {self.status} {self.code}{where}: {self.detail}"
+
+
+class SquareAuthError(SquareApiError):
+    def __str__(self) -> str:
+        return (f"Square refused the access token ({self.code}): re-authorize this merchant and "
+                "update the credentials file.")
+
+
+class SquareScopeError(SquareApiError):
+    def __str__(self) -> str:
+        return (f"The access token lacks a permission ({self.detail}): the merchant must "
+                "re-authorize with ORDERS_READ, ORDERS_WRITE, PAYMENTS_READ and "
+                "MERCHANT_PROFILE_READ.")
+
+
+class SquareRateLimited(SquareApiError):
+    def __str__(self) -> str:
+        return "Square is rate limiting these requests: wait a minute and try again."
+
+
+class SquareNotFound(SquareApiError):
+    pass
+
+
+class SquareInvalidRequest(SquareApiError):
+    pass
+
+
+class SquareServerError(SquareApiError):
+    def __str__(self) -> str:
+        return (f"Square had an internal error ({self.status} {self.code}) and kept failing "
+                "after retries: try again shortly; check Square's status page if it persists.")
+
+
+class SquareUnavailable(ReconError):
+    """No HTTP answer: connection refused, reset or timed out."""
+
+
+class AuditChainError(ReconError):
+    pass

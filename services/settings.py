@@ -1,0 +1,55 @@
+"""Settings from flags and `RECON_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["SQUARE_BASE_URLS", "ReconSettings", "default_credentials_path", "default_db_path"]
+
+SQUARE_BASE_URLS = {
+    "production": "https://connect.squareup.com",
+    "sandbox": "https://connect.squareupsandbox.com",
+}
+APP_NAME = "recon-console"
+
+
+def default_db_path() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME)) / "recon.db"
+
+
+def default_credentials_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "credentials.toml"
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "operator"
+
+
+class ReconSettings(BaseSettings):
+    """Where the database and credentials live, which Square to talk to, who is operating."""
+
+    model_config = SettingsConfigDict(env_prefix="RECON_", extra="ignore")
+
+    db: Path = Field(default_factory=default_db_path)
+    square_base_url: str | None = None
+    square_environment: Literal["production", "sandbox"] = "production"
+    credentials: Path = Field(default_factory=default_credentials_path)
+    operator: str = Field(default_factory=_os_user)
+    # Concurrency and retry knobs; the defaults suit Square's unpublished limits.
+    max_concurrent_merchants: int = Field(16, ge=1)
+    max_requests_in_flight: int = Field(64, ge=1)
+    read_retries: int = Field(4, ge=0)
+    request_timeout_s: float = Field(20.0, gt=0)
+
+    @property
+    def base_url(self) -> str:
+        return self.square_base_url or SQUARE_BASE_URLS[self.square_environment]

@@ -1,0 +1,250 @@
+"""The local SQLite database (sqlite-utils): schema migrations, and rows <-> models in one place.
+
+WAL mode; `synchronous=FULL` so a committed intent survives a killed process or a power cut.
+Tokens never come here: no table has a column for them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlite_utils import Database
+from sqlite_utils import Migrations
+
+from services.consent import ConsentRecord, record_sha256
+
+__all__ = ["QueuedOrder", "Store", "StoredConsent", "now_utc", "utc_text"]
+
+migrations = Migrations("recon-console")
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def utc_text(moment: datetime | None = None) -> str:
+    return (moment or now_utc()).astimezone(UTC).isoformat(timespec="microseconds").replace(
+        "+00:00", "Z")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.execute("""
+        CREATE TABLE consents (
+            consent_id TEXT NOT NULL, version INTEGER NOT NULL, merchant_id TEXT NOT NULL,
+            record_json TEXT NOT NULL, record_sha256 TEXT NOT NULL,
+            imported_at TEXT NOT NULL, imported_by TEXT NOT NULL, source TEXT,
+            PRIMARY KEY (consent_id, version))""")
+    db.execute("CREATE INDEX consents_merchant ON consents(merchant_id)")
+    db.execute("""
+        CREATE TABLE merchants (
+            merchant_id TEXT PRIMARY KEY, business_name TEXT, country TEXT, currency TEXT,
+            timezone TEXT, locations_json TEXT, fetched_at TEXT,
+            token_health TEXT, token_expires_at TEXT, token_scopes TEXT,
+            sync_time TEXT, discovery_error TEXT, discovered_at TEXT)""")
+    db.execute("""
+        CREATE TABLE orders (
+            order_id TEXT PRIMARY KEY, merchant_id TEXT NOT NULL, location_id TEXT NOT NULL,
+            version INTEGER, state TEXT NOT NULL, source TEXT, reference_id TEXT,
+            total_amount INTEGER NOT NULL, currency TEXT NOT NULL, due_amount INTEGER NOT NULL,
+            created_at TEXT NOT NULL, updated_at TEXT, eligible INTEGER NOT NULL,
+            reason TEXT, detail TEXT, consent_id TEXT, fulfillments TEXT,
+            order_json TEXT NOT NULL, seen_at TEXT NOT NULL)""")
+    db.execute("CREATE INDEX orders_merchant ON orders(merchant_id, eligible)")
+    db.execute("""
+        CREATE TABLE batches (
+            batch_id TEXT PRIMARY KEY, operator TEXT NOT NULL, created_at TEXT NOT NULL,
+            approved_set_sha256 TEXT NOT NULL, approved_json TEXT NOT NULL,
+            status TEXT NOT NULL, finished_at TEXT)""")
+    db.execute("""
+        CREATE TABLE intents (
+            idempotency_key TEXT PRIMARY KEY, batch_id TEXT NOT NULL, merchant_id TEXT NOT NULL,
+            order_id TEXT NOT NULL, location_id TEXT NOT NULL, version INTEGER NOT NULL,
+            amount INTEGER, currency TEXT, consent_id TEXT, consent_sha256 TEXT,
+            operator TEXT NOT NULL, created_at TEXT NOT NULL, body_json TEXT NOT NULL,
+            outcome TEXT, reason TEXT, square_code TEXT, detail TEXT, settled_at TEXT)""")
+    db.execute("CREATE INDEX intents_open ON intents(outcome) WHERE outcome IS NULL")
+    db.execute("CREATE INDEX intents_batch ON intents(batch_id)")
+    db.execute("""
+        CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY, at TEXT NOT NULL, operator TEXT NOT NULL,
+            action TEXT NOT NULL, merchant_id TEXT, order_id TEXT, version INTEGER,
+            amount INTEGER, currency TEXT, consent_id TEXT, consent_sha256 TEXT,
+            batch_id TEXT, approved_set_sha256 TEXT, idempotency_key TEXT, outcome TEXT,
+            square_code TEXT, detail TEXT, prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""")
+    # Append-only: the database itself refuses changes to history.
+    db.execute("""CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+                  BEGIN SELECT RAISE(ABORT, 'audit entries are append-only'); END""")
+    db.execute("""CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+                  BEGIN SELECT RAISE(ABORT, 'audit entries are append-only'); END""")
+
+
+@dataclass(frozen=True)
+class StoredConsent:
+    record: ConsentRecord
+    document: dict[str, Any]
+    sha256: str
+    version: int
+    imported_at: str
+    imported_by: str
+
+
+@dataclass(frozen=True)
+class QueuedOrder:
+    """An order as the queue shows it: the row of `orders`, typed."""
+
+    order_id: str
+    merchant_id: str
+    location_id: str
+    version: int | None
+    state: str
+    source: str | None
+    reference_id: str | None
+    total_amount: int
+    currency: str
+    due_amount: int
+    created_at: str
+    eligible: bool
+    reason: str | None
+    detail: str | None
+    consent_id: str | None
+    fulfillments: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The `queue --json` shape of interfaces.md."""
+        return {"merchant_id": self.merchant_id, "order_id": self.order_id,
+                "location_id": self.location_id, "version": self.version, "state": self.state,
+                "source": self.source,
+                "total_money": {"amount": self.total_amount, "currency": self.currency},
+                "net_amount_due_money": {"amount": self.due_amount, "currency": self.currency},
+                "created_at": self.created_at, "eligible": self.eligible,
+                "reason": self.reason}
+
+
+_QUEUED_COLUMNS = ("order_id, merchant_id, location_id, version, state, source, reference_id, "
+                   "total_amount, currency, due_amount, created_at, eligible, reason, detail, "
+                   "consent_id, fulfillments")
+
+
+class Store:
+    """One SQLite file. Use one Store per thread (sqlite3 connections are not shared)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path) if path != ":memory:" else path
+        if isinstance(self.path, Path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+        self.db = Database(conn)
+        if isinstance(self.path, Path):
+            self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        migrations.apply(self.db)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        return self.db.conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT: one writer at a time, durable on return."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ------------------------------------------------------------------ consents
+    def save_consent(self, record: ConsentRecord, document: dict[str, Any], operator: str,
+                     source: str) -> tuple[str, int]:
+        """Store a record; returns ('unchanged' | 'new' | 'new_version', version)."""
+        digest = record_sha256(document)
+        row = self.conn.execute(
+            "SELECT version, record_sha256 FROM consents WHERE consent_id = ? "
+            "ORDER BY version DESC LIMIT 1", [record.consent_id]).fetchone()
+        if row is not None and row[1] == digest:
+            return "unchanged", int(row[0])
+        version = 1 if row is None else int(row[0]) + 1
+        self.conn.execute(
+            "INSERT INTO consents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [record.consent_id, version, record.merchant_id,
+             orjson.dumps(document, option=orjson.OPT_SORT_KEYS).decode(), digest,
+             utc_text(), operator, source])
+        return ("new" if row is None else "new_version"), version
+
+    def consents(self, merchant_id: str | None = None) -> list[StoredConsent]:
+        """The latest version of every consent (optionally one merchant's)."""
+        sql = ("SELECT c.* FROM consents c JOIN (SELECT consent_id, MAX(version) v FROM consents "
+               "GROUP BY consent_id) l ON c.consent_id = l.consent_id AND c.version = l.v")
+        params: list[Any] = []
+        if merchant_id is not None:
+            sql += " WHERE c.merchant_id = ?"
+            params.append(merchant_id)
+        rows = self.conn.execute(sql + " ORDER BY c.merchant_id, c.consent_id", params)
+        result = []
+        for row in rows.fetchall():
+            document = orjson.loads(row[3])
+            result.append(StoredConsent(ConsentRecord.model_validate(document), document,
+                                        row[4], int(row[1]), row[5], row[6]))
+        return result
+
+    def consent_versions(self, consent_id: str) -> int:
+        row = self.conn.execute("SELECT COUNT(*) FROM consents WHERE consent_id = ?",
+                                [consent_id]).fetchone()
+        return int(row[0])
+
+    # ------------------------------------------------------------------ merchants
+    def upsert_merchant(self, row: dict[str, Any]) -> None:
+        self.db["merchants"].upsert(row, pk="merchant_id")  # type: ignore[union-attr]
+
+    def merchants(self) -> list[dict[str, Any]]:
+        return list(self.db["merchants"].rows_where(order_by="merchant_id"))
+
+    def merchant(self, merchant_id: str) -> dict[str, Any] | None:
+        rows = list(self.db["merchants"].rows_where("merchant_id = ?", [merchant_id]))
+        return rows[0] if rows else None
+
+    # ------------------------------------------------------------------ orders
+    def replace_orders(self, merchant_id: str, rows: list[dict[str, Any]]) -> None:
+        """What discovery saw for a merchant replaces what was there."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM orders WHERE merchant_id = ?", [merchant_id])
+            if rows:
+                columns = list(rows[0])
+                conn.executemany(
+                    f"INSERT INTO orders ({', '.join(columns)}) VALUES "
+                    f"({', '.join('?' for _ in columns)})",
+                    [[row[c] for c in columns] for row in rows])
+
+    def queued_orders(self, merchant_id: str | None = None, eligible_only: bool = False
+                      ) -> list[QueuedOrder]:
+        sql = f"SELECT {_QUEUED_COLUMNS} FROM orders WHERE 1=1"
+        params: list[Any] = []
+        if merchant_id is not None:
+            sql += " AND merchant_id = ?"
+            params.append(merchant_id)
+        if eligible_only:
+            sql += " AND eligible = 1"
+        sql += " ORDER BY merchant_id, created_at, order_id"
+        return [QueuedOrder(*row[:11], bool(row[11]), *row[12:])  # type: ignore[arg-type]
+                for row in self.conn.execute(sql, params).fetchall()]
+
+    def order_json(self, order_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",
+                                [order_id]).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def forget_order(self, order_id: str) -> None:
+        self.conn.execute("DELETE FROM orders WHERE order_id = ?", [order_id])

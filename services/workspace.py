@@ -1,0 +1,364 @@
+"""`Workspace`: the narrow interface the console and the command line are handed.
+
+It owns the store, the audit trail, the Square gateway and the credentials, and offers the jobs
+operators do: import and revoke consent, refresh the queue, preview, complete, recover, verify.
+Screens and commands never reach past it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+
+from services.audit import AuditAction, AuditTrail, Checkpoint, VerifyReport
+from services.completion import (
+    ApprovedItem,
+    BatchProgress,
+    CompletionEngine,
+    OrderResult,
+    approved_set_sha256,
+)
+from services.consent import ConsentRecord, ConsentStatus, parse_consent_file, record_sha256
+from services.credentials import MerchantCredentials, load_credentials
+from services.discovery import MerchantDiscovery, discover
+from services.eligibility import EligibilityReason, LimitedItem, apply_batch_limits
+from services.errors import ConfigurationError, ConsentFileError
+from services.settings import ReconSettings
+from services.square_gateway import RetryPolicy, SquareGateway
+from services.store import QueuedOrder, Store, StoredConsent
+
+__all__ = ["MerchantOverview", "Preview", "Workspace"]
+
+
+@dataclass(frozen=True)
+class Preview:
+    """Exactly what the operator approves: (merchant, order, version) pairs and their totals."""
+
+    items: list[ApprovedItem]
+    totals: dict[str, dict[str, int]]
+    names: dict[str, str]
+    held_back: list[tuple[QueuedOrder, str]]
+    sha256: str
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+    def lines(self) -> list[str]:
+        out = []
+        for merchant_id, by_currency in sorted(self.totals.items()):
+            count = sum(1 for i in self.items if i.merchant_id == merchant_id)
+            money = ", ".join(f"{format_money(a, c)}" for c, a in sorted(by_currency.items()))
+            out.append(f"{self.names.get(merchant_id, merchant_id)} ({merchant_id}): "
+                       f"{count} orders, {money}")
+        return out
+
+
+_ZERO_DECIMAL = {"JPY", "KRW", "VND", "CLP", "ISK", "UGX", "XAF", "XOF"}
+
+
+def format_money(amount: int, currency: str) -> str:
+    if currency in _ZERO_DECIMAL:
+        return f"{amount:,} {currency}"
+    return f"{amount / 100:,.2f} {currency}"
+
+
+@dataclass(frozen=True)
+class MerchantOverview:
+    merchant_id: str
+    business_name: str
+    consent_status: str            # active, expiring, expired, revoked, not_yet_effective, none
+    consent_expires_at: str | None
+    token_health: str
+    error: str | None
+    candidates: int
+    totals: dict[str, int]
+    oldest_candidate_at: str | None
+    age_buckets: tuple[int, ...]   # candidates aged <1d, 1-3d, 3-7d, 7-14d, >=14d
+    next_sync_in: timedelta | None
+    waiting_without_consent: int   # candidate-looking orders with NO_CONSENT (reminders)
+
+    @property
+    def urgency(self) -> tuple[int, float]:
+        sync = self.next_sync_in.total_seconds() if self.next_sync_in else 1e9
+        return (0 if self.candidates else 1, sync)
+
+
+@dataclass
+class Workspace:
+    settings: ReconSettings
+    store: Store
+    gateway: SquareGateway
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    _credentials: dict[str, MerchantCredentials] | None = None
+    credentials_error: str | None = None
+    engine_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, settings: ReconSettings, http: httpx.AsyncClient | None = None,
+             credentials: dict[str, MerchantCredentials] | None = None,
+             retry: RetryPolicy | None = None) -> Workspace:
+        store = Store(settings.db)
+        gateway = SquareGateway(settings.base_url, http, timeout_s=settings.request_timeout_s,
+                                retry=retry or RetryPolicy(attempts=settings.read_retries + 1))
+        return cls(settings=settings, store=store, gateway=gateway, _credentials=credentials)
+
+    @property
+    def audit(self) -> AuditTrail:
+        return AuditTrail(self.store)
+
+    @property
+    def operator(self) -> str:
+        return self.settings.operator
+
+    async def aclose(self) -> None:
+        await self.gateway.aclose()
+        self.store.close()
+
+    # ------------------------------------------------------------------ credentials
+    def credentials(self, required: bool = True) -> dict[str, MerchantCredentials]:
+        if self._credentials is None:
+            try:
+                self._credentials = load_credentials(self.settings.credentials)
+            except ConfigurationError as error:
+                self.credentials_error = str(error)
+                if required:
+                    raise
+                return {}
+        return self._credentials
+
+    # ------------------------------------------------------------------ consent
+    def import_consent_files(self, paths: Sequence[Path]) -> list[tuple[Path, str, str]]:
+        """Validate every file first; store nothing from a file that has any problem.
+        Returns (file, consent_id, 'new' | 'new_version' | 'unchanged') per record."""
+        parsed = []
+        errors = []
+        for path in paths:
+            try:
+                parsed.append((path, parse_consent_file(path)))
+            except ConsentFileError as error:
+                errors.append(str(error))
+        results = []
+        for path, records in parsed:
+            with self.store.transaction() as conn:
+                for record, document in records:
+                    state, version = self.store.save_consent(record, document, self.operator,
+                                                             str(path))
+                    if state != "unchanged":
+                        self.audit.append(conn, operator=self.operator,
+                                          action=AuditAction.CONSENT_IMPORTED,
+                                          merchant_id=record.merchant_id,
+                                          consent_id=record.consent_id,
+                                          consent_sha256=record_sha256(document),
+                                          detail=f"{state} (version {version}) from {path.name}")
+                    results.append((path, record.consent_id, state))
+        if errors:
+            raise ConsentFileError("\n".join(errors))
+        return results
+
+    def consents(self) -> list[StoredConsent]:
+        return self.store.consents()
+
+    def consents_for(self, merchant_id: str) -> list[tuple[ConsentRecord, str]]:
+        return [(c.record, c.sha256) for c in self.store.consents(merchant_id)]
+
+    def consents_by_merchant(self) -> dict[str, list[ConsentRecord]]:
+        grouped: dict[str, list[ConsentRecord]] = {}
+        for stored in self.store.consents():
+            grouped.setdefault(stored.record.merchant_id, []).append(stored.record)
+        return grouped
+
+    def revoke_consent(self, consent_id: str, by: str, reason: str) -> StoredConsent:
+        current = next((c for c in self.store.consents() if c.record.consent_id == consent_id),
+                       None)
+        if current is None:
+            raise ConfigurationError(f"Unknown consent {consent_id}: see `recon-console consent "
+                                     "list`.")
+        if current.record.revocation is not None:
+            raise ConfigurationError(f"Consent {consent_id} was already revoked at "
+                                     f"{current.record.revocation.revoked_at.isoformat()}.")
+        document = dict(current.document)
+        document["revocation"] = {"revoked_at": self.clock().isoformat().replace("+00:00", "Z"),
+                                  "revoked_by": by, "reason": reason}
+        record = ConsentRecord.model_validate(document)
+        with self.store.transaction() as conn:
+            _, version = self.store.save_consent(record, document, self.operator, "revoke")
+            self.audit.append(conn, operator=self.operator, action=AuditAction.CONSENT_REVOKED,
+                              merchant_id=record.merchant_id, consent_id=consent_id,
+                              consent_sha256=record_sha256(document),
+                              detail=f"revoked by {by}: {reason}"[:500])
+        # Orders this consent made eligible are not any more.
+        self.reclassify(record.merchant_id)
+        return next(c for c in self.store.consents() if c.record.consent_id == consent_id)
+
+    def reclassify(self, merchant_id: str) -> None:
+        """Re-run classification on stored orders after consent changed (no Square call)."""
+        from services.discovery import order_row
+        from services.square_models import SquareOrder
+        consents = [c for c, _ in self.consents_for(merchant_id)]
+        now = self.clock()
+        rows = []
+        for row in self.store.conn.execute(
+                "SELECT order_json, seen_at FROM orders WHERE merchant_id = ?", [merchant_id]):
+            order = SquareOrder.model_validate_json(row[0])
+            rows.append(order_row(order, merchant_id, consents, now, row[1]))
+        self.store.replace_orders(merchant_id, rows)
+
+    # ------------------------------------------------------------------ discovery and queue
+    async def refresh(self, merchant_ids: Sequence[str] | None = None,
+                      on_merchant: Callable[[MerchantDiscovery], None] | None = None
+                      ) -> list[MerchantDiscovery]:
+        credentials = self.credentials()
+        if merchant_ids is not None:
+            unknown = [m for m in merchant_ids if m not in credentials]
+            if unknown:
+                raise ConfigurationError(f"Unknown merchant {unknown[0]}: it has no entry in "
+                                         f"{self.settings.credentials}.")
+        return await discover(self.gateway, self.store, credentials,
+                              self.consents_by_merchant(), self.clock(),
+                              concurrency=self.settings.max_concurrent_merchants,
+                              merchant_ids=merchant_ids, on_merchant=on_merchant)
+
+    def queue(self, merchant_id: str | None = None, include_ineligible: bool = True
+              ) -> list[QueuedOrder]:
+        return self.store.queued_orders(merchant_id, eligible_only=not include_ineligible)
+
+    def merchant_names(self) -> dict[str, str]:
+        return {m["merchant_id"]: m.get("business_name") or m["merchant_id"]
+                for m in self.store.merchants()}
+
+    def overview(self) -> list[MerchantOverview]:
+        now = self.clock()
+        consents = self.consents_by_merchant()
+        rows = []
+        orders_by_merchant: dict[str, list[QueuedOrder]] = {}
+        for order in self.store.queued_orders():
+            orders_by_merchant.setdefault(order.merchant_id, []).append(order)
+        for merchant in self.store.merchants():
+            merchant_id = merchant["merchant_id"]
+            status, expires = _consent_summary(consents.get(merchant_id, []), now)
+            orders = orders_by_merchant.get(merchant_id, [])
+            candidates = [o for o in orders if o.eligible]
+            totals: dict[str, int] = {}
+            buckets = [0, 0, 0, 0, 0]
+            for order in candidates:
+                totals[order.currency] = totals.get(order.currency, 0) + order.total_amount
+                age = now - datetime.fromisoformat(order.created_at.replace("Z", "+00:00"))
+                days = age.total_seconds() / 86400
+                buckets[0 if days < 1 else 1 if days < 3 else 2 if days < 7 else
+                        3 if days < 14 else 4] += 1
+            rows.append(MerchantOverview(
+                merchant_id=merchant_id,
+                business_name=merchant.get("business_name") or merchant_id,
+                consent_status=status, consent_expires_at=expires,
+                token_health=merchant.get("token_health") or "unknown",
+                error=merchant.get("discovery_error"), candidates=len(candidates),
+                totals=totals,
+                oldest_candidate_at=min((o.created_at for o in candidates), default=None),
+                age_buckets=tuple(buckets),
+                next_sync_in=_next_sync(merchant.get("sync_time"), merchant.get("timezone"),
+                                        now),
+                waiting_without_consent=sum(
+                    1 for o in orders if o.reason == EligibilityReason.NO_CONSENT)))
+        return sorted(rows, key=lambda r: (r.urgency, r.business_name))
+
+    # ------------------------------------------------------------------ completing
+    def preview(self, merchant_ids: Sequence[str] | None = None,
+                order_ids: Sequence[str] | None = None, max_orders: int | None = None,
+                record: bool = True) -> Preview:
+        """The candidates to approve, oldest first, within each consent's batch limits."""
+        wanted_orders = set(order_ids) if order_ids else None
+        known = {m["merchant_id"] for m in self.store.merchants()}
+        for merchant_id in merchant_ids or []:
+            if merchant_id not in known:
+                raise ConfigurationError(f"Unknown merchant {merchant_id}: run `recon-console "
+                                         "queue` first, or check the id.")
+        candidates = [o for o in self.store.queued_orders(eligible_only=True)
+                      if (merchant_ids is None or o.merchant_id in merchant_ids)
+                      and (wanted_orders is None or o.order_id in wanted_orders)
+                      and o.version is not None]
+        candidates.sort(key=lambda o: (o.created_at, o.order_id))
+        consents = {c.record.consent_id: c.record for c in self.store.consents()}
+        limited = [LimitedItem((o.merchant_id, o.order_id), consents[o.consent_id],
+                               o.total_amount)
+                   for o in candidates if o.consent_id in consents]
+        kept_keys, held_keys = apply_batch_limits(limited)
+        by_key = {(o.merchant_id, o.order_id): o for o in candidates}
+        kept = [by_key[k] for k in kept_keys]
+        held = [(by_key[k], EligibilityReason.BATCH_LIMIT_REACHED.value) for k in held_keys]
+        if max_orders is not None and len(kept) > max_orders:
+            held += [(o, "MAX_ORDERS") for o in kept[max_orders:]]
+            kept = kept[:max_orders]
+        items = [ApprovedItem(o.merchant_id, o.order_id, o.version or 0) for o in kept]
+        totals: dict[str, dict[str, int]] = {}
+        for order in kept:
+            per = totals.setdefault(order.merchant_id, {})
+            per[order.currency] = per.get(order.currency, 0) + order.total_amount
+        preview = Preview(items, totals, self.merchant_names(), held,
+                          approved_set_sha256(items))
+        if record:
+            self.audit.append(operator=self.operator, action=AuditAction.PREVIEW,
+                              approved_set_sha256=preview.sha256,
+                              detail="; ".join(preview.lines())[:500] or "nothing eligible")
+        return preview
+
+    def engine(self) -> CompletionEngine:
+        return CompletionEngine(self.store, self.audit, self.gateway, self.credentials(),
+                                self.consents_for, self.clock, self.operator,
+                                **self.engine_options)
+
+    async def complete(self, preview: Preview, *, cancel: asyncio.Event | None = None,
+                       on_progress: Callable[[BatchProgress], None] | None = None
+                       ) -> tuple[str, list[OrderResult]]:
+        return await self.engine().run(preview.items, cancel=cancel, on_progress=on_progress)
+
+    async def recover(self) -> list[OrderResult]:
+        return await self.engine().recover()
+
+    def open_intent_count(self) -> int:
+        row = self.store.conn.execute(
+            "SELECT COUNT(*) FROM intents WHERE outcome IS NULL").fetchone()
+        return int(row[0])
+
+    # ------------------------------------------------------------------ audit
+    def verify(self, checkpoint: Checkpoint | None = None) -> VerifyReport:
+        return self.audit.verify(checkpoint)
+
+
+def _consent_summary(records: list[ConsentRecord], now: datetime) -> tuple[str, str | None]:
+    if not records:
+        return "none", None
+    statuses = [(r.status_at(now), r) for r in records]
+    active = [r for s, r in statuses if s is ConsentStatus.ACTIVE]
+    if active:
+        best = max(active, key=lambda r: r.expires_at or datetime.max.replace(tzinfo=UTC))
+        expires = best.expires_at.isoformat() if best.expires_at else None
+        return ("expiring" if best.expiring_soon(now) else "active"), expires
+    for status in (ConsentStatus.REVOKED, ConsentStatus.EXPIRED,
+                   ConsentStatus.NOT_YET_EFFECTIVE):
+        if any(s is status for s, _ in statuses):
+            return status.value, None
+    return "none", None
+
+
+def _next_sync(sync_time: str | None, timezone: str | None, now: datetime) -> timedelta | None:
+    """Time until the merchant's next daily sync, at its sync time in its own timezone."""
+    if not sync_time or not timezone:
+        return None
+    try:
+        zone = ZoneInfo(timezone)
+    except Exception:
+        return None
+    hours, minutes = (int(part) for part in sync_time.split(":"))
+    local = now.astimezone(zone)
+    target = local.replace(hour=hours, minute=minutes, second=0, microsecond=0)
+    if target <= local:
+        target += timedelta(days=1)
+    return target - local

@@ -1,0 +1,116 @@
+"""Shared fixtures: a seeded emulator in-process and over loopback, and SDK clients on both."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.testclient import TestClient
+
+from services.emulator import EmulatorApp, FaultPlan, SeedConfig, build_app, seed_square
+from services.emulator.seed import SeededMerchant
+
+DATA = Path(__file__).parent / "data"
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class Emulator:
+    app: EmulatorApp
+    merchants: list[SeededMerchant]
+    base_url: str = "http://square-emulator.test"
+    exchanges: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def square(self) -> Any:
+        return self.app.square
+
+    def token(self, index: int = 0) -> str:
+        return self.merchants[index].token.token
+
+    def record(self, request: httpx.Request, response: httpx.Response) -> None:
+        """Keep what went over the wire, for validation against Square's OpenAPI."""
+        self.exchanges.append({"method": request.method, "path": request.url.path,
+                               "request": request.content, "status": response.status_code,
+                               "response": response.content})
+
+
+def make_emulator(config: SeedConfig | None = None, faults: FaultPlan | None = None
+                  ) -> Emulator:
+    square, merchants = seed_square(config or SeedConfig(merchants=3, orders_per_location=40))
+    return Emulator(build_app(square, faults), merchants)
+
+
+@pytest.fixture
+def emulator() -> Emulator:
+    return make_emulator()
+
+
+def async_http(emulator: Emulator, timeout: float = 5.0) -> httpx.AsyncClient:
+    async def hook(response: httpx.Response) -> None:
+        await response.aread()
+        emulator.record(response.request, response)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app.asgi()),
+                             base_url=emulator.base_url, timeout=timeout,
+                             event_hooks={"response": [hook]})
+
+
+def sync_http(emulator: Emulator) -> httpx.Client:
+    def hook(response: httpx.Response) -> None:
+        response.read()
+        emulator.record(response.request, response)
+    client = TestClient(emulator.app.asgi(), base_url=emulator.base_url,
+                        raise_server_exceptions=False)
+    client.event_hooks = {"response": [hook]}
+    return client
+
+
+class LoopbackServer:
+    """The emulator served by uvicorn on 127.0.0.1 in a background thread."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(emulator.app.asgi(), log_level="error",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       daemon=True)
+
+    def __enter__(self) -> LoopbackServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("emulator did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@pytest.fixture
+def loopback(emulator: Emulator) -> Iterator[LoopbackServer]:
+    with LoopbackServer(emulator) as server:
+        yield server
+
+
+def consent_document(merchant_id: str, **changes: Any) -> dict[str, Any]:
+    base = json.loads((DATA / "consent" / "valid" / "full.json").read_text())
+    base["merchant_id"] = merchant_id
+    base.update(changes)
+    return base

@@ -1,0 +1,21 @@
+"""The project's own promises: CI runs the README's test command; services/ never imports textual."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    readme_commands = re.findall(r"```sh\n(.*?)\n```", (ROOT / "README.md").read_text())
+    assert ci in readme_commands
+    assert "pytest" in ci
+
+
+def test_services_never_import_textual() -> None:
+    offenders = [str(path.relative_to(ROOT)) for path in (ROOT / "services").rglob("*.py")
+                 if re.search(r"^\s*(from|import)\s+textual", path.read_text(), re.MULTILINE)]
+    assert offenders == []
