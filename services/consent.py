@@ -13,10 +13,18 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from jsonschema import Draft202012Validator
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+)
 
 from services.errors import ConsentFileError
 
@@ -45,6 +53,16 @@ class ConsentStatus(StrEnum):
     REVOKED = "revoked"
 
 
+def _unique(items: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(items)) != len(items):
+        raise ValueError("items must be unique")
+    return items
+
+
+LocationId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+SourceName = Annotated[str, Field(min_length=1, max_length=100)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -62,15 +80,16 @@ class Grantee(_Strict):
 
 
 class MoneyLimit(_Strict):
-    amount: int = Field(ge=0)
+    amount: StrictInt = Field(ge=0)
     currency: str = Field(pattern=r"^[A-Z]{3}$")
 
 
 class ConsentScope(_Strict):
     action: Literal["complete_fully_paid_orders"]
-    order_sources: tuple[str, ...] | None = Field(None, min_length=1)
-    min_order_age_hours: int | None = Field(None, ge=0, le=8760)
-    max_orders_per_batch: int | None = Field(None, ge=1, le=100000)
+    order_sources: Annotated[tuple[SourceName, ...], Field(min_length=1),
+                             AfterValidator(_unique)] | None = None
+    min_order_age_hours: StrictInt | None = Field(None, ge=0, le=8760)
+    max_orders_per_batch: StrictInt | None = Field(None, ge=1, le=100000)
     max_amount_per_batch: MoneyLimit | None = None
 
     @property
@@ -101,7 +120,8 @@ class ConsentRecord(_Strict):
                                     r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
     schema_version: Literal[1]
     merchant_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    location_ids: Literal["ALL"] | tuple[str, ...]
+    location_ids: Literal["ALL"] | Annotated[tuple[LocationId, ...], Field(min_length=1),
+                                             AfterValidator(_unique)]
     grantor: Grantor
     grantee: Grantee
     scope: ConsentScope

@@ -1,0 +1,135 @@
+"""Consent records: the schema and the model agree; import is idempotent and versioned; bad files
+store nothing and get one line naming file, field and problem."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from services.consent import (
+    ConsentRecord,
+    ConsentStatus,
+    consent_schema,
+    parse_consent_file,
+    validate_consent,
+)
+from services.errors import ConsentFileError
+from services.settings import ReconSettings
+from services.workspace import Workspace
+from tests.conftest import DATA
+
+VALID = sorted((DATA / "consent" / "valid").glob("*.json"))
+INVALID = sorted((DATA / "consent" / "invalid").glob("*.json"))
+
+
+def _records(path: Path) -> list[object]:
+    document = json.loads(path.read_text())
+    return document if isinstance(document, list) else [document]
+
+
+def test_schema_is_2020_12_with_versioned_id_and_closed_objects() -> None:
+    schema = consent_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert "/v1/" in schema["$id"]
+
+    def closed(node: object) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object":
+                assert node.get("additionalProperties") is False, node.get("description")
+            for value in node.values():
+                closed(value)
+        elif isinstance(node, list):
+            for value in node:
+                closed(value)
+    closed(schema)
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: p.name)
+def test_valid_examples_pass_schema_and_model(path: Path) -> None:
+    for document in _records(path):
+        record, problems = validate_consent(document)
+        assert problems == [] and isinstance(record, ConsentRecord)
+        # The model reproduces the document it was given.
+        assert record.to_document() == document
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.name)
+def test_invalid_examples_are_refused_by_schema_and_by_model(path: Path) -> None:
+    from jsonschema import Draft202012Validator
+    from pydantic import ValidationError
+    document = json.loads(path.read_text())
+    validator = Draft202012Validator(consent_schema(),
+                                     format_checker=Draft202012Validator.FORMAT_CHECKER)
+    assert list(validator.iter_errors(document)), "the schema accepted it"
+    with pytest.raises(ValidationError):
+        ConsentRecord.model_validate(document)
+    with pytest.raises(ConsentFileError) as error:
+        parse_consent_file(path)
+    line = str(error.value)
+    assert "\n" not in line and str(path) in line and "$" in line
+
+
+def test_status_over_time() -> None:
+    record, _ = validate_consent(_records(DATA / "consent" / "valid" / "revoked.json")[0])
+    assert record is not None
+    assert record.status_at(datetime(2026, 10, 1, tzinfo=UTC)) is ConsentStatus.NOT_YET_EFFECTIVE
+    assert record.status_at(datetime(2026, 11, 10, tzinfo=UTC)) is ConsentStatus.ACTIVE
+    # Revoked 2026-11-20T09:30+01:00 = 08:30Z.
+    assert record.status_at(datetime(2026, 11, 20, 8, 29, tzinfo=UTC)) is ConsentStatus.ACTIVE
+    assert record.status_at(datetime(2026, 11, 20, 8, 30, tzinfo=UTC)) is ConsentStatus.REVOKED
+    full, _ = validate_consent(_records(DATA / "consent" / "valid" / "full.json")[0])
+    assert full is not None
+    assert full.status_at(datetime(2027, 11, 1, tzinfo=UTC)) is ConsentStatus.EXPIRED
+    assert full.expiring_soon(datetime(2027, 10, 25, tzinfo=UTC))
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    settings = ReconSettings(db=tmp_path / "recon.db", credentials=tmp_path / "none.toml",
+                             operator="tester", square_base_url="http://unused.invalid")
+    return Workspace.open(settings)
+
+
+def test_import_is_idempotent_and_versions_changes(workspace: Workspace, tmp_path: Path) -> None:
+    full = DATA / "consent" / "valid" / "full.json"
+    assert [r[2] for r in workspace.import_consent_files([full])] == ["new"]
+    assert [r[2] for r in workspace.import_consent_files([full])] == ["unchanged"]
+    changed = json.loads(full.read_text())
+    changed["expires_at"] = "2028-01-01T00:00:00Z"
+    other = tmp_path / "changed.json"
+    other.write_text(json.dumps(changed))
+    assert [r[2] for r in workspace.import_consent_files([other])] == ["new_version"]
+    assert workspace.store.consent_versions(changed["consent_id"]) == 2
+    [current] = [c for c in workspace.consents() if c.record.consent_id == changed["consent_id"]]
+    assert current.version == 2 and current.record.expires_at is not None
+    assert current.record.expires_at.year == 2028
+    actions = [e["action"] for e in workspace.audit.entries()]
+    assert actions == ["consent_imported", "consent_imported"]
+
+
+def test_invalid_file_stores_nothing_even_beside_valid_ones(workspace: Workspace,
+                                                           tmp_path: Path) -> None:
+    mixed = tmp_path / "mixed.json"
+    good = json.loads((DATA / "consent" / "valid" / "minimal.json").read_text())
+    bad = json.loads((DATA / "consent" / "invalid" / "bad_email.json").read_text())
+    mixed.write_text(json.dumps([good, bad]))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{ not json")
+    with pytest.raises(ConsentFileError) as error:
+        workspace.import_consent_files([mixed, broken])
+    lines = str(error.value).splitlines()
+    assert len(lines) == 2
+    assert "mixed.json: record 1: $.grantor.email" in lines[0]
+    assert "broken.json: not valid JSON" in lines[1]
+    assert workspace.consents() == []
+
+
+def test_revoke_stores_new_version_and_audits(workspace: Workspace) -> None:
+    workspace.import_consent_files([DATA / "consent" / "valid" / "full.json"])
+    stored = workspace.revoke_consent("0b7c6f1e-3f7a-4c1e-9a51-2f8e6c1d4b10", "Dana", "Closing")
+    assert stored.version == 2 and stored.record.revocation is not None
+    assert stored.record.status_at(datetime.now(UTC)) is ConsentStatus.REVOKED
+    assert [e["action"] for e in workspace.audit.entries()][-1] == "consent_revoked"
