@@ -1,0 +1,160 @@
+"""The demo: an in-process emulator with seeded merchants, demo consents in every state, tokens in
+every health, and a fresh temporary database. Also what tests use to get a ready workspace.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from services.credentials import MerchantCredentials
+from services.emulator import EmulatorApp, FaultPlan, SeedConfig, build_app, seed_square
+from services.emulator.seed import SeededMerchant
+from services.settings import ReconSettings
+from services.square_gateway import RetryPolicy
+from services.workspace import Workspace
+
+__all__ = ["DemoEnvironment", "build_demo", "consent_for", "workspace_on_emulator"]
+
+EMULATOR_BASE_URL = "http://square-emulator.local"
+NOTICE_SHA256 = "3f0a9d4c1b7e2a6f5d8c9b0e1a2f3d4c5b6a7e8f9d0c1b2a3e4f5d6c7b8a9e0f"
+
+
+def consent_for(merchant: SeededMerchant, now: datetime, *, state: str = "active",
+                locations: str | list[str] = "ALL", limits: dict[str, Any] | None = None,
+                consent_id: str | None = None) -> dict[str, Any]:
+    """A consent record (as a document) for a seeded merchant, in the given state."""
+    effective = now - timedelta(days=30)
+    expires = now + timedelta(days=335)
+    revocation = None
+    if state == "expiring":
+        expires = now + timedelta(days=6)
+    elif state == "expired":
+        effective, expires = now - timedelta(days=400), now - timedelta(days=2)
+    elif state == "not_yet_effective":
+        effective = now + timedelta(days=3)
+    elif state == "revoked":
+        revocation = {"revoked_at": _text(now - timedelta(days=1)),
+                      "revoked_by": "Store owner", "reason": "Handling orders in-house again"}
+    scope: dict[str, Any] = {"action": "complete_fully_paid_orders",
+                             "order_sources": ["Square Online"], "min_order_age_hours": 2}
+    scope.update(limits or {})
+    document: dict[str, Any] = {
+        "consent_id": consent_id or str(uuid.uuid5(uuid.NAMESPACE_URL,
+                                                   f"demo:{merchant.merchant.id}:{state}")),
+        "schema_version": 1, "merchant_id": merchant.merchant.id, "location_ids": locations,
+        "grantor": {"name": f"Owner of {merchant.merchant.business_name}", "role": "Owner",
+                    "email": f"owner{merchant.merchant.id[-4:].lower()}@example.com",
+                    "authority": "square_account_owner"},
+        "grantee": {"organisation": "Ledgerline Integrations", "role": "Integration Specialists"},
+        "scope": scope,
+        "notice": {"version": "2026-01", "text_sha256": NOTICE_SHA256},
+        "evidence": {"method": "e_signature", "reference": f"ESIGN-{merchant.merchant.id[:8]}",
+                     "captured_at": _text(effective), "captured_by": "onboarding team"},
+        "effective_from": _text(effective), "expires_at": _text(expires),
+    }
+    if revocation:
+        document["revocation"] = revocation
+    return document
+
+
+def _text(moment: datetime) -> str:
+    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def credentials_for(merchants: list[SeededMerchant], sync_times: bool = True
+                    ) -> dict[str, MerchantCredentials]:
+    return {m.merchant.id: MerchantCredentials(
+        merchant_id=m.merchant.id, access_token=SecretStr(m.token.token),
+        sync_time=time(3 + index % 4, 0) if sync_times else None)
+        for index, m in enumerate(merchants)}
+
+
+def workspace_on_emulator(emulator: EmulatorApp, merchants: list[SeededMerchant], db: Path,
+                          operator: str = "demo-operator", *, timeout_s: float = 10.0,
+                          retry: RetryPolicy | None = None,
+                          credentials: dict[str, MerchantCredentials] | None = None
+                          ) -> Workspace:
+    """A workspace whose Square is the in-process emulator (httpx.ASGITransport)."""
+    settings = ReconSettings(db=db, square_base_url=EMULATOR_BASE_URL, operator=operator,
+                             credentials=db.parent / "in-memory-credentials.toml",
+                             request_timeout_s=timeout_s)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.asgi()),
+                             base_url=EMULATOR_BASE_URL, timeout=timeout_s)
+    workspace = Workspace.open(settings, http=http,
+                               credentials=credentials or credentials_for(merchants),
+                               retry=retry)
+    workspace.gateway._owns_http = True  # the workspace closes the client it was given
+    return workspace
+
+
+# Which consent state each demo merchant gets, in seed order (beyond the list: none).
+DEMO_CONSENT_STATES = ["active", "active", "expiring", "active", "expired", "revoked",
+                       "not_yet_effective", "active", "none", "none", "active", "active",
+                       "active", "none"]
+
+
+@dataclass
+class DemoEnvironment:
+    emulator: EmulatorApp
+    merchants: list[SeededMerchant]
+    workspace: Workspace
+    directory: Path
+
+
+def build_demo(seed: int = 7, operator: str = "demo-operator", directory: Path | None = None,
+               merchants: int = 14, orders_per_location: int = 40,
+               heavy_orders_per_location: int = 1500, faults: FaultPlan | None = None
+               ) -> DemoEnvironment:
+    """Everything `recon-console demo` needs, with no set-up: 14 merchants across every consent
+    state and token health, two of them with thousands of orders."""
+    now = datetime.now(UTC)
+    directory = directory or Path(tempfile.mkdtemp(prefix="recon-demo-"))
+    square, seeded = seed_square(SeedConfig(seed=seed, merchants=merchants,
+                                            orders_per_location=orders_per_location), now=now)
+    # Two busy merchants with thousands of orders.
+    from services.emulator.seed import make_order
+    import random
+    rng = random.Random(seed)
+    kinds = ["online_paid_open"] * 8 + ["online_partially_paid", "point_of_sale_open"]
+    for heavy in seeded[:2]:
+        for location in heavy.locations:
+            if location.status != "ACTIVE":
+                continue
+            for _ in range(heavy_orders_per_location):
+                make_order(square, rng, heavy.merchant.id, location, rng.choice(kinds),
+                           now - timedelta(seconds=rng.randint(3 * 3600, 30 * 86400)))
+    # Token health across the board.
+    if len(seeded) > 9:
+        square.tokens[seeded[8].token.token].expires_at = now - timedelta(days=1)
+        square.revoke_token(seeded[9].token.token, now - timedelta(hours=5))
+    if len(seeded) > 11:
+        square.tokens[seeded[11].token.token].expires_at = now + timedelta(days=5)
+    if len(seeded) > 12:
+        square.tokens[seeded[12].token.token].scopes = frozenset(
+            {"ORDERS_READ", "PAYMENTS_READ", "MERCHANT_PROFILE_READ"})
+    emulator = build_app(square, faults)
+    workspace = workspace_on_emulator(emulator, seeded, directory / "recon.db", operator)
+    documents = []
+    for index, merchant in enumerate(seeded):
+        state = DEMO_CONSENT_STATES[index] if index < len(DEMO_CONSENT_STATES) else "none"
+        if state == "none":
+            continue
+        limits = {"max_orders_per_batch": 500} if index == 0 else None
+        locations: str | list[str] = "ALL"
+        if index == 3:  # consent that covers only the first location
+            locations = [merchant.locations[0].id]
+        documents.append(consent_for(merchant, now, state=state, locations=locations,
+                                     limits=limits))
+    consent_file = directory / "demo-consents.json"
+    consent_file.write_text(json.dumps(documents, indent=2))
+    workspace.import_consent_files([consent_file])
+    return DemoEnvironment(emulator, seeded, workspace, directory)
