@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rate-limit", type=float, default=None, help="requests/s per token")
     serve.add_argument("--fault-rate", type=float, default=0.0, help="fraction answered 503")
     serve.add_argument("--manifest", type=Path, default=None)
+    serve.add_argument("--write-demo-files", type=Path, default=None, metavar="DIR",
+                       help="also write DIR/credentials.toml and DIR/consents.json for the "
+                            "seeded merchants")
 
     consent = sub.add_parser("consent", help="import, list and revoke consent records")
     consent_sub = consent.add_subparsers(dest="consent_command", parser_class=_Parser,
@@ -159,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err("cancelled")
         return EXIT_CANCELLED
+    except BrokenPipeError:  # e.g. `| head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -188,7 +195,8 @@ def _emulator_serve(args: argparse.Namespace) -> int:
                        rate_limit_rps=args.rate_limit, server_error_rate=args.fault_rate,
                        seed=args.seed)
     try:
-        serve(args.host, args.port, config, faults, args.manifest)
+        serve(args.host, args.port, config, faults, args.manifest,
+              demo_files=args.write_demo_files)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
     except OSError as error:

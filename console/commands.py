@@ -57,6 +57,7 @@ def consent(args: argparse.Namespace, settings: ReconSettings) -> int:
                 print_json({"consents": rows})
             else:
                 table = Table("consent", "merchant", "status", "expires", "grantor")
+                table.columns[0].no_wrap = True
                 for row in rows:
                     table.add_row(row["consent_id"], row["merchant_id"], row["status"],
                                   row["expires_at"] or "—", row["grantor"])
