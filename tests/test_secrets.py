@@ -1,0 +1,84 @@
+"""A recognisable token is planted, every path that can fail is walked, and no output holds it:
+not the database (WAL included), the audit, exports, logs, stdout/stderr, or error text."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from services.credentials import load_credentials
+from services.demo import consent_for
+from services.emulator import FaultPlan, SeedConfig
+from tests.conftest import LoopbackServer, make_emulator
+
+ROOT = Path(__file__).resolve().parents[1]
+CANARY = "emu-token-CANARY-9f8e7d6c5b4a39281706"
+
+
+@pytest.mark.loopback
+def test_planted_token_never_leaks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=20),
+                             FaultPlan(server_error_rate=0.2, lost_response_rate=0.2, seed=3))
+    square = emulator.square
+    planted = emulator.merchants[0]
+    token = square.tokens.pop(planted.token.token)
+    token.token = CANARY
+    square.tokens[CANARY] = token
+    credentials = tmp_path / "credentials.toml"
+    credentials.write_text(
+        f'[merchants.{planted.merchant.id}]\naccess_token = "{CANARY}"\nsync_time = "04:00"\n'
+        f'[merchants.{emulator.merchants[1].merchant.id}]\n'
+        f'access_token = "{emulator.token(1)}"\n')
+    os.chmod(credentials, 0o600)
+    consents = tmp_path / "consents.json"
+    now = datetime.now(UTC)
+    consents.write_text(json.dumps([consent_for(m, now) for m in emulator.merchants]))
+    outputs: list[str] = []
+    with LoopbackServer(emulator) as server:
+        env = dict(os.environ, RECON_DB=str(tmp_path / "recon.db"),
+                   RECON_SQUARE_BASE_URL=server.base_url, RECON_CREDENTIALS=str(credentials))
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            done = subprocess.run([sys.executable, "-m", "console.cli", *args], cwd=ROOT,
+                                  env=env, capture_output=True, text=True, timeout=120)
+            outputs.extend([done.stdout, done.stderr])
+            return done
+
+        run("consent", "import", str(consents))
+        run("queue", "--include-ineligible", "--json")
+        run("complete", "--all-merchants", "--max-orders", "6", "--yes", "--json")
+        square.revoke_token(CANARY)  # auth failures must not echo the token either
+        run("queue", "--json")
+        run("complete", "--all-merchants", "--yes", "--json")
+        run("recover", "--json")
+        run("audit", "export", "--format", "csv")
+        run("audit", "export", "--format", "jsonl")
+        run("audit", "verify", "--json")
+        run("consent", "list", "--json")
+        # A malformed credentials file: the error must not quote the token line.
+        broken = tmp_path / "broken.toml"
+        broken.write_text(f'[merchants.X]\naccess_token = "{CANARY}\n')
+        os.chmod(broken, 0o600)
+        outputs.append(run("queue", "--credentials", str(broken)).stderr)
+        wrong = tmp_path / "wrong.toml"
+        wrong.write_text(f'[merchants.X]\naccess_token = ["{CANARY}"]\n')
+        os.chmod(wrong, 0o600)
+        outputs.append(run("queue", "--credentials", str(wrong)).stderr)
+    loaded = load_credentials(credentials)
+    outputs += [repr(loaded), str(loaded), json.dumps({k: v.model_dump(mode="json")
+                                                       for k, v in loaded.items()})]
+    outputs.append(caplog.text)
+    assert any("completed" in text for text in outputs), "the run did nothing"
+    for text in outputs:
+        assert CANARY not in text
+    for path in tmp_path.iterdir():
+        if path.name.startswith("recon.db"):
+            assert CANARY.encode() not in path.read_bytes(), path.name
