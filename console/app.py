@@ -1,19 +1,179 @@
-"""Placeholder until the console lands: the demo serves the emulator and says so."""
+"""The Textual console. Built by `ReconApp(workspace=...)` (or a factory that makes one in a
+thread, as the demo does); everything it does to Square or the database goes through the
+`Workspace` it is handed."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.message import Message
+from textual.screen import Screen
+
+from console.messages import describe
+from services.settings import ReconSettings
+from services.workspace import Workspace
+
+__all__ = ["ReconApp", "run_console", "run_demo"]
 
 
-def run_console(settings: Any, read_only: bool = False) -> int:
-    print("The console is not built yet; see `recon-console --help` for the commands.")
-    return 2
+class ReconApp(App[int]):
+    CSS_PATH = "styles/app.tcss"
+    TITLE = "Managed Reconciliation Console"
+    BINDINGS = [
+        Binding("question_mark", "help", "Help", id="app.help"),
+        Binding("A", "audit", "Audit", id="app.audit"),
+        Binding("q", "quit", "Quit", id="app.quit"),
+    ]
+
+    class Ready(Message):
+        """The workspace exists and the first refresh finished (or failed)."""
+
+    class Refreshed(Message):
+        def __init__(self, error: str | None = None) -> None:
+            super().__init__()
+            self.error = error
+
+    def __init__(self, workspace: Workspace | None = None, *,
+                 workspace_factory: Callable[[], Workspace] | None = None,
+                 read_only: bool = False, refresh_on_start: bool = True,
+                 subtitle: str = "") -> None:
+        super().__init__()
+        self.workspace: Workspace | None = workspace
+        self.workspace_factory = workspace_factory
+        self.read_only = read_only
+        self.refresh_on_start = refresh_on_start
+        self.status = "Starting…"
+        self.last_error: str | None = None
+        self.busy = False
+        self.sub_title = subtitle + ("  READ-ONLY" if read_only else "")
+
+    def on_mount(self) -> None:
+        from console.screens.merchants import MerchantsScreen
+        self.push_screen(MerchantsScreen())
+        self.prepare()
+
+    async def on_unmount(self) -> None:
+        if self.workspace is not None:
+            await self.workspace.aclose()
+
+    # ------------------------------------------------------------------ workers
+    @work(exclusive=True, group="prepare")
+    async def prepare(self) -> None:
+        if self.workspace is None and self.workspace_factory is not None:
+            self.set_status("Starting the demo: seeding the local Square emulator…")
+            try:
+                self.workspace = await asyncio.to_thread(self.workspace_factory)
+            except Exception as error:  # shown, never fatal
+                self.set_status(describe(error), error=True)
+                return
+        if self.workspace is None:
+            return
+        if not self.read_only and self.workspace.open_intent_count():
+            self.set_status("Settling unfinished completions from last time…")
+            try:
+                self.workspace.credentials()
+                await self.workspace.recover()
+            except Exception as error:
+                self.set_status(describe(error), error=True)
+        if self.refresh_on_start:
+            await self.refresh_data()
+        else:
+            self.post_message(self.Refreshed())
+
+    async def refresh_data(self, merchant_ids: list[str] | None = None) -> None:
+        """Discover open orders at Square (per merchant errors are kept per merchant)."""
+        assert self.workspace is not None
+        self.busy = True
+        self.set_status("Refreshing from Square…")
+        error_text = None
+        try:
+            done = 0
+
+            def on_merchant(_: object) -> None:
+                nonlocal done
+                done += 1
+                self.set_status(f"Refreshing from Square… {done} merchants done")
+
+            await self.workspace.refresh(merchant_ids, on_merchant=on_merchant)
+            open_intents = self.workspace.open_intent_count()
+            self.set_status(f"Refreshed. {open_intents} unsettled intents: run recover."
+                            if open_intents else "Refreshed.")
+        except Exception as error:
+            error_text = describe(error)
+            self.set_status(error_text, error=True)
+        finally:
+            self.busy = False
+        self.post_message(self.Refreshed(error_text))
+
+    @work(exclusive=True, group="refresh")
+    async def action_refresh(self) -> None:
+        if self.workspace is None or self.busy:
+            return
+        await self.refresh_data()
+
+    def set_status(self, text: str, error: bool = False) -> None:
+        self.status = text
+        if error:
+            self.last_error = text
+            self.notify(text, severity="error", timeout=8)
+        for screen in self.screen_stack:
+            update = getattr(screen, "show_status", None)
+            if update is not None:
+                update(text, error)
+
+    def on_recon_app_refreshed(self, message: Refreshed) -> None:
+        for screen in self.screen_stack:
+            reload = getattr(screen, "reload", None)
+            if reload is not None:
+                reload()
+
+    # ------------------------------------------------------------------ actions
+    def action_help(self) -> None:
+        from console.screens.help import HelpScreen
+        bindings = [(b.binding.key_display or b.binding.key, b.binding.description or
+                     b.binding.action, b.binding.id or "")
+                    for b in self.active_bindings.values()]
+        self.push_screen(HelpScreen(bindings))
+
+    def action_audit(self) -> None:
+        from console.screens.audit import AuditScreen
+        if self.workspace is not None and not isinstance(self.screen, AuditScreen):
+            self.push_screen(AuditScreen())
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Refresh from Square", "Discover open orders again",
+                            self.action_refresh)
+        yield SystemCommand("Audit trail", "Entries, chain status and export",
+                            self.action_audit)
+        commands = getattr(screen, "palette_commands", None)
+        if commands is not None:
+            yield from commands()
 
 
-def run_demo(settings: Any, read_only: bool = False, seed: int = 7) -> int:
-    from services.emulator import FaultPlan, SeedConfig
-    from services.emulator.serve import serve
-    print("The console is not built yet: serving the demo Square emulator on "
-          "http://127.0.0.1:8765 (Ctrl-C stops it).")
-    serve("127.0.0.1", 8765, SeedConfig(seed=seed), FaultPlan())
+def run_console(settings: ReconSettings, read_only: bool = False) -> int:
+    workspace = Workspace.open(settings)
+    workspace.credentials(required=False)  # a bad file is shown in the console, not fatal
+    app = ReconApp(workspace, read_only=read_only,
+                   subtitle=f"{settings.base_url}  operator {settings.operator}")
+    app.run()
+    return 0
+
+
+def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) -> int:
+    from services.demo import build_demo
+
+    def factory() -> Workspace:
+        return build_demo(seed=seed, operator=settings.operator).workspace
+
+    app = ReconApp(workspace_factory=factory, read_only=read_only,
+                   subtitle=f"DEMO on the local Square emulator  operator {settings.operator}")
+    app.run()
+    if app.workspace is not None:
+        print(f"Demo database kept at {Path(str(app.workspace.settings.db))}")
     return 0

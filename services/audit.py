@@ -12,8 +12,9 @@ import csv
 import hashlib
 import io
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import IO, Any
 
@@ -77,8 +78,9 @@ class VerifyReport:
 
 
 class AuditTrail:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, clock: Callable[[], datetime] | None = None) -> None:
         self.store = store
+        self.clock = clock
 
     def append(self, conn: sqlite3.Connection | None = None, **fields: Any) -> dict[str, Any]:
         """Append one entry. Pass `conn` to join a transaction already open (BEGIN IMMEDIATE),
@@ -101,7 +103,7 @@ class AuditTrail:
         entry.update(fields)
         entry["seq"] = 1 if last is None else last[0] + 1
         entry["prev_hash"] = GENESIS if last is None else last[1]
-        entry["at"] = entry["at"] or utc_text()
+        entry["at"] = entry["at"] or utc_text(self.clock() if self.clock else None)
         entry["action"] = str(entry["action"])
         entry["hash"] = entry_hash(entry)
         conn.execute(f"INSERT INTO audit ({', '.join(_ALL)}) VALUES "
@@ -188,8 +190,9 @@ class AuditTrail:
         row = self.store.conn.execute(
             "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         if row is None:
-            return Checkpoint(0, GENESIS, utc_text())
-        return Checkpoint(int(row[0]), str(row[1]), utc_text())
+            return Checkpoint(0, GENESIS, utc_text(self.clock() if self.clock else None))
+        return Checkpoint(int(row[0]), str(row[1]),
+                          utc_text(self.clock() if self.clock else None))
 
     # ------------------------------------------------------------------ export
     def export(self, out: IO[str], fmt: str, *, merchant_id: str | None = None,

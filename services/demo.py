@@ -5,6 +5,7 @@ every health, and a fresh temporary database. Also what tests use to get a ready
 from __future__ import annotations
 
 import json
+import random
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -16,8 +17,15 @@ import httpx
 from pydantic import SecretStr
 
 from services.credentials import MerchantCredentials
-from services.emulator import EmulatorApp, FaultPlan, SeedConfig, build_app, seed_square
-from services.emulator.seed import SeededMerchant
+from services.emulator import (
+    EmulatedSquare,
+    EmulatorApp,
+    FaultPlan,
+    SeedConfig,
+    build_app,
+    seed_square,
+)
+from services.emulator.seed import SeededMerchant, make_order
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy
 from services.workspace import Workspace
@@ -112,17 +120,21 @@ class DemoEnvironment:
 
 def build_demo(seed: int = 7, operator: str = "demo-operator", directory: Path | None = None,
                merchants: int = 14, orders_per_location: int = 40,
-               heavy_orders_per_location: int = 1500, faults: FaultPlan | None = None
-               ) -> DemoEnvironment:
+               heavy_orders_per_location: int = 1500, faults: FaultPlan | None = None,
+               now: datetime | None = None) -> DemoEnvironment:
     """Everything `recon-console demo` needs, with no set-up: 14 merchants across every consent
-    state and token health, two of them with thousands of orders."""
-    now = datetime.now(UTC)
+    state and token health, two of them with thousands of orders. A fixed `now` freezes every
+    clock (emulator, workspace, audit), for snapshots."""
+    frozen = now is not None
+    now = now or datetime.now(UTC)
     directory = directory or Path(tempfile.mkdtemp(prefix="recon-demo-"))
+    square = EmulatedSquare(rng=random.Random(seed + 1))
+    if frozen:
+        square.clock = lambda: now  # type: ignore[assignment,return-value]
     square, seeded = seed_square(SeedConfig(seed=seed, merchants=merchants,
-                                            orders_per_location=orders_per_location), now=now)
+                                            orders_per_location=orders_per_location), now=now,
+                                 square=square)
     # Two busy merchants with thousands of orders.
-    from services.emulator.seed import make_order
-    import random
     rng = random.Random(seed)
     kinds = ["online_paid_open"] * 8 + ["online_partially_paid", "point_of_sale_open"]
     for heavy in seeded[:2]:
@@ -143,6 +155,8 @@ def build_demo(seed: int = 7, operator: str = "demo-operator", directory: Path |
             {"ORDERS_READ", "PAYMENTS_READ", "MERCHANT_PROFILE_READ"})
     emulator = build_app(square, faults)
     workspace = workspace_on_emulator(emulator, seeded, directory / "recon.db", operator)
+    if frozen:
+        workspace.clock = lambda: now  # type: ignore[assignment,return-value]
     documents = []
     for index, merchant in enumerate(seeded):
         state = DEMO_CONSENT_STATES[index] if index < len(DEMO_CONSENT_STATES) else "none"

@@ -140,7 +140,9 @@ class Store:
         self.path = Path(path) if path != ":memory:" else path
         if isinstance(self.path, Path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+        # Made in one thread (the demo builds it in a worker), then used by one at a time.
+        conn = sqlite3.connect(str(path), isolation_level=None, timeout=30,
+                               check_same_thread=False)
         self.db = Database(conn)
         if isinstance(self.path, Path):
             self.db.execute("PRAGMA journal_mode=WAL")

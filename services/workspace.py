@@ -112,7 +112,7 @@ class Workspace:
 
     @property
     def audit(self) -> AuditTrail:
-        return AuditTrail(self.store)
+        return AuditTrail(self.store, self.clock)
 
     @property
     def operator(self) -> str:
@@ -234,6 +234,14 @@ class Workspace:
         return {m["merchant_id"]: m.get("business_name") or m["merchant_id"]
                 for m in self.store.merchants()}
 
+    def location_names(self) -> dict[str, str]:
+        import orjson
+        names: dict[str, str] = {}
+        for merchant in self.store.merchants():
+            for location in orjson.loads(merchant.get("locations_json") or "[]"):
+                names[location["id"]] = location.get("name") or location["id"]
+        return names
+
     def overview(self) -> list[MerchantOverview]:
         now = self.clock()
         consents = self.consents_by_merchant()
@@ -265,8 +273,7 @@ class Workspace:
                 age_buckets=tuple(buckets),
                 next_sync_in=_next_sync(merchant.get("sync_time"), merchant.get("timezone"),
                                         now),
-                waiting_without_consent=sum(
-                    1 for o in orders if o.reason == EligibilityReason.NO_CONSENT)))
+                waiting_without_consent=sum(1 for o in orders if o.reason in _REMINDER_REASONS)))
         return sorted(rows, key=lambda r: (r.urgency, r.business_name))
 
     # ------------------------------------------------------------------ completing
@@ -285,6 +292,12 @@ class Workspace:
                       and (wanted_orders is None or o.order_id in wanted_orders)
                       and o.version is not None]
         candidates.sort(key=lambda o: (o.created_at, o.order_id))
+        # A token that cannot write would fail every call: hold those merchants back.
+        unhealthy = {m["merchant_id"]: m["token_health"] for m in self.store.merchants()
+                     if m.get("token_health") in _UNHEALTHY_TOKENS}
+        held_tokens = [(o, f"TOKEN_{unhealthy[o.merchant_id].upper()}") for o in candidates
+                       if o.merchant_id in unhealthy]
+        candidates = [o for o in candidates if o.merchant_id not in unhealthy]
         consents = {c.record.consent_id: c.record for c in self.store.consents()}
         limited = [LimitedItem((o.merchant_id, o.order_id), consents[o.consent_id],
                                o.total_amount)
@@ -292,7 +305,8 @@ class Workspace:
         kept_keys, held_keys = apply_batch_limits(limited)
         by_key = {(o.merchant_id, o.order_id): o for o in candidates}
         kept = [by_key[k] for k in kept_keys]
-        held = [(by_key[k], EligibilityReason.BATCH_LIMIT_REACHED.value) for k in held_keys]
+        held = held_tokens + [(by_key[k], EligibilityReason.BATCH_LIMIT_REACHED.value)
+                              for k in held_keys]
         if max_orders is not None and len(kept) > max_orders:
             held += [(o, "MAX_ORDERS") for o in kept[max_orders:]]
             kept = kept[:max_orders]
@@ -330,6 +344,13 @@ class Workspace:
     # ------------------------------------------------------------------ audit
     def verify(self, checkpoint: Checkpoint | None = None) -> VerifyReport:
         return self.audit.verify(checkpoint)
+
+
+_UNHEALTHY_TOKENS = {"expired", "revoked", "invalid", "missing_scopes"}
+# Orders that would be candidates but for consent: their merchants get friendly reminders.
+_REMINDER_REASONS = {EligibilityReason.NO_CONSENT, EligibilityReason.CONSENT_EXPIRED,
+                     EligibilityReason.CONSENT_REVOKED,
+                     EligibilityReason.CONSENT_NOT_YET_EFFECTIVE}
 
 
 def _consent_summary(records: list[ConsentRecord], now: datetime) -> tuple[str, str | None]:

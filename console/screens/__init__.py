@@ -1,0 +1,1 @@
+"""One module per screen: merchants, queue, confirmation, progress, audit, help."""

@@ -1,0 +1,177 @@
+"""Merchants: one row per merchant with credentials, most urgent first."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from datetime import timedelta
+from pathlib import Path
+
+from rich.text import Text
+from textual.app import ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from services.workspace import MerchantOverview, format_money
+
+_SPARK = " ▁▂▃▄▅▆▇█"
+_CONSENT_STYLE = {"active": "green", "expiring": "yellow", "expired": "red", "revoked": "red",
+                  "not_yet_effective": "yellow", "none": "dim"}
+_TOKEN_STYLE = {"valid": "green", "expiring": "yellow", "expired": "red", "revoked": "red",
+                "invalid": "red", "missing_scopes": "yellow", "unknown": "dim"}
+
+
+def sparkline(buckets: Iterable[int]) -> str:
+    values = list(buckets)
+    top = max(values) if values else 0
+    if not top:
+        return "·" * len(values)
+    return "".join(_SPARK[round(v / top * (len(_SPARK) - 1))] if v else "·" for v in values)
+
+
+def duration(delta: timedelta | None) -> str:
+    if delta is None:
+        return "—"
+    minutes = int(delta.total_seconds() // 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
+
+
+class MerchantsScreen(Screen[None]):
+    BINDINGS = [
+        Binding("enter", "open_queue", "Open queue", id="merchants.open"),
+        Binding("Q", "all_queues", "All queues", id="merchants.all"),
+        Binding("n", "toggle_reminders", "Reminder list", id="merchants.reminders"),
+        Binding("e", "export_reminders", "Export reminders", id="merchants.export"),
+        Binding("r", "app.refresh", "Refresh", id="merchants.refresh"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reminders_only = False
+        self.rows: list[MerchantOverview] = []
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        if self.app.read_only:  # type: ignore[attr-defined]
+            yield Static("READ-ONLY: this console offers no write actions.", id="read-only")
+        yield Static("", id="banner")
+        yield Static("Merchants", id="title", classes="title")
+        table: DataTable[Text | str] = DataTable(id="merchants", cursor_type="row",
+                                                 zebra_stripes=True)
+        table.add_columns("Merchant", "Consent", "Token", "Eligible", "Total", "Oldest",
+                          "Ages <1d…2w+", "Next sync", "Note")
+        yield table
+        yield Static(self.app.status, id="status")  # type: ignore[attr-defined]
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#banner", Static).display = False
+        self.reload()
+
+    def show_status(self, text: str, error: bool = False) -> None:
+        status = self.query_one("#status", Static)
+        status.update(text)
+        status.set_class(error, "error")
+
+    def reload(self) -> None:
+        workspace = self.app.workspace  # type: ignore[attr-defined]
+        if workspace is None:
+            return
+        banner = self.query_one("#banner", Static)
+        banner.display = bool(workspace.credentials_error)
+        if workspace.credentials_error:
+            banner.update(workspace.credentials_error)
+            banner.add_class("error")
+        self.rows = workspace.overview()
+        self._fill()
+
+    def _fill(self) -> None:
+        table = self.query_one("#merchants", DataTable)
+        current = None
+        if table.row_count and table.cursor_row is not None:
+            try:
+                current = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+            except Exception:
+                current = None
+        table.clear()
+        rows = [r for r in self.rows if not self.reminders_only or
+                (r.consent_status in ("none", "expired", "revoked", "not_yet_effective")
+                 and r.waiting_without_consent)]
+        now = self.app.workspace.clock()  # type: ignore[attr-defined]
+        for row in rows:
+            total = ", ".join(format_money(a, c) for c, a in sorted(row.totals.items())) or "—"
+            oldest = "—"
+            if row.oldest_candidate_at:
+                from datetime import datetime
+                age = now - datetime.fromisoformat(row.oldest_candidate_at.replace("Z", "+00:00"))
+                oldest = f"{age.days}d" if age.days else f"{age.seconds // 3600}h"
+            note = row.error or (f"{row.waiting_without_consent} waiting: send a reminder"
+                                 if row.waiting_without_consent else "")
+            consent = row.consent_status.replace("_", " ")
+            if row.consent_expires_at and row.consent_status == "expiring":
+                consent += f" {row.consent_expires_at[:10]}"
+            table.add_row(
+                row.business_name,
+                Text(consent, style=_CONSENT_STYLE.get(row.consent_status, "")),
+                Text(row.token_health.replace("_", " "),
+                     style=_TOKEN_STYLE.get(row.token_health, "")),
+                str(row.candidates) if row.candidates else "—", total, oldest,
+                sparkline(row.age_buckets), duration(row.next_sync_in),
+                Text(note[:70], style="red" if row.error else "yellow"),
+                key=row.merchant_id)
+        title = "Reminder list: merchants without usable consent who have waiting orders" \
+            if self.reminders_only else f"Merchants ({len(rows)}), most urgent first"
+        self.query_one("#title", Static).update(title)
+        if current is not None:
+            for index, row in enumerate(rows):
+                if row.merchant_id == current:
+                    table.move_cursor(row=index)
+
+    def _current_merchant(self) -> str | None:
+        table = self.query_one("#merchants", DataTable)
+        if not table.row_count:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open_queue()
+
+    def action_open_queue(self) -> None:
+        from console.screens.queue import QueueScreen
+        merchant = self._current_merchant()
+        if merchant is not None:
+            self.app.push_screen(QueueScreen(merchant))
+
+    def action_all_queues(self) -> None:
+        from console.screens.queue import QueueScreen
+        if self.app.workspace is not None:  # type: ignore[attr-defined]
+            self.app.push_screen(QueueScreen(None))
+
+    def action_toggle_reminders(self) -> None:
+        self.reminders_only = not self.reminders_only
+        self._fill()
+
+    def action_export_reminders(self) -> None:
+        workspace = self.app.workspace  # type: ignore[attr-defined]
+        if workspace is None:
+            return
+        rows = [r for r in self.rows if r.waiting_without_consent]
+        path = Path(str(workspace.settings.db)).parent / "reminders.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["merchant_id", "business_name", "consent_status",
+                             "orders_waiting"])
+            for row in rows:
+                writer.writerow([row.merchant_id, row.business_name, row.consent_status,
+                                 row.waiting_without_consent])
+        self.notify(f"Reminder list ({len(rows)} merchants) written to {path}")
+
+    def palette_commands(self) -> Iterable[SystemCommand]:
+        yield SystemCommand("Reminder list", "Merchants without consent who have waiting "
+                            "orders", self.action_toggle_reminders)
+        yield SystemCommand("Export reminder list", "Write reminders.csv beside the database",
+                            self.action_export_reminders)
+        yield SystemCommand("All queues", "Every merchant's orders in one queue",
+                            self.action_all_queues)

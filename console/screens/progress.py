@@ -1,0 +1,152 @@
+"""A running batch: progress with rate and ETA, cancel, per-order results, retry the failed."""
+
+from __future__ import annotations
+
+import asyncio
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
+
+from console.messages import describe
+from services.completion import ApprovedItem, BatchProgress, OrderResult, Outcome
+from services.workspace import Preview
+
+
+class ProgressScreen(Screen[None]):
+    BINDINGS = [
+        Binding("x", "cancel", "Cancel batch", id="progress.cancel"),
+        Binding("f", "retry_failed", "Retry failed", id="progress.retry"),
+        Binding("escape", "close", "Back to queue", id="progress.close"),
+    ]
+
+    def __init__(self, preview: Preview, *, start: bool = True) -> None:
+        super().__init__()
+        self.preview = preview
+        self.start = start
+        self.cancel_event = asyncio.Event()
+        self.latest: BatchProgress | None = None
+        self.results: list[OrderResult] = []
+        self.finished = False
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(f"Completing {self.preview.count} approved orders", classes="title",
+                     id="progress-title")
+        yield ProgressBar(total=self.preview.count, show_eta=False, id="bar")
+        yield Static("Starting…", id="progress-stats")
+        table: DataTable[str] = DataTable(id="results", cursor_type="row", zebra_stripes=True)
+        table.add_columns("Merchant", "Order", "Version", "Outcome", "Reason", "Detail")
+        yield table
+        yield Footer()
+
+    def on_mount(self) -> None:
+        # Progress arrives per order; the screen repaints at most 10 times a second.
+        self.set_interval(0.1, self._paint)
+        if self.start:
+            self.run_batch(self.preview.items)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "cancel":
+            return not self.finished
+        if action == "retry_failed":
+            return self.finished and not self.app.read_only and any(  # type: ignore[attr-defined]
+                r.outcome is Outcome.FAILED for r in self.results)
+        if action == "close":
+            return self.finished
+        return True
+
+    @work(exclusive=True, group="batch")
+    async def run_batch(self, items: list[ApprovedItem]) -> None:
+        workspace = self.app.workspace  # type: ignore[attr-defined]
+        self.finished = False
+        self.cancel_event = asyncio.Event()
+        self.refresh_bindings()
+        try:
+            _, results = await workspace.engine().run(items, cancel=self.cancel_event,
+                                                      on_progress=self._on_progress)
+            self.results = results
+        except Exception as error:
+            self.notify(describe(error), severity="error", timeout=10)
+        self.finished = True
+        self._paint()
+        self.show_results()
+        self.refresh_bindings()
+
+    def _on_progress(self, event: BatchProgress) -> None:
+        self.latest = event
+
+    def show_progress(self, event: BatchProgress) -> None:
+        self.latest = event
+        self._paint()
+
+    def _paint(self) -> None:
+        event = self.latest
+        if event is None:
+            return
+        bar = self.query_one(ProgressBar)
+        bar.update(total=event.total, progress=event.done)
+        eta = f"{event.eta_s:.0f}s" if event.eta_s is not None else "—"
+        state = "finished" if self.finished else ("cancelling: waiting for calls in flight"
+                                                  if event.cancelled else "running")
+        backing = "  ⚠ backing off: Square is rate limiting" if event.backing_off else ""
+        self.query_one("#progress-stats", Static).update(
+            f"{event.done}/{event.total} done   completed {event.completed}   skipped "
+            f"{event.skipped}   failed {event.failed}   {event.rate_per_s:.1f}/s   ETA {eta}   "
+            f"concurrency {event.concurrency}   {state}{backing}")
+
+    def show_results(self) -> None:
+        table = self.query_one("#results", DataTable)
+        table.clear()
+        names = self.app.workspace.merchant_names()  # type: ignore[attr-defined]
+        order = {Outcome.FAILED: 0, Outcome.SKIPPED: 1, Outcome.COMPLETED: 2}
+        for result in sorted(self.results, key=lambda r: (order[r.outcome], r.order_id)):
+            table.add_row(names.get(result.merchant_id, result.merchant_id)[:20],
+                          result.order_id, str(result.version), result.outcome.value,
+                          result.reason or "", result.detail[:60])
+        failed = sum(1 for r in self.results if r.outcome is Outcome.FAILED)
+        title = f"Finished: {len(self.results)} results"
+        if failed:
+            title += f", {failed} failed: press f to retry only those"
+        self.query_one("#progress-title", Static).update(title)
+
+    def action_cancel(self) -> None:
+        self.cancel_event.set()
+        self.notify("Cancelling: no new orders will be sent; calls in flight finish and are "
+                    "recorded.")
+
+    def action_retry_failed(self) -> None:
+        from console.screens.confirm import ConfirmScreen
+        failed = [ApprovedItem(r.merchant_id, r.order_id, r.version) for r in self.results
+                  if r.outcome is Outcome.FAILED]
+        if not failed:
+            return
+        totals: dict[str, dict[str, int]] = {}
+        amounts = {o.order_id: o for o in self.app.workspace.queue()}  # type: ignore[attr-defined]
+        for item in failed:
+            order = amounts.get(item.order_id)
+            if order is not None:
+                per = totals.setdefault(item.merchant_id, {})
+                per[order.currency] = per.get(order.currency, 0) + order.total_amount
+        from services.completion import approved_set_sha256
+        retry = Preview(failed, totals, self.preview.names, [], approved_set_sha256(failed))
+
+        def confirmed(approved: bool | None) -> None:
+            if approved:
+                self.preview = retry
+                self.latest = None
+                self.query_one("#progress-title", Static).update(
+                    f"Retrying {retry.count} failed orders")
+                self.run_batch(failed)
+
+        self.app.push_screen(ConfirmScreen(retry), confirmed)
+
+    def action_close(self) -> None:
+        self.app.pop_screen()
+        app = self.app
+        for screen in app.screen_stack:
+            reload = getattr(screen, "reload", None)
+            if reload is not None:
+                reload()

@@ -1,0 +1,262 @@
+"""Queue: one merchant's (or every merchant's) open orders; filter, select, complete."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from rich.text import Text
+from textual.app import ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Static
+
+from console.widgets.order_detail import OrderDetail
+from console.widgets.order_table import Column, OrderTable, TableRow
+from services.store import QueuedOrder
+from services.workspace import format_money
+
+KINDS = {"1": ("candidate", "Candidates"), "2": ("blocked", "Blocked"),
+         "3": ("manual", "Manual only"), "4": (None, "All")}
+SORTS = ["age", "total", "merchant", "reason"]
+
+
+def order_kind(order: QueuedOrder) -> str:
+    if order.eligible:
+        return "candidate"
+    return "manual" if order.reason == "MANUAL_ONLY" else "blocked"
+
+
+def age_text(created_at: str, now: datetime) -> str:
+    age = now - datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+    if age.days:
+        return f"{age.days}d{age.seconds // 3600:02d}h"
+    return f"{age.seconds // 3600}h{age.seconds % 3600 // 60:02d}m"
+
+
+def make_row(order: QueuedOrder, merchant: str, location: str, now: datetime) -> TableRow:
+    total = format_money(order.total_amount, order.currency)
+    fulfillments = order.fulfillments.replace("SHIPMENT", "SHIP").replace("PICKUP", "PICK")
+    reason = order.reason or "✔ candidate"
+    cells = (order.reference_id or "—", order.order_id[:12], merchant, location,
+             age_text(order.created_at, now), total, fulfillments, reason)
+    haystack = " ".join((order.order_id, order.reference_id or "", merchant, location,
+                         reason, fulfillments, total, order.currency)).lower()
+    created = order.created_at
+    return TableRow(order.order_id, cells,
+                    (order.reference_id or "", order.order_id, merchant, location,
+                     created, order.total_amount, fulfillments, reason),
+                    haystack, order_kind(order))
+
+
+COLUMNS = [Column("Ref", 10), Column("Order", 12), Column("Merchant", 18),
+           Column("Location", 14), Column("Age", 7, True), Column("Total", 13, True),
+           Column("Fulfillments", 18), Column("Reason", 22)]
+# Sort key index per sort name (see make_row's sort_keys).
+_SORT_INDEX = {"age": 4, "total": 5, "merchant": 2, "reason": 7}
+
+
+class QueueScreen(Screen[None]):
+    BINDINGS = [
+        Binding("slash", "filter", "Filter", id="queue.filter"),
+        Binding("escape", "back", "Back", id="queue.back"),
+        Binding("1", "kind('1')", "Candidates", id="queue.candidates"),
+        Binding("2", "kind('2')", "Blocked", id="queue.blocked"),
+        Binding("3", "kind('3')", "Manual", id="queue.manual"),
+        Binding("4", "kind('4')", "All", id="queue.all"),
+        Binding("a", "select_all", "Select all matching", id="queue.select_all"),
+        Binding("i", "invert", "Invert", id="queue.invert"),
+        Binding("x", "clear", "Clear", id="queue.clear"),
+        Binding("s", "selected_only", "Selected only", id="queue.selected_only"),
+        Binding("o", "sort", "Sort", id="queue.sort"),
+        Binding("c", "complete", "Complete selected", id="queue.complete"),
+        Binding("r", "app.refresh", "Refresh", id="queue.refresh"),
+    ]
+
+    def __init__(self, merchant_id: str | None) -> None:
+        super().__init__()
+        self.merchant_id = merchant_id
+        self.kind_key = "1"
+        self.sort_name = "age"
+        self.orders: dict[str, QueuedOrder] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        if self.app.read_only:  # type: ignore[attr-defined]
+            yield Static("READ-ONLY: this console offers no write actions.", id="read-only")
+        yield Static("", id="tabs", classes="title")
+        filter_input = Input(placeholder="filter: order, ref, location, reason, amount…",
+                             id="filter")
+        filter_input.display = False
+        yield filter_input
+        with Horizontal(id="queue-body"):
+            columns = COLUMNS if self.merchant_id is None else \
+                [c for c in COLUMNS if c.title != "Merchant"]
+            yield OrderTable(columns, id="orders")
+            yield OrderDetail(id="detail")
+        yield Static("", id="selection")
+        yield Static(self.app.status, id="status")  # type: ignore[attr-defined]
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(OrderTable)
+        table.kind_filter = KINDS[self.kind_key][0]
+        table.sort_column = self._sort_index()
+        self.reload()
+        table.focus()
+
+    def _sort_index(self) -> int:
+        index = _SORT_INDEX[self.sort_name]
+        return index if self.merchant_id is None else (index - 1 if index > 2 else index)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "complete" and self.app.read_only:  # type: ignore[attr-defined]
+            return False
+        return True
+
+    def show_status(self, text: str, error: bool = False) -> None:
+        status = self.query_one("#status", Static)
+        status.update(text)
+        status.set_class(error, "error")
+
+    def reload(self) -> None:
+        workspace = self.app.workspace  # type: ignore[attr-defined]
+        if workspace is None:
+            return
+        now = workspace.clock()
+        names = workspace.merchant_names()
+        locations = workspace.location_names()
+        orders = workspace.queue(self.merchant_id)
+        self.orders = {o.order_id: o for o in orders}
+        # "Blue Fern Bakery — Main Street" -> "Main Street": the merchant has its own column.
+        short = {k: v.split(" — ")[-1] for k, v in locations.items()}
+        rows = [make_row(o, names.get(o.merchant_id, o.merchant_id),
+                         short.get(o.location_id, o.location_id), now) for o in orders]
+        if self.merchant_id is not None:
+            rows = [TableRow(r.key, r.cells[:2] + r.cells[3:], r.sort_keys[:2] +
+                             r.sort_keys[3:], r.haystack, r.kind) for r in rows]
+        table = self.query_one(OrderTable)
+        table.set_rows(rows)
+        self._update_tabs()
+        self._update_selection()
+
+    def _update_tabs(self) -> None:
+        counts = {"candidate": 0, "blocked": 0, "manual": 0}
+        for order in self.orders.values():
+            counts[order_kind(order)] += 1
+        title = self.app.workspace.merchant_names().get(  # type: ignore[attr-defined]
+            self.merchant_id or "", "All merchants")
+        tabs = Text(f"{title}   ")
+        for key, (kind, label) in KINDS.items():
+            count = counts[kind] if kind else len(self.orders)
+            tabs.append(f" {key} {label} {count} ", style="reverse" if key == self.kind_key
+                        else "")
+            tabs.append("  ")
+        tabs.append(f"sort: {self.sort_name}", style="dim")
+        self.query_one("#tabs", Static).update(tabs)
+
+    def _update_selection(self) -> None:
+        table = self.query_one(OrderTable)
+        totals: dict[str, int] = {}
+        eligible = 0
+        for key in table.selected:
+            order = self.orders.get(key)
+            if order is None:
+                continue
+            if order.eligible:
+                eligible += 1
+                totals[order.currency] = totals.get(order.currency, 0) + order.total_amount
+        money = ", ".join(format_money(a, c) for c, a in sorted(totals.items()))
+        shown = len(table.view)
+        only = "  (selected only)" if table.selected_only else ""
+        blocked = len(table.selected) - eligible
+        note = f", {blocked} not eligible (will be left out)" if blocked else ""
+        self.query_one("#selection", Static).update(
+            f"{len(table.selected)} selected: {eligible} eligible {money}{note}   "
+            f"{shown} shown{only}")
+
+    # ------------------------------------------------------------------ events
+    def on_order_table_highlighted(self, event: OrderTable.Highlighted) -> None:
+        workspace = self.app.workspace  # type: ignore[attr-defined]
+        detail = self.query_one(OrderDetail)
+        order = self.orders.get(event.key or "")
+        if order is None or workspace is None:
+            detail.show(None, None)
+            return
+        detail.show(order, workspace.store.order_json(order.order_id),
+                    workspace.merchant_names().get(order.merchant_id, ""))
+
+    def on_order_table_selection_changed(self, event: OrderTable.SelectionChanged) -> None:
+        self._update_selection()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "filter":
+            self.query_one(OrderTable).apply_filter(event.value)
+            self._update_selection()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "filter":
+            self.query_one(OrderTable).focus()
+
+    # ------------------------------------------------------------------ actions
+    def action_filter(self) -> None:
+        field = self.query_one("#filter", Input)
+        field.display = True
+        field.focus()
+
+    def action_back(self) -> None:
+        field = self.query_one("#filter", Input)
+        if field.display and (field.has_focus or field.value):
+            field.value = ""
+            field.display = False
+            self.query_one(OrderTable).apply_filter("")
+            self.query_one(OrderTable).focus()
+            return
+        self.app.pop_screen()
+
+    def action_kind(self, key: str) -> None:
+        self.kind_key = key
+        self.query_one(OrderTable).apply_kind(KINDS[key][0])
+        self._update_tabs()
+        self._update_selection()
+
+    def action_select_all(self) -> None:
+        self.query_one(OrderTable).select_all_matching()
+
+    def action_invert(self) -> None:
+        self.query_one(OrderTable).invert_selection()
+
+    def action_clear(self) -> None:
+        self.query_one(OrderTable).clear_selection()
+
+    def action_selected_only(self) -> None:
+        self.query_one(OrderTable).toggle_selected_only()
+        self._update_selection()
+
+    def action_sort(self) -> None:
+        self.sort_name = SORTS[(SORTS.index(self.sort_name) + 1) % len(SORTS)]
+        if self.merchant_id is not None and self.sort_name == "merchant":
+            self.sort_name = SORTS[(SORTS.index(self.sort_name) + 1) % len(SORTS)]
+        self.query_one(OrderTable).sort_by(self._sort_index(), reverse=self.sort_name == "total")
+        self._update_tabs()
+
+    def action_complete(self) -> None:
+        from console.screens.confirm import start_completion
+        table = self.query_one(OrderTable)
+        chosen = [key for key in table.selected if key in self.orders]
+        if not chosen:
+            self.notify("Select orders first: space selects, a selects all matching.",
+                        severity="warning")
+            return
+        start_completion(self.app, chosen)  # type: ignore[arg-type]
+
+    def palette_commands(self) -> Iterable[SystemCommand]:
+        yield SystemCommand("Select all matching", "Select every order the filter shows",
+                            self.action_select_all)
+        yield SystemCommand("Invert selection", "Within the orders shown", self.action_invert)
+        yield SystemCommand("Clear selection", "Select nothing", self.action_clear)
+        yield SystemCommand("Show selected only", "Toggle", self.action_selected_only)
+        if not self.app.read_only:  # type: ignore[attr-defined]
+            yield SystemCommand("Complete selected", "Preview, confirm, complete",
+                                self.action_complete)
