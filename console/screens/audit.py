@@ -39,6 +39,7 @@ def parse_filter(text: str) -> tuple[dict[str, str], str | None]:
 
 
 class AuditScreen(Screen[None]):
+    AUTO_FOCUS = "#entries"
     BINDINGS = [
         Binding("slash", "filter", "Filter", id="audit.filter"),
         Binding("v", "verify", "Verify chain", id="audit.verify"),
@@ -58,6 +59,7 @@ class AuditScreen(Screen[None]):
         field = Input(placeholder="merchant:ID operator:NAME order:ID outcome:failed "
                                   "since:2026-11-01", id="audit-filter")
         field.display = False
+        field.cursor_blink = False  # steady cursor: calmer, and stable snapshots
         yield field
         table: DataTable[str] = DataTable(id="entries", cursor_type="row", zebra_stripes=True)
         table.add_columns("#", "At (UTC)", "Operator", "Action", "Merchant", "Order", "v",

@@ -59,7 +59,9 @@ class ConfirmScreen(ModalScreen[bool]):
                     hint += f" or the merchant's name ({preview.names.get(merchants[0])})"
                 yield Static(f"{hint} and press Enter to complete; Escape cancels.",
                              id="confirm-hint")
-                yield Input(placeholder=str(preview.count), id="confirm-input")
+                typed = Input(placeholder=str(preview.count), id="confirm-input")
+                typed.cursor_blink = False
+                yield typed
                 yield Static("", id="confirm-error")
             else:
                 yield Static("Press y to complete them, n or Escape to cancel.",

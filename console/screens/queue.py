@@ -58,6 +58,7 @@ _SORT_INDEX = {"age": 4, "total": 5, "merchant": 2, "reason": 7}
 
 
 class QueueScreen(Screen[None]):
+    AUTO_FOCUS = "#orders"
     BINDINGS = [
         Binding("slash", "filter", "Filter", id="queue.filter"),
         Binding("escape", "back", "Back", id="queue.back"),
@@ -89,6 +90,7 @@ class QueueScreen(Screen[None]):
         filter_input = Input(placeholder="filter: order, ref, location, reason, amount…",
                              id="filter")
         filter_input.display = False
+        filter_input.cursor_blink = False  # steady cursor: calmer, and stable snapshots
         yield filter_input
         with Horizontal(id="queue-body"):
             columns = COLUMNS if self.merchant_id is None else \

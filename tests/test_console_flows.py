@@ -1,0 +1,179 @@
+"""One Pilot test per user flow, driven by keys, waiting on conditions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.widgets import DataTable
+
+from console.screens.audit import AuditScreen
+from console.screens.confirm import ConfirmScreen
+from console.screens.merchants import MerchantsScreen
+from console.screens.progress import ProgressScreen
+from console.screens.queue import QueueScreen
+from console.widgets.order_table import OrderTable
+from services.completion import Outcome
+from services.emulator import FaultPlan
+from tests.console_harness import app_for, demo, merchants_loaded, wait_until
+
+
+async def test_whole_flow_merchants_to_audit(tmp_path: Path) -> None:
+    environment = demo(tmp_path)
+    app = app_for(environment)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        assert isinstance(app.screen, MerchantsScreen)
+        first = app.screen.rows[0]
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+        queue = app.screen
+        assert isinstance(queue, QueueScreen) and queue.merchant_id == first.merchant_id
+        table = queue.query_one(OrderTable)
+        candidates = len(table.view)
+        assert candidates == first.candidates
+        await pilot.press("slash", *"ship", "enter")
+        filtered = len(table.view)
+        assert 0 < filtered < candidates
+        await pilot.press("a")
+        assert len(table.selected) == filtered
+        await pilot.press("c")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        confirm = app.screen
+        assert isinstance(confirm, ConfirmScreen)
+        count = confirm.preview.count
+        assert count == filtered
+        if confirm.typed:
+            await pilot.press("y")  # does nothing for a large batch
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press(*str(count + 1), "enter")  # the wrong count sends nothing
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press(*str(count), "enter")
+        else:
+            await pilot.press("y")
+        await wait_until(pilot, lambda: isinstance(app.screen, ProgressScreen))
+        progress = app.screen
+        assert isinstance(progress, ProgressScreen)
+        await wait_until(pilot, lambda: progress.finished)
+        assert len(progress.results) == count
+        assert {r.outcome for r in progress.results} == {Outcome.COMPLETED}
+        square = environment.emulator.square
+        assert all(square.orders[r.order_id].state == "COMPLETED" for r in progress.results)
+        assert progress.query_one("#results", DataTable).row_count == count
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+        assert len(app.screen.query_one(OrderTable).rows) < candidates + 1000
+        await pilot.press("A")
+        await wait_until(pilot, lambda: isinstance(app.screen, AuditScreen))
+        audit = app.screen
+        await wait_until(pilot, lambda: "verified" in str(audit.query_one("#chain").render()))
+        entries = audit.query_one("#entries", DataTable)
+        assert entries.row_count >= 2 * count
+        await pilot.press("slash", *"outcome:completed", "enter")
+        assert entries.row_count == count
+
+
+async def test_retry_only_the_failed(tmp_path: Path) -> None:
+    environment = demo(tmp_path)
+    app = app_for(environment)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        await pilot.press("down", "down", "enter")  # a small merchant
+        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+        table = app.screen.query_one(OrderTable)
+        await pilot.press("space", "space", "space")
+        assert len(table.selected) == 3
+        environment.emulator.set_faults(FaultPlan(server_error_rate=1.0,
+                                                  operations=["UpdateOrder"]))
+        await pilot.press("c")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: isinstance(app.screen, ProgressScreen))
+        progress = app.screen
+        assert isinstance(progress, ProgressScreen)
+        await wait_until(pilot, lambda: progress.finished)
+        assert {r.outcome for r in progress.results} == {Outcome.FAILED}
+        environment.emulator.set_faults(FaultPlan())
+        await pilot.press("f")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: isinstance(app.screen, ProgressScreen))
+        await wait_until(pilot, lambda: progress.finished and len(progress.results) == 3 and
+                         all(r.outcome is Outcome.COMPLETED for r in progress.results))
+        assert environment.workspace.verify().ok
+
+
+async def test_cancel_mid_batch(tmp_path: Path) -> None:
+    environment = demo(tmp_path)
+    app = app_for(environment)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        await pilot.press("Q")  # every merchant's queue
+        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+        await pilot.press("a", "c")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        confirm = app.screen
+        assert isinstance(confirm, ConfirmScreen) and confirm.typed
+        assert confirm.preview.count > 100
+        environment.emulator.set_faults(FaultPlan(latency_ms=100))
+        await pilot.press(*str(confirm.preview.count), "enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, ProgressScreen))
+        progress = app.screen
+        assert isinstance(progress, ProgressScreen)
+        await wait_until(pilot, lambda: progress.latest is not None and progress.latest.done > 0)
+        await pilot.press("x")
+        await wait_until(pilot, lambda: progress.finished, timeout=30)
+        reasons = {r.reason for r in progress.results}
+        assert "CANCELLED" in reasons
+        completed = [r for r in progress.results if r.outcome is Outcome.COMPLETED]
+        assert len(completed) < confirm.preview.count
+        assert environment.workspace.open_intent_count() == 0
+        assert environment.workspace.verify().ok
+
+
+async def test_read_only_offers_no_write(tmp_path: Path) -> None:
+    environment = demo(tmp_path)
+    app = app_for(environment, read_only=True)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        assert app.screen.query_one("#read-only")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+        await pilot.press("a", "c")
+        await pilot.pause()
+        assert isinstance(app.screen, QueueScreen)  # no confirmation, no batch
+        assert "queue.complete" not in {b.binding.id for b in app.active_bindings.values()}
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert "Complete selected" not in titles
+        assert environment.workspace.store.db["intents"].count == 0
+
+
+async def test_expired_token_shows_on_its_merchant_only(tmp_path: Path) -> None:
+    environment = demo(tmp_path)
+    app = app_for(environment)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        screen = app.screen
+        assert isinstance(screen, MerchantsScreen)
+        by_id = {r.merchant_id: r for r in screen.rows}
+        expired = by_id[environment.merchants[8].merchant.id]
+        assert expired.token_health == "expired" and "re-authorize" in (expired.error or "")
+        healthy = [r for r in screen.rows if r.token_health == "valid" and r.candidates]
+        assert len(healthy) >= 5
+
+
+async def test_help_lists_bindings_and_reminders_toggle(tmp_path: Path) -> None:
+    environment = demo(tmp_path)
+    app = app_for(environment)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        await pilot.press("n")
+        table = app.screen.query_one("#merchants", DataTable)
+        assert 0 < table.row_count < 14
+        await pilot.press("e")
+        assert (tmp_path / "reminders.csv").read_text().count("\n") >= 3
+        await pilot.press("question_mark")
+        await pilot.pause()
+        from console.screens.help import HelpScreen
+        assert isinstance(app.screen, HelpScreen)
+        ids = {binding_id for _, _, binding_id in app.screen.bindings}
+        assert {"merchants.all", "merchants.reminders", "merchants.export", "app.audit"} <= ids
