@@ -99,10 +99,16 @@ class ReconApp(App[int]):
                 done += 1
                 self.set_status(f"Refreshing from Square… {done} merchants done")
 
-            await self.workspace.refresh(merchant_ids, on_merchant=on_merchant)
+            reports = await self.workspace.refresh(merchant_ids, on_merchant=on_merchant)
+            failed = sum(1 for r in reports if r.error)
+            text = "Refreshed."
+            if failed:
+                text = (f"Refreshed: {failed} of {len(reports)} merchants have a problem; "
+                        "the Note column says what to do.")
             open_intents = self.workspace.open_intent_count()
-            self.set_status(f"Refreshed. {open_intents} unsettled intents: run recover."
-                            if open_intents else "Refreshed.")
+            if open_intents:
+                text += f" {open_intents} unsettled intents: run `recon-console recover`."
+            self.set_status(text)
         except Exception as error:
             error_text = describe(error)
             self.set_status(error_text, error=True)

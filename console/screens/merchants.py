@@ -119,7 +119,8 @@ class MerchantsScreen(Screen[None]):
                      style=_TOKEN_STYLE.get(row.token_health, "")),
                 str(row.candidates) if row.candidates else "—", total, oldest,
                 sparkline(row.age_buckets), duration(row.next_sync_in),
-                Text(note[:70], style="red" if row.error else "yellow"),
+                Text(note[:56] + ("…" if len(note) > 56 else ""),
+                     style="red" if row.error else "yellow"),
                 key=row.merchant_id)
         title = "Reminder list: merchants without usable consent who have waiting orders" \
             if self.reminders_only else f"Merchants ({len(rows)}), most urgent first"
@@ -134,6 +135,15 @@ class MerchantsScreen(Screen[None]):
         if not table.row_count:
             return None
         return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        """The highlighted merchant's problem, in full, where the operator looks."""
+        key = event.row_key.value if event.row_key is not None else None
+        row = next((r for r in self.rows if r.merchant_id == key), None)
+        if row is not None and row.error:
+            self.show_status(f"{row.business_name}: {row.error}", error=True)
+        else:
+            self.show_status(self.app.status)  # type: ignore[attr-defined]
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_open_queue()
