@@ -8,7 +8,8 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
+from rich.text import Text
+from textual.widgets import DataTable, Footer, Header, Static
 
 from console.messages import describe
 from services.completion import ApprovedItem, BatchProgress, OrderResult, Outcome
@@ -35,7 +36,7 @@ class ProgressScreen(Screen[None]):
         yield Header()
         yield Static(f"Completing {self.preview.count} approved orders", classes="title",
                      id="progress-title")
-        yield ProgressBar(total=self.preview.count, show_eta=False, id="bar")
+        yield Static("", id="bar")
         yield Static("Starting…", id="progress-stats")
         table: DataTable[str] = DataTable(id="results", cursor_type="row", zebra_stripes=True)
         table.add_columns("Merchant", "Order", "Version", "Outcome", "Reason", "Detail")
@@ -86,8 +87,12 @@ class ProgressScreen(Screen[None]):
         event = self.latest
         if event is None:
             return
-        bar = self.query_one(ProgressBar)
-        bar.update(total=event.total, progress=event.done)
+        width = 60
+        filled = round(width * event.done / event.total) if event.total else width
+        percent = round(100 * event.done / event.total) if event.total else 100
+        self.query_one("#bar", Static).update(
+            Text.assemble(("█" * filled, "green"), ("░" * (width - filled), "dim"),
+                          f" {percent}%"))
         eta = f"{event.eta_s:.0f}s" if event.eta_s is not None else "—"
         state = "finished" if self.finished else ("cancelling: waiting for calls in flight"
                                                   if event.cancelled else "running")
