@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rate-limit", type=float, default=None, help="requests/s per token")
     serve.add_argument("--fault-rate", type=float, default=0.0, help="fraction answered 503")
     serve.add_argument("--manifest", type=Path, default=None)
+    serve.add_argument("--kinds", default=None, metavar="KIND=W,...",
+                       help="order mix, e.g. online_paid_open=9,online_unpaid=1 "
+                            "(default: the realistic mix)")
     serve.add_argument("--write-demo-files", type=Path, default=None, metavar="DIR",
                        help="also write DIR/credentials.toml and DIR/consents.json for the "
                             "seeded merchants")
@@ -188,9 +191,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _emulator_serve(args: argparse.Namespace) -> int:
     from services.emulator import FaultPlan, SeedConfig
     from services.emulator.serve import serve
+    kinds = None
+    if args.kinds:
+        try:
+            kinds = tuple((name, int(weight)) for name, weight in
+                          (part.split("=") for part in args.kinds.split(",")))
+        except ValueError:
+            raise ConfigurationError("--kinds takes KIND=WEIGHT pairs separated by commas, "
+                                     "e.g. online_paid_open=9,online_unpaid=1") from None
     config = SeedConfig(seed=args.seed, merchants=args.merchants,
                         locations_per_merchant=args.locations_per_merchant,
-                        orders_per_location=args.orders_per_location)
+                        orders_per_location=args.orders_per_location, kinds=kinds)
     faults = FaultPlan(latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
                        rate_limit_rps=args.rate_limit, server_error_rate=args.fault_rate,
                        seed=args.seed)

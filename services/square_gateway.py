@@ -37,6 +37,7 @@ from services.errors import (
     SquareServerError,
     SquareUnavailable,
 )
+from services.http_transport import ShardedTransport
 from services.square_models import (
     Location,
     Merchant,
@@ -131,13 +132,12 @@ class SquareGateway:
 
     def __init__(self, base_url: str, http: httpx.AsyncClient | None = None, *,
                  timeout_s: float = 20.0, retry: RetryPolicy | None = None,
-                 max_connections: int = 100) -> None:
+                 max_connections: int = 64) -> None:
         self.base_url = base_url.rstrip("/")
         self._owns_http = http is None
         self.http = http or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections))
+            transport=ShardedTransport(shards=max(1, max_connections // 2)))
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self._sdk: dict[str, AsyncSquare] = {}

@@ -80,7 +80,7 @@ class LoopbackServer:
 
     def __init__(self, emulator: Emulator) -> None:
         self.emulator = emulator
-        sock = socket.socket()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # NODELAY
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"

@@ -18,6 +18,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+import orjson
 from openapi_schema_validator import OAS30Validator
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -92,8 +93,8 @@ def check_request_shape(schema_name: str, body: Any) -> None:
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(payload, separators=(",", ":")), status_code=status,
-                    headers=headers, media_type="application/json")
+    return Response(orjson.dumps(payload), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
 def _orders_payload(key: str, records: list[OrderRecord], extra: dict[str, Any]) -> bytes:
@@ -156,8 +157,8 @@ class EmulatorApp:
             if operation.request_schema is not None:
                 raw = await request.body()
                 try:
-                    body = json.loads(raw) if raw else {}
-                except ValueError:
+                    body = orjson.loads(raw) if raw else {}
+                except orjson.JSONDecodeError:
                     raise SquareError(400, "INVALID_REQUEST_ERROR", "EXPECTED_JSON_BODY",
                                       "The request body is not valid JSON.") from None
                 if not isinstance(body, dict):

@@ -69,6 +69,8 @@ class SeedConfig:
     orders_per_location: int = 60
     max_age_days: int = 35
     inactive_location_every: int = 4  # every Nth merchant also has an INACTIVE location
+    # Kind -> weight; None means the realistic mix of ORDER_KINDS.
+    kinds: tuple[tuple[str, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,12 @@ def seed_square(config: SeedConfig, now: datetime | None = None,
     rng = random.Random(config.seed)
     square = square or EmulatedSquare(rng=random.Random(config.seed + 1))
     seeded: list[SeededMerchant] = []
-    kinds = list(ORDER_KINDS)
-    weights = list(ORDER_KINDS.values())
+    mix = dict(config.kinds) if config.kinds else ORDER_KINDS
+    unknown = set(mix) - set(ORDER_KINDS)
+    if unknown:
+        raise ValueError(f"unknown order kinds: {sorted(unknown)}")
+    kinds = list(mix)
+    weights = list(mix.values())
     for index in range(config.merchants):
         country, currency, timezone, language = _MARKETS[index % len(_MARKETS)]
         name = _NAMES[index % len(_NAMES)]

@@ -65,7 +65,10 @@ def serve(host: str, port: int, config: SeedConfig, faults: FaultPlan,
     emulator: EmulatorApp = build_app(square, faults)
     if demo_files is not None:
         write_demo_files(demo_files, merchants)
-    sock = socket.socket(socket.AF_INET6 if host == "::1" else socket.AF_INET)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on such sockets, and without it
+    # Nagle plus delayed ACKs cost every answer ~40 ms.
+    sock = socket.socket(socket.AF_INET6 if host == "::1" else socket.AF_INET,
+                         socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     actual_port = sock.getsockname()[1]

@@ -13,6 +13,8 @@ and the choices made where Square is unconfirmed).
 from __future__ import annotations
 
 import base64
+import binascii
+import bisect
 import hashlib
 import json
 import random
@@ -46,6 +48,9 @@ FULFILLMENT_DETAILS_KEY = {
     "SHIPMENT": "shipment_details",
     "DELIVERY": "delivery_details",
 }
+
+
+_ID_LETTERS = bytes.maketrans(b"+/", b"Xy")
 
 
 class SquareError(Exception):
@@ -223,6 +228,11 @@ class EmulatedSquare:
     payments: dict[str, bytes] = field(default_factory=dict)
     refunds: dict[str, dict[str, Any]] = field(default_factory=dict)
     idempotency: dict[tuple[str, str, str], IdempotentResult] = field(default_factory=dict)
+    # Per merchant: a counter bumped by every order change, and the sorted matches of recent
+    # queries at that count (an index, as Square keeps: paging a query costs a bisect).
+    generations: dict[str, int] = field(default_factory=dict)
+    search_cache: dict[tuple[str, str], tuple[int, list[OrderRecord], list[tuple[str, str]]]] = \
+        field(default_factory=dict)
     # One lock: uvicorn may run handlers on threads only for sync code, but the seeder and the
     # background version bumper may share the object with the event loop.
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -231,8 +241,10 @@ class EmulatedSquare:
     def new_id(self, length: int = 24) -> str:
         # Base64 of seeded random bytes, with letters for '+' and '/': deterministic and fast
         # enough to seed 100,000 orders.
-        raw = base64.b64encode(self.rng.randbytes((length * 3 + 3) // 4), altchars=b"Xy")
-        return raw.decode()[:length]
+        size = (length * 3 + 3) // 4
+        raw = binascii.b2a_base64(self.rng.getrandbits(size * 8).to_bytes(size, "little"),
+                                  newline=False)
+        return raw.translate(_ID_LETTERS).decode()[:length]
 
     def add_merchant(self, merchant: EmulatedMerchant, locations: Iterable[EmulatedLocation]
                      ) -> None:
@@ -281,7 +293,7 @@ class EmulatedSquare:
     def replay(self, merchant_id: str, operation: str, key: str | None, body: Any
                ) -> tuple[dict[str, Any] | None, str]:
         """The stored answer for a replayed key, or None; a reused key is refused."""
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
         if not key:
             return None, digest
         stored = self.idempotency.get((merchant_id, operation, key))
@@ -424,6 +436,7 @@ class EmulatedSquare:
             record = OrderRecord(merchant_id, doc)
             self.orders[record.id] = record
             self.orders_by_merchant.setdefault(merchant_id, []).append(record)
+            self.changed(merchant_id)
             return record
 
     def touch(self, record: OrderRecord, moment: datetime | None = None) -> None:
@@ -432,6 +445,7 @@ class EmulatedSquare:
         if doc.get("version") is not None:
             doc["version"] += 1
         record.changed()
+        self.changed(record.merchant_id)
 
     def update_order(self, merchant_id: str, order_id: str, body: dict[str, Any]
                      ) -> OrderRecord:
@@ -475,6 +489,7 @@ class EmulatedSquare:
             doc["updated_at"] = rfc3339(now)
             record._doc = doc
             record.changed()
+            self.changed(merchant_id)
             return record
 
     def _apply_sparse(self, doc: dict[str, Any], sparse: dict[str, Any],
@@ -566,6 +581,9 @@ class EmulatedSquare:
             (doc.get("metadata") or {}).pop(path.split(".", 1)[1], None)
         # Other paths name computed or immutable fields, which Square ignores.
 
+    def changed(self, merchant_id: str) -> None:
+        self.generations[merchant_id] = self.generations.get(merchant_id, 0) + 1
+
     # ------------------------------------------------------------------ search
     def search_orders(self, merchant_id: str, body: dict[str, Any]
                       ) -> tuple[list[OrderRecord], str | None]:
@@ -637,40 +655,53 @@ class EmulatedSquare:
         if body.get("cursor"):
             after = self._decode_cursor(body["cursor"], cursor_key)
         wanted_locations = set(location_ids)
-        with self.lock:
-            matched = []
-            for record in self.orders_by_merchant.get(merchant_id, ()):
-                if record.location_id not in wanted_locations:
-                    continue
-                if states is not None and record.state not in states:
-                    continue
-                if sources is not None and record.source_name not in sources:
-                    continue
-                if customers is not None and record.customer_id not in customers:
-                    continue
-                if f_types is not None and not f_types.intersection(record.ftypes):
-                    continue
-                if f_states is not None and not f_states.intersection(record.fstates):
-                    continue
-                key = getattr(record, attribute)
-                if key is None:
-                    continue
-                if time_range is not None:
-                    if time_range[0] and key < time_range[0]:
+        generation = self.generations.get(merchant_id, 0)
+        cached = self.search_cache.get((merchant_id, cursor_key))
+        if cached is not None and cached[0] == generation:
+            _, ordered, keys = cached
+        else:
+            with self.lock:
+                matched = []
+                for record in self.orders_by_merchant.get(merchant_id, ()):
+                    if record.location_id not in wanted_locations:
                         continue
-                    if time_range[1] and key >= time_range[1]:
+                    if states is not None and record.state not in states:
                         continue
-                matched.append(record)
-        descending = sort_order == "DESC"
-        matched.sort(key=lambda r: (getattr(r, attribute), r.id), reverse=descending)
-        if after is not None:
-            if descending:
-                matched = [r for r in matched if (getattr(r, attribute), r.id) < after]
-            else:
-                matched = [r for r in matched if (getattr(r, attribute), r.id) > after]
-        page = matched[:limit]
+                    if sources is not None and record.source_name not in sources:
+                        continue
+                    if customers is not None and record.customer_id not in customers:
+                        continue
+                    if f_types is not None and not f_types.intersection(record.ftypes):
+                        continue
+                    if f_states is not None and not f_states.intersection(record.fstates):
+                        continue
+                    key = getattr(record, attribute)
+                    if key is None:
+                        continue
+                    if time_range is not None:
+                        if time_range[0] and key < time_range[0]:
+                            continue
+                        if time_range[1] and key >= time_range[1]:
+                            continue
+                    matched.append(record)
+            matched.sort(key=lambda r: (getattr(r, attribute), r.id))
+            ordered = matched
+            keys = [(getattr(r, attribute), r.id) for r in matched]
+            if len(self.search_cache) > 512:
+                self.search_cache.clear()
+            self.search_cache[(merchant_id, cursor_key)] = (generation, ordered, keys)
+        # Keyset paging over the ascending list: stable while orders change between pages.
+        total = len(ordered)
+        if sort_order == "ASC":
+            start = bisect.bisect_right(keys, after) if after is not None else 0
+            page = ordered[start:start + limit]
+            more = start + limit < total
+        else:
+            end = bisect.bisect_left(keys, after) if after is not None else total
+            page = ordered[max(0, end - limit):end][::-1]
+            more = end - limit > 0
         cursor = None
-        if len(matched) > limit:
+        if more and page:
             last = page[-1]
             cursor = self._encode_cursor(cursor_key, (getattr(last, attribute), last.id))
         return page, cursor
@@ -882,6 +913,7 @@ class EmulatedSquare:
                 return_record = OrderRecord(merchant, return_doc)
                 self.orders[return_record.id] = return_record
                 self.orders_by_merchant[merchant].append(return_record)
+                self.changed(merchant)
             self.refunds[refund_id] = refund
             return refund
 

@@ -1,0 +1,51 @@
+"""Start the emulator over loopback in its own process (so client and server do not share a GIL)
+and wait for its manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def loopback_emulator(*args: str, timeout: float = 300) -> Iterator[dict[str, Any]]:
+    directory = Path(tempfile.mkdtemp(prefix="bench-emu-"))
+    manifest = directory / "manifest.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "console.cli", "emulator", "serve", "--port", "0",
+         "--manifest", str(manifest), "--write-demo-files", str(directory), *args],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while not manifest.exists():
+            if process.poll() is not None:
+                raise RuntimeError(process.stderr.read().decode() if process.stderr else "")
+            if time.monotonic() > deadline:
+                raise RuntimeError("emulator did not start")
+            time.sleep(0.05)
+        document = json.loads(manifest.read_text())
+        document["directory"] = str(directory)
+        document["pid"] = process.pid
+        yield document
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def rss_mb(pid: int | None = None) -> float:
+    """Current resident memory of a process, in MB (Linux)."""
+    path = f"/proc/{pid or os.getpid()}/status"
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
