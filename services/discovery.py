@@ -16,7 +16,7 @@ import orjson
 
 from services.consent import ConsentRecord
 from services.credentials import MerchantCredentials
-from services.eligibility import classify
+from services.eligibility import ConsentView, classify
 from services.errors import ReconError, SquareAuthError, SquareScopeError
 from services.square_gateway import SquareGateway
 from services.square_models import Location, SquareOrder
@@ -56,8 +56,9 @@ def _fulfillment_summary(order: SquareOrder) -> str:
 
 
 def order_row(order: SquareOrder, merchant_id: str, consents: Sequence[ConsentRecord],
-              now: datetime, seen_at: str) -> dict[str, object]:
-    verdict = classify(order, consents, now)
+              now: datetime, seen_at: str, view: ConsentView | None = None
+              ) -> dict[str, object]:
+    verdict = classify(order, consents, now, view)
     return {
         "order_id": order.id, "merchant_id": merchant_id, "location_id": order.location_id,
         "version": order.version, "state": order.state, "source": order.source_name,
@@ -68,7 +69,7 @@ def order_row(order: SquareOrder, merchant_id: str, consents: Sequence[ConsentRe
         "reason": verdict.reason.value if verdict.reason else None, "detail": verdict.detail,
         "consent_id": verdict.consent.consent_id if verdict.consent else None,
         "fulfillments": _fulfillment_summary(order),
-        "order_json": orjson.dumps(order.model_dump(exclude_defaults=True)).decode(),
+        "order_json": order.model_dump_json(exclude_defaults=True),
         "seen_at": seen_at,
     }
 
@@ -111,11 +112,12 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
             raise SquareScopeError(status=403, code="INSUFFICIENT_SCOPES",
                                    detail="ORDERS_READ missing")
         seen_at = utc_text(now)
+        view = ConsentView.build(consents, now)
         rows = []
         for start in range(0, len(active), 10):
             async for page in gateway.search_orders(creds, active[start:start + 10],
                                                     OPEN_ORDERS_QUERY):
-                rows.extend(order_row(order, creds.merchant_id, consents, now, seen_at)
+                rows.extend(order_row(order, creds.merchant_id, consents, now, seen_at, view)
                             for order in page)
         store.replace_orders(creds.merchant_id, rows)
         report.orders = len(rows)

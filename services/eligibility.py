@@ -15,8 +15,8 @@ from enum import StrEnum
 from services.consent import DEFAULT_ORDER_SOURCES, ConsentRecord, ConsentStatus
 from services.square_models import SquareOrder
 
-__all__ = ["Classification", "EligibilityReason", "apply_batch_limits", "classify",
-           "dashboard_url"]
+__all__ = ["Classification", "ConsentView", "EligibilityReason", "apply_batch_limits",
+           "classify", "dashboard_url"]
 
 
 class EligibilityReason(StrEnum):
@@ -58,16 +58,34 @@ def _parse(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def classify(order: SquareOrder, consents: Sequence[ConsentRecord], now: datetime
-             ) -> Classification:
+@dataclass(frozen=True)
+class ConsentView:
+    """A merchant's consents evaluated once at `now`, for classifying many orders."""
+
+    consents: tuple[ConsentRecord, ...]
+    statuses: tuple[ConsentStatus, ...]
+    sources: frozenset[str]
+    now: datetime
+
+    @classmethod
+    def build(cls, consents: Sequence[ConsentRecord], now: datetime) -> ConsentView:
+        sources = frozenset(s for c in consents for s in c.scope.sources)
+        return cls(tuple(consents), tuple(c.status_at(now) for c in consents),
+                   sources or frozenset(DEFAULT_ORDER_SOURCES), now)
+
+
+def classify(order: SquareOrder, consents: Sequence[ConsentRecord], now: datetime,
+             view: ConsentView | None = None) -> Classification:
+    """Pass `view` (built once from the same consents and `now`) when classifying many."""
     def no(reason: EligibilityReason, detail: str,
            consent: ConsentRecord | None = None) -> Classification:
         return Classification(False, reason, detail, consent)
 
     if order.state != "OPEN":
         return no(EligibilityReason.NOT_OPEN, f"Order is {order.state}.")
-    sources = {s for c in consents for s in c.scope.sources} or set(DEFAULT_ORDER_SOURCES)
-    if order.source_name not in sources:
+    if view is None:
+        view = ConsentView.build(consents, now)
+    if order.source_name not in view.sources:
         return no(EligibilityReason.OUTSIDE_CONSENT_SCOPE,
                   f"Source {order.source_name or 'unknown'!r} is not covered.")
     if order.refunds or order.returns:
@@ -84,16 +102,16 @@ def classify(order: SquareOrder, consents: Sequence[ConsentRecord], now: datetim
     if order.version is None:
         return no(EligibilityReason.MANUAL_ONLY,
                   "No version: complete it in the Square Dashboard.")
-    covering = [c for c in consents
+    covering = [(c, status) for c, status in zip(view.consents, view.statuses, strict=True)
                 if c.covers_location(order.location_id) and c.covers_source(order.source_name)]
-    active = [c for c in covering if c.status_at(now) is ConsentStatus.ACTIVE]
+    active = [c for c, status in covering if status is ConsentStatus.ACTIVE]
     if not active:
-        if not consents:
+        if not view.consents:
             return no(EligibilityReason.NO_CONSENT, "The merchant has not consented.")
         if not covering:
             return no(EligibilityReason.OUTSIDE_CONSENT_SCOPE,
                       f"Location {order.location_id} is not covered by the consent.")
-        statuses = {c.status_at(now): c for c in covering}
+        statuses = {status: c for c, status in covering}
         for status in _CONSENT_PRIORITY:
             if status in statuses:
                 return no(_CONSENT_REASON[status], f"Consent is {status.value}.",

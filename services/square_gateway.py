@@ -193,10 +193,10 @@ class SquareGateway:
                 "Square-Version": SQUARE_VERSION, "Content-Type": "application/json",
                 "Accept": "application/json"}
 
-    async def raw(self, creds: MerchantCredentials, method: str, path: str,
-                  body: dict[str, Any] | None = None, *, timeout_s: float | None = None
-                  ) -> Any:
-        """One request, no retries: the decoded JSON body, or a typed error."""
+    async def send(self, creds: MerchantCredentials, method: str, path: str,
+                   body: dict[str, Any] | None = None, *, timeout_s: float | None = None
+                   ) -> bytes:
+        """One request, no retries: the body of a 2xx answer, or a typed error."""
         limit = timeout_s or self.timeout_s
         try:
             # A total deadline as well as httpx's per-phase ones: a trickling or in-process
@@ -210,15 +210,21 @@ class SquareGateway:
                                     "check the network and retry.") from None
         except httpx.TransportError as error:
             raise SquareUnavailable(_transport_sentence(self.base_url, error)) from None
-        try:
-            data = orjson.loads(response.content) if response.content else {}
-        except orjson.JSONDecodeError:
-            data = {"errors": [{"code": "NOT_JSON", "category": "API_ERROR",
-                                "detail": f"Square answered {response.status_code} with a "
-                                          "body that is not JSON."}]}
         if response.status_code >= 400:
+            try:
+                data = orjson.loads(response.content) if response.content else {}
+            except orjson.JSONDecodeError:
+                data = {"errors": [{"code": "NOT_JSON", "category": "API_ERROR",
+                                    "detail": f"Square answered {response.status_code} with "
+                                              "a body that is not JSON."}]}
             raise error_from_response(response.status_code, data, response.headers)
-        return data
+        return response.content or b"{}"
+
+    async def raw(self, creds: MerchantCredentials, method: str, path: str,
+                  body: dict[str, Any] | None = None, *, timeout_s: float | None = None
+                  ) -> Any:
+        """One request, no retries: the decoded JSON body, or a typed error."""
+        return orjson.loads(await self.send(creds, method, path, body, timeout_s=timeout_s))
 
     async def search_orders(self, creds: MerchantCredentials, location_ids: list[str],
                             query: dict[str, Any], limit: int = 1000
@@ -230,9 +236,10 @@ class SquareGateway:
                                     "limit": limit}
             if cursor:
                 body["cursor"] = cursor
-            data = await self.retry.run(
-                lambda body=body: self.raw(creds, "POST", "/v2/orders/search", body))
-            page = _validate(SearchOrdersPage, data)
+            content = await self.retry.run(
+                lambda body=body: self.send(creds, "POST", "/v2/orders/search", body))
+            # Straight from bytes to slim models in pydantic-core: no dicts in between.
+            page = _validate(SearchOrdersPage, content)
             yield list(page.orders)
             cursor = page.cursor
             if not cursor:
@@ -243,21 +250,24 @@ class SquareGateway:
         found: list[SquareOrder] = []
         for start in range(0, len(order_ids), 100):
             chunk = order_ids[start:start + 100]
-            data = await self.retry.run(lambda chunk=chunk: self.raw(
+            content = await self.retry.run(lambda chunk=chunk: self.send(
                 creds, "POST", "/v2/orders/batch-retrieve", {"order_ids": chunk}))
-            found.extend(_validate(OrdersBatch, data).orders)
+            found.extend(_validate(OrdersBatch, content).orders)
         return found
 
     async def update_order(self, creds: MerchantCredentials, order_id: str,
                            body: dict[str, Any], timeout_s: float | None = None
                            ) -> SquareOrder | None:
         """One UpdateOrder attempt; the caller retries with the same idempotency key."""
-        data = await self.raw(creds, "PUT", f"/v2/orders/{order_id}", body, timeout_s=timeout_s)
-        return _validate(OrderEnvelope, data).order
+        content = await self.send(creds, "PUT", f"/v2/orders/{order_id}", body,
+                                  timeout_s=timeout_s)
+        return _validate(OrderEnvelope, content).order
 
 
 def _validate(model: type[T], data: Any) -> T:
     try:
+        if isinstance(data, bytes):
+            return model.model_validate_json(data)  # type: ignore[attr-defined,no-any-return]
         return model.model_validate(data)  # type: ignore[attr-defined,no-any-return]
     except ValidationError as error:
         raise SquareApiError(status=200, code="UNEXPECTED_RESPONSE",

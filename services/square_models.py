@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["Fulfillment", "LineItem", "Location", "Merchant", "Money", "SquareOrder", "Tender",
            "TokenStatus"]
@@ -81,6 +81,12 @@ class SquareOrder(_Slim):
     line_items: tuple[LineItem, ...] = ()
     refunds: tuple[dict[str, Any], ...] = ()
     returns: tuple[dict[str, Any], ...] = ()
+
+    @field_validator("tenders", "fulfillments", "line_items", "refunds", "returns",
+                     mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: object) -> object:
+        return () if value is None else value
 
     @property
     def source_name(self) -> str | None:
