@@ -43,9 +43,11 @@ class AuditAction(StrEnum):
     BATCH_FINISHED = "batch_finished"
 
 
+_SORTED_FIELDS = tuple(sorted(AUDIT_FIELDS))
+
+
 def entry_hash(entry: dict[str, Any]) -> str:
-    canonical = orjson.dumps({k: entry.get(k) for k in AUDIT_FIELDS},
-                             option=orjson.OPT_SORT_KEYS)
+    canonical = orjson.dumps({k: entry.get(k) for k in _SORTED_FIELDS})
     return hashlib.sha256(canonical).hexdigest()
 
 
@@ -151,25 +153,32 @@ class AuditTrail:
         expected_seq = 1
         prev = GENESIS
         hashes_at_checkpoint: str | None = None
-        cursor = self.store.conn.execute(f"SELECT {', '.join(_ALL)} FROM audit ORDER BY seq")
+        # Columns in sorted-key order, so each row becomes the canonical JSON directly.
+        seq_at = _SORTED_FIELDS.index("seq")
+        prev_at = _SORTED_FIELDS.index("prev_hash")
+        cursor = self.store.conn.execute(
+            f"SELECT {', '.join(_SORTED_FIELDS)}, hash FROM audit ORDER BY seq")
         count = 0
+        sha256 = hashlib.sha256
+        dumps = orjson.dumps
+        fields = _SORTED_FIELDS
         while True:
             rows = cursor.fetchmany(10000)
             if not rows:
                 break
             for row in rows:
-                entry = dict(zip(_ALL, row, strict=True))
-                seq = entry["seq"]
+                seq = row[seq_at]
                 if seq != expected_seq:
                     return VerifyReport(False, count, prev, expected_seq,
                                         f"entry {expected_seq} is missing (next is {seq}).")
-                if entry["prev_hash"] != prev:
+                if row[prev_at] != prev:
                     return VerifyReport(False, count, prev, seq,
                                         "its prev_hash does not match the entry before it.")
-                if entry_hash(entry) != entry["hash"]:
+                digest = sha256(dumps(dict(zip(fields, row, strict=False)))).hexdigest()
+                if digest != row[-1]:
                     return VerifyReport(False, count, prev, seq,
                                         "its contents do not match its hash (changed).")
-                prev = entry["hash"]
+                prev = digest
                 count += 1
                 expected_seq += 1
                 if checkpoint is not None and seq == checkpoint.size:

@@ -202,6 +202,10 @@ class Store:
                                         row[4], int(row[1]), row[5], row[6]))
         return result
 
+    def consents_revision(self) -> int:
+        row = self.conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM consents").fetchone()
+        return int(row[0])
+
     def consent_versions(self, consent_id: str) -> int:
         row = self.conn.execute("SELECT COUNT(*) FROM consents WHERE consent_id = ?",
                                 [consent_id]).fetchone()

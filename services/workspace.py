@@ -100,6 +100,8 @@ class Workspace:
     _credentials: dict[str, MerchantCredentials] | None = None
     credentials_error: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
+    _consent_cache: dict[str, tuple[int, list[tuple[ConsentRecord, str]]]] = field(
+        default_factory=dict)
 
     @classmethod
     def open(cls, settings: ReconSettings, http: httpx.AsyncClient | None = None,
@@ -167,7 +169,16 @@ class Workspace:
         return self.store.consents()
 
     def consents_for(self, merchant_id: str) -> list[tuple[ConsentRecord, str]]:
-        return [(c.record, c.sha256) for c in self.store.consents(merchant_id)]
+        """The merchant's consents as the database holds them right now. The table only ever
+        grows (a change is a new version), so its last rowid tells whether a cached answer
+        is still current: one cheap query per call instead of parsing every record."""
+        revision = self.store.consents_revision()
+        cached = self._consent_cache.get(merchant_id)
+        if cached is not None and cached[0] == revision:
+            return cached[1]
+        records = [(c.record, c.sha256) for c in self.store.consents(merchant_id)]
+        self._consent_cache[merchant_id] = (revision, records)
+        return records
 
     def consents_by_merchant(self) -> dict[str, list[ConsentRecord]]:
         grouped: dict[str, list[ConsentRecord]] = {}
