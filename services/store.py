@@ -6,13 +6,14 @@ Tokens never come here: no table has a column for them.
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlite_utils import Database
@@ -96,9 +97,10 @@ class StoredConsent:
     imported_by: str
 
 
-@dataclass(frozen=True)
-class QueuedOrder:
-    """An order as the queue shows it: the row of `orders`, typed."""
+class QueuedOrder(NamedTuple):
+    """An order as the queue shows it: the row of `orders`, typed. A NamedTuple, because a
+    queue of 50,000 is built from database rows as it is shown (5x cheaper than a dataclass).
+    `eligible` comes as SQLite's 0/1."""
 
     order_id: str
     merchant_id: str
@@ -124,7 +126,7 @@ class QueuedOrder:
                 "source": self.source,
                 "total_money": {"amount": self.total_amount, "currency": self.currency},
                 "net_amount_due_money": {"amount": self.due_amount, "currency": self.currency},
-                "created_at": self.created_at, "eligible": self.eligible,
+                "created_at": self.created_at, "eligible": bool(self.eligible),
                 "reason": self.reason}
 
 
@@ -244,8 +246,11 @@ class Store:
         if eligible_only:
             sql += " AND eligible = 1"
         sql += " ORDER BY merchant_id, created_at, order_id"
-        return [QueuedOrder(*row[:11], bool(row[11]), *row[12:])  # type: ignore[arg-type]
-                for row in self.conn.execute(sql, params).fetchall()]
+        gc.disable()  # 50,000 tuples at once: see console/screens/queue.py
+        try:
+            return list(map(QueuedOrder._make, self.conn.execute(sql, params).fetchall()))
+        finally:
+            gc.enable()
 
     def order_json(self, order_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",

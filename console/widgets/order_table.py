@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from rich.segment import Segment
 from rich.style import Style
@@ -30,13 +31,17 @@ class Column:
     align_right: bool = False
 
 
-@dataclass(frozen=True)
-class TableRow:
+class TableRow(NamedTuple):
+    """One row: cells are formatted from `payload` only when the row is on screen."""
+
     key: str
-    cells: tuple[str, ...]
-    sort_keys: tuple[object, ...]   # one per sortable column, same order as `cells`
     haystack: str                   # lower-case text the filter searches
     kind: str                       # candidate | blocked | manual
+    payload: Any
+
+
+Formatter = Callable[[Any], tuple[str, ...]]
+SortKey = Callable[[Any, int], Any]
 
 
 def _fit(text: str, width: int, right: bool) -> str:
@@ -79,10 +84,14 @@ class OrderTable(ScrollView, can_focus=True):
         def can_replace(self, message: Message) -> bool:  # bursts coalesce
             return isinstance(message, OrderTable.SelectionChanged)
 
-    def __init__(self, columns: Sequence[Column], *, id: str | None = None) -> None:
+    def __init__(self, columns: Sequence[Column], formatter: Formatter, sort_key: SortKey, *,
+                 id: str | None = None) -> None:
         super().__init__(id=id)
         self.columns = list(columns)
+        self.formatter = formatter
+        self.sort_key = sort_key
         self.rows: list[TableRow] = []
+        self._cells: dict[str, tuple[str, ...]] = {}
         self.index: dict[str, int] = {}
         self.view: list[int] = []
         self.selected: set[str] = set()
@@ -102,6 +111,7 @@ class OrderTable(ScrollView, can_focus=True):
         row when it is still there."""
         current = self.current_key
         self.rows = list(rows)
+        self._cells = {}
         self.index = {row.key: i for i, row in enumerate(self.rows)}
         self.selected &= self.index.keys()
         self._rebuild_view(keep=current)
@@ -116,7 +126,9 @@ class OrderTable(ScrollView, can_focus=True):
                 and (not self.selected_only or row.key in self.selected)]
         if self.sort_column is not None:
             column = self.sort_column
-            view.sort(key=lambda i: rows[i].sort_keys[column], reverse=self.sort_reverse)
+            sort_key = self.sort_key
+            keys = {i: sort_key(rows[i].payload, column) for i in view}
+            view.sort(key=keys.__getitem__, reverse=self.sort_reverse)
         self.view = view
         self.virtual_size = Size(self._width, len(view) + 1)
         position = 0
@@ -255,8 +267,11 @@ class OrderTable(ScrollView, can_focus=True):
             return Strip.blank(self.size.width, self.rich_style)
         row = self.rows[self.view[position]]
         mark = "●" if row.key in self.selected else " "
+        cells = self._cells.get(row.key)
+        if cells is None:
+            cells = self._cells[row.key] = self.formatter(row.payload)
         text = mark + " ".join(_fit(cell, c.width, c.align_right)
-                               for cell, c in zip(row.cells, self.columns, strict=False))
+                               for cell, c in zip(cells, self.columns, strict=False))
         style: Style = self.rich_style
         if row.kind == "blocked":
             style = style + self.get_component_rich_style("ordertable--blocked")
@@ -276,5 +291,3 @@ class OrderTable(ScrollView, can_focus=True):
         self._scroll_to_cursor()
 
 
-def rows_from(items: Iterable[object], make: Callable[[object], TableRow]) -> list[TableRow]:
-    return [make(item) for item in items]
