@@ -59,8 +59,9 @@ def consent(args: argparse.Namespace, settings: ReconSettings) -> int:
                 table = Table("consent", "merchant", "status", "expires", "grantor")
                 table.columns[0].no_wrap = True
                 for row in rows:
-                    table.add_row(row["consent_id"], row["merchant_id"], row["status"],
-                                  row["expires_at"] or "—", row["grantor"])
+                    table.add_row(str(row["consent_id"]), str(row["merchant_id"]),
+                                  str(row["status"]), str(row["expires_at"] or "—"),
+                                  str(row["grantor"]))
                 Console().print(table)
             return EXIT_OK
         stored = workspace.revoke_consent(args.consent_id, args.by, args.reason)

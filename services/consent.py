@@ -162,7 +162,8 @@ def record_sha256(document: dict[str, Any]) -> str:
 
 @cache
 def consent_schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text())  # type: ignore[no-any-return]
+    schema: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
+    return schema
 
 
 @cache

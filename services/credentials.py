@@ -49,7 +49,8 @@ def load_credentials(path: Path) -> dict[str, MerchantCredentials]:
         mode = path.stat().st_mode
     except FileNotFoundError:
         raise CredentialsError(f"{path}: credentials file not found; create it (TOML, "
-                               "[merchants.ID] access_token = ...) or pass --credentials.") from None
+                               "[merchants.ID] access_token = ...) or pass --credentials."
+                               ) from None
     except OSError as error:
         raise CredentialsError(f"{path}: cannot read credentials ({error.strerror}).") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):

@@ -130,7 +130,7 @@ def build_demo(seed: int = 7, operator: str = "demo-operator", directory: Path |
     directory = directory or Path(tempfile.mkdtemp(prefix="recon-demo-"))
     square = EmulatedSquare(rng=random.Random(seed + 1))
     if frozen:
-        square.clock = lambda: now  # type: ignore[assignment,return-value]
+        square.clock = lambda: now
     square, seeded = seed_square(SeedConfig(seed=seed, merchants=merchants,
                                             orders_per_location=orders_per_location), now=now,
                                  square=square)
@@ -156,7 +156,7 @@ def build_demo(seed: int = 7, operator: str = "demo-operator", directory: Path |
     emulator = build_app(square, faults)
     workspace = workspace_on_emulator(emulator, seeded, directory / "recon.db", operator)
     if frozen:
-        workspace.clock = lambda: now  # type: ignore[assignment,return-value]
+        workspace.clock = lambda: now
     documents = []
     for index, merchant in enumerate(seeded):
         state = DEMO_CONSENT_STATES[index] if index < len(DEMO_CONSENT_STATES) else "none"

@@ -113,7 +113,7 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
                                    detail="ORDERS_READ missing")
         seen_at = utc_text(now)
         view = ConsentView.build(consents, now)
-        rows = []
+        rows: list[dict[str, object]] = []
         for start in range(0, len(active), 10):
             async for page in gateway.search_orders(creds, active[start:start + 10],
                                                     OPEN_ORDERS_QUERY):

@@ -17,6 +17,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import httpx
@@ -237,7 +238,7 @@ class SquareGateway:
             if cursor:
                 body["cursor"] = cursor
             content = await self.retry.run(
-                lambda body=body: self.send(creds, "POST", "/v2/orders/search", body))
+                partial(self.send, creds, "POST", "/v2/orders/search", body))
             # Straight from bytes to slim models in pydantic-core: no dicts in between.
             page = _validate(SearchOrdersPage, content)
             yield list(page.orders)
@@ -250,8 +251,8 @@ class SquareGateway:
         found: list[SquareOrder] = []
         for start in range(0, len(order_ids), 100):
             chunk = order_ids[start:start + 100]
-            content = await self.retry.run(lambda chunk=chunk: self.send(
-                creds, "POST", "/v2/orders/batch-retrieve", {"order_ids": chunk}))
+            content = await self.retry.run(partial(
+                self.send, creds, "POST", "/v2/orders/batch-retrieve", {"order_ids": chunk}))
             found.extend(_validate(OrdersBatch, content).orders)
         return found
 
@@ -267,8 +268,8 @@ class SquareGateway:
 def _validate(model: type[T], data: Any) -> T:
     try:
         if isinstance(data, bytes):
-            return model.model_validate_json(data)  # type: ignore[attr-defined,no-any-return]
-        return model.model_validate(data)  # type: ignore[attr-defined,no-any-return]
+            return model.model_validate_json(data)  # type: ignore[attr-defined]
+        return model.model_validate(data)  # type: ignore[attr-defined]
     except ValidationError as error:
         raise SquareApiError(status=200, code="UNEXPECTED_RESPONSE",
                              detail=f"Square's answer did not have the expected shape: "

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
-from sqlite_utils import Database
-from sqlite_utils import Migrations
+from sqlite_utils import Database, Migrations
 
 from services.consent import ConsentRecord, record_sha256
 

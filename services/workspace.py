@@ -200,7 +200,7 @@ class Workspace:
                                   "revoked_by": by, "reason": reason}
         record = ConsentRecord.model_validate(document)
         with self.store.transaction() as conn:
-            _, version = self.store.save_consent(record, document, self.operator, "revoke")
+            self.store.save_consent(record, document, self.operator, "revoke")
             self.audit.append(conn, operator=self.operator, action=AuditAction.CONSENT_REVOKED,
                               merchant_id=record.merchant_id, consent_id=consent_id,
                               consent_sha256=record_sha256(document),

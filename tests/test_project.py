@@ -1,4 +1,5 @@
-"""The project's own promises: CI runs the README's test command; services/ never imports textual."""
+"""The project's own promises: CI runs the README's test command; services/ never imports
+textual."""
 
 from __future__ import annotations
 
@@ -19,3 +20,19 @@ def test_services_never_import_textual() -> None:
     offenders = [str(path.relative_to(ROOT)) for path in (ROOT / "services").rglob("*.py")
                  if re.search(r"^\s*(from|import)\s+textual", path.read_text(), re.MULTILINE)]
     assert offenders == []
+
+
+def test_ruff_is_clean() -> None:
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_mypy_is_clean(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]

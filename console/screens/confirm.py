@@ -72,9 +72,8 @@ class ConfirmScreen(ModalScreen[bool]):
             self.query_one(Input).focus()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "confirm" and self.typed:
-            return False  # large batches: only the typed count confirms
-        return True
+        # Large batches: only the typed count confirms.
+        return not (action == "confirm" and self.typed)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         typed = event.value.strip()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from rich.text import Text
 from textual.widgets import DataTable, Footer, Header, Static
 
 from console.messages import describe

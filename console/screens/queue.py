@@ -143,9 +143,7 @@ class QueueScreen(Screen[None]):
         return index if self.merchant_id is None else (index - 1 if index > 2 else index)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "complete" and self.app.read_only:  # type: ignore[attr-defined]
-            return False
-        return True
+        return not (action == "complete" and self.app.read_only)  # type: ignore[attr-defined]
 
     def show_status(self, text: str, error: bool = False) -> None:
         status = self.query_one("#status", Static)
@@ -285,7 +283,7 @@ class QueueScreen(Screen[None]):
             self.notify("Select orders first: space selects, a selects all matching.",
                         severity="warning")
             return
-        start_completion(self.app, chosen)  # type: ignore[arg-type]
+        start_completion(self.app, chosen)
 
     def palette_commands(self) -> Iterable[SystemCommand]:
         yield SystemCommand("Select all matching", "Select every order the filter shows",

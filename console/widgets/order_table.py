@@ -62,7 +62,7 @@ class OrderTable(ScrollView, can_focus=True):
         Binding("pagedown", "page(1)", "Page down", show=False, id="queue.pagedown"),
         Binding("home", "jump(0)", "First", show=False, id="queue.home"),
         Binding("end", "jump(-1)", "Last", show=False, id="queue.end"),
-        Binding("space", "toggle", "Select", id="queue.toggle"),
+        Binding("space", "toggle_row", "Select", id="queue.toggle"),
         Binding("shift+down", "extend(1)", "Extend selection", show=False, id="queue.extend"),
         Binding("shift+up", "extend(-1)", "Extend selection up", show=False,
                 id="queue.extend_up"),
@@ -193,7 +193,7 @@ class OrderTable(ScrollView, can_focus=True):
         self.selected.update(k for k in keys if k in self.index)
         self._changed()
 
-    def action_toggle(self) -> None:
+    def action_toggle_row(self) -> None:
         key = self.current_key
         if key is None:
             return
@@ -259,8 +259,8 @@ class OrderTable(ScrollView, can_focus=True):
         width = max(self.size.width, self._width)
         scroll_x = round(self.scroll_x)
         if y == 0:
-            style = self.get_component_rich_style("ordertable--header")
-            return Strip([Segment(self._header.ljust(width), style)]).crop(
+            header = self.get_component_rich_style("ordertable--header")
+            return Strip([Segment(self._header.ljust(width), header)]).crop(
                 scroll_x, scroll_x + self.size.width)
         position = round(self.scroll_y) + y - 1
         if position >= len(self.view):

@@ -46,7 +46,8 @@ class Operation:
 def _openapi() -> dict[str, Any]:
     text = resources.files("services.emulator").joinpath(
         "openapi/square-openapi-subset.json").read_text()
-    return json.loads(text)  # type: ignore[no-any-return]
+    document: dict[str, Any] = json.loads(text)
+    return document
 
 
 @cache
@@ -187,9 +188,9 @@ class EmulatorApp:
         except SquareError as error:
             return _json(error.envelope(), error.status, error.headers)
         except Exception:  # never a stack trace to the client
-            error = SquareError(500, "API_ERROR", "INTERNAL_SERVER_ERROR",
-                                "An internal error occurred.")
-            return _json(error.envelope(), 500)
+            internal = SquareError(500, "API_ERROR", "INTERNAL_SERVER_ERROR",
+                                   "An internal error occurred.")
+            return _json(internal.envelope(), 500)
 
     def _bump_for(self, merchant_id: str) -> None:
         orders = [r for r in self.square.orders_by_merchant.get(merchant_id, ())

@@ -19,12 +19,12 @@ import hashlib
 import json
 import random
 import threading
-
-import orjson
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import orjson
 
 __all__ = [
     "TERMINAL_FULFILLMENT_STATES",
@@ -155,9 +155,22 @@ class EmulatedToken:
 class OrderRecord:
     """One order: indexed fields for search, and its JSON as a dict or as settled bytes."""
 
-    __slots__ = ("_doc", "_json", "created_at", "ftypes", "fstates", "id", "location_id",
-                 "merchant_id", "source_name", "state", "updated_at", "closed_at", "customer_id",
-                 "version")
+    __slots__ = (
+        "_doc",
+        "_json",
+        "closed_at",
+        "created_at",
+        "customer_id",
+        "fstates",
+        "ftypes",
+        "id",
+        "location_id",
+        "merchant_id",
+        "source_name",
+        "state",
+        "updated_at",
+        "version",
+    )
 
     def __init__(self, merchant_id: str, doc: dict[str, Any]) -> None:
         self.merchant_id = merchant_id
@@ -204,7 +217,8 @@ class OrderRecord:
         self._doc = None
 
     def copy_doc(self) -> dict[str, Any]:
-        return orjson.loads(self.json)  # type: ignore[no-any-return]
+        document: dict[str, Any] = orjson.loads(self.json)
+        return document
 
 
 @dataclass
