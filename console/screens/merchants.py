@@ -10,9 +10,9 @@ from pathlib import Path
 from rich.text import Text
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from console.screens.base import ConsoleScreen
 from services.workspace import MerchantOverview, format_money
 
 _SPARK = " ▁▂▃▄▅▆▇█"
@@ -38,7 +38,7 @@ def duration(delta: timedelta | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
 
 
-class MerchantsScreen(Screen[None]):
+class MerchantsScreen(ConsoleScreen):
     BINDINGS = [
         Binding("enter", "open_queue", "Open queue", id="merchants.open"),
         Binding("Q", "all_queues", "All queues", id="merchants.all"),
@@ -54,7 +54,7 @@ class MerchantsScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        if self.app.read_only:  # type: ignore[attr-defined]
+        if self.recon.read_only:
             yield Static("READ-ONLY: this console offers no write actions.", id="read-only")
         yield Static("", id="banner")
         yield Static("Merchants", id="title", classes="title")
@@ -63,20 +63,15 @@ class MerchantsScreen(Screen[None]):
         table.add_columns("Merchant", "Consent", "Token", "Eligible", "Total", "Oldest",
                           "Ages <1d…2w+", "Next sync", "Note")
         yield table
-        yield Static(self.app.status, id="status")  # type: ignore[attr-defined]
+        yield Static(self.recon.status, id="status")
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#banner", Static).display = False
         self.reload()
 
-    def show_status(self, text: str, error: bool = False) -> None:
-        status = self.query_one("#status", Static)
-        status.update(text)
-        status.set_class(error, "error")
-
     def reload(self) -> None:
-        workspace = self.app.workspace  # type: ignore[attr-defined]
+        workspace = self.recon.workspace
         if workspace is None:
             return
         banner = self.query_one("#banner", Static)
@@ -99,7 +94,9 @@ class MerchantsScreen(Screen[None]):
         rows = [r for r in self.rows if not self.reminders_only or
                 (r.consent_status in ("none", "expired", "revoked", "not_yet_effective")
                  and r.waiting_without_consent)]
-        now = self.app.workspace.clock()  # type: ignore[attr-defined]
+        workspace = self.recon.workspace
+        assert workspace is not None  # rows exist only once it does
+        now = workspace.clock()
         for row in rows:
             total = ", ".join(format_money(a, c) for c, a in sorted(row.totals.items())) or "—"
             oldest = "—"
@@ -143,7 +140,7 @@ class MerchantsScreen(Screen[None]):
         if row is not None and row.error:
             self.show_status(f"{row.business_name}: {row.error}", error=True)
         else:
-            self.show_status(self.app.status)  # type: ignore[attr-defined]
+            self.show_status(self.recon.status)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_open_queue()
@@ -156,7 +153,7 @@ class MerchantsScreen(Screen[None]):
 
     def action_all_queues(self) -> None:
         from console.screens.queue import QueueScreen
-        if self.app.workspace is not None:  # type: ignore[attr-defined]
+        if self.recon.workspace is not None:
             self.app.push_screen(QueueScreen(None))
 
     def action_toggle_reminders(self) -> None:
@@ -164,7 +161,7 @@ class MerchantsScreen(Screen[None]):
         self._fill()
 
     def action_export_reminders(self) -> None:
-        workspace = self.app.workspace  # type: ignore[attr-defined]
+        workspace = self.recon.workspace
         if workspace is None:
             return
         rows = [r for r in self.rows if r.waiting_without_consent]

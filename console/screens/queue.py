@@ -12,9 +12,9 @@ from rich.text import Text
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 
+from console.screens.base import ConsoleScreen
 from console.widgets.order_detail import OrderDetail
 from console.widgets.order_table import Column, OrderTable, TableRow
 from services.store import QueuedOrder
@@ -84,7 +84,7 @@ COLUMNS = [Column("Ref", 10), Column("Order", 12), Column("Merchant", 18),
 _SORT_INDEX = {"age": 4, "total": 5, "merchant": 2, "reason": 7}
 
 
-class QueueScreen(Screen[None]):
+class QueueScreen(ConsoleScreen):
     AUTO_FOCUS = "#orders"
     BINDINGS = [
         Binding("slash", "filter", "Filter", id="queue.filter"),
@@ -112,7 +112,7 @@ class QueueScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        if self.app.read_only:  # type: ignore[attr-defined]
+        if self.recon.read_only:
             yield Static("READ-ONLY: this console offers no write actions.", id="read-only")
         yield Static("", id="tabs", classes="title")
         filter_input = Input(placeholder="filter: order, ref, location, reason, amount…",
@@ -128,7 +128,7 @@ class QueueScreen(Screen[None]):
                              id="orders")
             yield OrderDetail(id="detail")
         yield Static("", id="selection")
-        yield Static(self.app.status, id="status")  # type: ignore[attr-defined]
+        yield Static(self.recon.status, id="status")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -143,15 +143,10 @@ class QueueScreen(Screen[None]):
         return index if self.merchant_id is None else (index - 1 if index > 2 else index)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        return not (action == "complete" and self.app.read_only)  # type: ignore[attr-defined]
-
-    def show_status(self, text: str, error: bool = False) -> None:
-        status = self.query_one("#status", Static)
-        status.update(text)
-        status.set_class(error, "error")
+        return not (action == "complete" and self.recon.read_only)
 
     def reload(self) -> None:
-        workspace = self.app.workspace  # type: ignore[attr-defined]
+        workspace = self.recon.workspace
         if workspace is None:
             return
         now = workspace.clock()
@@ -179,8 +174,9 @@ class QueueScreen(Screen[None]):
         counts = {"candidate": 0, "blocked": 0, "manual": 0}
         for order in self.orders.values():
             counts[order_kind(order)] += 1
-        title = self.app.workspace.merchant_names().get(  # type: ignore[attr-defined]
-            self.merchant_id or "", "All merchants")
+        workspace = self.recon.workspace
+        names = workspace.merchant_names() if workspace is not None else {}
+        title = names.get(self.merchant_id or "", "All merchants")
         tabs = Text(f"{title}   ")
         for key, (kind, label) in KINDS.items():
             count = counts[kind] if kind else len(self.orders)
@@ -212,7 +208,7 @@ class QueueScreen(Screen[None]):
 
     # ------------------------------------------------------------------ events
     def on_order_table_highlighted(self, event: OrderTable.Highlighted) -> None:
-        workspace = self.app.workspace  # type: ignore[attr-defined]
+        workspace = self.recon.workspace
         detail = self.query_one(OrderDetail)
         order = self.orders.get(event.key or "")
         if order is None or workspace is None:
@@ -291,6 +287,6 @@ class QueueScreen(Screen[None]):
         yield SystemCommand("Invert selection", "Within the orders shown", self.action_invert)
         yield SystemCommand("Clear selection", "Select nothing", self.action_clear)
         yield SystemCommand("Show selected only", "Toggle", self.action_selected_only)
-        if not self.app.read_only:  # type: ignore[attr-defined]
+        if not self.recon.read_only:
             yield SystemCommand("Complete selected", "Preview, confirm, complete",
                                 self.action_complete)
