@@ -113,7 +113,9 @@ class AuditScreen(Screen[None]):
     def action_filter(self) -> None:
         field = self.query_one("#audit-filter", Input)
         field.display = True
-        field.focus()
+        # Focus now, not on the next tick (Widget.focus defers): keys typed right after `/`
+        # must land in the filter, not trigger the screen's one-letter bindings.
+        self.set_focus(field)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         filters, error = parse_filter(event.value)
@@ -122,7 +124,7 @@ class AuditScreen(Screen[None]):
             return
         self.filters = filters
         self.reload()
-        self.query_one("#entries", DataTable).focus()
+        self.set_focus(self.query_one("#entries", DataTable))
 
     def action_export(self, fmt: str) -> None:
         workspace = self.app.workspace  # type: ignore[attr-defined]
@@ -137,7 +139,7 @@ class AuditScreen(Screen[None]):
         field = self.query_one("#audit-filter", Input)
         if field.display:
             field.display = False
-            self.query_one("#entries", DataTable).focus()
+            self.set_focus(self.query_one("#entries", DataTable))
             return
         self.app.pop_screen()
 

@@ -69,7 +69,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def on_mount(self) -> None:
         if self.typed:
-            self.query_one(Input).focus()
+            self.set_focus(self.query_one(Input))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # Large batches: only the typed count confirms.

@@ -227,13 +227,15 @@ class QueueScreen(ConsoleScreen):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "filter":
-            self.query_one(OrderTable).focus()
+            self.set_focus(self.query_one(OrderTable))
 
     # ------------------------------------------------------------------ actions
     def action_filter(self) -> None:
         field = self.query_one("#filter", Input)
         field.display = True
-        field.focus()
+        # Focus now, not on the next tick (Widget.focus defers): keys typed right after `/`
+        # must land in the filter, not trigger the screen's one-letter bindings.
+        self.set_focus(field)
 
     def action_back(self) -> None:
         field = self.query_one("#filter", Input)
@@ -241,7 +243,7 @@ class QueueScreen(ConsoleScreen):
             field.value = ""
             field.display = False
             self.query_one(OrderTable).apply_filter("")
-            self.query_one(OrderTable).focus()
+            self.set_focus(self.query_one(OrderTable))
             return
         self.app.pop_screen()
 
