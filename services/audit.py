@@ -11,11 +11,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from multiprocessing import get_context
+from pathlib import Path
 from typing import IO, Any
 
 import orjson
@@ -44,6 +48,62 @@ class AuditAction(StrEnum):
 
 
 _SORTED_FIELDS = tuple(sorted(AUDIT_FIELDS))
+
+
+# From this many entries on, `verify` uses one process per core.
+_PARALLEL_FROM = 200_000
+
+
+def _stored_hash(conn: sqlite3.Connection, seq: int) -> str | None:
+    row = conn.execute("SELECT hash FROM audit WHERE seq = ?", [seq]).fetchone()
+    return str(row[0]) if row else None
+
+
+def _verify_range(conn: sqlite3.Connection, first: int, end: int | None, prev: str | None
+                  ) -> tuple[tuple[int, str] | None, int, str | None]:
+    """Check entries first..end-1 (to the last if end is None) starting from `prev`: returns
+    (first problem as (seq, what) or None, entries checked, last hash)."""
+    seq_at = _SORTED_FIELDS.index("seq")
+    prev_at = _SORTED_FIELDS.index("prev_hash")
+    sql = f"SELECT {', '.join(_SORTED_FIELDS)}, hash FROM audit WHERE seq >= ?"
+    params: list[int] = [first]
+    if end is not None:
+        sql += " AND seq < ?"
+        params.append(end)
+    cursor = conn.execute(sql + " ORDER BY seq", params)
+    expected = first
+    count = 0
+    sha256 = hashlib.sha256
+    dumps = orjson.dumps
+    fields = _SORTED_FIELDS
+    while True:
+        rows = cursor.fetchmany(10000)
+        if not rows:
+            break
+        for row in rows:
+            seq = row[seq_at]
+            if seq != expected:
+                return (expected, f"entry {expected} is missing (next is {seq})."), count, prev
+            if row[prev_at] != prev:
+                return (seq, "its prev_hash does not match the entry before it."), count, prev
+            digest = sha256(dumps(dict(zip(fields, row, strict=False)))).hexdigest()
+            if digest != row[-1]:
+                return (seq, "its contents do not match its hash (changed)."), count, prev
+            prev = digest
+            count += 1
+            expected += 1
+    if end is not None and expected != end:
+        return (expected, f"entry {expected} is missing."), count, prev
+    return None, count, prev
+
+
+def _verify_range_in_process(path: str, first: int, end: int | None, prev: str | None
+                             ) -> tuple[tuple[int, str] | None, int, str | None]:
+    conn = sqlite3.connect(path)
+    try:
+        return _verify_range(conn, first, end, prev)
+    finally:
+        conn.close()
 
 
 def entry_hash(entry: dict[str, Any]) -> str:
@@ -147,49 +207,44 @@ class AuditTrail:
         row = self.store.conn.execute("SELECT COUNT(*) FROM audit").fetchone()
         return int(row[0])
 
-    def verify(self, checkpoint: Checkpoint | None = None) -> VerifyReport:
+    def verify(self, checkpoint: Checkpoint | None = None,
+               parallel_from: int = _PARALLEL_FROM) -> VerifyReport:
         """Recompute every link. Also catches gaps (a deleted entry), reordering, and, given a
-        checkpoint, a cut tail or history rewritten before it."""
-        expected_seq = 1
-        prev = GENESIS
-        hashes_at_checkpoint: str | None = None
-        # Columns in sorted-key order, so each row becomes the canonical JSON directly.
-        seq_at = _SORTED_FIELDS.index("seq")
-        prev_at = _SORTED_FIELDS.index("prev_hash")
-        cursor = self.store.conn.execute(
-            f"SELECT {', '.join(_SORTED_FIELDS)}, hash FROM audit ORDER BY seq")
+        checkpoint, a cut tail or history rewritten before it. Long chains are checked in
+        ranges, one process per core; each range starts from the stored hash before it,
+        which the range before recomputes, so together they check every link."""
+        conn = self.store.conn
+        last = conn.execute("SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM audit").fetchone()
+        ranges: list[tuple[int, int | None]] = [(1, None)]
+        path = self.store.path
+        if last[1] >= parallel_from and isinstance(path, Path):
+            workers = max(1, min(os.cpu_count() or 1, 4))
+            step = int(last[0]) // workers + 1
+            ranges = [(1 + i * step, 1 + (i + 1) * step if i < workers - 1 else None)
+                      for i in range(workers)]
+        if len(ranges) == 1:
+            results = [_verify_range(conn, 1, None, GENESIS)]
+        else:
+            starts = [GENESIS] + [_stored_hash(conn, a - 1) for a, _ in ranges[1:]]
+            with ProcessPoolExecutor(len(ranges), mp_context=get_context("fork")) as pool:
+                results = list(pool.map(_verify_range_in_process, [str(path)] * len(ranges),
+                                        [a for a, _ in ranges], [b for _, b in ranges],
+                                        starts))
         count = 0
-        sha256 = hashlib.sha256
-        dumps = orjson.dumps
-        fields = _SORTED_FIELDS
-        while True:
-            rows = cursor.fetchmany(10000)
-            if not rows:
-                break
-            for row in rows:
-                seq = row[seq_at]
-                if seq != expected_seq:
-                    return VerifyReport(False, count, prev, expected_seq,
-                                        f"entry {expected_seq} is missing (next is {seq}).")
-                if row[prev_at] != prev:
-                    return VerifyReport(False, count, prev, seq,
-                                        "its prev_hash does not match the entry before it.")
-                digest = sha256(dumps(dict(zip(fields, row, strict=False)))).hexdigest()
-                if digest != row[-1]:
-                    return VerifyReport(False, count, prev, seq,
-                                        "its contents do not match its hash (changed).")
-                prev = digest
-                count += 1
-                expected_seq += 1
-                if checkpoint is not None and seq == checkpoint.size:
-                    hashes_at_checkpoint = prev
+        prev = GENESIS
+        for problem, range_count, range_last in results:
+            if problem is not None:
+                seq, text = problem
+                return VerifyReport(False, count + range_count, prev, seq, text)
+            count += range_count
+            prev = range_last or prev
         if checkpoint is not None:
             if count < checkpoint.size:
                 return VerifyReport(False, count, prev, count + 1,
                                     f"the chain has {count} entries but the checkpoint of "
                                     f"{checkpoint.created_at} saw {checkpoint.size}: entries "
                                     "were cut from the end.")
-            if checkpoint.size and hashes_at_checkpoint != checkpoint.head_hash:
+            if checkpoint.size and _stored_hash(conn, checkpoint.size) != checkpoint.head_hash:
                 return VerifyReport(False, count, prev, checkpoint.size,
                                     "entry at the checkpoint's size does not have the "
                                     "checkpoint's head hash: history was rewritten.")

@@ -147,7 +147,9 @@ class AdaptiveLimit:
     async def __aexit__(self, *exc: object) -> None:
         async with self._changed:
             self.in_flight -= 1
-            self._changed.notify_all()
+            # Wake only as many waiters as there are free slots: waking all of them on every
+            # release made hundreds of tasks re-check for nothing (O(n) per completed order).
+            self._changed.notify(max(0, self.limit - self.in_flight))
 
     def rate_limited(self, wait_s: float) -> None:
         self.limit = max(1, self.limit // 2)

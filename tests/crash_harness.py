@@ -66,8 +66,16 @@ def run_trial(seed: int, workdir: Path | None = None) -> TrialResult:
             [sys.executable, "-m", "console.cli", "complete", "--all-merchants", "--yes",
              "--json"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
-        delay = rng.uniform(0.4, 2.2)
-        time.sleep(delay)
+        if rng.random() < 0.25:
+            # Any moment at all: start-up, discovery, the batch, or after it.
+            delay = rng.uniform(0.2, 2.5)
+            time.sleep(delay)
+        else:
+            # A moment inside the batch: once the first intent is durable.
+            began = time.monotonic()
+            _wait_for_first_intent(workdir / "recon.db", process)
+            time.sleep(rng.uniform(0.0, 0.6))
+            delay = time.monotonic() - began
         process.send_signal(signal.SIGKILL)
         exit_code = process.wait()
         completed_before = sum(1 for i, (s, _) in _versions(emulator.square).items()
@@ -76,6 +84,20 @@ def run_trial(seed: int, workdir: Path | None = None) -> TrialResult:
         result = check_invariants(workspace, before, _versions(emulator.square))
         workspace.store.close()
     return TrialResult(delay, exit_code, result[0], completed_before, recovered, result[1])
+
+
+def _wait_for_first_intent(db: Path, process: subprocess.Popen[bytes],
+                           timeout: float = 20.0) -> None:
+    import sqlite3
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with sqlite3.connect(db, timeout=1) as conn:
+                if conn.execute("SELECT COUNT(*) FROM intents").fetchone()[0]:
+                    return
+        except sqlite3.Error:
+            pass  # not created yet, or busy
+        time.sleep(0.005)
 
 
 async def _recover(workspace: Workspace) -> int:

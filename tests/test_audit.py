@@ -144,3 +144,22 @@ def test_cli_verify_exit_codes(trail: AuditTrail, tmp_path: Path) -> None:
 def test_checkpoint_shape() -> None:
     checkpoint = Checkpoint(3, "a" * 64, "2026-11-26T00:00:00Z")
     assert set(checkpoint.to_json()) == {"size", "head_hash", "created_at"}
+
+
+@pytest.mark.parametrize("where", [3, 15, 16, 17, 30])
+def test_parallel_verify_finds_the_same_breaks(trail: AuditTrail, where: int) -> None:
+    assert trail.verify(parallel_from=10).ok  # two or more ranges, one process each
+    tamper(trail, "UPDATE audit SET detail = 'x' WHERE seq = ?", [where])
+    report = trail.verify(parallel_from=10)
+    assert not report.ok and report.broken_at == where
+
+
+def test_parallel_verify_finds_gaps_and_cut_tails(trail: AuditTrail) -> None:
+    checkpoint = trail.checkpoint()
+    tamper(trail, "DELETE FROM audit WHERE seq = ?", [16])
+    report = trail.verify(parallel_from=10)
+    assert not report.ok and report.broken_at == 16
+    tamper(trail, "DELETE FROM audit WHERE seq >= ?", [16])
+    assert trail.verify(parallel_from=10).ok
+    report = trail.verify(checkpoint, parallel_from=10)
+    assert not report.ok and "cut" in (report.problem or "")

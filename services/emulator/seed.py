@@ -92,6 +92,17 @@ def seed_square(config: SeedConfig, now: datetime | None = None,
     now = now or datetime.now(UTC)
     rng = random.Random(config.seed)
     square = square or EmulatedSquare(rng=random.Random(config.seed + 1))
+    # While seeding, Square's clock reads `now`: the same seed and `now` give the same bytes.
+    serving_clock = square.clock
+    square.clock = lambda: now
+    try:
+        return _seed(square, config, rng, now)
+    finally:
+        square.clock = serving_clock
+
+
+def _seed(square: EmulatedSquare, config: SeedConfig, rng: random.Random, now: datetime
+          ) -> tuple[EmulatedSquare, list[SeededMerchant]]:
     seeded: list[SeededMerchant] = []
     mix = dict(config.kinds) if config.kinds else ORDER_KINDS
     unknown = set(mix) - set(ORDER_KINDS)
