@@ -662,9 +662,9 @@ class EmulatedSquare:
         f_filter = filters.get("fulfillment_filter") or {}
         f_types = set(f_filter.get("fulfillment_types") or []) or None
         f_states = set(f_filter.get("fulfillment_states") or []) or None
-        cursor_key = hashlib.sha256(json.dumps(
+        cursor_key = hashlib.sha256(orjson.dumps(
             [sorted(location_ids), query, bool(body.get("return_entries"))],
-            sort_keys=True).encode()).hexdigest()[:16]
+            option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
         after: tuple[str, str] | None = None
         if body.get("cursor"):
             after = self._decode_cursor(body["cursor"], cursor_key)
