@@ -235,8 +235,8 @@ class Store:
                     f"({', '.join('?' for _ in columns)})",
                     [[row[c] for c in columns] for row in rows])
 
-    def queued_orders(self, merchant_id: str | None = None, eligible_only: bool = False
-                      ) -> list[QueuedOrder]:
+    def queued_orders(self, merchant_id: str | None = None, eligible_only: bool = False,
+                      ordered: bool = True) -> list[QueuedOrder]:
         sql = f"SELECT {_QUEUED_COLUMNS} FROM orders WHERE 1=1"
         params: list[Any] = []
         if merchant_id is not None:
@@ -244,7 +244,8 @@ class Store:
             params.append(merchant_id)
         if eligible_only:
             sql += " AND eligible = 1"
-        sql += " ORDER BY merchant_id, created_at, order_id"
+        if ordered:  # the console sorts for itself
+            sql += " ORDER BY merchant_id, created_at, order_id"
         gc.disable()  # 50,000 tuples at once: see console/screens/queue.py
         try:
             return list(map(QueuedOrder._make, self.conn.execute(sql, params).fetchall()))

@@ -237,9 +237,10 @@ class Workspace:
                               concurrency=self.settings.max_concurrent_merchants,
                               merchant_ids=merchant_ids, on_merchant=on_merchant)
 
-    def queue(self, merchant_id: str | None = None, include_ineligible: bool = True
-              ) -> list[QueuedOrder]:
-        return self.store.queued_orders(merchant_id, eligible_only=not include_ineligible)
+    def queue(self, merchant_id: str | None = None, include_ineligible: bool = True,
+              ordered: bool = True) -> list[QueuedOrder]:
+        return self.store.queued_orders(merchant_id, eligible_only=not include_ineligible,
+                                        ordered=ordered)
 
     def merchant_names(self) -> dict[str, str]:
         return {m["merchant_id"]: m.get("business_name") or m["merchant_id"]

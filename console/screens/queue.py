@@ -152,7 +152,7 @@ class QueueScreen(ConsoleScreen):
         now = workspace.clock()
         names = workspace.merchant_names()
         locations = workspace.location_names()
-        orders = workspace.queue(self.merchant_id)
+        orders = workspace.queue(self.merchant_id, ordered=False)
         self.orders = {o.order_id: o for o in orders}
         # "Blue Fern Bakery — Main Street" -> "Main Street": the merchant has its own column.
         short = {k: v.split(" — ")[-1] for k, v in locations.items()}

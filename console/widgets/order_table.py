@@ -127,8 +127,8 @@ class OrderTable(ScrollView, can_focus=True):
         if self.sort_column is not None:
             column = self.sort_column
             sort_key = self.sort_key
-            keys = {i: sort_key(rows[i].payload, column) for i in view}
-            view.sort(key=keys.__getitem__, reverse=self.sort_reverse)
+            view.sort(key=lambda i: sort_key(rows[i].payload, column),
+                      reverse=self.sort_reverse)
         self.view = view
         self.virtual_size = Size(self._width, len(view) + 1)
         position = 0
