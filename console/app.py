@@ -30,9 +30,6 @@ class ReconApp(App[int]):
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
 
-    class Ready(Message):
-        """The workspace exists and the first refresh finished (or failed)."""
-
     class Refreshed(Message):
         def __init__(self, error: str | None = None) -> None:
             super().__init__()

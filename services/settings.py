@@ -46,7 +46,6 @@ class ReconSettings(BaseSettings):
     operator: str = Field(default_factory=_os_user)
     # Concurrency and retry knobs; the defaults suit Square's unpublished limits.
     max_concurrent_merchants: int = Field(16, ge=1)
-    max_requests_in_flight: int = Field(64, ge=1)
     read_retries: int = Field(4, ge=0)
     request_timeout_s: float = Field(20.0, gt=0)
 

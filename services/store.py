@@ -256,6 +256,3 @@ class Store:
         row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",
                                 [order_id]).fetchone()
         return orjson.loads(row[0]) if row else None
-
-    def forget_order(self, order_id: str) -> None:
-        self.conn.execute("DELETE FROM orders WHERE order_id = ?", [order_id])

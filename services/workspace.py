@@ -27,11 +27,17 @@ from services.completion import (
 )
 from services.consent import ConsentRecord, ConsentStatus, parse_consent_file, record_sha256
 from services.credentials import MerchantCredentials, load_credentials
-from services.discovery import MerchantDiscovery, discover
-from services.eligibility import EligibilityReason, LimitedItem, apply_batch_limits
+from services.discovery import MerchantDiscovery, discover, order_row
+from services.eligibility import (
+    ConsentView,
+    EligibilityReason,
+    LimitedItem,
+    apply_batch_limits,
+)
 from services.errors import ConfigurationError, ConsentFileError
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
+from services.square_models import SquareOrder
 from services.store import QueuedOrder, Store, StoredConsent
 
 __all__ = ["MerchantOverview", "Preview", "Workspace"]
@@ -211,15 +217,14 @@ class Workspace:
 
     def reclassify(self, merchant_id: str) -> None:
         """Re-run classification on stored orders after consent changed (no Square call)."""
-        from services.discovery import order_row
-        from services.square_models import SquareOrder
         consents = [c for c, _ in self.consents_for(merchant_id)]
         now = self.clock()
+        view = ConsentView.build(consents, now)
         rows = []
         for row in self.store.conn.execute(
                 "SELECT order_json, seen_at FROM orders WHERE merchant_id = ?", [merchant_id]):
             order = SquareOrder.model_validate_json(row[0])
-            rows.append(order_row(order, merchant_id, consents, now, row[1]))
+            rows.append(order_row(order, merchant_id, consents, now, row[1], view))
         self.store.replace_orders(merchant_id, rows)
 
     # ------------------------------------------------------------------ discovery and queue

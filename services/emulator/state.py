@@ -931,22 +931,6 @@ class EmulatedSquare:
             self.refunds[refund_id] = refund
             return refund
 
-    # ------------------------------------------------------------------ background changes
-    def bump_random_open_order(self, rng: random.Random) -> OrderRecord | None:
-        """What Square's own processing sometimes does: touch an open order, raising its
-        version, with no visible change."""
-        with self.lock:
-            merchant_ids = [m for m, orders in self.orders_by_merchant.items() if orders]
-            if not merchant_ids:
-                return None
-            orders = self.orders_by_merchant[rng.choice(merchant_ids)]
-            for _ in range(8):
-                record = rng.choice(orders)
-                if record.state == "OPEN" and record.version is not None:
-                    self.touch(record)
-                    return record
-            return None
-
     def settle_all(self) -> None:
         for record in self.orders.values():
             record.settle()
