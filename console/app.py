@@ -159,11 +159,30 @@ class ReconApp(App[int]):
             yield from commands()
 
 
+def load_keymap(path: Path) -> dict[str, str]:
+    """Binding id -> keys, from a TOML file of `"queue.complete" = "ctrl+k"` lines. A missing
+    file is no keymap; a bad one is a one-line error."""
+    import tomllib
+
+    from services.errors import ConfigurationError
+    if not path.exists():
+        return {}
+    try:
+        document = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigurationError(f"{path}: not valid TOML ({error}).") from None
+    if not all(isinstance(v, str) for v in document.values()):
+        raise ConfigurationError(f'{path}: each line must be "binding.id" = "keys", e.g. '
+                                 '"queue.complete" = "ctrl+k".')
+    return {str(k): str(v) for k, v in document.items()}
+
+
 def run_console(settings: ReconSettings, read_only: bool = False) -> int:
     workspace = Workspace.open(settings)
     workspace.credentials(required=False)  # a bad file is shown in the console, not fatal
     app = ReconApp(workspace, read_only=read_only,
                    subtitle=f"{settings.base_url}  operator {settings.operator}")
+    app.set_keymap(load_keymap(settings.keymap))
     app.run()
     return 0
 
@@ -176,6 +195,7 @@ def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) ->
 
     app = ReconApp(workspace_factory=factory, read_only=read_only,
                    subtitle=f"DEMO on the local Square emulator  operator {settings.operator}")
+    app.set_keymap(load_keymap(settings.keymap))
     app.run()
     if app.workspace is not None:
         print(f"Demo database kept at {Path(str(app.workspace.settings.db))}")

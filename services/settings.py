@@ -10,7 +10,8 @@ import platformdirs
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["SQUARE_BASE_URLS", "ReconSettings", "default_credentials_path", "default_db_path"]
+__all__ = ["SQUARE_BASE_URLS", "ReconSettings", "default_credentials_path", "default_db_path",
+           "default_keymap_path"]
 
 SQUARE_BASE_URLS = {
     "production": "https://connect.squareup.com",
@@ -25,6 +26,10 @@ def default_db_path() -> Path:
 
 def default_credentials_path() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME)) / "credentials.toml"
+
+
+def default_keymap_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "keymap.toml"
 
 
 def _os_user() -> str:
@@ -44,6 +49,8 @@ class ReconSettings(BaseSettings):
     square_environment: Literal["production", "sandbox"] = "production"
     credentials: Path = Field(default_factory=default_credentials_path)
     operator: str = Field(default_factory=_os_user)
+    # Rebinding keys: `"queue.complete" = "ctrl+k"` lines, by binding id (see `?` in the console).
+    keymap: Path = Field(default_factory=default_keymap_path)
     # Concurrency and retry knobs; the defaults suit Square's unpublished limits.
     max_concurrent_merchants: int = Field(16, ge=1)
     read_retries: int = Field(4, ge=0)

@@ -177,3 +177,32 @@ async def test_help_lists_bindings_and_reminders_toggle(tmp_path: Path) -> None:
         assert isinstance(app.screen, HelpScreen)
         ids = {binding_id for _, _, binding_id in app.screen.bindings}
         assert {"merchants.all", "merchants.reminders", "merchants.export", "app.audit"} <= ids
+
+
+async def test_keymap_rebinds_by_binding_id(tmp_path: Path) -> None:
+    from console.app import load_keymap
+    keymap = tmp_path / "keymap.toml"
+    keymap.write_text('"queue.select_all" = "ctrl+a"\n')
+    environment = demo(tmp_path / "demo")
+    app = app_for(environment)
+    app.set_keymap(load_keymap(keymap))
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+        table = app.screen.query_one(OrderTable)
+        await pilot.press("ctrl+a")
+        assert len(table.selected) == len(table.view) > 0
+
+
+def test_bad_keymap_is_a_one_line_error(tmp_path: Path) -> None:
+    import pytest
+
+    from console.app import load_keymap
+    from services.errors import ConfigurationError
+    bad = tmp_path / "keymap.toml"
+    bad.write_text('"queue.complete" = 3\n')
+    with pytest.raises(ConfigurationError) as error:
+        load_keymap(bad)
+    assert "\n" not in str(error.value)
+    assert load_keymap(tmp_path / "missing.toml") == {}
