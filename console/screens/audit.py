@@ -76,10 +76,12 @@ class AuditScreen(Screen[None]):
         table = self.query_one("#entries", DataTable)
         table.clear()
         entries = list(workspace.audit.entries(**self.filters, limit=SHOWN, newest_first=True))
+        names = workspace.merchant_names()
         for entry in entries:
+            merchant = entry["merchant_id"] or ""
             table.add_row(str(entry["seq"]), (entry["at"] or "")[:19].replace("T", " "),
                           entry["operator"] or "", entry["action"] or "",
-                          entry["merchant_id"] or "", (entry["order_id"] or "")[:14],
+                          names.get(merchant, merchant)[:22], (entry["order_id"] or "")[:14],
                           str(entry["version"] or ""), entry["outcome"] or "",
                           (entry["detail"] or "")[:48])
         shown = ", ".join(f"{k}={v}" for k, v in self.filters.items()) or "all entries"
