@@ -17,6 +17,7 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 from textual.app import App, ComposeResult
@@ -91,15 +92,22 @@ async def stock_baseline(orders: list[QueuedOrder], needle: str) -> tuple[float,
     return load, refilter
 
 
-async def ours(workspace: Workspace, needle: str) -> dict[str, float]:
+async def ours(workspace: Workspace, needle: str) -> dict[str, Any]:
     app = ReconApp(workspace, refresh_on_start=False)
-    figures: dict[str, float] = {}
+    figures: dict[str, Any] = {}
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        start = time.perf_counter()
-        await app.push_screen(QueueScreen(None))
-        await pilot.pause()
-        figures["first_paint"] = time.perf_counter() - start
+        paints = []
+        for attempt in range(3):  # this machine's timings vary by +-20 %: take the median
+            if attempt:
+                app.pop_screen()
+                await pilot.pause()
+            start = time.perf_counter()
+            await app.push_screen(QueueScreen(None))
+            await pilot.pause()
+            paints.append(time.perf_counter() - start)
+        figures["first_paint"] = sorted(paints)[1]
+        figures["paints"] = paints
         screen = app.screen
         table = screen.query_one(OrderTable)
         figures["rows"] = len(table.rows)
@@ -157,8 +165,10 @@ def main() -> None:
     stock_load, stock_filter = asyncio.run(stock_baseline(orders, needle))
     first = demo_first_screen()
     print(f"{mine['rows']:.0f} orders, {SIZE[0]}x{SIZE[1]}, Pilot")
-    print(f"first paint of the queue (data in the database): {mine['first_paint'] * 1000:6.0f} ms"
-          f" (target <= 1000 ms); stock DataTable load: {stock_load * 1000:.0f} ms "
+    runs = ", ".join(f"{p * 1000:.0f}" for p in mine["paints"])
+    print(f"first paint of the queue (data in the database): median "
+          f"{mine['first_paint'] * 1000:.0f} ms of [{runs}] (target <= 1000 ms); "
+          f"stock DataTable load: {stock_load * 1000:.0f} ms "
           f"= {stock_load / mine['first_paint']:.0f}x slower")
     print(f"filter to {mine['matching']:.0f} rows: {mine['filter'] * 1000:6.0f} ms "
           f"(target <= 150 ms); stock DataTable re-filter: {stock_filter * 1000:.0f} ms "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -108,6 +109,7 @@ class QueueScreen(ConsoleScreen):
         self.kind_key = "1"
         self.sort_name = "age"
         self.orders: dict[str, QueuedOrder] = {}
+        self._kind_counts: Counter[str] = Counter()
         self._now = datetime.now(UTC)
 
     def compose(self) -> ComposeResult:
@@ -165,15 +167,16 @@ class QueueScreen(ConsoleScreen):
         finally:
             gc.enable()
         self._now = now
+        self._kind_counts = Counter(row.kind for row in rows)
         table = self.query_one(OrderTable)
         table.set_rows(rows)
+        # None of these rows form reference cycles: keep the collector from rescanning them.
+        gc.freeze()
         self._update_tabs()
         self._update_selection()
 
     def _update_tabs(self) -> None:
-        counts = {"candidate": 0, "blocked": 0, "manual": 0}
-        for order in self.orders.values():
-            counts[order_kind(order)] += 1
+        counts = self._kind_counts
         workspace = self.recon.workspace
         names = workspace.merchant_names() if workspace is not None else {}
         title = names.get(self.merchant_id or "", "All merchants")

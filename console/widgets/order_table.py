@@ -91,6 +91,7 @@ class OrderTable(ScrollView, can_focus=True):
         self.formatter = formatter
         self.sort_key = sort_key
         self.rows: list[TableRow] = []
+        self._order: list[int] | None = None
         self._cells: dict[str, tuple[str, ...]] = {}
         self.index: dict[str, int] = {}
         self.view: list[int] = []
@@ -112,23 +113,35 @@ class OrderTable(ScrollView, can_focus=True):
         current = self.current_key
         self.rows = list(rows)
         self._cells = {}
+        self._order = None
         self.index = {row.key: i for i, row in enumerate(self.rows)}
         self.selected &= self.index.keys()
         self._rebuild_view(keep=current)
+
+    def _sorted_order(self) -> list[int]:
+        """All rows in the current sort order, computed once per data and sort; filters then
+        keep that order in one pass instead of sorting again."""
+        if self._order is None:
+            order = list(range(len(self.rows)))
+            if self.sort_column is not None:
+                column = self.sort_column
+                sort_key = self.sort_key
+                rows = self.rows
+                order.sort(key=lambda i: sort_key(rows[i].payload, column),
+                           reverse=self.sort_reverse)
+            self._order = order
+        return self._order
 
     def _rebuild_view(self, keep: str | None = None) -> None:
         needle = self.filter_text.lower()
         kind = self.kind_filter
         rows = self.rows
-        view = [i for i, row in enumerate(rows)
-                if (kind is None or row.kind == kind)
-                and (not needle or needle in row.haystack)
-                and (not self.selected_only or row.key in self.selected)]
-        if self.sort_column is not None:
-            column = self.sort_column
-            sort_key = self.sort_key
-            view.sort(key=lambda i: sort_key(rows[i].payload, column),
-                      reverse=self.sort_reverse)
+        selected_only = self.selected_only
+        selected = self.selected
+        view = [i for i in self._sorted_order()
+                if (kind is None or rows[i].kind == kind)
+                and (not needle or needle in rows[i].haystack)
+                and (not selected_only or rows[i].key in selected)]
         self.view = view
         self.virtual_size = Size(self._width, len(view) + 1)
         position = 0
@@ -155,6 +168,7 @@ class OrderTable(ScrollView, can_focus=True):
         if reverse is None:
             reverse = (not self.sort_reverse) if self.sort_column == column else False
         self.sort_column, self.sort_reverse = column, reverse
+        self._order = None
         self._rebuild_view(keep=self.current_key)
 
     def toggle_selected_only(self) -> bool:
