@@ -31,7 +31,7 @@ import orjson
 from services.audit import AuditAction, AuditTrail
 from services.consent import ConsentRecord
 from services.credentials import MerchantCredentials
-from services.eligibility import EligibilityReason, classify
+from services.eligibility import Classification, EligibilityReason, classify
 from services.errors import (
     ReconError,
     SquareApiError,
@@ -78,6 +78,13 @@ _CONSENT_SKIPS = {
 }
 
 
+def _skip_for(verdict: Classification) -> tuple[SkipReason, str]:
+    """Why an order that is no longer eligible is skipped: consent reasons keep their name."""
+    assert verdict.reason is not None
+    skip = _CONSENT_SKIPS.get(verdict.reason, SkipReason.NO_LONGER_ELIGIBLE)
+    return skip, f"{verdict.reason.value}: {verdict.detail}"
+
+
 @dataclass(frozen=True, order=True)
 class ApprovedItem:
     merchant_id: str
@@ -106,6 +113,11 @@ class OrderResult:
     outcome: Outcome
     reason: str | None
     detail: str
+
+    @classmethod
+    def of(cls, item: ApprovedItem, outcome: Outcome, reason: str | None, detail: str
+           ) -> OrderResult:
+        return cls(item.merchant_id, item.order_id, item.version, outcome, reason, detail)
 
     def to_json(self) -> dict[str, Any]:
         return {"merchant_id": self.merchant_id, "order_id": self.order_id,
@@ -322,9 +334,7 @@ class CompletionEngine:
         consents = self.consents_for(item.merchant_id)
         verdict = classify(order, [c for c, _ in consents], self.clock())
         if not verdict.eligible:
-            assert verdict.reason is not None
-            skip = _CONSENT_SKIPS.get(verdict.reason, SkipReason.NO_LONGER_ELIGIBLE)
-            return skip, f"{verdict.reason.value}: {verdict.detail}"
+            return _skip_for(verdict)
         consent = verdict.consent
         consent_sha = next((sha for c, sha in consents if consent is not None
                             and c.consent_id == consent.consent_id), None)
@@ -370,9 +380,9 @@ class CompletionEngine:
         in a crash leaves its intent open, which is exactly what `recover` settles."""
         if result is None:  # outcome unknown: the intent stays open for `recover`
             item = intent.item
-            run.results.append(OrderResult(item.merchant_id, item.order_id, item.version,
-                                           Outcome.FAILED, "OUTCOME_UNKNOWN",
-                                           "Square did not answer; `recover` will settle it."))
+            run.results.append(OrderResult.of(
+                item, Outcome.FAILED, "OUTCOME_UNKNOWN",
+                "Square did not answer; `recover` will settle it."))
             self._progress(run)
             return
         self._pending.append((run.batch_id, run.approved_sha, intent, result, action))
@@ -423,8 +433,7 @@ class CompletionEngine:
                           version=item.version, batch_id=run.batch_id,
                           approved_set_sha256=run.approved_sha, outcome=outcome.value,
                           detail=f"{reason.value}: {detail}"[:500])
-        run.results.append(OrderResult(item.merchant_id, item.order_id, item.version, outcome,
-                                       reason.value, detail))
+        run.results.append(OrderResult.of(item, outcome, reason.value, detail))
         self._progress(run)
 
     def _skip_unsent(self, run: _Run, item: ApprovedItem) -> None:
@@ -442,8 +451,7 @@ class CompletionEngine:
         item = intent.item
 
         def result(outcome: Outcome, reason: str | None, detail: str) -> OrderResult:
-            return OrderResult(item.merchant_id, item.order_id, item.version, outcome, reason,
-                               detail)
+            return OrderResult.of(item, outcome, reason, detail)
 
         # The last look before the call: cancel, token, and consent at this very moment.
         if run.cancel.is_set():
@@ -589,8 +597,7 @@ class CompletionEngine:
         item = intent.item
 
         def result(outcome: Outcome, reason: str | None, detail: str) -> OrderResult:
-            return OrderResult(item.merchant_id, item.order_id, item.version, outcome, reason,
-                               detail)
+            return OrderResult.of(item, outcome, reason, detail)
 
         if order is None:
             return result(Outcome.SKIPPED, SkipReason.NOT_FOUND, "Square no longer returns it.")
@@ -606,7 +613,5 @@ class CompletionEngine:
         consents = self.consents_for(item.merchant_id)
         verdict = classify(order, [c for c, _ in consents], self.clock())
         if not verdict.eligible:
-            assert verdict.reason is not None
-            skip = _CONSENT_SKIPS.get(verdict.reason, SkipReason.NO_LONGER_ELIGIBLE)
-            return result(Outcome.SKIPPED, skip, f"{verdict.reason.value}: {verdict.detail}")
+            return result(Outcome.SKIPPED, *_skip_for(verdict))
         return await self._send(run, creds, intent)

@@ -27,7 +27,7 @@ from services.completion import (
 )
 from services.consent import ConsentRecord, ConsentStatus, parse_consent_file, record_sha256
 from services.credentials import MerchantCredentials, load_credentials
-from services.discovery import MerchantDiscovery, discover, order_row
+from services.discovery import MerchantDiscovery, TokenHealth, discover, order_row
 from services.eligibility import (
     ConsentView,
     EligibilityReason,
@@ -328,17 +328,26 @@ class Workspace:
             held += [(o, "MAX_ORDERS") for o in kept[max_orders:]]
             kept = kept[:max_orders]
         items = [ApprovedItem(o.merchant_id, o.order_id, o.version or 0) for o in kept]
-        totals: dict[str, dict[str, int]] = {}
-        for order in kept:
-            per = totals.setdefault(order.merchant_id, {})
-            per[order.currency] = per.get(order.currency, 0) + order.total_amount
-        preview = Preview(items, totals, self.merchant_names(), held,
-                          approved_set_sha256(items))
+        preview = self.preview_of(items, held)
         if record:
             self.audit.append(operator=self.operator, action=AuditAction.PREVIEW,
                               approved_set_sha256=preview.sha256,
                               detail="; ".join(preview.lines())[:500] or "nothing eligible")
         return preview
+
+    def preview_of(self, items: list[ApprovedItem],
+                   held_back: list[tuple[QueuedOrder, str]] | None = None) -> Preview:
+        """A preview of exactly these (merchant, order, version) items, with their totals
+        per currency per merchant from the queue (e.g. to retry only the failed)."""
+        amounts = {o.order_id: o for o in self.store.queued_orders(ordered=False)}
+        totals: dict[str, dict[str, int]] = {}
+        for item in items:
+            order = amounts.get(item.order_id)
+            if order is not None:
+                per = totals.setdefault(item.merchant_id, {})
+                per[order.currency] = per.get(order.currency, 0) + order.total_amount
+        return Preview(items, totals, self.merchant_names(), held_back or [],
+                       approved_set_sha256(items))
 
     def engine(self) -> CompletionEngine:
         return CompletionEngine(self.store, self.audit, self.gateway, self.credentials(),
@@ -363,7 +372,8 @@ class Workspace:
         return self.audit.verify(checkpoint)
 
 
-_UNHEALTHY_TOKENS = {"expired", "revoked", "invalid", "missing_scopes"}
+_UNHEALTHY_TOKENS = {TokenHealth.EXPIRED, TokenHealth.REVOKED, TokenHealth.INVALID,
+                     TokenHealth.MISSING_SCOPES}
 # Orders that would be candidates but for consent: their merchants get friendly reminders.
 _REMINDER_REASONS = {EligibilityReason.NO_CONSENT, EligibilityReason.CONSENT_EXPIRED,
                      EligibilityReason.CONSENT_REVOKED,

@@ -128,15 +128,7 @@ class ProgressScreen(Screen[None]):
                   if r.outcome is Outcome.FAILED]
         if not failed:
             return
-        totals: dict[str, dict[str, int]] = {}
-        amounts = {o.order_id: o for o in self.app.workspace.queue()}  # type: ignore[attr-defined]
-        for item in failed:
-            order = amounts.get(item.order_id)
-            if order is not None:
-                per = totals.setdefault(item.merchant_id, {})
-                per[order.currency] = per.get(order.currency, 0) + order.total_amount
-        from services.completion import approved_set_sha256
-        retry = Preview(failed, totals, self.preview.names, [], approved_set_sha256(failed))
+        retry = self.app.workspace.preview_of(failed)  # type: ignore[attr-defined]
 
         def confirmed(approved: bool | None) -> None:
             if approved:
