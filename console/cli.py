@@ -146,7 +146,9 @@ def settings_from(args: argparse.Namespace) -> Any:
 
 
 def err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    # Messages carry names, ids and Square's error text: no escape reaches the terminal.
+    from services.text_safety import printable
+    print(printable(message), file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

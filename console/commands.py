@@ -24,6 +24,7 @@ from console.cli import (
     install_cancel,
     print_json,
 )
+from console.safe_text import safe
 from services.audit import Checkpoint
 from services.completion import BatchProgress, Outcome
 from services.errors import ConfigurationError
@@ -59,9 +60,9 @@ def consent(args: argparse.Namespace, settings: ReconSettings) -> int:
                 table = Table("consent", "merchant", "status", "expires", "grantor")
                 table.columns[0].no_wrap = True
                 for row in rows:
-                    table.add_row(str(row["consent_id"]), str(row["merchant_id"]),
-                                  str(row["status"]), str(row["expires_at"] or "—"),
-                                  str(row["grantor"]))
+                    table.add_row(safe(row["consent_id"]), safe(row["merchant_id"]),
+                                  safe(row["status"]), safe(row["expires_at"] or "—"),
+                                  safe(row["grantor"]))
                 Console().print(table)
             return EXIT_OK
         stored = workspace.revoke_consent(args.consent_id, args.by, args.reason)
@@ -107,10 +108,11 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
             table = Table("merchant", "order", "ref", "created", "total", "eligible", "reason")
             names = workspace.merchant_names()
             for order in orders:
-                table.add_row(names.get(order.merchant_id, order.merchant_id), order.order_id,
-                              order.reference_id or "", order.created_at[:16],
-                              format_money(order.total_amount, order.currency),
-                              "yes" if order.eligible else "no", order.reason or "")
+                table.add_row(safe(names.get(order.merchant_id, order.merchant_id)),
+                              safe(order.order_id), safe(order.reference_id),
+                              safe(order.created_at[:16]),
+                              safe(format_money(order.total_amount, order.currency)),
+                              safe("yes" if order.eligible else "no"), safe(order.reason))
             Console().print(table)
             err(f"{sum(o.eligible for o in orders)} eligible of {len(orders)} shown.")
             return EXIT_OK
@@ -193,8 +195,8 @@ def _print_results(args: argparse.Namespace, batch_id: str | None, sha: str,
         return
     table = Table("order", "version", "outcome", "reason", "detail")
     for r in results:
-        table.add_row(r["order_id"], str(r["version"]), r["outcome"], r["reason"] or "",
-                      r["detail"][:60])
+        table.add_row(safe(r["order_id"]), safe(r["version"]), safe(r["outcome"]),
+                      safe(r["reason"]), safe(r["detail"][:60]))
     Console().print(table)
     err(f"completed {summary['completed']}, skipped {summary['skipped']}, "
         f"failed {summary['failed']}" + (f" (batch {batch_id})" if batch_id else ""))

@@ -25,6 +25,7 @@ from typing import IO, Any
 import orjson
 
 from services.store import Store, utc_text
+from services.text_safety import csv_cell, json_line
 
 __all__ = ["AUDIT_FIELDS", "AuditAction", "AuditTrail", "Checkpoint", "VerifyReport"]
 
@@ -265,13 +266,13 @@ class AuditTrail:
         rows = self.entries(merchant_id=merchant_id, since=since)
         if fmt == "jsonl":
             for entry in rows:
-                out.write(orjson.dumps(entry, option=orjson.OPT_SORT_KEYS).decode() + "\n")
+                out.write(json_line(entry) + "\n")  # exact, and inert on a terminal
                 count += 1
         elif fmt == "csv":
             writer = csv.DictWriter(out, fieldnames=list(_ALL))
             writer.writeheader()
             for entry in rows:
-                writer.writerow(entry)
+                writer.writerow({k: csv_cell(v) for k, v in entry.items()})  # no formulas
                 count += 1
         else:
             raise ValueError(f"unknown export format {fmt!r}: use csv or jsonl")

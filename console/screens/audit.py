@@ -14,6 +14,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
+from console.safe_text import SafeText, safe
 from services.audit import AuditTrail
 from services.store import Store
 
@@ -61,7 +62,7 @@ class AuditScreen(Screen[None]):
         field.display = False
         field.cursor_blink = False  # steady cursor: calmer, and stable snapshots
         yield field
-        table: DataTable[str] = DataTable(id="entries", cursor_type="row", zebra_stripes=True)
+        table: DataTable[SafeText] = DataTable(id="entries", cursor_type="row", zebra_stripes=True)
         table.add_columns("#", "At (UTC)", "Operator", "Action", "Merchant", "Order", "v",
                           "Outcome", "Detail")
         yield table
@@ -79,14 +80,15 @@ class AuditScreen(Screen[None]):
         names = workspace.merchant_names()
         for entry in entries:
             merchant = entry["merchant_id"] or ""
-            table.add_row(str(entry["seq"]), (entry["at"] or "")[:19].replace("T", " "),
-                          entry["operator"] or "", entry["action"] or "",
-                          names.get(merchant, merchant)[:22], (entry["order_id"] or "")[:14],
-                          str(entry["version"] or ""), entry["outcome"] or "",
-                          (entry["detail"] or "")[:48])
+            # Names, ids and details are third-party text: SafeText cells, never markup.
+            table.add_row(safe(entry["seq"]), safe((entry["at"] or "")[:19].replace("T", " ")),
+                          safe(entry["operator"]), safe(entry["action"]),
+                          safe(names.get(merchant, merchant)[:22]),
+                          safe((entry["order_id"] or "")[:14]), safe(entry["version"] or ""),
+                          safe(entry["outcome"]), safe((entry["detail"] or "")[:48]))
         shown = ", ".join(f"{k}={v}" for k, v in self.filters.items()) or "all entries"
         self.query_one("#audit-title", Static).update(
-            f"Audit trail: {len(entries)} newest shown ({shown}); / filters")
+            safe(f"Audit trail: {len(entries)} newest shown ({shown}); / filters"))
 
     @work(exclusive=True, group="verify")
     async def action_verify(self) -> None:
@@ -105,11 +107,11 @@ class AuditScreen(Screen[None]):
 
         report = await asyncio.to_thread(verify)
         if report.ok:
-            chain.update(f"Chain: ✔ verified to entry {report.entries} "
-                         f"(head {report.head_hash[:12]})")
+            chain.update(safe(f"Chain: ✔ verified to entry {report.entries} "
+                              f"(head {report.head_hash[:12]})"))
             chain.remove_class("error")
         else:
-            chain.update(f"Chain: ✘ BROKEN at entry {report.broken_at}: {report.problem}")
+            chain.update(safe(f"Chain: ✘ BROKEN at entry {report.broken_at}: {report.problem}"))
             chain.add_class("error")
 
     def action_filter(self) -> None:
@@ -133,8 +135,14 @@ class AuditScreen(Screen[None]):
         stamp = workspace.clock().strftime("%Y%m%dT%H%M%S")
         path = Path(str(workspace.settings.db)).parent / f"audit-{stamp}.{fmt}"
         filters = {k: v for k, v in self.filters.items() if k in ("merchant_id", "since")}
-        with path.open("w", newline="") as handle:
-            count = workspace.audit.export(handle, fmt, **filters)
+        try:
+            with path.open("w", newline="") as handle:
+                count = workspace.audit.export(handle, fmt, **filters)
+        except OSError as error:  # a message, not a crash
+            self.app.set_status(  # type: ignore[attr-defined]
+                f"Audit export not written: {path}: {error.strerror or error}; check the "
+                "folder exists and is writable.", error=True)
+            return
         self.notify(f"{count} entries exported to {path}")
 
     def action_back(self) -> None:
