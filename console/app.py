@@ -171,7 +171,8 @@ class ReconApp(App[int]):
 
     def _fatal_error(self) -> None:
         self.bell()
-        self.panic(safe(self.crash_message or "recon-console stopped on an unexpected error."))
+        self.panic(safe(self.crash_message or "recon-console stopped on an unexpected error.",
+                        no_wrap=True, overflow="ignore"))  # one line, however wide
 
     # ------------------------------------------------------------------ actions
     def action_help(self) -> None:

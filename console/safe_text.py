@@ -21,7 +21,7 @@ from rich.text import Text
 
 from services.text_safety import printable
 
-__all__ = ["SafeText", "printable", "safe", "safe_join"]
+__all__ = ["SafeText", "clip", "printable", "safe", "safe_join"]
 
 
 def _lines(text: str) -> str:
@@ -60,3 +60,10 @@ def safe_join(*parts: object | tuple[object, str]) -> SafeText:
         value, style = part if isinstance(part, tuple) else (part, None)
         text.append(printable("" if value is None else str(value)), style)
     return text
+
+
+def clip(value: object, width: int) -> str:
+    """A value cut to `width` characters (… marks the cut), so a 10,000-character name cannot
+    push a table's other columns off the screen."""
+    text = printable("" if value is None else str(value))
+    return text if len(text) <= width else text[:width - 1] + "…"

@@ -11,7 +11,7 @@ from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Header, Static
 
-from console.safe_text import SafeText, safe
+from console.safe_text import SafeText, clip, safe
 from console.screens.base import ConsoleScreen
 from services.text_safety import csv_cell
 from services.workspace import MerchantOverview, format_money
@@ -112,7 +112,7 @@ class MerchantsScreen(ConsoleScreen):
                 consent += f" {row.consent_expires_at[:10]}"
             # Every cell is SafeText: a str cell would be parsed as markup by DataTable.
             table.add_row(
-                safe(row.business_name),
+                safe(clip(row.business_name, 40)),
                 safe(consent, _CONSENT_STYLE.get(row.consent_status, "")),
                 safe(row.token_health.replace("_", " "), _TOKEN_STYLE.get(row.token_health, "")),
                 safe(row.candidates if row.candidates else "—"), safe(total), safe(oldest),
