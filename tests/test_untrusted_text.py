@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 import unicodedata
 import uuid
 from datetime import timedelta
@@ -25,7 +26,7 @@ from starlette.testclient import TestClient
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
-from console.app import ReconApp, exit_code
+from console.app import ReconApp
 from console.safe_text import SafeText, clip, safe, safe_join
 from console.screens.audit import AuditScreen
 from console.screens.confirm import ConfirmScreen
@@ -288,7 +289,7 @@ async def test_every_screen_shows_hostile_text_literally(tmp_path: Path) -> None
         for tab in ("2", "1", "4"):
             await pilot.press(tab)
             assert_inert(app)
-        assert DISMISS in str(app.screen.query_one("#tabs", Static).content.plain)  # type: ignore[union-attr]
+        assert DISMISS in str(app.screen.query_one("#tabs", Static).content)
         table = app.screen.query_one(OrderTable)
         table.apply_filter("")
         hostile_orders = [key for key in table.keys_in_view()
@@ -376,10 +377,10 @@ async def test_clicking_every_cell_of_the_confirmation_approves_nothing(tmp_path
     """The attack: a merchant named `[@click=screen.dismiss(True)]x[/]` turned its name in the
     dialog into a button that approved the whole batch without the typed count."""
     environment = demo(tmp_path)
-    hostile_names(environment)
-    app = app_for(environment)
     merchant = environment.merchants[0].merchant.id
     square = environment.emulator.square
+    square.merchants[merchant].business_name = DISMISS  # only this one: the attack alone
+    app = app_for(environment)
     before = {record.id: record.state for record in square.orders_by_merchant[merchant]}
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, merchants_loaded(app))
@@ -389,7 +390,7 @@ async def test_clicking_every_cell_of_the_confirmation_approves_nothing(tmp_path
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         dialog = app.screen
         assert isinstance(dialog, ConfirmScreen) and dialog.typed and dialog.preview.count > 10
-        assert DISMISS in dialog.query_one("#confirm-text", Static).content.plain  # type: ignore[union-attr]
+        assert DISMISS in str(dialog.query_one("#confirm-text", Static).content)
         # Nothing in the dialog can take focus but the input.
         focusable = [w for w in dialog.query("*") if w.focusable]
         assert [w.id for w in focusable] == ["confirm-input"]
@@ -479,6 +480,7 @@ async def test_a_crash_exits_non_zero_with_one_line_and_a_private_scrubbed_log(
             monkeypatch.setattr(app.screen, "action_toggle_reminders", explode)
             await pilot.press("n")
             await pilot.pause()
+    from console.app import exit_code
     assert exit_code(app) == 1
     logs = list((private_state_dir / "recon-console").glob("crash-*.log"))
     assert len(logs) == 1
@@ -501,7 +503,8 @@ def run_cli(arguments: list[str], environment: dict[str, str], terminal: bool
     else:
         env.pop("FORCE_COLOR", None)
         env["NO_COLOR"] = "1"
-    return subprocess.run([str(ROOT / ".venv" / "bin" / "recon-console"), *arguments],
+    env["PYTHONPATH"] = str(ROOT)  # this tree's code, whichever checkout it is
+    return subprocess.run([sys.executable, "-m", "console.cli", *arguments],
                           env=env, capture_output=True, timeout=120, check=False)
 
 
