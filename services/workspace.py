@@ -397,7 +397,12 @@ def _consent_summary(records: list[ConsentRecord], now: datetime) -> tuple[str, 
 
 
 def _next_sync(sync_time: str | None, timezone: str | None, now: datetime) -> timedelta | None:
-    """Time until the merchant's next daily sync, at its sync time in its own timezone."""
+    """Time until the merchant's next daily sync, at its sync time in its own timezone.
+
+    The wall-clock time is built in the merchant's zone, then both ends are compared as UTC
+    instants: subtracting two datetimes of the same zone is wall-clock arithmetic in Python and
+    is an hour off across a DST change. A sync time that falls in a spring-forward gap runs at
+    the instant the clock would have shown it before the change (fold=0)."""
     if not sync_time or not timezone:
         return None
     try:
@@ -406,7 +411,9 @@ def _next_sync(sync_time: str | None, timezone: str | None, now: datetime) -> ti
         return None
     hours, minutes = (int(part) for part in sync_time.split(":"))
     local = now.astimezone(zone)
-    target = local.replace(hour=hours, minute=minutes, second=0, microsecond=0)
-    if target <= local:
-        target += timedelta(days=1)
-    return target - local
+    for day in (local.date(), local.date() + timedelta(days=1)):
+        target = datetime(day.year, day.month, day.day, hours, minutes, tzinfo=zone)
+        gap = target.astimezone(UTC) - now.astimezone(UTC)
+        if gap > timedelta(0):
+            return gap
+    return None  # unreachable: tomorrow's sync is always after now
