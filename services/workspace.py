@@ -268,9 +268,11 @@ class Workspace:
                               f"{targets[0].record.merchant_id} were")
                 raise ConfigurationError(f"{which} already revoked (at "
                                          f"{done.revoked_at.isoformat()}).")
+            revoked_ids = set()
             for current in live:
                 document = {**current.document, "revocation": revocation}
                 record = ConsentRecord.model_validate(document)
+                revoked_ids.add(record.consent_id)
                 self.store.save_consent(record, document, self.operator, "revoke")
                 self.store.record_revocation(record, self.operator, "revoke")
                 self.audit.append(conn, operator=self.operator,
@@ -282,8 +284,7 @@ class Workspace:
         # Orders these consents made eligible are not any more.
         for merchant_id in sorted({c.record.merchant_id for c in live}):
             self.reclassify(merchant_id)
-        ids = {c.record.consent_id for c in live}
-        return [c for c in self.store.consents() if c.record.consent_id in ids]
+        return [c for c in self.store.consents() if c.record.consent_id in revoked_ids]
 
     def consents_still_granting(self, merchant_id: str) -> list[StoredConsent]:
         """The merchant's consents that are active now or will become active: while any is
