@@ -85,9 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     c_list = consent_sub.add_parser("list", help="consents and their status now")
     _common(c_list)
     c_list.add_argument("--json", action="store_true")
-    c_revoke = consent_sub.add_parser("revoke", help="revoke a consent from now on")
+    c_revoke = consent_sub.add_parser("revoke", help="revoke a consent from now on; a revoked "
+                                      "consent id stays revoked whatever is imported later")
     _common(c_revoke)
-    c_revoke.add_argument("consent_id")
+    which = c_revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("consent_id", nargs="?")
+    which.add_argument("--all-for-merchant", metavar="MERCHANT_ID",
+                       help="revoke every consent of this merchant not yet revoked")
     c_revoke.add_argument("--by", required=True)
     c_revoke.add_argument("--reason", required=True)
 

@@ -26,7 +26,8 @@ from console.cli import (
 )
 from services.audit import Checkpoint
 from services.completion import BatchProgress, Outcome
-from services.errors import ConfigurationError
+from services.consent import ConsentStatus
+from services.errors import ConfigurationError, ConsentFileError
 from services.settings import ReconSettings
 from services.workspace import Workspace, format_money
 
@@ -37,7 +38,13 @@ def consent(args: argparse.Namespace, settings: ReconSettings) -> int:
     workspace = Workspace.open(settings)
     try:
         if args.consent_command == "import":
-            results = workspace.import_consent_files(args.files)
+            try:
+                results = workspace.import_consent_files(
+                    args.files, on_warning=lambda text: err(f"warning: {text}"))
+            except ConsentFileError as error:
+                for line in str(error).splitlines():  # one line per problem
+                    err(f"error: {line}")
+                return EXIT_USAGE
             for path, consent_id, state in results:
                 err(f"{path}: {consent_id}: {state.replace('_', ' ')}")
             return EXIT_OK
@@ -64,13 +71,39 @@ def consent(args: argparse.Namespace, settings: ReconSettings) -> int:
                                   str(row["grantor"]))
                 Console().print(table)
             return EXIT_OK
-        stored = workspace.revoke_consent(args.consent_id, args.by, args.reason)
-        err(f"{stored.record.consent_id}: revoked from "
-            f"{stored.record.revocation.revoked_at.isoformat()}"  # type: ignore[union-attr]
-            f" (merchant {stored.record.merchant_id}).")
+        if args.all_for_merchant is not None:
+            revoked = workspace.revoke_all_for_merchant(args.all_for_merchant, args.by,
+                                                        args.reason)
+        else:
+            revoked = [workspace.revoke_consent(args.consent_id, args.by, args.reason)]
+        for stored in revoked:
+            err(f"{stored.record.consent_id}: revoked from "
+                f"{stored.record.revocation.revoked_at.isoformat()}"  # type: ignore[union-attr]
+                f" (merchant {stored.record.merchant_id}).")
+        _name_consents_left(workspace, revoked[0].record.merchant_id)
         return EXIT_OK
     finally:
         asyncio.run(workspace.aclose())
+
+
+def _name_consents_left(workspace: Workspace, merchant_id: str) -> None:
+    """Revoking one record of a merchant with a renewal must not look like stopping it."""
+    left = workspace.consents_still_granting(merchant_id)
+    if not left:
+        return
+    now = workspace.clock()
+    named = []
+    for stored in left:
+        record = stored.record
+        if record.status_at(now) is ConsentStatus.NOT_YET_EFFECTIVE:
+            named.append(f"{record.consent_id} (effective from "
+                         f"{record.effective_from.isoformat()})")
+        else:
+            until = record.expires_at.isoformat() if record.expires_at else "no expiry"
+            named.append(f"{record.consent_id} (active, until {until})")
+    err(f"Merchant {merchant_id} stays eligible under {len(left)} other consent(s): "
+        f"{', '.join(named)}. To revoke them all: recon-console consent revoke "
+        f"--all-for-merchant {merchant_id} --by NAME --reason TEXT")
 
 
 async def _recover_first(workspace: Workspace) -> None:

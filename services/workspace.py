@@ -25,7 +25,14 @@ from services.completion import (
     OrderResult,
     approved_set_sha256,
 )
-from services.consent import ConsentRecord, ConsentStatus, parse_consent_file, record_sha256
+from services.consent import (
+    ConsentRecord,
+    ConsentStatus,
+    consent_rule_problems,
+    problem_line,
+    read_consent_file,
+    record_sha256,
+)
 from services.credentials import MerchantCredentials, load_credentials
 from services.discovery import MerchantDiscovery, TokenHealth, discover, order_row
 from services.eligibility import (
@@ -143,33 +150,70 @@ class Workspace:
         return self._credentials
 
     # ------------------------------------------------------------------ consent
-    def import_consent_files(self, paths: Sequence[Path]) -> list[tuple[Path, str, str]]:
-        """Validate every file first; store nothing from a file that has any problem.
+    def import_consent_files(self, paths: Sequence[Path],
+                             on_warning: Callable[[str], None] | None = None
+                             ) -> list[tuple[Path, str, str]]:
+        """All or nothing: every record of every file is checked first (schema, model, dates,
+        revoked ids, one content per id), then all are stored in one transaction. Otherwise
+        ConsentFileError with one line per problem, and nothing is stored.
         Returns (file, consent_id, 'new' | 'new_version' | 'unchanged') per record."""
-        parsed = []
-        errors = []
+        now = self.clock()
+        problems: list[str] = []
+        found: list[tuple[Path, str, ConsentRecord, dict[str, Any], str]] = []
         for path in paths:
-            try:
-                parsed.append((path, parse_consent_file(path)))
-            except ConsentFileError as error:
-                errors.append(str(error))
+            records, lines = read_consent_file(path)
+            problems += lines
+            for where, record, document in records:
+                problems += [problem_line(where, p) for p in consent_rule_problems(record, now)]
+                found.append((path, where, record, document, record_sha256(document)))
+        first: dict[str, tuple[str, str]] = {}
+        for _, where, record, _, digest in found:
+            seen = first.setdefault(record.consent_id, (where, digest))
+            if seen[1] != digest:
+                problems.append(f"{where}: consent {record.consent_id} is also in {seen[0]} "
+                                "with different content; import one version of it.")
         results = []
-        for path, records in parsed:
-            with self.store.transaction() as conn:
-                for record, document in records:
-                    state, version = self.store.save_consent(record, document, self.operator,
-                                                             str(path))
-                    if state != "unchanged":
-                        self.audit.append(conn, operator=self.operator,
-                                          action=AuditAction.CONSENT_IMPORTED,
-                                          merchant_id=record.merchant_id,
-                                          consent_id=record.consent_id,
-                                          consent_sha256=record_sha256(document),
-                                          detail=f"{state} (version {version}) from {path.name}")
-                    results.append((path, record.consent_id, state))
-        if errors:
-            raise ConsentFileError("\n".join(errors))
+        with self.store.transaction() as conn:
+            # Checked under the write lock, so a revoke cannot slip in between.
+            revoked = self.store.revocations()
+            for _, where, record, _, digest in found:
+                durable = revoked.get(record.consent_id)
+                if (durable is not None and durable.revoked_at <= now
+                        and self.store.latest_consent_sha256(record.consent_id) != digest):
+                    problems.append(
+                        f"{where}: consent {record.consent_id} was revoked at "
+                        f"{durable.revoked_at.isoformat()} and stays revoked; nothing was "
+                        "imported. To reinstate the merchant, import a new consent record "
+                        "with a new consent_id.")
+            if problems:
+                raise ConsentFileError("\n".join(problems))  # rolls back: nothing stored
+            for path, _, record, document, digest in found:
+                state, version = self.store.save_consent(record, document, self.operator,
+                                                         str(path))
+                if state != "unchanged":
+                    if record.revocation is not None:
+                        self.store.record_revocation(record, self.operator, str(path))
+                    self.audit.append(conn, operator=self.operator,
+                                      action=AuditAction.CONSENT_IMPORTED,
+                                      merchant_id=record.merchant_id,
+                                      consent_id=record.consent_id, consent_sha256=digest,
+                                      detail=f"{state} (version {version}) from {path.name}")
+                results.append((path, record.consent_id, state))
+        if on_warning is not None:
+            for warning in self._merchants_without_credentials(
+                    sorted({record.merchant_id for _, _, record, _, _ in found})):
+                on_warning(warning)
         return results
+
+    def _merchants_without_credentials(self, merchant_ids: list[str]) -> list[str]:
+        """A consent for a merchant with no token is stored, but cannot be used: say so."""
+        credentials = self.credentials(required=False)
+        if self._credentials is None:
+            return [f"could not check the merchants against the credentials "
+                    f"({self.credentials_error})"]
+        return [f"merchant {m} has no entry in {self.settings.credentials}: its consent is "
+                "stored, but its orders cannot be read or completed until it has a token."
+                for m in merchant_ids if m not in credentials]
 
     def consents(self) -> list[StoredConsent]:
         return self.store.consents()
@@ -193,27 +237,62 @@ class Workspace:
         return grouped
 
     def revoke_consent(self, consent_id: str, by: str, reason: str) -> StoredConsent:
-        current = next((c for c in self.store.consents() if c.record.consent_id == consent_id),
-                       None)
-        if current is None:
-            raise ConfigurationError(f"Unknown consent {consent_id}: see `recon-console consent "
-                                     "list`.")
-        if current.record.revocation is not None:
-            raise ConfigurationError(f"Consent {consent_id} was already revoked at "
-                                     f"{current.record.revocation.revoked_at.isoformat()}.")
-        document = dict(current.document)
-        document["revocation"] = {"revoked_at": self.clock().isoformat().replace("+00:00", "Z"),
-                                  "revoked_by": by, "reason": reason}
-        record = ConsentRecord.model_validate(document)
+        [stored] = self._revoke(lambda c: c.record.consent_id == consent_id, by, reason,
+                                f"Unknown consent {consent_id}: see `recon-console consent "
+                                "list`.")
+        return stored
+
+    def revoke_all_for_merchant(self, merchant_id: str, by: str, reason: str
+                                ) -> list[StoredConsent]:
+        """Every consent of the merchant not yet revoked, in one transaction."""
+        return self._revoke(lambda c: c.record.merchant_id == merchant_id, by, reason,
+                            f"Merchant {merchant_id} has no consents: see `recon-console "
+                            "consent list`.")
+
+    def _revoke(self, chosen: Callable[[StoredConsent], bool], by: str, reason: str,
+                unknown: str) -> list[StoredConsent]:
+        now = self.clock()
+        revocation = {"revoked_at": now.isoformat().replace("+00:00", "Z"),
+                      "revoked_by": by, "reason": reason}
         with self.store.transaction() as conn:
-            self.store.save_consent(record, document, self.operator, "revoke")
-            self.audit.append(conn, operator=self.operator, action=AuditAction.CONSENT_REVOKED,
-                              merchant_id=record.merchant_id, consent_id=consent_id,
-                              consent_sha256=record_sha256(document),
-                              detail=f"revoked by {by}: {reason}"[:500])
-        # Orders this consent made eligible are not any more.
-        self.reclassify(record.merchant_id)
-        return next(c for c in self.store.consents() if c.record.consent_id == consent_id)
+            targets = [c for c in self.store.consents() if chosen(c)]
+            if not targets:
+                raise ConfigurationError(unknown)
+            # A revocation dated in the future is not in force yet: revoking now still works.
+            live = [c for c in targets if c.record.status_at(now) is not ConsentStatus.REVOKED]
+            if not live:
+                done = targets[0].record.revocation
+                assert done is not None
+                which = (f"Consent {targets[0].record.consent_id} was" if len(targets) == 1
+                         else f"All {len(targets)} consents of merchant "
+                              f"{targets[0].record.merchant_id} were")
+                raise ConfigurationError(f"{which} already revoked (at "
+                                         f"{done.revoked_at.isoformat()}).")
+            revoked_ids = set()
+            for current in live:
+                document = {**current.document, "revocation": revocation}
+                record = ConsentRecord.model_validate(document)
+                revoked_ids.add(record.consent_id)
+                self.store.save_consent(record, document, self.operator, "revoke")
+                self.store.record_revocation(record, self.operator, "revoke")
+                self.audit.append(conn, operator=self.operator,
+                                  action=AuditAction.CONSENT_REVOKED,
+                                  merchant_id=record.merchant_id,
+                                  consent_id=record.consent_id,
+                                  consent_sha256=record_sha256(document),
+                                  detail=f"revoked by {by}: {reason}"[:500])
+        # Orders these consents made eligible are not any more.
+        for merchant_id in sorted({c.record.merchant_id for c in live}):
+            self.reclassify(merchant_id)
+        return [c for c in self.store.consents() if c.record.consent_id in revoked_ids]
+
+    def consents_still_granting(self, merchant_id: str) -> list[StoredConsent]:
+        """The merchant's consents that are active now or will become active: while any is
+        left, revoking one consent does not stop the merchant's orders."""
+        now = self.clock()
+        return [c for c in self.store.consents(merchant_id)
+                if c.record.status_at(now) in (ConsentStatus.ACTIVE,
+                                               ConsentStatus.NOT_YET_EFFECTIVE)]
 
     def reclassify(self, merchant_id: str) -> None:
         """Re-run classification on stored orders after consent changed (no Square call)."""
