@@ -242,6 +242,12 @@ class Store:
                                 "ORDER BY version DESC LIMIT 1", [consent_id]).fetchone()
         return str(row[0]) if row else None
 
+    def consent_merchant_id(self, consent_id: str) -> str | None:
+        """The merchant a consent id was first stored for (an id never moves to another)."""
+        row = self.conn.execute("SELECT merchant_id FROM consents WHERE consent_id = ? "
+                                "ORDER BY version LIMIT 1", [consent_id]).fetchone()
+        return str(row[0]) if row else None
+
     def revocations(self) -> dict[str, Revocation]:
         """Every revoked consent id and its earliest revocation (which is the one in force)."""
         result: dict[str, Revocation] = {}

@@ -177,6 +177,13 @@ class Workspace:
             # Checked under the write lock, so a revoke cannot slip in between.
             revoked = self.store.revocations()
             for _, where, record, _, digest in found:
+                owner = self.store.consent_merchant_id(record.consent_id)
+                if owner is not None and owner != record.merchant_id:
+                    # A consent is one merchant's word: the same id can never cover another.
+                    problems.append(
+                        f"{where}: consent {record.consent_id} belongs to merchant {owner}, "
+                        f"not {record.merchant_id}; nothing was imported. A consent for "
+                        "another merchant needs its own record with a new consent_id.")
                 durable = revoked.get(record.consent_id)
                 if (durable is not None and durable.revoked_at <= now
                         and self.store.latest_consent_sha256(record.consent_id) != digest):

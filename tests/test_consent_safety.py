@@ -339,3 +339,19 @@ def test_hole7_merchant_without_credentials_is_a_warning(cli: Cli) -> None:
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 1 and "could not check" in warnings[0], lines
     assert len(cli.consents()) == 4
+
+
+def test_hole1_a_consent_id_never_moves_to_another_merchant(cli: Cli) -> None:
+    """A file that re-files merchant 0's consent id under merchant 1 would make merchant 1
+    eligible on merchant 0's word: refused, nothing stored, merchant 1 completes nothing."""
+    m1 = cli.merchant(1)
+    first = cli.consent(0)
+    assert cli.run("consent", "import", str(cli.write("a.json", first)))[0] == 0
+    moved = dict(cli.consent(1), consent_id=first["consent_id"])
+    code, _, lines = cli.run("consent", "import", str(cli.write("moved.json", moved)))
+    assert code == 2
+    line = _one_error(lines)
+    assert first["consent_id"] in line and "belongs to merchant" in line
+    assert cli.consents()[first["consent_id"]]["merchant_id"] == cli.merchant(0)
+    assert not cli.candidates().get(m1)
+    assert cli.complete_all()[m1] == set()
