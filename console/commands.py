@@ -120,33 +120,69 @@ def _report_merchants(reports: list[Any]) -> None:
             err(f"{report.merchant_id} ({report.business_name or '?'}): {report.error}")
 
 
+def _age(now: datetime, moment: str | None) -> str:
+    """'45s', '12m', '2h', '3d': how long ago `moment` (RFC 3339) was."""
+    if not moment:
+        return "?"
+    seconds = max(0, int((now - datetime.fromisoformat(moment.replace("Z", "+00:00")))
+                         .total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
     async def run() -> int:
         workspace = Workspace.open(settings)
         try:
             await _recover_first(workspace)
             reports = await workspace.refresh(args.merchant)
-            _report_merchants(reports)
+            refreshed = {r.merchant_id for r in reports if r.refreshed}
             orders = [o for o in workspace.queue(include_ineligible=args.include_ineligible)
                       if not args.merchant or o.merchant_id in args.merchant]
+            now = workspace.clock()
+            names = workspace.merchant_names()
+            failed = [r for r in reports if not r.refreshed]
+            for report in reports:
+                name = report.business_name or names.get(report.merchant_id, "?")
+                problem = " ".join((report.error or "").split())
+                if not report.refreshed:
+                    last = max((o.fetched_at or "" for o in workspace.queue(report.merchant_id)),
+                               default="")
+                    cached = (f"showing its orders as fetched {_age(now, last)} ago (stale)"
+                              if last else "no cached orders")
+                    err(f"not refreshed: {report.merchant_id} ({name}): {problem}; {cached}.")
+                elif problem:
+                    err(f"{report.merchant_id} ({name}): {problem}")
+            # Exit 1: an unreachable or refused merchant is a failure, not a quiet success.
+            code = EXIT_FAILURES if failed else EXIT_OK
             if args.json:
-                print_json({"orders": [o.to_json() for o in orders],
+                print_json({"orders": [o.to_json(o.merchant_id not in refreshed)
+                                       for o in orders],
                             "merchants": [{"merchant_id": r.merchant_id,
                                            "business_name": r.business_name,
                                            "token_health": r.token_health,
                                            "error": r.error, "open_orders": r.orders,
-                                           "eligible": r.eligible} for r in reports]})
-                return EXIT_OK
-            table = Table("merchant", "order", "ref", "created", "total", "eligible", "reason")
-            names = workspace.merchant_names()
+                                           "eligible": r.eligible,
+                                           "stale": not r.refreshed} for r in reports]})
+                return code
+            stale = any(o.merchant_id not in refreshed for o in orders)
+            table = Table("merchant", "order", "ref", "created", "total", "eligible", "reason",
+                          *(["fetched"] if stale else []))
             for order in orders:
+                note = ([f"stale {_age(now, order.fetched_at)}"
+                         if order.merchant_id not in refreshed else ""] if stale else [])
                 table.add_row(names.get(order.merchant_id, order.merchant_id), order.order_id,
                               order.reference_id or "", order.created_at[:16],
                               format_money(order.total_amount, order.currency),
-                              "yes" if order.eligible else "no", order.reason or "")
+                              "yes" if order.eligible else "no", order.reason or "", *note)
             Console().print(table)
             err(f"{sum(o.eligible for o in orders)} eligible of {len(orders)} shown.")
-            return EXIT_OK
+            if failed:
+                err(f"{len(failed)} merchant(s) could not be refreshed: their orders are as last "
+                    "fetched from Square; run `recon-console queue` again when it answers.")
+            return code
         finally:
             await workspace.aclose()
     return asyncio.run(run())

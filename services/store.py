@@ -145,21 +145,23 @@ class QueuedOrder(NamedTuple):
     detail: str | None
     consent_id: str | None
     fulfillments: str
+    fetched_at: str | None = None   # when discovery last read it from Square (`seen_at`)
 
-    def to_json(self) -> dict[str, Any]:
-        """The `queue --json` shape of interfaces.md."""
+    def to_json(self, stale: bool = False) -> dict[str, Any]:
+        """The `queue --json` shape of interfaces.md; `stale` when its merchant could not be
+        refreshed just now, so this is what Square said at `fetched_at`."""
         return {"merchant_id": self.merchant_id, "order_id": self.order_id,
                 "location_id": self.location_id, "version": self.version, "state": self.state,
                 "source": self.source,
                 "total_money": {"amount": self.total_amount, "currency": self.currency},
                 "net_amount_due_money": {"amount": self.due_amount, "currency": self.currency},
                 "created_at": self.created_at, "eligible": bool(self.eligible),
-                "reason": self.reason}
+                "reason": self.reason, "stale": stale, "fetched_at": self.fetched_at}
 
 
 _QUEUED_COLUMNS = ("order_id, merchant_id, location_id, version, state, source, reference_id, "
                    "total_amount, currency, due_amount, created_at, eligible, reason, detail, "
-                   "consent_id, fulfillments")
+                   "consent_id, fulfillments, seen_at")
 
 
 class Store:
@@ -305,8 +307,10 @@ class Store:
             conn.execute("DELETE FROM orders WHERE merchant_id = ?", [merchant_id])
             if rows:
                 columns = list(rows[0])
+                # OR REPLACE: an order id is Square's, unique across merchants; a row left under
+                # another merchant id (read through a mis-filed token) moves to its owner.
                 conn.executemany(
-                    f"INSERT INTO orders ({', '.join(columns)}) VALUES "
+                    f"INSERT OR REPLACE INTO orders ({', '.join(columns)}) VALUES "
                     f"({', '.join('?' for _ in columns)})",
                     [[row[c] for c in columns] for row in rows])
 

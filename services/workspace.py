@@ -459,7 +459,7 @@ class Workspace:
 
 
 _UNHEALTHY_TOKENS = {TokenHealth.EXPIRED, TokenHealth.REVOKED, TokenHealth.INVALID,
-                     TokenHealth.MISSING_SCOPES}
+                     TokenHealth.MISSING_SCOPES, TokenHealth.MERCHANT_MISMATCH}
 # Orders that would be candidates but for consent: their merchants get friendly reminders.
 _REMINDER_REASONS = {EligibilityReason.NO_CONSENT, EligibilityReason.CONSENT_EXPIRED,
                      EligibilityReason.CONSENT_REVOKED,
