@@ -152,7 +152,8 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
                                default="")
                     cached = (f"showing its orders as fetched {_age(now, last)} ago (stale)"
                               if last else "no cached orders")
-                    err(f"not refreshed: {report.merchant_id} ({name}): {problem}; {cached}.")
+                    err(f"not refreshed: {report.merchant_id} ({name}): "
+                        f"{problem.rstrip('.')}; {cached}.")
                 elif problem:
                     err(f"{report.merchant_id} ({name}): {problem}")
             # Exit 1: an unreachable or refused merchant is a failure, not a quiet success.
