@@ -6,6 +6,7 @@ merchant, show as `merchant_mismatch`, and carry nothing but the identity check 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from starlette.requests import Request
 
 from services.credentials import MerchantCredentials
 from services.demo import consent_for
-from services.emulator import SeedConfig
+from services.emulator import FaultPlan, SeedConfig
 from services.errors import SquareAuthError, TokenMerchantMismatch
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy
@@ -180,3 +181,52 @@ async def test_hole2_merchant_with_mismatched_token_is_held_back(tmp_path: Path)
         assert {reason for _, reason in preview.held_back} == {"TOKEN_MERCHANT_MISMATCH"}
     finally:
         await workspace.aclose()
+
+
+async def test_hole2_console_shows_token_merchant_mismatch(tmp_path: Path) -> None:
+    from textual.widgets import DataTable
+
+    from console.screens.merchants import MerchantsScreen
+    from tests.console_harness import app_for, demo, merchants_loaded, wait_until
+
+    environment = demo(tmp_path)
+    filed, owner = environment.merchants[0], environment.merchants[1]  # both with consent
+    credentials = environment.workspace.credentials()
+    credentials[filed.merchant.id] = MerchantCredentials(
+        merchant_id=filed.merchant.id, access_token=SecretStr(owner.token.token))
+    app = app_for(environment)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        screen = app.screen
+        assert isinstance(screen, MerchantsScreen)
+        row = {r.merchant_id: r for r in screen.rows}[filed.merchant.id]
+        assert row.token_health == "merchant_mismatch" and row.candidates == 0
+        assert "belongs to another merchant" in (row.error or "")
+        cells = screen.query_one("#merchants", DataTable).get_row(filed.merchant.id)
+        assert str(cells[2]) == "merchant mismatch"
+        # The owner's own entry is untouched: its orders stay under its own id.
+        assert {r.merchant_id: r for r in screen.rows}[owner.merchant.id].candidates > 0
+
+
+async def test_hole2_identity_is_asked_once_per_token_under_concurrency(tmp_path: Path) -> None:
+    # Latency makes the in-process answers yield, so the calls really overlap.
+    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=2),
+                             FaultPlan(latency_ms=5))
+    a = emulator.merchants[0].merchant.id
+    seen = record_requests(emulator)
+    settings = ReconSettings(db=tmp_path / "recon.db", square_base_url=emulator.base_url,
+                             credentials=tmp_path / "none.toml")
+    workspace = Workspace.open(settings, async_http(emulator), credentials={})
+    own = MerchantCredentials(merchant_id=a, access_token=SecretStr(emulator.token(0)))
+    other = MerchantCredentials(merchant_id=a, access_token=SecretStr(emulator.token(1)))
+    try:
+        calls = [workspace.gateway.raw(creds, "GET", "/v2/locations")
+                 for creds in (own, other) for _ in range(20)]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await workspace.aclose()
+    assert all(isinstance(x, dict) for x in answers[:20])
+    assert all(isinstance(x, TokenMerchantMismatch) for x in answers[20:])
+    checks = [token for _, path, token in seen if path == IDENTITY_CHECK]
+    assert sorted(checks) == sorted([emulator.token(0), emulator.token(1)])
+    assert [path for _, path, token in seen if token == emulator.token(1)] == [IDENTITY_CHECK]
