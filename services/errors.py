@@ -92,8 +92,9 @@ class TokenMerchantMismatch(SquareAuthError):
 
     def __str__(self) -> str:
         return (f"The access token filed under merchant {self.merchant_id} belongs to another "
-                f"merchant{self.owner_hint}: nothing was sent with it; fix "
-                f"[merchants.{self.merchant_id}] in the credentials file.")
+                f"merchant{self.owner_hint}, so it is not used: put merchant "
+                f"{self.merchant_id}'s own token under [merchants.{self.merchant_id}] in the "
+                "credentials file.")
 
 
 class SquareScopeError(SquareApiError):
