@@ -3,14 +3,26 @@
 Serve it in-process with `httpx.ASGITransport(app)` or over loopback with uvicorn
 (`serve.py`). Every request goes through `_handle`, in Square's order: latency, authentication
 and scope, rate limit, injected faults, JSON and schema checks, then the operation itself.
-Admin routes under `/_emulator/` let tests and the demo steer faults and tokens.
+Steering routes under `/_emulator/` (faults, token revocation, version bumps) exist only when
+the app is built with `steering=True` (`emulator serve --steering`): a Square has no back door.
+
+An unexpected exception inside the emulator still answers 500 (Square's envelope, no stack trace),
+but it is also recorded in `internal_errors` and logged: the product retries a 500 as transient,
+so without the record an emulator bug would look like a Square outage and tests would stay green
+(tests/conftest.py fails any test during which one occurred). Injected faults are `SquareError`s
+and are not recorded.
+
+`strict=True` takes the strictest reading of the points square-api.md leaves UNCONFIRMED where
+the default reading is the lenient one (see `EmulatorApp.strict`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,7 +40,14 @@ from starlette.routing import Route
 from services.emulator.faults import FaultPlan, TokenRateLimiter
 from services.emulator.state import EmulatedSquare, OrderRecord, SquareError, parse_time, rfc3339
 
-__all__ = ["EmulatorApp", "build_app"]
+__all__ = ["MAX_BODY_BYTES", "EmulatorApp", "build_app"]
+
+log = logging.getLogger("services.emulator")
+
+# Square publishes no general request-size limit (its ErrorCode enum has REQUEST_ENTITY_TOO_LARGE,
+# with no figure). 1 MiB is far above any body these endpoints take (100 order ids, a sparse
+# order) and bounds what one request can make the emulator parse and hash.
+MAX_BODY_BYTES = 1024 * 1024
 
 Handler = Callable[[Request, str, Any], Awaitable[Any]]
 
@@ -129,9 +148,20 @@ class EmulatorApp:
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     limiter: TokenRateLimiter | None = None
     requests_seen: int = 0
+    # Strictest readings of square-api.md's UNCONFIRMED points (lenient by default where the
+    # sources lean that way):
+    # - a fulfillment cannot jump from PROPOSED straight to COMPLETED (§2 rule 2): 400;
+    # - UpdateOrder without an idempotency key answers 200 and changes nothing (§1.3, §14);
+    # - a reused idempotency key with another body answers 200 and changes nothing (§14);
+    # - 429 comes without Retry-After (§8, §14).
+    strict: bool = False
+    steering: bool = False
+    max_body_bytes: int = MAX_BODY_BYTES
+    internal_errors: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.set_faults(self.faults)
+        self.square.strict = self.strict
 
     def set_faults(self, plan: FaultPlan) -> None:
         self.faults = plan
@@ -152,7 +182,7 @@ class EmulatorApp:
                 if wait is not None:
                     raise SquareError(429, "RATE_LIMIT_ERROR", "RATE_LIMITED",
                                       "This request was rate limited. Please retry later.",
-                                      headers={"Retry-After": str(wait)})
+                                      headers={} if self.strict else {"Retry-After": str(wait)})
             faulty = plan.applies_to(operation.name)
             if faulty and plan.version_bump_rate and self.rng.random() < plan.version_bump_rate:
                 self._bump_for(token.merchant_id)
@@ -164,7 +194,7 @@ class EmulatorApp:
                                   "Square is temporarily unavailable. Retry later.")
             body: Any = None
             if operation.request_schema is not None:
-                raw = await request.body()
+                raw = await self._bounded_body(request)
                 try:
                     body = orjson.loads(raw) if raw else {}
                 except orjson.JSONDecodeError:
@@ -195,10 +225,27 @@ class EmulatorApp:
             return _json(result)
         except SquareError as error:
             return _json(error.envelope(), error.status, error.headers)
-        except Exception:  # never a stack trace to the client
+        except Exception:  # never a stack trace to the client; but never hidden either
+            self.internal_errors.append(f"{operation.name}: {traceback.format_exc()}")
+            log.exception("emulator internal error in %s", operation.name)
             internal = SquareError(500, "API_ERROR", "INTERNAL_SERVER_ERROR",
                                    "An internal error occurred.")
             return _json(internal.envelope(), 500)
+
+    async def _bounded_body(self, request: Request) -> bytes:
+        too_large = SquareError(413, "INVALID_REQUEST_ERROR", "REQUEST_ENTITY_TOO_LARGE",
+                                f"The request body exceeds {self.max_body_bytes} bytes.")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():  # stop reading as soon as the limit is passed
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _bump_for(self, merchant_id: str) -> None:
         orders = [r for r in self.square.orders_by_merchant.get(merchant_id, ())
@@ -281,6 +328,19 @@ class EmulatorApp:
 
     async def update_order(self, request: Request, merchant_id: str, body: Any) -> Any:
         order_id = request.path_params["order_id"]
+        if self.strict:
+            # The stricter reading of §1.3: without a key, or reusing one with another body,
+            # UpdateOrder answers 200 with the order unchanged.
+            unchanged = {"order": self.square.order_of(merchant_id, order_id).copy_doc()}
+            if not body.get("idempotency_key"):
+                return unchanged
+            try:
+                self.square.replay(merchant_id, f"UpdateOrder:{order_id}",
+                                   body["idempotency_key"], body)
+            except SquareError as error:
+                if error.code == "IDEMPOTENCY_KEY_REUSED":
+                    return unchanged
+                raise
         return self._idempotent(
             merchant_id, f"UpdateOrder:{order_id}", body.get("idempotency_key"), body,
             lambda: {"order": self.square.update_order(merchant_id, order_id, body).copy_doc()})
@@ -413,14 +473,17 @@ class EmulatorApp:
         all_methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
         routes = [Route(path, endpoint(methods), methods=all_methods)
                   for path, methods in by_path.items()]
-        routes += [
-            Route("/_emulator/faults", self.admin_faults, methods=["GET", "PUT"]),
-            Route("/_emulator/tokens/revoke", self.admin_revoke, methods=["POST"]),
-            Route("/_emulator/orders/{order_id}/bump", self.admin_bump, methods=["POST"]),
-            Route("/{path:path}", self.not_found, methods=all_methods),
-        ]
+        if self.steering:
+            routes += [
+                Route("/_emulator/faults", self.admin_faults, methods=["GET", "PUT"]),
+                Route("/_emulator/tokens/revoke", self.admin_revoke, methods=["POST"]),
+                Route("/_emulator/orders/{order_id}/bump", self.admin_bump, methods=["POST"]),
+            ]
+        routes.append(Route("/{path:path}", self.not_found, methods=all_methods))
         return Starlette(routes=routes)
 
 
-def build_app(square: EmulatedSquare, faults: FaultPlan | None = None) -> EmulatorApp:
-    return EmulatorApp(square=square, faults=faults or FaultPlan())
+def build_app(square: EmulatedSquare, faults: FaultPlan | None = None, *, strict: bool = False,
+              steering: bool = False) -> EmulatorApp:
+    return EmulatorApp(square=square, faults=faults or FaultPlan(), strict=strict,
+                       steering=steering)

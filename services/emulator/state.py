@@ -250,6 +250,8 @@ class EmulatedSquare:
     # One lock: uvicorn may run handlers on threads only for sync code, but the seeder and the
     # background version bumper may share the object with the event loop.
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # The strictest reading of UNCONFIRMED rules (set by the app's `strict` option).
+    strict: bool = False
 
     # ------------------------------------------------------------------ ids and auth
     def new_id(self, length: int = 24) -> str:
@@ -575,6 +577,12 @@ class EmulatedSquare:
             current = target.get("state")
             if current in TERMINAL_FULFILLMENT_STATES and state != current:
                 raise bad_request(f"Fulfillment `{uid}` is {current} and cannot change state.",
+                                  f"order.fulfillments[{index}].state")
+            if self.strict and current == "PROPOSED" and state == "COMPLETED":
+                # square-api.md §2 rule 2: whether PROPOSED may jump to COMPLETED is
+                # UNCONFIRMED; the strict reading refuses it.
+                raise bad_request(f"Fulfillment `{uid}` cannot move from PROPOSED to COMPLETED; "
+                                  "it must be accepted first.",
                                   f"order.fulfillments[{index}].state")
             target["state"] = state
             details_key = FULFILLMENT_DETAILS_KEY.get(target.get("type", ""))
