@@ -120,6 +120,59 @@ def _check_shape_once(schema_name: str, raw: bytes) -> None:
     check_request_shape(schema_name, orjson.loads(raw) if raw else {})
 
 
+# Request fields of Square's schema that the emulator does not implement, per operation and
+# place in the body ("" is the top level, "order.line_items[]" every line item). Sending one is
+# refused with Square's error envelope rather than accepted and silently dropped; fields not in
+# the schema at all are ignored, as Square ignores them (square-api.md §1.3).
+_LINE_ITEM_UNIMPLEMENTED = frozenset({
+    "applied_discounts", "applied_service_charges", "applied_taxes", "catalog_object_id",
+    "catalog_version", "modifiers", "pricing_blocklists", "quantity_unit"})
+_ORDER_UNIMPLEMENTED = frozenset({"discounts", "taxes", "pricing_options"})
+UNIMPLEMENTED: dict[str, dict[str, frozenset[str]]] = {
+    "CreateOrder": {
+        "order": _ORDER_UNIMPLEMENTED,
+        "order.line_items[]": _LINE_ITEM_UNIMPLEMENTED,
+        "order.service_charges[]": frozenset({
+            "applied_taxes", "catalog_object_id", "catalog_version", "percentage", "scope",
+            "taxable", "treatment_type"}),
+    },
+    "UpdateOrder": {
+        "order": _ORDER_UNIMPLEMENTED | {"service_charges", "source"},
+        "order.line_items[]": _LINE_ITEM_UNIMPLEMENTED,
+    },
+    "CreatePayment": {"": frozenset({
+        "accept_partial_authorization", "buyer_phone_number", "cash_details",
+        "customer_details", "external_details", "offline_payment_details", "tip_money"})},
+    "RefundPayment": {"": frozenset({
+        "cash_details", "customer_id", "destination_id", "external_details", "unlinked"})},
+}
+
+
+def refuse_unimplemented(operation: str, body: dict[str, Any]) -> None:
+    for place, names in UNIMPLEMENTED.get(operation, {}).items():
+        nodes: list[tuple[str, Any]] = [("", body)]
+        for part in place.split(".") if place else []:
+            many = part.endswith("[]")
+            name = part.removesuffix("[]")
+            found: list[tuple[str, Any]] = []
+            for path, node in nodes:
+                child = node.get(name) if isinstance(node, dict) else None
+                prefix = f"{path}.{name}" if path else name
+                if many and isinstance(child, list):
+                    found += [(f"{prefix}[{i}]", c) for i, c in enumerate(child)]
+                elif not many and child is not None:
+                    found.append((prefix, child))
+            nodes = found
+        for path, node in nodes:
+            for name in sorted(names & set(node) if isinstance(node, dict) else ()):
+                if node[name] is None:
+                    continue
+                where = f"{path}.{name}" if path else name
+                raise SquareError(400, "INVALID_REQUEST_ERROR", "BAD_REQUEST",
+                                  f"`{where}` is not implemented by this Square emulator; "
+                                  "leave it out.", where)
+
+
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(payload), status_code=status, headers=headers,
                     media_type="application/json")
@@ -204,6 +257,7 @@ class EmulatorApp:
                     raise SquareError(400, "INVALID_REQUEST_ERROR", "EXPECTED_OBJECT",
                                       "The request body must be a JSON object.")
                 _check_shape_once(operation.request_schema, raw)
+                refuse_unimplemented(operation.name, body)
             if (operation.name == "UpdateOrder" and faulty and plan.noop_update_rate
                     and self.rng.random() < plan.noop_update_rate):
                 # The looser reading of UpdateOrder: a 200 that changed nothing.
@@ -362,7 +416,34 @@ class EmulatorApp:
 
     async def complete_payment(self, request: Request, merchant_id: str, body: Any) -> Any:
         payment_id = request.path_params["payment_id"]
-        return {"payment": dict(self.square.complete_payment(merchant_id, payment_id))}
+        return {"payment": dict(self.square.complete_payment(merchant_id, payment_id,
+                                                             body.get("version_token")))}
+
+    async def cancel_payment(self, request: Request, merchant_id: str, body: Any) -> Any:
+        return {"payment": self.square.cancel_payment(merchant_id,
+                                                      request.path_params["payment_id"])}
+
+    async def cancel_payment_by_key(self, request: Request, merchant_id: str, body: Any) -> Any:
+        """Voids the payment a CreatePayment with this key made; no such payment is no error."""
+        with self.square.lock:
+            stored = self.square.idempotency.get((merchant_id, "CreatePayment",
+                                                  body["idempotency_key"]))
+            if stored is not None:
+                payment = self.square.payment_of(merchant_id, stored.response["payment"]["id"])
+                if payment["status"] != "CANCELED":
+                    self.square.cancel_payment(merchant_id, payment["id"])
+        return {}
+
+    async def list_payments(self, request: Request, merchant_id: str, body: Any) -> Any:
+        page, cursor = self.square.list_payments(merchant_id, dict(request.query_params))
+        return {**({"payments": page} if page else {}), **({"cursor": cursor} if cursor else {})}
+
+    async def get_refund(self, request: Request, merchant_id: str, body: Any) -> Any:
+        return {"refund": self.square.refund_of(merchant_id, request.path_params["refund_id"])}
+
+    async def list_refunds(self, request: Request, merchant_id: str, body: Any) -> Any:
+        page, cursor = self.square.list_refunds(merchant_id, dict(request.query_params))
+        return {**({"refunds": page} if page else {}), **({"cursor": cursor} if cursor else {})}
 
     async def refund_payment(self, request: Request, merchant_id: str, body: Any) -> Any:
         return self._idempotent(
@@ -455,6 +536,18 @@ class EmulatorApp:
             ("POST", "/v2/refunds", op("RefundPayment", ("PAYMENTS_WRITE",),
                                        "RefundPaymentRequest", self.refund_payment,
                                        writes=True)),
+            ("GET", "/v2/payments", op("ListPayments", ("PAYMENTS_READ",), None,
+                                       self.list_payments)),
+            ("POST", "/v2/payments/cancel", op(
+                "CancelPaymentByIdempotencyKey", ("PAYMENTS_WRITE",),
+                "CancelPaymentByIdempotencyKeyRequest", self.cancel_payment_by_key,
+                writes=True)),
+            ("POST", "/v2/payments/{payment_id}/cancel", op(
+                "CancelPayment", ("PAYMENTS_WRITE",), None, self.cancel_payment, writes=True)),
+            ("GET", "/v2/refunds", op("ListPaymentRefunds", ("PAYMENTS_READ",), None,
+                                      self.list_refunds)),
+            ("GET", "/v2/refunds/{refund_id}", op("GetPaymentRefund", ("PAYMENTS_READ",), None,
+                                                  self.get_refund)),
         ]
 
     def asgi(self) -> Starlette:
@@ -471,8 +564,9 @@ class EmulatorApp:
             return run
 
         all_methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+        # Literal paths first, so /v2/payments/cancel is not taken for a payment id.
         routes = [Route(path, endpoint(methods), methods=all_methods)
-                  for path, methods in by_path.items()]
+                  for path, methods in sorted(by_path.items(), key=lambda p: p[0].count("{"))]
         if self.steering:
             routes += [
                 Route("/_emulator/faults", self.admin_faults, methods=["GET", "PUT"]),
