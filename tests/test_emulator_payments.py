@@ -12,9 +12,10 @@ import pytest
 from square import Square
 from square.core.api_error import ApiError
 
+from services.consent import ConsentRecord
 from services.eligibility import EligibilityReason, classify
 from services.square_models import SquareOrder
-from tests.conftest import Emulator, sync_http
+from tests.conftest import Emulator, consent_document, sync_http
 from tests.oracle import eligibility as oracle
 from tests.test_emulator_sdk import assert_exchanges_match_openapi
 
@@ -72,10 +73,14 @@ def test_payments_and_refunds_surface(emulator: Emulator) -> None:
         assert missing.value.status_code == 404
         # A PENDING refund already takes the order out of the candidates.
         raw = emulator.square.orders[order.id].copy_doc()
-        verdict = classify(SquareOrder.model_validate(raw), [], datetime.now(UTC))
-        assert verdict.reason in (EligibilityReason.REFUNDED, EligibilityReason.NO_CONSENT)
-        assert "REFUNDED" in oracle.judge(raw, [], datetime.now(UTC)).reasons
         assert raw["refunds"][0]["status"] == "PENDING"
+        document = consent_document(emulator.merchants[0].merchant.id, scope={
+            "action": "complete_fully_paid_orders", "min_order_age_hours": 0})
+        now = datetime.now(UTC)
+        verdict = classify(SquareOrder.model_validate(raw),
+                           [ConsentRecord.model_validate(document)], now)
+        assert verdict.reason is EligibilityReason.REFUNDED
+        assert oracle.judge(raw, [document], now).reasons == {"REFUNDED"}
         emulator.square.settle_refund(refund.id)
         assert client.refunds.get(refund.id).refund.status == "COMPLETED"
         # ListPaymentRefunds: filters and pages.
