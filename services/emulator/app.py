@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 from openapi_schema_validator import OAS30Validator
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -279,6 +279,8 @@ class EmulatorApp:
             return _json(result)
         except SquareError as error:
             return _json(error.envelope(), error.status, error.headers)
+        except ClientDisconnect:  # the client went away mid-request (e.g. it was killed)
+            return Response(status_code=499)
         except Exception:  # never a stack trace to the client; but never hidden either
             self.internal_errors.append(f"{operation.name}: {traceback.format_exc()}")
             log.exception("emulator internal error in %s", operation.name)
