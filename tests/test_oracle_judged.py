@@ -19,7 +19,7 @@ from services.demo import consent_for, workspace_on_emulator
 from services.emulator import FaultPlan
 from services.square_gateway import RetryPolicy
 from services.workspace import Workspace
-from tests.conftest import Emulator
+from tests.conftest import Emulator, make_emulator
 from tests.oracle import eligibility as oracle
 
 FAST_RETRY = RetryPolicy(attempts=8, base_delay_s=0.01, max_delay_s=1.0)
@@ -95,11 +95,14 @@ async def test_the_queue_agrees_with_the_oracle(emulator: Emulator, tmp_path: Pa
         await workspace.aclose()
 
 
-@pytest.mark.parametrize("plan", [None, FaultPlan(lost_response_rate=0.3,
-                                                  operations=["UpdateOrder"], seed=13)],
-                         ids=["clean", "lost-responses"])
-async def test_every_completion_was_eligible_by_the_oracle(emulator: Emulator, tmp_path: Path,
-                                                           plan: FaultPlan | None) -> None:
+@pytest.mark.parametrize(("plan", "strict"), [
+    (None, False), (FaultPlan(lost_response_rate=0.3, operations=["UpdateOrder"], seed=13), False),
+    (FaultPlan(lost_response_rate=0.3, operations=["UpdateOrder"], seed=13), True),
+], ids=["clean", "lost-responses", "lost-responses-strict"])
+async def test_every_completion_was_eligible_by_the_oracle(tmp_path: Path,
+                                                           plan: FaultPlan | None,
+                                                           strict: bool) -> None:
+    emulator = make_emulator(strict=strict)
     documents = consent_documents(emulator)
     workspace = open_workspace(emulator, tmp_path, documents)
     try:
