@@ -162,3 +162,20 @@ def test_serve_has_a_steering_flag() -> None:
     assert parser.parse_args(["emulator", "serve"]).steering is False
     assert parser.parse_args(["emulator", "serve", "--steering"]).steering is True
     assert parser.parse_args(["emulator", "serve", "--strict"]).strict is True
+
+
+async def test_strict_reading_of_versions_terminal_orders_and_tokens() -> None:
+    for strict in (False, True):
+        emulator = make_emulator(SMALL, strict=strict)
+        record = proposed_paid_order(emulator)
+        stale = await put(emulator, record, completion_body(record, version=record.version - 1))
+        assert (stale.status_code, error_of(stale)["code"]) == (
+            (409, "CONFLICT") if strict else (400, "VERSION_MISMATCH"))
+        emulator.square.update_order(emulator.merchants[0].merchant.id, record.id, {
+            "order": {"location_id": record.location_id, "version": record.version,
+                      "state": "CANCELED"}})
+        terminal = await put(emulator, record, completion_body(record, key="k-9"))
+        assert error_of(terminal)["code"] == ("VERSION_MISMATCH" if strict else "BAD_REQUEST")
+        unknown = await put(emulator, record, completion_body(record), token="no-such-token")
+        assert unknown.status_code == (403 if strict else 401)
+        assert error_of(unknown)["code"] == "UNAUTHORIZED"

@@ -97,7 +97,8 @@ async def test_the_queue_agrees_with_the_oracle(emulator: Emulator, tmp_path: Pa
 
 @pytest.mark.parametrize(("plan", "strict"), [
     (None, False), (FaultPlan(lost_response_rate=0.3, operations=["UpdateOrder"], seed=13), False),
-    (FaultPlan(lost_response_rate=0.3, operations=["UpdateOrder"], seed=13), True),
+    (FaultPlan(lost_response_rate=0.3, version_bump_rate=0.2, operations=["UpdateOrder"],
+               seed=13), True),
 ], ids=["clean", "lost-responses", "lost-responses-strict"])
 async def test_every_completion_was_eligible_by_the_oracle(tmp_path: Path,
                                                            plan: FaultPlan | None,

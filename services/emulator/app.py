@@ -206,7 +206,10 @@ class EmulatorApp:
     # - a fulfillment cannot jump from PROPOSED straight to COMPLETED (§2 rule 2): 400;
     # - UpdateOrder without an idempotency key answers 200 and changes nothing (§1.3, §14);
     # - a reused idempotency key with another body answers 200 and changes nothing (§14);
-    # - 429 comes without Retry-After (§8, §14).
+    # - 429 comes without Retry-After (§8, §14);
+    # - a stale version is 409 CONFLICT, not 400 VERSION_MISMATCH (§1.3, §14);
+    # - updating a COMPLETED or CANCELED order is VERSION_MISMATCH, not BAD_REQUEST (§14);
+    # - unknown, expired and revoked tokens are 403, not 401 (§7, §14).
     strict: bool = False
     steering: bool = False
     max_body_bytes: int = MAX_BODY_BYTES

@@ -309,6 +309,14 @@ class EmulatedSquare:
         self.tokens[token].revoked_at = at or self.clock()
 
     def authenticate(self, authorization: str | None, needed: Iterable[str]) -> EmulatedToken:
+        try:
+            return self._authenticate(authorization, needed)
+        except SquareError as error:
+            if self.strict and error.status == 401:  # §14: the same refusal as a 403
+                error.status = 403
+            raise
+
+    def _authenticate(self, authorization: str | None, needed: Iterable[str]) -> EmulatedToken:
         if not authorization or not authorization.startswith("Bearer "):
             raise SquareError(401, "AUTHENTICATION_ERROR", "UNAUTHORIZED",
                               "This request could not be authorized.")
@@ -511,13 +519,19 @@ class EmulatedSquare:
                 raise bad_request("The order version is required to update an order.",
                                   "order.version", "MISSING_REQUIRED_PARAMETER")
             if sparse["version"] != record.version:
-                raise bad_request(f"Supplied version {sparse['version']} does not match the "
-                                  f"current version {record.version} of order {order_id}.",
-                                  "order.version", "VERSION_MISMATCH")
+                detail = (f"Supplied version {sparse['version']} does not match the current "
+                          f"version {record.version} of order {order_id}.")
+                if self.strict:  # §14: the console must also cope with a 409
+                    raise SquareError(409, "INVALID_REQUEST_ERROR", "CONFLICT", detail,
+                                      "order.version")
+                raise bad_request(detail, "order.version", "VERSION_MISMATCH")
             if sparse.get("location_id") != record.location_id:
                 raise bad_request("The order's location_id cannot be changed.",
                                   "order.location_id")
             if record.state in ("COMPLETED", "CANCELED"):
+                if self.strict:  # §14: a VERSION_MISMATCH instead of BAD_REQUEST
+                    raise bad_request(f"Order {order_id} is {record.state}; its version has "
+                                      "moved on.", "order.version", "VERSION_MISMATCH")
                 raise bad_request(f"Order {order_id} is {record.state} and can no longer be "
                                   "updated.", "order.state")
             doc = record.copy_doc()
