@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--write-demo-files", type=Path, default=None, metavar="DIR",
                        help="also write DIR/credentials.toml and DIR/consents.json for the "
                             "seeded merchants")
+    serve.add_argument("--steering", action="store_true",
+                       help="enable the /_emulator/ routes that steer faults, tokens and versions")
+    serve.add_argument("--strict", action="store_true",
+                       help="the strictest reading of Square's unconfirmed rules (see "
+                            "services/emulator/app.py)")
 
     consent = sub.add_parser("consent", help="import, list and revoke consent records")
     consent_sub = consent.add_subparsers(dest="consent_command", parser_class=_Parser,
@@ -211,7 +216,7 @@ def _emulator_serve(args: argparse.Namespace) -> int:
                        seed=args.seed)
     try:
         serve(args.host, args.port, config, faults, args.manifest,
-              demo_files=args.write_demo_files)
+              demo_files=args.write_demo_files, steering=args.steering, strict=args.strict)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
     except OSError as error:
