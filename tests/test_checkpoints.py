@@ -403,3 +403,27 @@ def test_default_checkpoint_folder_is_per_database(tmp_path: Path) -> None:
     two = default_checkpoint_dir(credentials, tmp_path / "b" / "recon.db")
     assert one.parent == two.parent == tmp_path / "checkpoints" and one != two
     assert os.path.commonpath([one, credentials.parent]) == str(tmp_path)
+
+
+async def test_console_verify_reports_a_cut_tail_against_the_checkpoint(tmp_path: Path) -> None:
+    from console.screens.audit import AuditScreen
+    from tests.console_harness import app_for, demo, merchants_loaded, wait_until
+
+    environment = demo(tmp_path)
+    workspace = environment.workspace
+    assert workspace.write_checkpoint() is not None
+    app = app_for(environment)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        await pilot.press("A")
+        await wait_until(pilot, lambda: isinstance(app.screen, AuditScreen))
+        chain = app.screen.query_one("#chain")
+        await wait_until(pilot, lambda: "verified" in str(chain.render()))
+        assert "against checkpoint checkpoint-" in str(chain.render())
+        workspace.store.conn.execute("DROP TRIGGER audit_no_delete")
+        workspace.store.conn.execute("DELETE FROM audit WHERE seq = ?",
+                                     [workspace.audit.size()])
+        await pilot.press("v")
+        await wait_until(pilot, lambda: "BROKEN" in str(chain.render()))
+        text = str(chain.render())
+        assert "cut from the end" in text and "checked against checkpoint" in text
