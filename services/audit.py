@@ -17,6 +17,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -274,10 +275,13 @@ class AuditTrail:
             results = [_verify_range(conn, 1, None, GENESIS)]
         else:
             starts = [GENESIS] + [_stored_hash(conn, a - 1) for a, _ in ranges[1:]]
-            with ProcessPoolExecutor(len(ranges), mp_context=_worker_context()) as pool:
-                results = list(pool.map(_verify_range_in_process, [str(path)] * len(ranges),
-                                        [a for a, _ in ranges], [b for _, b in ranges],
-                                        starts))
+            try:
+                with ProcessPoolExecutor(len(ranges), mp_context=_worker_context()) as pool:
+                    results = list(pool.map(_verify_range_in_process,
+                                            [str(path)] * len(ranges), [a for a, _ in ranges],
+                                            [b for _, b in ranges], starts))
+            except BrokenProcessPool:  # workers could not start (e.g. a program read from
+                results = [_verify_range(conn, 1, None, GENESIS)]  # stdin): one process
         count = 0
         prev = GENESIS
         for problem, range_count, range_last in results:
