@@ -78,8 +78,13 @@ def _key_from_credentials(credentials: Path) -> CheckpointKey | None:
     _refuse_if_shared(credentials, "the credentials file")
     try:
         document = tomllib.loads(credentials.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return None  # the credentials loader reports what is wrong with the file itself
+    except OSError as error:
+        raise ConfigurationError(f"{credentials}: cannot read it for the checkpoint key "
+                                 f"({error.strerror}).") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        # The parser's message names the line, never the text (it may be a token).
+        raise ConfigurationError(f"{credentials}: not valid TOML "
+                                 f"({str(error).splitlines()[0]}).") from None
     section = document.get("audit")
     if not isinstance(section, dict) or "checkpoint_key" not in section:
         return None
@@ -201,8 +206,12 @@ class CheckpointAnchor:
     def files(self) -> list[Path]:
         if not self.directory.is_dir():
             return []
-        return sorted(p for p in self.directory.iterdir()
-                      if p.name.startswith(_PREFIX) and p.suffix == ".json")
+        try:
+            return sorted(p for p in self.directory.iterdir()
+                          if p.name.startswith(_PREFIX) and p.suffix == ".json")
+        except OSError as error:
+            raise ConfigurationError(f"{self.directory}: cannot list checkpoints "
+                                     f"({error.strerror}); check --checkpoint-dir.") from None
 
     def latest(self) -> Path | None:
         files = self.files()
@@ -214,7 +223,11 @@ class CheckpointAnchor:
         Refuses (AuditChainError) when the chain no longer extends the latest checkpoint:
         signing it would launder a cut or a rewrite. Returns None when skip_if_unchanged and
         the latest checkpoint already covers the chain."""
-        key = self.key(create=True)
+        try:
+            key = self.key(create=True)
+        except OSError as error:
+            raise ConfigurationError(f"{self.key_file}: cannot make the checkpoint key "
+                                     f"({error.strerror}).") from None
         assert key is not None
         current = trail.checkpoint()
         latest = self.latest()
@@ -230,7 +243,11 @@ class CheckpointAnchor:
         signed = sign(current, key)
         document = orjson.dumps(signed.to_json(), option=orjson.OPT_INDENT_2) + b"\n"
         path = output or self.directory / _file_name(signed)
-        _write_private(path, document)
+        try:
+            _write_private(path, document)
+        except OSError as error:
+            raise ConfigurationError(f"{path}: cannot write the checkpoint ({error.strerror}); "
+                                     "check --checkpoint-dir or --output.") from None
         return path
 
     def _checked(self, path: Path, key: CheckpointKey) -> Checkpoint:

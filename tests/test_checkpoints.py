@@ -427,3 +427,14 @@ async def test_console_verify_reports_a_cut_tail_against_the_checkpoint(tmp_path
         await wait_until(pilot, lambda: "BROKEN" in str(chain.render()))
         text = str(chain.render())
         assert "cut from the end" in text and "checked against checkpoint" in text
+
+
+def test_an_unwritable_checkpoint_folder_is_one_line(setup: Setup,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = setup.checkpoints.parent / "a-file"
+    blocker.write_text("not a folder")
+    options = [*setup.options()[:-1], str(blocker / "checkpoints")]
+    capsys.readouterr()
+    assert main(["audit", "checkpoint", *options]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "cannot write the checkpoint" in error
