@@ -33,6 +33,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                        help="Square environment (RECON_SQUARE_ENVIRONMENT)")
     group.add_argument("--credentials", help="credentials TOML (RECON_CREDENTIALS)")
     group.add_argument("--operator", help="who is operating (RECON_OPERATOR; default OS user)")
+    group.add_argument("--checkpoint-dir", help="signed audit checkpoints (RECON_CHECKPOINT_DIR; "
+                       "default: checkpoints/ beside the credentials)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,11 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="verify, checkpoint and export the audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", parser_class=_Parser, required=True)
-    verify = audit_sub.add_parser("verify", help="check the whole chain")
+    verify = audit_sub.add_parser("verify", help="check the whole chain against the latest "
+                                                 "signed checkpoint")
     _common(verify)
     verify.add_argument("--checkpoint", type=Path)
     verify.add_argument("--json", action="store_true")
-    checkpoint = audit_sub.add_parser("checkpoint", help="write size and head hash")
+    checkpoint = audit_sub.add_parser("checkpoint", help="write a signed size and head hash")
     _common(checkpoint)
     checkpoint.add_argument("--output", type=Path)
     export = audit_sub.add_parser("export", help="export entries")
@@ -144,7 +147,7 @@ def settings_from(args: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = {}
     for flag, name in (("db", "db"), ("square_base_url", "square_base_url"),
                        ("environment", "square_environment"), ("credentials", "credentials"),
-                       ("operator", "operator")):
+                       ("operator", "operator"), ("checkpoint_dir", "checkpoint_dir")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[name] = value

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from datetime import datetime
 from typing import Any
@@ -24,11 +23,11 @@ from console.cli import (
     install_cancel,
     print_json,
 )
-from services.audit import Checkpoint
 from services.completion import BatchProgress, Outcome
 from services.consent import ConsentStatus
 from services.errors import ConfigurationError, ConsentFileError
 from services.settings import ReconSettings
+from services.store import utc_text
 from services.workspace import Workspace, format_money
 
 stderr = Console(stderr=True, highlight=False)
@@ -81,6 +80,7 @@ def consent(args: argparse.Namespace, settings: ReconSettings) -> int:
                 f"{stored.record.revocation.revoked_at.isoformat()}"  # type: ignore[union-attr]
                 f" (merchant {stored.record.merchant_id}).")
         _name_consents_left(workspace, revoked[0].record.merchant_id)
+        _checkpoint_note(workspace)
         return EXIT_OK
     finally:
         asyncio.run(workspace.aclose())
@@ -242,6 +242,7 @@ def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
             batch_id, results = await workspace.complete(preview, cancel=cancel,
                                                          on_progress=progress)
             _print_results(args, batch_id, preview.sha256, [r.to_json() for r in results])
+            _checkpoint_note(workspace)
             if cancel.is_set():
                 return EXIT_CANCELLED
             return EXIT_FAILURES if any(r.outcome is Outcome.FAILED for r in results) \
@@ -282,6 +283,7 @@ def recover(args: argparse.Namespace, settings: ReconSettings) -> int:
                             "results": [r.to_json() for r in results]})
             else:
                 err(f"{before} open intent(s); settled {len(results)}; {left} still open.")
+            _checkpoint_note(workspace)
             if left:
                 err("Some intents could not be settled (no credentials or Square "
                     "unreachable): run `recon-console recover` again when Square answers.")
@@ -296,38 +298,17 @@ def audit(args: argparse.Namespace, settings: ReconSettings) -> int:
     workspace = Workspace.open(settings)
     try:
         if args.audit_command == "verify":
-            checkpoint = None
-            if args.checkpoint is not None:
-                try:
-                    data = json.loads(args.checkpoint.read_text())
-                    checkpoint = Checkpoint(int(data["size"]), str(data["head_hash"]),
-                                            str(data.get("created_at", "")))
-                except (OSError, ValueError, KeyError, TypeError) as error:
-                    raise ConfigurationError(
-                        f"{args.checkpoint}: not a checkpoint file ({error}); make one with "
-                        "`recon-console audit checkpoint`.") from None
-            report = workspace.verify(checkpoint)
+            report = workspace.verify(args.checkpoint)
             if args.json:
                 print_json(report.to_json())
             else:
                 err(report.sentence())
             return EXIT_OK if report.ok else EXIT_FAILURES
         if args.audit_command == "checkpoint":
-            document = json.dumps(workspace.audit.checkpoint().to_json(), indent=2) + "\n"
-            if args.output:
-                args.output.write_text(document)
-                err(f"checkpoint written to {args.output}")
-            else:
-                sys.stdout.write(document)
+            path = workspace.write_checkpoint(args.output, automatic=False)
+            err(f"signed checkpoint written to {path}")
             return EXIT_OK
-        since = None
-        if args.since:
-            try:
-                since = datetime.fromisoformat(args.since.replace("Z", "+00:00")).isoformat()
-                since = since.replace("+00:00", "Z")
-            except ValueError:
-                raise ConfigurationError(f"--since {args.since!r} is not an RFC 3339 time, "
-                                         "e.g. 2026-11-01T00:00:00Z.") from None
+        since = _since(args.since) if args.since else None
         if args.output:
             with args.output.open("w", newline="") as handle:
                 count = workspace.audit.export(handle, args.format, merchant_id=args.merchant,
@@ -339,6 +320,25 @@ def audit(args: argparse.Namespace, settings: ReconSettings) -> int:
         return EXIT_OK
     finally:
         asyncio.run(workspace.aclose())
+
+
+def _since(text: str) -> str:
+    """An RFC 3339 time with a zone, as the audit's own UTC text, so that comparing text
+    compares instants (`10:30+02:00` is `08:30Z`)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigurationError(f"--since {text!r} is not an RFC 3339 time, e.g. "
+                                 "2026-11-01T00:00:00Z.") from None
+    if moment.tzinfo is None:
+        raise ConfigurationError(f"--since {text!r} has no zone: add one, e.g. `Z` for UTC "
+                                 "or `+02:00`.")
+    return utc_text(moment)
+
+
+def _checkpoint_note(workspace: Workspace) -> None:
+    if workspace.checkpoint_problem:
+        err(f"warning: {workspace.checkpoint_problem}")
 
 
 __all__ = ["EXIT_CANCELLED", "audit", "complete", "consent", "queue", "recover"]

@@ -8,6 +8,7 @@ Screens and commands never reach past it.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,8 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from services.audit import AuditAction, AuditTrail, Checkpoint, VerifyReport
+from services.audit import AuditAction, AuditTrail, VerifyReport
+from services.checkpoints import CheckpointAnchor, default_checkpoint_dir
 from services.completion import (
     ApprovedItem,
     BatchProgress,
@@ -41,7 +43,7 @@ from services.eligibility import (
     LimitedItem,
     apply_batch_limits,
 )
-from services.errors import ConfigurationError, ConsentFileError
+from services.errors import AuditChainError, ConfigurationError, ConsentFileError
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
 from services.square_models import SquareOrder
@@ -115,6 +117,8 @@ class Workspace:
     engine_options: dict[str, Any] = field(default_factory=dict)
     _consent_cache: dict[str, tuple[int, list[tuple[ConsentRecord, str]]]] = field(
         default_factory=dict)
+    # Why the last automatic checkpoint was not written (a batch never fails for it).
+    checkpoint_problem: str | None = None
 
     @classmethod
     def open(cls, settings: ReconSettings, http: httpx.AsyncClient | None = None,
@@ -291,6 +295,7 @@ class Workspace:
         # Orders these consents made eligible are not any more.
         for merchant_id in sorted({c.record.merchant_id for c in live}):
             self.reclassify(merchant_id)
+        self.write_checkpoint()
         return [c for c in self.store.consents() if c.record.consent_id in revoked_ids]
 
     def consents_still_granting(self, merchant_id: str) -> list[StoredConsent]:
@@ -440,13 +445,23 @@ class Workspace:
                                 self.consents_for, self.clock, self.operator,
                                 **self.engine_options)
 
-    async def complete(self, preview: Preview, *, cancel: asyncio.Event | None = None,
+    async def complete(self, preview: Preview | Sequence[ApprovedItem], *,
+                       cancel: asyncio.Event | None = None,
                        on_progress: Callable[[BatchProgress], None] | None = None
                        ) -> tuple[str, list[OrderResult]]:
-        return await self.engine().run(preview.items, cancel=cancel, on_progress=on_progress)
+        """Run a batch (a preview, or exactly these items, e.g. to retry the failed), then
+        anchor the audit outside the database, even if the batch stopped on an error."""
+        items = preview.items if isinstance(preview, Preview) else list(preview)
+        try:
+            return await self.engine().run(items, cancel=cancel, on_progress=on_progress)
+        finally:
+            self.write_checkpoint()
 
     async def recover(self) -> list[OrderResult]:
-        return await self.engine().recover()
+        try:
+            return await self.engine().recover()
+        finally:
+            self.write_checkpoint()
 
     def open_intent_count(self) -> int:
         row = self.store.conn.execute(
@@ -454,8 +469,37 @@ class Workspace:
         return int(row[0])
 
     # ------------------------------------------------------------------ audit
-    def verify(self, checkpoint: Checkpoint | None = None) -> VerifyReport:
-        return self.audit.verify(checkpoint)
+    @property
+    def checkpoints(self) -> CheckpointAnchor:
+        directory = self.settings.checkpoint_dir or default_checkpoint_dir(
+            self.settings.credentials, self.settings.db)
+        return CheckpointAnchor(directory, self.settings.credentials)
+
+    def write_checkpoint(self, output: Path | None = None, *, automatic: bool = True
+                         ) -> Path | None:
+        """Sign the chain's size and head into the checkpoint folder (or `output`).
+        Automatic ones (after a batch, a recovery, a revocation) skip an unchanged chain and
+        never raise: the reason lands in `checkpoint_problem` for the caller to show."""
+        if not automatic:
+            return self.checkpoints.write(self.audit, output)
+        self.checkpoint_problem = None
+        try:
+            return self.checkpoints.write(self.audit, output, skip_if_unchanged=True)
+        except (AuditChainError, ConfigurationError, OSError, sqlite3.Error) as error:
+            self.checkpoint_problem = str(error)
+            return None
+
+    def verify(self, checkpoint_file: Path | None = None, *, own_connection: bool = False
+               ) -> VerifyReport:
+        """The chain against the latest signed checkpoint (or the one given). With
+        own_connection, on a connection of its own, to run in a worker thread."""
+        if not own_connection:
+            return self.checkpoints.verify(self.audit, checkpoint_file)
+        store = Store(self.settings.db)
+        try:
+            return self.checkpoints.verify(AuditTrail(store), checkpoint_file)
+        finally:
+            store.close()
 
 
 _UNHEALTHY_TOKENS = {TokenHealth.EXPIRED, TokenHealth.REVOKED, TokenHealth.INVALID,
