@@ -9,8 +9,11 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -28,6 +31,7 @@ from services.audit import Checkpoint
 from services.completion import BatchProgress, Outcome
 from services.consent import ConsentStatus
 from services.errors import ConfigurationError, ConsentFileError
+from services.private_files import open_private
 from services.settings import ReconSettings
 from services.workspace import Workspace, format_money
 
@@ -315,7 +319,8 @@ def audit(args: argparse.Namespace, settings: ReconSettings) -> int:
         if args.audit_command == "checkpoint":
             document = json.dumps(workspace.audit.checkpoint().to_json(), indent=2) + "\n"
             if args.output:
-                args.output.write_text(document)
+                with _output(args.output) as handle:
+                    handle.write(document)
                 err(f"checkpoint written to {args.output}")
             else:
                 sys.stdout.write(document)
@@ -329,7 +334,7 @@ def audit(args: argparse.Namespace, settings: ReconSettings) -> int:
                 raise ConfigurationError(f"--since {args.since!r} is not an RFC 3339 time, "
                                          "e.g. 2026-11-01T00:00:00Z.") from None
         if args.output:
-            with args.output.open("w", newline="") as handle:
+            with _output(args.output, newline="") as handle:
                 count = workspace.audit.export(handle, args.format, merchant_id=args.merchant,
                                                since=since)
             err(f"{count} entries written to {args.output}")
@@ -339,6 +344,18 @@ def audit(args: argparse.Namespace, settings: ReconSettings) -> int:
         return EXIT_OK
     finally:
         asyncio.run(workspace.aclose())
+
+
+@contextmanager
+def _output(path: Path, newline: str | None = None) -> Iterator[TextIO]:
+    """An --output file: 0600 (it holds audit data), and a one-line error if it cannot be."""
+    try:
+        handle = open_private(path, newline=newline)
+    except OSError as error:
+        raise ConfigurationError(f"cannot write {path} ({error.strerror}): check the "
+                                 "--output path.") from None
+    with handle:
+        yield handle
 
 
 __all__ = ["EXIT_CANCELLED", "audit", "complete", "consent", "queue", "recover"]
