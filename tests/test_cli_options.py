@@ -137,10 +137,13 @@ def test_hole3_two_values_in_one_place_are_refused(
     (["--read-only", "consent", "import", str(VALID_CONSENT)], "--read-only"),
     (["--db", "x.db", "demo"], "--db"),
     (["demo", "--square-base-url", "https://example.com"], "--square-base-url"),
-    (["--operator", "x", "emulator", "serve"], "--operator"),
+    (["--operator", "x", "emulator", "serve", "--port", "-1"], "--operator"),
 ])
 def test_hole3_option_a_command_has_no_use_for_is_refused(
-        argv: list[str], option: str, capsys: pytest.CaptureFixture[str]) -> None:
+        argv: list[str], option: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from console.app import ReconApp
+    monkeypatch.setattr(ReconApp, "run", lambda self: None)  # were it accepted: no UI here
     code, _, err = run(capsys, *argv)
     assert code == 2 and len(err) == 1 and option in err[0]
 
