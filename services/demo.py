@@ -132,6 +132,7 @@ def build_demo(seed: int = 7, operator: str = "demo-operator", directory: Path |
     frozen = now is not None
     now = now or datetime.now(UTC)
     directory = directory or Path(tempfile.mkdtemp(prefix="recon-demo-"))
+    directory.mkdir(parents=True, exist_ok=True)  # the store makes no directory but the default
     square = EmulatedSquare(rng=random.Random(seed + 1))
     if frozen:
         square.clock = lambda: now
