@@ -181,7 +181,7 @@ def run_console(settings: ReconSettings, read_only: bool = False) -> int:
     workspace = Workspace.open(settings)
     workspace.credentials(required=False)  # a bad file is shown in the console, not fatal
     app = ReconApp(workspace, read_only=read_only,
-                   subtitle=f"{settings.base_url}  operator {settings.operator}")
+                   subtitle=f"Square: {settings.target}  operator {settings.operator}")
     app.set_keymap(load_keymap(settings.keymap))
     app.run()
     return 0
@@ -194,7 +194,8 @@ def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) ->
         return build_demo(seed=seed, operator=settings.operator).workspace
 
     app = ReconApp(workspace_factory=factory, read_only=read_only,
-                   subtitle=f"DEMO on the local Square emulator  operator {settings.operator}")
+                   subtitle=f"DEMO  Square: local emulator (in-process)  "
+                            f"operator {settings.operator}")
     app.set_keymap(load_keymap(settings.keymap))
     app.run()
     if app.workspace is not None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -26,6 +29,7 @@ from console.cli import (
 from services.completion import BatchProgress, Outcome
 from services.consent import ConsentStatus
 from services.errors import ConfigurationError, ConsentFileError
+from services.private_files import open_private
 from services.settings import ReconSettings
 from services.store import utc_text
 from services.workspace import Workspace, format_money
@@ -310,7 +314,7 @@ def audit(args: argparse.Namespace, settings: ReconSettings) -> int:
             return EXIT_OK
         since = _since(args.since) if args.since else None
         if args.output:
-            with args.output.open("w", newline="") as handle:
+            with _output(args.output, newline="") as handle:
                 count = workspace.audit.export(handle, args.format, merchant_id=args.merchant,
                                                since=since)
             err(f"{count} entries written to {args.output}")
@@ -339,6 +343,18 @@ def _since(text: str) -> str:
 def _checkpoint_note(workspace: Workspace) -> None:
     if workspace.checkpoint_problem:
         err(f"warning: {workspace.checkpoint_problem}")
+
+
+@contextmanager
+def _output(path: Path, newline: str | None = None) -> Iterator[TextIO]:
+    """An --output file: 0600 (it holds audit data), and a one-line error if it cannot be."""
+    try:
+        handle = open_private(path, newline=newline)
+    except OSError as error:
+        raise ConfigurationError(f"cannot write {path} ({error.strerror}): check the "
+                                 "--output path.") from None
+    with handle:
+        yield handle
 
 
 __all__ = ["EXIT_CANCELLED", "audit", "complete", "consent", "queue", "recover"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -42,7 +43,9 @@ __all__ = [
     "validate_consent",
 ]
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "consent.schema.json"
+# Package data, so an installed wheel has it; a test keeps it byte-identical to the top-level
+# consent.schema.json (the published copy).
+SCHEMA_RESOURCE = resources.files("services") / "schemas" / "consent.schema.json"
 DEFAULT_ORDER_SOURCES = ("Square Online",)
 EXPIRING_SOON = timedelta(days=14)
 # The same pattern stands in consent.schema.json beside `"format": "email"`.
@@ -165,7 +168,7 @@ def record_sha256(document: dict[str, Any]) -> str:
 
 @cache
 def consent_schema() -> dict[str, Any]:
-    schema: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
+    schema: dict[str, Any] = json.loads(SCHEMA_RESOURCE.read_text(encoding="utf-8"))
     return schema
 
 

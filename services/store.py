@@ -19,6 +19,8 @@ import orjson
 from sqlite_utils import Database, Migrations
 
 from services.consent import ConsentRecord, Revocation, record_sha256
+from services.private_files import create_private
+from services.settings import default_db_path
 
 __all__ = ["QueuedOrder", "Store", "StoredConsent", "now_utc", "utc_text"]
 
@@ -170,7 +172,12 @@ class Store:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path) if path != ":memory:" else path
         if isinstance(self.path, Path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Only the default location's directory is made: elsewhere a missing directory is
+            # a typo, and SQLite then refuses rather than start an empty database.
+            if self.path.parent == default_db_path().parent:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.path.parent.is_dir():
+                create_private(self.path)
         # Made in one thread (the demo builds it in a worker), then used by one at a time.
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=30,
                                check_same_thread=False)

@@ -28,7 +28,8 @@ NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 class Emulator:
     app: EmulatorApp
     merchants: list[SeededMerchant]
-    base_url: str = "http://square-emulator.test"
+    # In-process (ASGI transport): never dialled; a loopback name, as settings require of http.
+    base_url: str = "http://localhost"
     exchanges: list[dict[str, Any]] = field(default_factory=list)
 
     @property
