@@ -8,6 +8,7 @@ Screens and commands never reach past it.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,7 @@ from services.completion import (
     OrderResult,
     approved_set_sha256,
 )
+from services.completion.leases import HOST, holder_gone
 from services.consent import ConsentRecord, ConsentStatus, parse_consent_file, record_sha256
 from services.credentials import MerchantCredentials, load_credentials
 from services.discovery import MerchantDiscovery, TokenHealth, discover, order_row
@@ -90,6 +92,7 @@ class MerchantOverview:
     age_buckets: tuple[int, ...]   # candidates aged <1d, 1-3d, 3-7d, 7-14d, >=14d
     next_sync_in: timedelta | None
     waiting_without_consent: int   # candidate-looking orders with NO_CONSENT (reminders)
+    leased_by: str | None = None   # another live run working on this merchant, and since when
 
     @property
     def urgency(self) -> tuple[int, float]:
@@ -106,6 +109,7 @@ class Workspace:
     _credentials: dict[str, MerchantCredentials] | None = None
     credentials_error: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
+    recover_left_alone: list[str] = field(default_factory=list)
     _consent_cache: dict[str, tuple[int, list[tuple[ConsentRecord, str]]]] = field(
         default_factory=dict)
 
@@ -266,6 +270,7 @@ class Workspace:
         orders_by_merchant: dict[str, list[QueuedOrder]] = {}
         for order in self.store.queued_orders():
             orders_by_merchant.setdefault(order.merchant_id, []).append(order)
+        leased = self.leased_merchants()
         for merchant in self.store.merchants():
             merchant_id = merchant["merchant_id"]
             status, expires = _consent_summary(consents.get(merchant_id, []), now)
@@ -290,7 +295,8 @@ class Workspace:
                 age_buckets=tuple(buckets),
                 next_sync_in=_next_sync(merchant.get("sync_time"), merchant.get("timezone"),
                                         now),
-                waiting_without_consent=sum(1 for o in orders if o.reason in _REMINDER_REASONS)))
+                waiting_without_consent=sum(1 for o in orders if o.reason in _REMINDER_REASONS),
+                leased_by=leased.get(merchant_id)))
         return sorted(rows, key=lambda r: (r.urgency, r.business_name))
 
     # ------------------------------------------------------------------ completing
@@ -360,12 +366,20 @@ class Workspace:
         return await self.engine().run(preview.items, cancel=cancel, on_progress=on_progress)
 
     async def recover(self) -> list[OrderResult]:
-        return await self.engine().recover()
+        """Settle open intents whose lease holder is gone; `recover_left_alone` then says
+        which were left to a live holder (another process or operator)."""
+        engine = self.engine()
+        results = await engine.recover()
+        self.recover_left_alone = engine.recovery.left_alone
+        return results
 
     def open_intent_count(self) -> int:
-        row = self.store.conn.execute(
-            "SELECT COUNT(*) FROM intents WHERE outcome IS NULL").fetchone()
-        return int(row[0])
+        return self.store.open_intent_count()
+
+    def leased_merchants(self) -> dict[str, str]:
+        """Merchants another live holder is working on: merchant id -> who and since when."""
+        return {lease.merchant_id: lease.describe() for lease in self.store.leases()
+                if not holder_gone(lease) and (lease.host, lease.pid) != (HOST, os.getpid())}
 
     # ------------------------------------------------------------------ audit
     def verify(self, checkpoint: Checkpoint | None = None) -> VerifyReport:

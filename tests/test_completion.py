@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 
 from services.completion import ApprovedItem, BatchProgress, Outcome, idempotency_key
+from services.completion.journal import Run
+from services.completion.model import Intent
 from services.demo import consent_for, workspace_on_emulator
 from services.emulator import FaultPlan, SeedConfig
 from services.square_gateway import RetryPolicy
+from services.square_models import SquareOrder
 from services.workspace import Workspace
 from tests.conftest import Emulator, make_emulator
 
@@ -262,14 +265,11 @@ async def test_recover_settles_every_kind_of_open_intent(emulator: Emulator,
         preview = workspace.preview()
         items = preview.items[:3]
         engine = workspace.engine()
-        from services.completion import _Run
-        run = _Run("crash-batch", "sha", 3, asyncio.Event(), None)
-        intents = [engine._check(i, workspace.gateway and
-                                 __import__("services.square_models", fromlist=["x"])
-                                 .SquareOrder.model_validate(
-                                     emulator.square.orders[i.order_id].copy_doc()))
-                   for i in items]
-        engine._write_intents(run, intents)  # type: ignore[arg-type]
+        run = Run("crash-batch", "sha", 3)
+        intents = [engine._check(i, SquareOrder.model_validate(
+            emulator.square.orders[i.order_id].copy_doc())) for i in items]
+        assert all(isinstance(i, Intent) for i in intents)
+        assert engine.journal.write_intents(run, intents)  # type: ignore[arg-type]
         applied, untouched, moved = items
         emulator.square.update_order(applied.merchant_id, applied.order_id,
                                      intents[0].body)  # type: ignore[union-attr]
