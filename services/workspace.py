@@ -373,8 +373,13 @@ class Workspace:
         self.recover_left_alone = engine.recovery.left_alone
         return results
 
-    def open_intent_count(self) -> int:
-        return self.store.open_intent_count()
+    def open_intent_count(self, settleable_only: bool = False) -> int:
+        """Intents without an outcome; `settleable_only`: not those of merchants another live
+        run holds (they are its in-flight work, not ours to settle)."""
+        if not settleable_only:
+            return self.store.open_intent_count()
+        leased = self.leased_merchants()
+        return sum(1 for row in self.store.open_intents() if row["merchant_id"] not in leased)
 
     def leased_merchants(self) -> dict[str, str]:
         """Merchants another live holder is working on: merchant id -> who and since when."""
