@@ -129,3 +129,26 @@ def check_invariants(workspace: Workspace, before: dict[str, tuple[str, int | No
     report = workspace.verify()
     assert report.ok, report.sentence()
     return len(approved), len(newly)
+
+
+def cli_workdir(emulator: object, workdir: Path, base_url: str) -> dict[str, str]:
+    """A credentials file (0600), consents imported for every seeded merchant, and the
+    environment for `recon-console` processes on that database and emulator."""
+    merchants = emulator.merchants  # type: ignore[attr-defined]
+    write_demo_files(workdir, merchants)
+    consents = workdir / "consents.json"
+    consents.write_text(json.dumps([consent_for(m, datetime.now(UTC)) for m in merchants]))
+    settings = ReconSettings(db=workdir / "recon.db", square_base_url=base_url,
+                             credentials=workdir / "credentials.toml", operator="setup")
+    workspace = Workspace.open(settings)
+    workspace.import_consent_files([consents])
+    workspace.store.close()
+    return dict(os.environ, RECON_DB=str(workdir / "recon.db"), RECON_SQUARE_BASE_URL=base_url,
+                RECON_CREDENTIALS=str(workdir / "credentials.toml"), RECON_OPERATOR="cli",
+                RECON_READ_RETRIES="1")
+
+
+def start_cli(env: dict[str, str], *args: str, operator: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "console.cli", *args], cwd=ROOT,
+                            env=dict(env, RECON_OPERATOR=operator), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)

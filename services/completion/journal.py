@@ -193,6 +193,8 @@ class IntentJournal:
         except sqlite3.Error as error:
             self._refused(error)
             for p in pending:
+                if p.result.outcome is Outcome.SKIPPED:
+                    continue  # not sent (or refused by Square): nothing to claim either way
                 # Square's answer is known only to this process now: never say completed.
                 p.run.replace(p.index, OrderResult.of(
                     p.intent.item, Outcome.FAILED, NOT_RECORDED,
