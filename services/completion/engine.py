@@ -131,9 +131,18 @@ class CompletionEngine:
                            "stay in the queue.")
             return
         try:
-            # What a gone holder (or a crash) left open is settled before anything new.
-            await self.recovery.settle_merchant(Run("recovery", "", 0), merchant_id)
+            # What a gone holder (or a crash) left open is settled before anything new; an
+            # order that settling completed is reported as such (e.g. retrying the failed).
+            recovered = Run("recovery", "", 0)
+            await self.recovery.settle_merchant(recovered, merchant_id)
+            settled = {(r.order_id, r.version): r for r in recovered.results
+                       if r.outcome is Outcome.COMPLETED}
             unsettled = {row["order_id"] for row in self.store.open_intents(merchant_id)}
+            for item in items:
+                if (item.order_id, item.version) in settled:
+                    run.add(settled[item.order_id, item.version])
+                    self._progress(run)
+            items = [i for i in items if (i.order_id, i.version) not in settled]
             for start in range(0, len(items), 100):
                 await self._run_chunk(run, merchant_id, creds, items[start:start + 100],
                                       unsettled)
