@@ -28,7 +28,9 @@ class ReconApp(App[int]):
     BINDINGS = [
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("A", "audit", "Audit", id="app.audit"),
-        Binding("R", "recover", "Recover", id="app.recover"),
+        # Off the footer (the status line says "press R" when intents are open); in the
+        # palette and help.
+        Binding("R", "recover", "Recover", id="app.recover", show=False),
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
 
@@ -185,6 +187,9 @@ class ReconApp(App[int]):
                             self.action_refresh)
         yield SystemCommand("Audit trail", "Entries, chain status and export",
                             self.action_audit)
+        if not self.read_only:
+            yield SystemCommand("Recover", "Settle unfinished completions against Square",
+                                self.action_recover)
         commands = getattr(screen, "palette_commands", None)
         if commands is not None:
             yield from commands()
