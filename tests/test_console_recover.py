@@ -44,7 +44,7 @@ async def test_hole5_the_console_recovers_open_intents(tmp_path: Path) -> None:
         assert all(emulator.square.orders[i.order_id].state == "COMPLETED" for i in items)
 
 
-async def test_hole5_read_only_offers_no_recover(tmp_path: Path) -> None:
+async def test_read_only_offers_no_recover(tmp_path: Path) -> None:
     environment = demo(tmp_path)
     app = app_for(environment, read_only=True)
     async with app.run_test(size=(160, 45)) as pilot:

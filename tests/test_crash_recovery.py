@@ -134,9 +134,6 @@ def test_hole6_concurrent_runs_complete_each_order_once(tmp_path: Path,
     documents = [json.loads(out) for out, _ in outputs]
     assert [p.returncode for p in runs] == [0, 0], [err for _, err in outputs]
     results = [r for d in documents for r in d["results"]]
-    leased = [r for r in results if r["reason"] == "LEASED"]
-    assert leased, "the two runs did not overlap"
-    assert all("since" in r["detail"] and "pid" in r["detail"] for r in leased)
     newly = _newly_completed(emulator, before)
     assert newly
     store = Store(tmp_path / "recon.db")
@@ -151,3 +148,6 @@ def test_hole6_concurrent_runs_complete_each_order_once(tmp_path: Path,
         assert AuditTrail(store).verify().ok
     finally:
         store.close()
+    leased = [r for r in results if r["reason"] == "LEASED"]
+    assert leased, "the two runs did not overlap"
+    assert all("since" in r["detail"] and "pid" in r["detail"] for r in leased)
