@@ -21,6 +21,7 @@ from services.completion.leases import HOST
 from services.completion.model import Intent
 from services.demo import consent_for, workspace_on_emulator
 from services.emulator import FaultPlan, SeedConfig
+from services.errors import SquareAuthError
 from services.square_gateway import RetryPolicy
 from services.square_models import SquareOrder
 from services.store import Lease, utc_text
@@ -498,5 +499,26 @@ async def test_hole6_the_heartbeat_keeps_a_long_batch_leased(
         _, results = await workspace.complete(preview)  # far longer than the TTL
         emulator.app.set_faults(FaultPlan())
         assert {r.outcome for r in results} == {Outcome.COMPLETED}
+    finally:
+        await workspace.aclose()
+
+
+async def test_a_token_filed_under_another_merchant_shows_its_own_code(
+        emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway refuses such a token before any call (SquareAuthError with the code
+    TOKEN_MERCHANT_MISMATCH); the engine passes the code through as the skip reason."""
+    workspace = await ready_workspace(emulator, tmp_path, merchants=1)
+    try:
+        preview = workspace.preview()
+
+        async def refused(*args: object, **kwargs: object) -> None:
+            raise SquareAuthError(status=401, code="TOKEN_MERCHANT_MISMATCH",
+                                  detail="The token belongs to another merchant.")
+
+        monkeypatch.setattr(workspace.gateway, "batch_retrieve", refused)
+        _, results = await workspace.complete(preview)
+        assert {(r.outcome, r.reason) for r in results} == {
+            (Outcome.SKIPPED, "TOKEN_MERCHANT_MISMATCH")}
+        assert workspace.store.db["intents"].count == 0
     finally:
         await workspace.aclose()

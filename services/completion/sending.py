@@ -128,6 +128,9 @@ class Sender:
                 self.reject_token(item.merchant_id, error)
                 if uncertain:
                     return None
+                if token_skip(error.code) is not SkipReason.TOKEN_REJECTED:
+                    # Refused before any call (e.g. TOKEN_MERCHANT_MISMATCH): nothing was sent.
+                    return result(Outcome.SKIPPED, token_skip(error.code), str(error))
                 return result(Outcome.FAILED, error.code, str(error))
             except SquareApiError as error:
                 self.breaker.answered(item.merchant_id)
