@@ -29,7 +29,9 @@ from services.workspace import Workspace
 from tests.conftest import Emulator, make_emulator
 
 FAST_RETRY = RetryPolicy(attempts=8, base_delay_s=0.01, max_delay_s=1.0)
-ENGINE = {"max_attempts": 6, "attempt_timeout_s": 0.5, "base_backoff_s": 0.01,
+# A generous per-call timeout: on a loaded machine a short one times out healthy calls, which
+# (rightly) leaves intents open. Tests of hung calls shorten it.
+ENGINE = {"max_attempts": 6, "attempt_timeout_s": 5.0, "base_backoff_s": 0.01,
           "max_rate_limit_waits": 40}
 
 
@@ -80,9 +82,10 @@ def assert_invariants(emulator: Emulator, workspace: Workspace,
 
 async def run_batch(emulator: Emulator, tmp_path: Path, plan: FaultPlan | None = None,
                     *, on_progress: Any = None, cancel: asyncio.Event | None = None,
-                    merchants: int | None = None) -> tuple[Workspace, list[Any],
-                                                           dict[str, Any], list[ApprovedItem]]:
+                    merchants: int | None = None, options: dict[str, Any] | None = None
+                    ) -> tuple[Workspace, list[Any], dict[str, Any], list[ApprovedItem]]:
     workspace = await ready_workspace(emulator, tmp_path, merchants)
+    workspace.engine_options.update(options or {})
     preview = workspace.preview()
     assert preview.count > 10
     before = versions(emulator)
@@ -124,7 +127,8 @@ async def test_clean_batch_completes_everything(emulator: Emulator, tmp_path: Pa
 ], ids=["5xx", "hung", "lost-response", "lost-response-hang", "429-storm", "version-bumps"])
 async def test_fault_modes_keep_the_invariants(emulator: Emulator, tmp_path: Path,
                                                plan: FaultPlan) -> None:
-    workspace, results, before, approved = await run_batch(emulator, tmp_path, plan)
+    workspace, results, before, approved = await run_batch(
+        emulator, tmp_path, plan, options={"attempt_timeout_s": 0.5})
     try:
         assert len(results) == len(approved)
         await workspace.recover()
