@@ -82,6 +82,8 @@ def m001_initial(db: Database) -> None:
     # Append-only: the database itself refuses changes to history.
     db.execute("""CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
                   BEGIN SELECT RAISE(ABORT, 'audit entries are append-only'); END""")
+    db.execute("""CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+                  BEGIN SELECT RAISE(ABORT, 'audit entries are append-only'); END""")
 
 
 @migrations()
@@ -112,8 +114,6 @@ def m003_intent_attempts_and_leases(db: Database) -> None:
             merchant_id TEXT PRIMARY KEY, operator TEXT NOT NULL, host TEXT NOT NULL,
             pid INTEGER NOT NULL, started_at TEXT NOT NULL, heartbeat_at TEXT NOT NULL,
             expires_at TEXT NOT NULL, token TEXT NOT NULL)""")
-    db.execute("""CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
-                  BEGIN SELECT RAISE(ABORT, 'audit entries are append-only'); END""")
 
 
 @dataclass(frozen=True)
