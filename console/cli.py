@@ -33,6 +33,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                        help="Square environment (RECON_SQUARE_ENVIRONMENT)")
     group.add_argument("--credentials", help="credentials TOML (RECON_CREDENTIALS)")
     group.add_argument("--operator", help="who is operating (RECON_OPERATOR; default OS user)")
+    group.add_argument("--checkpoint-dir", help="signed audit checkpoints (RECON_CHECKPOINT_DIR; "
+                       "default: checkpoints/ beside the credentials)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--write-demo-files", type=Path, default=None, metavar="DIR",
                        help="also write DIR/credentials.toml and DIR/consents.json for the "
                             "seeded merchants")
+    serve.add_argument("--steering", action="store_true",
+                       help="enable the /_emulator/ routes that steer faults, tokens and versions")
+    serve.add_argument("--strict", action="store_true",
+                       help="the strictest reading of Square's unconfirmed rules (see "
+                            "services/emulator/app.py)")
 
     consent = sub.add_parser("consent", help="import, list and revoke consent records")
     consent_sub = consent.add_subparsers(dest="consent_command", parser_class=_Parser,
@@ -85,9 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     c_list = consent_sub.add_parser("list", help="consents and their status now")
     _common(c_list)
     c_list.add_argument("--json", action="store_true")
-    c_revoke = consent_sub.add_parser("revoke", help="revoke a consent from now on")
+    c_revoke = consent_sub.add_parser("revoke", help="revoke a consent from now on; a revoked "
+                                      "consent id stays revoked whatever is imported later")
     _common(c_revoke)
-    c_revoke.add_argument("consent_id")
+    which = c_revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("consent_id", nargs="?")
+    which.add_argument("--all-for-merchant", metavar="MERCHANT_ID",
+                       help="revoke every consent of this merchant not yet revoked")
     c_revoke.add_argument("--by", required=True)
     c_revoke.add_argument("--reason", required=True)
 
@@ -114,11 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="verify, checkpoint and export the audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", parser_class=_Parser, required=True)
-    verify = audit_sub.add_parser("verify", help="check the whole chain")
+    verify = audit_sub.add_parser("verify", help="check the whole chain against the latest "
+                                                 "signed checkpoint")
     _common(verify)
     verify.add_argument("--checkpoint", type=Path)
     verify.add_argument("--json", action="store_true")
-    checkpoint = audit_sub.add_parser("checkpoint", help="write size and head hash")
+    checkpoint = audit_sub.add_parser("checkpoint", help="write a signed size and head hash")
     _common(checkpoint)
     checkpoint.add_argument("--output", type=Path)
     export = audit_sub.add_parser("export", help="export entries")
@@ -135,7 +147,7 @@ def settings_from(args: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = {}
     for flag, name in (("db", "db"), ("square_base_url", "square_base_url"),
                        ("environment", "square_environment"), ("credentials", "credentials"),
-                       ("operator", "operator")):
+                       ("operator", "operator"), ("checkpoint_dir", "checkpoint_dir")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[name] = value
@@ -207,7 +219,7 @@ def _emulator_serve(args: argparse.Namespace) -> int:
                        seed=args.seed)
     try:
         serve(args.host, args.port, config, faults, args.manifest,
-              demo_files=args.write_demo_files)
+              demo_files=args.write_demo_files, steering=args.steering, strict=args.strict)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
     except OSError as error:

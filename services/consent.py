@@ -33,8 +33,11 @@ __all__ = [
     "ConsentRecord",
     "ConsentStatus",
     "InvalidConsent",
+    "Revocation",
+    "consent_rule_problems",
     "consent_schema",
     "parse_consent_file",
+    "read_consent_file",
     "record_sha256",
     "validate_consent",
 ]
@@ -200,27 +203,55 @@ def validate_consent(document: Any) -> tuple[ConsentRecord | None, list[InvalidC
         return None, [InvalidConsent(_path(list(e["loc"])), e["msg"]) for e in error.errors()]
 
 
-def parse_consent_file(path: Path) -> list[tuple[ConsentRecord, dict[str, Any]]]:
-    """All records of a file (one record or an array), or ConsentFileError naming the first
-    problem: the file, the record, the field path and what is wrong. Nothing partial."""
+def consent_rule_problems(record: ConsentRecord, now: datetime) -> list[InvalidConsent]:
+    """What a schema cannot say: dates that contradict each other or the clock. Checked on
+    import only, so a record already stored always loads."""
+    problems = []
+    if record.expires_at is not None and record.expires_at <= record.effective_from:
+        problems.append(InvalidConsent(
+            "$.expires_at", f"{record.expires_at.isoformat()} is not after effective_from "
+                            f"{record.effective_from.isoformat()}"))
+    if record.evidence.captured_at > now:
+        problems.append(InvalidConsent(
+            "$.evidence.captured_at", f"{record.evidence.captured_at.isoformat()} is in the "
+                                      f"future (now {now.isoformat(timespec='seconds')})"))
+    return problems
+
+
+def problem_line(where: str, problem: InvalidConsent, more: int = 0) -> str:
+    extra = f" (and {more} more)" if more else ""
+    return f"{where}: {problem.path}: {problem.message}{extra}; fix the record and import it again."
+
+
+def read_consent_file(path: Path) -> tuple[list[tuple[str, ConsentRecord, dict[str, Any]]],
+                                           list[str]]:
+    """The valid records of a file, each with where it stands ("file: record N"), and one
+    line per record (or per file) that is not valid: file, record, field path, what is wrong."""
     try:
         document = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConsentFileError(f"{path}: file not found.") from None
+        return [], [f"{path}: file not found."]
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConsentFileError(f"{path}: not valid JSON ({error}).") from None
+        return [], [f"{path}: not valid JSON ({error})."]
     items = document if isinstance(document, list) else [document]
     if not items:
-        raise ConsentFileError(f"{path}: the array holds no consent records.")
-    records = []
+        return [], [f"{path}: the array holds no consent records."]
+    records, lines = [], []
     for index, item in enumerate(items):
+        where = f"{path}: record {index}" if isinstance(document, list) else str(path)
         record, problems = validate_consent(item)
         if problems:
-            where = f"record {index}: " if isinstance(document, list) else ""
-            first = problems[0]
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise ConsentFileError(f"{path}: {where}{first.path}: {first.message}{more}; "
-                                   "fix the record and import it again.")
+            lines.append(problem_line(where, problems[0], len(problems) - 1))
+            continue
         assert record is not None
-        records.append((record, item))
-    return records
+        records.append((where, record, item))
+    return records, lines
+
+
+def parse_consent_file(path: Path) -> list[tuple[ConsentRecord, dict[str, Any]]]:
+    """All records of a file (one record or an array), or ConsentFileError naming the first
+    problem: the file, the record, the field path and what is wrong. Nothing partial."""
+    records, lines = read_consent_file(path)
+    if lines:
+        raise ConsentFileError(lines[0])
+    return [(record, document) for _, record, document in records]

@@ -66,7 +66,9 @@ def consent_for(merchant: SeededMerchant, now: datetime, *, state: str = "active
         "scope": scope,
         "notice": {"version": "2026-01", "text_sha256": NOTICE_SHA256},
         "evidence": {"method": "e_signature", "reference": f"ESIGN-{merchant.merchant.id[:8]}",
-                     "captured_at": _text(effective), "captured_by": "onboarding team"},
+                     # Captured before it takes effect, and never in the future.
+                     "captured_at": _text(min(effective, now)),
+                     "captured_by": "onboarding team"},
         "effective_from": _text(effective), "expires_at": _text(expires),
     }
     if revocation:

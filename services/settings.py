@@ -59,3 +59,7 @@ class ReconSettings(BaseSettings):
     @property
     def base_url(self) -> str:
         return self.square_base_url or SQUARE_BASE_URLS[self.square_environment]
+
+    # Signed audit checkpoints go here, outside the database (RECON_CHECKPOINT_DIR); unset: a
+    # `checkpoints/` folder beside the credentials file (services/checkpoints.py).
+    checkpoint_dir: Path | None = None

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import orjson
 from sqlite_utils import Database, Migrations
 
-from services.consent import ConsentRecord, record_sha256
+from services.consent import ConsentRecord, Revocation, record_sha256
 
 __all__ = ["Lease", "QueuedOrder", "Store", "StoredConsent", "now_utc", "utc_text"]
 
@@ -87,6 +87,34 @@ def m001_initial(db: Database) -> None:
 
 
 @migrations()
+def m002_consent_revocations(db: Database) -> None:
+    # Revocation is final: kept apart from the record versions, which a later import could
+    # replace, and append-only. A consent id is revoked from its earliest revoked_at on.
+    db.execute("""
+        CREATE TABLE consent_revocations (
+            seq INTEGER PRIMARY KEY, consent_id TEXT NOT NULL, merchant_id TEXT NOT NULL,
+            revoked_at TEXT NOT NULL, revoked_by TEXT NOT NULL, reason TEXT NOT NULL,
+            recorded_at TEXT NOT NULL, operator TEXT NOT NULL, source TEXT)""")
+    db.execute("CREATE INDEX consent_revocations_id ON consent_revocations(consent_id)")
+    db.execute("""CREATE TRIGGER consent_revocations_no_update BEFORE UPDATE ON
+                  consent_revocations BEGIN SELECT RAISE(ABORT, 'revocations are final'); END""")
+    db.execute("""CREATE TRIGGER consent_revocations_no_delete BEFORE DELETE ON
+                  consent_revocations BEGIN SELECT RAISE(ABORT, 'revocations are final'); END""")
+    # Databases from before: every version that ever carried a revocation still counts.
+    for row in db.execute("SELECT consent_id, merchant_id, record_json, imported_at, "
+                          "imported_by, source FROM consents ORDER BY rowid").fetchall():
+        revocation = orjson.loads(row[2]).get("revocation")
+        if revocation:
+            db.execute("INSERT INTO consent_revocations (consent_id, merchant_id, revoked_at, "
+                       "revoked_by, reason, recorded_at, operator, source) VALUES "
+                       "(?, ?, ?, ?, ?, ?, ?, ?)",
+                       [row[0], row[1], utc_text(Revocation.model_validate(revocation)
+                                                 .revoked_at),
+                        revocation["revoked_by"], revocation["reason"], row[3], row[4],
+                        row[5]])
+
+
+@migrations()
 def m003_intent_attempts_and_leases(db: Database) -> None:
     """Every attempt at an order is its own intent row (the old table was keyed by the
     idempotency key, so a retry's INSERT OR IGNORE left no row for `recover` to find), and a
@@ -147,16 +175,18 @@ class QueuedOrder(NamedTuple):
     detail: str | None
     consent_id: str | None
     fulfillments: str
+    fetched_at: str | None = None   # when discovery last read it from Square (`seen_at`)
 
-    def to_json(self) -> dict[str, Any]:
-        """The `queue --json` shape of interfaces.md."""
+    def to_json(self, stale: bool = False) -> dict[str, Any]:
+        """The `queue --json` shape of interfaces.md; `stale` when its merchant could not be
+        refreshed just now, so this is what Square said at `fetched_at`."""
         return {"merchant_id": self.merchant_id, "order_id": self.order_id,
                 "location_id": self.location_id, "version": self.version, "state": self.state,
                 "source": self.source,
                 "total_money": {"amount": self.total_amount, "currency": self.currency},
                 "net_amount_due_money": {"amount": self.due_amount, "currency": self.currency},
                 "created_at": self.created_at, "eligible": bool(self.eligible),
-                "reason": self.reason}
+                "reason": self.reason, "stale": stale, "fetched_at": self.fetched_at}
 
 
 class Lease(NamedTuple):
@@ -181,7 +211,7 @@ _INTENT_COLUMNS = ("intent_id, attempt, idempotency_key, batch_id, merchant_id, 
                    "operator, created_at, body_json")
 _QUEUED_COLUMNS = ("order_id, merchant_id, location_id, version, state, source, reference_id, "
                    "total_amount, currency, due_amount, created_at, eligible, reason, detail, "
-                   "consent_id, fulfillments")
+                   "consent_id, fulfillments, seen_at")
 
 
 class Store:
@@ -246,15 +276,62 @@ class Store:
             sql += " WHERE c.merchant_id = ?"
             params.append(merchant_id)
         rows = self.conn.execute(sql + " ORDER BY c.merchant_id, c.consent_id", params)
+        revocations = self.revocations()
         result = []
         for row in rows.fetchall():
             document = orjson.loads(row[3])
-            result.append(StoredConsent(ConsentRecord.model_validate(document), document,
-                                        row[4], int(row[1]), row[5], row[6]))
+            record = ConsentRecord.model_validate(document)
+            durable = revocations.get(record.consent_id)
+            # A later version without `revocation` (or with a later one) does not undo it.
+            if durable is not None and (record.revocation is None
+                                        or durable.revoked_at < record.revocation.revoked_at):
+                record = record.model_copy(update={"revocation": durable})
+            result.append(StoredConsent(record, document, row[4], int(row[1]), row[5], row[6]))
         return result
 
+    def latest_consent_sha256(self, consent_id: str) -> str | None:
+        row = self.conn.execute("SELECT record_sha256 FROM consents WHERE consent_id = ? "
+                                "ORDER BY version DESC LIMIT 1", [consent_id]).fetchone()
+        return str(row[0]) if row else None
+
+    def consent_merchant_id(self, consent_id: str) -> str | None:
+        """The merchant a consent id was first stored for (an id never moves to another)."""
+        row = self.conn.execute("SELECT merchant_id FROM consents WHERE consent_id = ? "
+                                "ORDER BY version LIMIT 1", [consent_id]).fetchone()
+        return str(row[0]) if row else None
+
+    def revocations(self) -> dict[str, Revocation]:
+        """Every revoked consent id and its earliest revocation (which is the one in force)."""
+        result: dict[str, Revocation] = {}
+        for consent_id, revoked_at, revoked_by, reason in self.conn.execute(
+                "SELECT consent_id, revoked_at, revoked_by, reason FROM consent_revocations "
+                "ORDER BY revoked_at DESC, seq DESC"):
+            result[consent_id] = Revocation(revoked_at=revoked_at, revoked_by=revoked_by,
+                                            reason=reason)
+        return result
+
+    def record_revocation(self, record: ConsentRecord, operator: str, source: str) -> None:
+        """Keep `record.revocation` for good; call inside the transaction that stores it.
+        Nothing to add when the id is already revoked at or before that moment."""
+        revocation = record.revocation
+        assert revocation is not None
+        revoked_at = utc_text(revocation.revoked_at)
+        earlier = self.conn.execute(
+            "SELECT 1 FROM consent_revocations WHERE consent_id = ? AND revoked_at <= ?",
+            [record.consent_id, revoked_at]).fetchone()
+        if earlier is None:
+            self.conn.execute(
+                "INSERT INTO consent_revocations (consent_id, merchant_id, revoked_at, "
+                "revoked_by, reason, recorded_at, operator, source) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?)",
+                [record.consent_id, record.merchant_id, revoked_at, revocation.revoked_by,
+                 revocation.reason, utc_text(), operator, source])
+
     def consents_revision(self) -> int:
-        row = self.conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM consents").fetchone()
+        """Grows whenever a consent version or a revocation is added (both tables only grow)."""
+        row = self.conn.execute(
+            "SELECT (SELECT COALESCE(MAX(rowid), 0) FROM consents) + "
+            "(SELECT COALESCE(MAX(seq), 0) FROM consent_revocations)").fetchone()
         return int(row[0])
 
     def consent_versions(self, consent_id: str) -> int:
@@ -280,8 +357,10 @@ class Store:
             conn.execute("DELETE FROM orders WHERE merchant_id = ?", [merchant_id])
             if rows:
                 columns = list(rows[0])
+                # OR REPLACE: an order id is Square's, unique across merchants; a row left under
+                # another merchant id (read through a mis-filed token) moves to its owner.
                 conn.executemany(
-                    f"INSERT INTO orders ({', '.join(columns)}) VALUES "
+                    f"INSERT OR REPLACE INTO orders ({', '.join(columns)}) VALUES "
                     f"({', '.join('?' for _ in columns)})",
                     [[row[c] for c in columns] for row in rows])
 

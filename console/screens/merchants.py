@@ -19,7 +19,8 @@ _SPARK = " ▁▂▃▄▅▆▇█"
 _CONSENT_STYLE = {"active": "green", "expiring": "yellow", "expired": "red", "revoked": "red",
                   "not_yet_effective": "yellow", "none": "dim"}
 _TOKEN_STYLE = {"valid": "green", "expiring": "yellow", "expired": "red", "revoked": "red",
-                "invalid": "red", "missing_scopes": "yellow", "unknown": "dim"}
+                "invalid": "red", "missing_scopes": "yellow", "merchant_mismatch": "red",
+                "unknown": "dim"}
 
 
 def sparkline(buckets: Iterable[int]) -> str:
