@@ -15,6 +15,7 @@ from textual.message import Message
 from textual.screen import Screen
 
 from console.messages import describe
+from services.completion import Outcome
 from services.settings import ReconSettings
 from services.workspace import Workspace
 
@@ -27,6 +28,9 @@ class ReconApp(App[int]):
     BINDINGS = [
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("A", "audit", "Audit", id="app.audit"),
+        # Off the footer (the status line says "press R" when intents are open); in the
+        # palette and help.
+        Binding("R", "recover", "Recover", id="app.recover", show=False),
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
 
@@ -104,7 +108,7 @@ class ReconApp(App[int]):
                         "the Note column says what to do.")
             open_intents = self.workspace.open_intent_count()
             if open_intents:
-                text += f" {open_intents} unsettled intents: run `recon-console recover`."
+                text += f" {open_intents} unsettled intents: press R to recover."
             self.set_status(text)
         except Exception as error:
             error_text = describe(error)
@@ -118,6 +122,35 @@ class ReconApp(App[int]):
         if self.workspace is None or self.busy:
             return
         await self.refresh_data()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "recover":
+            return not self.read_only
+        return True
+
+    @work(exclusive=True, group="recover")
+    async def action_recover(self) -> None:
+        """Settle open intents whose lease holder is gone, and say what was settled."""
+        if self.workspace is None or self.busy:
+            return
+        self.busy = True
+        self.set_status("Recovering: settling unfinished completions against Square…")
+        try:
+            self.workspace.credentials()
+            results = await self.workspace.recover()
+            counts = {o: sum(1 for r in results if r.outcome is o) for o in Outcome}
+            text = (f"Recovered: settled {len(results)} ({counts[Outcome.COMPLETED]} "
+                    f"completed, {counts[Outcome.SKIPPED]} skipped, {counts[Outcome.FAILED]} "
+                    f"failed); {self.workspace.open_intent_count()} still open.")
+            if self.workspace.recover_left_alone:
+                text += (f" Left alone, another run is live: "
+                         f"{'; '.join(self.workspace.recover_left_alone)}")
+            self.set_status(text)
+        except Exception as error:
+            self.set_status(describe(error), error=True)
+        finally:
+            self.busy = False
+        self.post_message(self.Refreshed())
 
     def set_status(self, text: str, error: bool = False) -> None:
         self.status = text
@@ -154,6 +187,9 @@ class ReconApp(App[int]):
                             self.action_refresh)
         yield SystemCommand("Audit trail", "Entries, chain status and export",
                             self.action_audit)
+        if not self.read_only:
+            yield SystemCommand("Recover", "Settle unfinished completions against Square",
+                                self.action_recover)
         commands = getattr(screen, "palette_commands", None)
         if commands is not None:
             yield from commands()

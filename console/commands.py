@@ -26,7 +26,7 @@ from console.cli import (
     install_cancel,
     print_json,
 )
-from services.completion import BatchProgress, Outcome
+from services.completion import NOT_RECORDED, BatchProgress, Outcome, SkipReason
 from services.consent import ConsentStatus
 from services.errors import ConfigurationError, ConsentFileError
 from services.private_files import open_private
@@ -116,6 +116,8 @@ async def _recover_first(workspace: Workspace) -> None:
         results = await workspace.recover()
         for result in results:
             err(f"  {result.order_id}: {result.outcome.value} {result.reason or ''}")
+        for line in workspace.recover_left_alone:
+            err(f"  left alone (live lease): {line}")
 
 
 def _report_merchants(reports: list[Any]) -> None:
@@ -246,11 +248,19 @@ def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
             batch_id, results = await workspace.complete(preview, cancel=cancel,
                                                          on_progress=progress)
             _print_results(args, batch_id, preview.sha256, [r.to_json() for r in results])
+            unrecorded = sum(1 for r in results if r.reason == NOT_RECORDED)
+            if unrecorded:
+                err(f"{unrecorded} outcomes not recorded: run `recon-console recover`.")
+            unreachable = sorted({r.merchant_id for r in results
+                                  if r.reason == SkipReason.SQUARE_UNREACHABLE})
+            if unreachable:
+                err(f"Square could not be reached for {', '.join(unreachable)}: their orders "
+                    "stay in the queue.")
             _checkpoint_note(workspace)
             if cancel.is_set():
                 return EXIT_CANCELLED
-            return EXIT_FAILURES if any(r.outcome is Outcome.FAILED for r in results) \
-                else EXIT_OK
+            return EXIT_FAILURES if unreachable or any(
+                r.outcome is Outcome.FAILED for r in results) else EXIT_OK
         finally:
             await workspace.aclose()
     return asyncio.run(run())
@@ -282,13 +292,16 @@ def recover(args: argparse.Namespace, settings: ReconSettings) -> int:
             before = workspace.open_intent_count()
             results = await workspace.recover()
             left = workspace.open_intent_count()
+            held = workspace.recover_left_alone
             if args.json:
                 print_json({"open_before": before, "open_after": left,
-                            "results": [r.to_json() for r in results]})
+                            "results": [r.to_json() for r in results], "left_alone": held})
             else:
                 err(f"{before} open intent(s); settled {len(results)}; {left} still open.")
+            for line in held:
+                err(f"left alone, another run is live: {line}")
             _checkpoint_note(workspace)
-            if left:
+            if workspace.open_intent_count(settleable_only=True):
                 err("Some intents could not be settled (no credentials or Square "
                     "unreachable): run `recon-console recover` again when Square answers.")
                 return EXIT_FAILURES

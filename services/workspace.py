@@ -8,6 +8,7 @@ Screens and commands never reach past it.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from services.completion import (
     OrderResult,
     approved_set_sha256,
 )
+from services.completion.leases import HOST, holder_gone
 from services.consent import (
     ConsentRecord,
     ConsentStatus,
@@ -99,6 +101,7 @@ class MerchantOverview:
     age_buckets: tuple[int, ...]   # candidates aged <1d, 1-3d, 3-7d, 7-14d, >=14d
     next_sync_in: timedelta | None
     waiting_without_consent: int   # candidate-looking orders with NO_CONSENT (reminders)
+    leased_by: str | None = None   # another live run working on this merchant, and since when
 
     @property
     def urgency(self) -> tuple[int, float]:
@@ -115,6 +118,7 @@ class Workspace:
     _credentials: dict[str, MerchantCredentials] | None = None
     credentials_error: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
+    recover_left_alone: list[str] = field(default_factory=list)
     _consent_cache: dict[str, tuple[int, list[tuple[ConsentRecord, str]]]] = field(
         default_factory=dict)
     # Why the last automatic checkpoint was not written (a batch never fails for it).
@@ -357,6 +361,7 @@ class Workspace:
         orders_by_merchant: dict[str, list[QueuedOrder]] = {}
         for order in self.store.queued_orders():
             orders_by_merchant.setdefault(order.merchant_id, []).append(order)
+        leased = self.leased_merchants()
         for merchant in self.store.merchants():
             merchant_id = merchant["merchant_id"]
             status, expires = _consent_summary(consents.get(merchant_id, []), now)
@@ -381,7 +386,8 @@ class Workspace:
                 age_buckets=tuple(buckets),
                 next_sync_in=_next_sync(merchant.get("sync_time"), merchant.get("timezone"),
                                         now),
-                waiting_without_consent=sum(1 for o in orders if o.reason in _REMINDER_REASONS)))
+                waiting_without_consent=sum(1 for o in orders if o.reason in _REMINDER_REASONS),
+                leased_by=leased.get(merchant_id)))
         return sorted(rows, key=lambda r: (r.urgency, r.business_name))
 
     # ------------------------------------------------------------------ completing
@@ -458,15 +464,28 @@ class Workspace:
             self.write_checkpoint()
 
     async def recover(self) -> list[OrderResult]:
+        """Settle open intents whose lease holder is gone; `recover_left_alone` then says
+        which were left to a live holder (another process or operator)."""
+        engine = self.engine()
         try:
-            return await self.engine().recover()
+            results = await engine.recover()
         finally:
             self.write_checkpoint()
+        self.recover_left_alone = engine.recovery.left_alone
+        return results
 
-    def open_intent_count(self) -> int:
-        row = self.store.conn.execute(
-            "SELECT COUNT(*) FROM intents WHERE outcome IS NULL").fetchone()
-        return int(row[0])
+    def open_intent_count(self, settleable_only: bool = False) -> int:
+        """Intents without an outcome; `settleable_only`: not those of merchants another live
+        run holds (they are its in-flight work, not ours to settle)."""
+        if not settleable_only:
+            return self.store.open_intent_count()
+        leased = self.leased_merchants()
+        return sum(1 for row in self.store.open_intents() if row["merchant_id"] not in leased)
+
+    def leased_merchants(self) -> dict[str, str]:
+        """Merchants another live holder is working on: merchant id -> who and since when."""
+        return {lease.merchant_id: lease.describe() for lease in self.store.leases()
+                if not holder_gone(lease) and (lease.host, lease.pid) != (HOST, os.getpid())}
 
     # ------------------------------------------------------------------ audit
     @property

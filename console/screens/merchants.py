@@ -107,6 +107,8 @@ class MerchantsScreen(ConsoleScreen):
                 oldest = f"{age.days}d" if age.days else f"{age.seconds // 3600}h"
             note = row.error or (f"{row.waiting_without_consent} waiting: send a reminder"
                                  if row.waiting_without_consent else "")
+            if row.leased_by:  # another operator's run is sending for this merchant now
+                note = f"LEASED by {row.leased_by}" + (f"; {note}" if note else "")
             consent = row.consent_status.replace("_", " ")
             if row.consent_expires_at and row.consent_status == "expiring":
                 consent += f" {row.consent_expires_at[:10]}"
