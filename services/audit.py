@@ -10,7 +10,6 @@ keeps them outside the database).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import multiprocessing
 import os
@@ -26,6 +25,7 @@ from typing import IO, Any
 
 import orjson
 
+from services.canonical_json import canonical_sha256
 from services.store import Store, utc_text
 
 __all__ = ["AUDIT_FIELDS", "AuditAction", "AuditTrail", "ChainProblem", "Checkpoint",
@@ -101,8 +101,7 @@ def _verify_range(conn: sqlite3.Connection, first: int, end: int | None, prev: s
     cursor = conn.execute(sql + " ORDER BY seq", params)
     expected = first
     count = 0
-    sha256 = hashlib.sha256
-    dumps = orjson.dumps
+    digest_of = canonical_sha256
     fields = _SORTED_FIELDS
     while True:
         rows = cursor.fetchmany(10000)
@@ -116,7 +115,7 @@ def _verify_range(conn: sqlite3.Connection, first: int, end: int | None, prev: s
             if row[prev_at] != prev:
                 return ((seq, ChainProblem.BROKEN_LINK,
                          "its prev_hash does not match the entry before it."), count, prev)
-            digest = sha256(dumps(dict(zip(fields, row, strict=False)))).hexdigest()
+            digest = digest_of(dict(zip(fields, row, strict=False)))
             if digest != row[-1]:
                 return ((seq, ChainProblem.CHANGED_ENTRY,
                          "its contents do not match its hash (changed)."), count, prev)
@@ -139,8 +138,7 @@ def _verify_range_in_process(path: str, first: int, end: int | None, prev: str |
 
 
 def entry_hash(entry: dict[str, Any]) -> str:
-    canonical = orjson.dumps({k: entry.get(k) for k in _SORTED_FIELDS})
-    return hashlib.sha256(canonical).hexdigest()
+    return canonical_sha256({k: entry.get(k) for k in AUDIT_FIELDS})
 
 
 @dataclass(frozen=True)
