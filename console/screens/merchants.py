@@ -20,7 +20,8 @@ _SPARK = " ▁▂▃▄▅▆▇█"
 _CONSENT_STYLE = {"active": "green", "expiring": "yellow", "expired": "red", "revoked": "red",
                   "not_yet_effective": "yellow", "none": "dim"}
 _TOKEN_STYLE = {"valid": "green", "expiring": "yellow", "expired": "red", "revoked": "red",
-                "invalid": "red", "missing_scopes": "yellow", "unknown": "dim"}
+                "invalid": "red", "missing_scopes": "yellow", "merchant_mismatch": "red",
+                "unknown": "dim"}
 
 
 def sparkline(buckets: Iterable[int]) -> str:
@@ -107,6 +108,8 @@ class MerchantsScreen(ConsoleScreen):
                 oldest = f"{age.days}d" if age.days else f"{age.seconds // 3600}h"
             note = row.error or (f"{row.waiting_without_consent} waiting: send a reminder"
                                  if row.waiting_without_consent else "")
+            if row.leased_by:  # another operator's run is sending for this merchant now
+                note = f"LEASED by {row.leased_by}" + (f"; {note}" if note else "")
             consent = row.consent_status.replace("_", " ")
             if row.consent_expires_at and row.consent_status == "expiring":
                 consent += f" {row.consent_expires_at[:10]}"
