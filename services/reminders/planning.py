@@ -150,7 +150,7 @@ def window_index(now: datetime, window: timedelta) -> int:
 def message_id_for(merchant_id: str, window: int, domain: str) -> str:
     """Derived from (merchant, window) alone: a re-send after a crash has the same id, so the
     recipient's mail system can drop the duplicate."""
-    digest = hashlib.sha256(f"{merchant_id}\x00{window}".encode()).hexdigest()[:32]
+    digest = hashlib.sha256(f"{merchant_id}\x00{window}".encode()).hexdigest()[:24]
     return f"<reminder.{window}.{digest}@{domain}>"
 
 

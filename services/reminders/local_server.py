@@ -1,0 +1,98 @@
+"""A local SMTP server on loopback (aiosmtpd, in its own thread): the demo's mailbox, and what
+tests and the benchmark send to. A real SMTP conversation; nothing leaves the machine."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass
+from email import message_from_bytes, policy
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+__all__ = ["LocalSmtpServer", "Mailbox", "ReceivedMail"]
+
+
+@dataclass(frozen=True)
+class ReceivedMail:
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+    @property
+    def message_id(self) -> str:
+        return str(message_from_bytes(self.data, policy=policy.SMTP)["Message-ID"]).strip()
+
+    @property
+    def subject(self) -> str:
+        return str(message_from_bytes(self.data, policy=policy.SMTP)["Subject"])
+
+
+class Mailbox:
+    """aiosmtpd handler: keeps every message (and writes it as .eml into `directory`)."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory
+        self.messages: list[ReceivedMail] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        mail = ReceivedMail(envelope.mail_from, tuple(envelope.rcpt_tos), bytes(envelope.content))
+        with self.lock:
+            self.messages.append(mail)
+            number = len(self.messages)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / f"{number:05d}.eml").write_bytes(mail.data)
+        return "250 2.0.0 OK: queued"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class LocalSmtpServer:
+    """`with LocalSmtpServer() as server: ... server.url ... server.mailbox.messages`."""
+
+    def __init__(self, handler: Any = None, directory: Path | None = None,
+                 auth: tuple[str, str] | None = None) -> None:
+        self.handler = handler or Mailbox(directory)
+        options: dict[str, Any] = {}
+        if auth is not None:
+            user, password = auth
+
+            def check(server: Any, session: Any, envelope: Any, mechanism: str,
+                      data: Any) -> Any:
+                from aiosmtpd.smtp import AuthResult
+                ok = getattr(data, "login", b"") == user.encode() and \
+                    getattr(data, "password", b"") == password.encode()
+                return AuthResult(success=ok, handled=False)
+            # Loopback only: tests of the login run without TLS, as the client allows there.
+            options.update(authenticator=check, auth_require_tls=False)
+        self.port = _free_port()
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
+                                     server_hostname="localhost", **options)
+
+    @property
+    def mailbox(self) -> Mailbox:
+        return self.handler  # type: ignore[no-any-return]
+
+    def url(self, user: str | None = None) -> str:
+        return f"smtp://{user + '@' if user else ''}127.0.0.1:{self.port}"
+
+    def start(self) -> LocalSmtpServer:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def __enter__(self) -> LocalSmtpServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
