@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass
 from email import message_from_bytes, policy
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.controller import Controller
 
@@ -79,7 +79,7 @@ class LocalSmtpServer:
 
     @property
     def mailbox(self) -> Mailbox:
-        return self.handler  # type: ignore[no-any-return]
+        return cast(Mailbox, self.handler)
 
     def url(self, user: str | None = None) -> str:
         return f"smtp://{user + '@' if user else ''}127.0.0.1:{self.port}"
