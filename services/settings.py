@@ -64,6 +64,9 @@ class ReconSettings(BaseSettings):
     # Overrides of the shipped templates (`no_consent.txt.j2`, ...), looked up here first.
     reminder_templates: Path = Field(default_factory=lambda: Path(
         platformdirs.user_config_dir(APP_NAME)) / "reminder-templates")
+    # Merchant-local hours in which reminders go out ("00:00-24:00": any time).
+    reminder_business_hours: str = Field(
+        "09:00-17:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d-(([01]\d|2[0-3]):[0-5]\d|24:00)$")
 
     @property
     def base_url(self) -> str:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from datetime import time as dt_time
 from typing import Any
 
 import orjson
@@ -76,6 +77,13 @@ class ReminderProgress:
     failed: int
 
 
+def _clock_time(text: str) -> dt_time:
+    if text == "24:00":
+        return dt_time.max
+    hours, minutes = text.split(":")
+    return dt_time(int(hours), int(minutes))
+
+
 def _holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -122,8 +130,9 @@ class ReminderService:
     def for_workspace(cls, workspace: Any, smtp: SmtpTarget | None = None,
                       **options: Any) -> ReminderService:
         settings = workspace.settings
+        opens, closes = (_clock_time(t) for t in settings.reminder_business_hours.split("-"))
         policy = options.pop("policy", None) or ReminderPolicy(
-            window=timedelta(days=settings.reminder_window_days))
+            window=timedelta(days=settings.reminder_window_days), opens=opens, closes=closes)
         return cls(workspace.store, workspace.audit, sender=settings.reminder_from,
                    consent_link=settings.reminder_consent_link,
                    consents=workspace.consents_by_merchant, clock=workspace.clock,

@@ -16,6 +16,7 @@ import ipaddress
 import smtplib
 import ssl
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from pydantic import SecretStr
@@ -220,3 +221,18 @@ def _quietly_close(smtp: smtplib.SMTP | None) -> None:
             smtp.close()
         except OSError:
             pass
+
+
+def smtp_target_from(settings: Any, required: bool) -> SmtpTarget | None:
+    """The target from `RECON_SMTP_URL`, with the password from the credentials file's
+    `[smtp]` section when the URL names a user. None when unset and not required."""
+    from services.credentials import load_section_secret
+    if not settings.smtp_url:
+        if required:
+            raise ConfigurationError("RECON_SMTP_URL is not set: set it to "
+                                     "smtp://user@host:587 (STARTTLS) or smtps://user@host:465.")
+        return None
+    password = None
+    if urlsplit(settings.smtp_url).username:
+        password = load_section_secret(settings.credentials, "smtp", "password")
+    return SmtpTarget.parse(settings.smtp_url, password)
