@@ -9,14 +9,18 @@ control character and line break into a space, so a CR/LF in a name can never ad
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import format_datetime, getaddresses
+from email.charset import QP, Charset
+from email.header import Header
+from email.mime.multipart import MIMEMultipart
+from email.mime.nonmultipart import MIMENonMultipart
+from email.policy import Compat32
+from email.utils import format_datetime, formataddr, getaddresses
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined
@@ -29,6 +33,23 @@ __all__ = ["MessageBuilder", "RenderedReminder", "header_text", "plain_text", "s
 # C0 and C1 controls, DEL, and the Unicode line/paragraph separators.
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _ZERO_DECIMAL = {"JPY", "KRW", "VND", "CLP", "ISK", "UGX", "XAF", "XOF"}
+
+
+class _WirePolicy(Compat32):
+    """compat32 with CRLF line ends (smtplib sends bytes as they are), writing short ASCII
+    headers as they are: its `Header` folding is most of the cost of a message otherwise."""
+
+    def _fold(self, name: str, value: Any, sanitize: bool) -> str:
+        if isinstance(value, str) and value.isascii() and len(name) + len(value) < 76 \
+                and not _CONTROLS.search(value):
+            return f"{name}: {value}{self.linesep}"
+        return super()._fold(name, value, sanitize)  # type: ignore[misc]
+
+
+_WIRE = _WirePolicy(linesep="\r\n")
+# Quoted-printable bodies stay readable in a raw .eml; base64 would not.
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP
 
 
 def plain_text(value: str | None, limit: int = 200) -> str:
@@ -62,15 +83,31 @@ def sender_domain(sender: str) -> str:
     return address.rpartition("@")[2] or "localhost"
 
 
+def _header(value: str) -> str | Header:
+    """ASCII as it is; anything else RFC 2047-encoded. Callers pass `header_text` output."""
+    return value if value.isascii() else Header(value, "utf-8")
+
+
+def _part(body: str, subtype: str) -> MIMENonMultipart:
+    """ASCII with short lines goes as it is (7bit, nothing to encode); anything else as
+    quoted-printable UTF-8."""
+    part = MIMENonMultipart("text", subtype)
+    if body.isascii() and max(map(len, body.splitlines()), default=0) <= 900:
+        part.set_payload(body, "us-ascii")
+    else:
+        part.set_payload(body, _UTF8_QP)
+    return part
+
+
 @dataclass(frozen=True)
 class RenderedReminder:
-    message: EmailMessage
+    message: MIMEMultipart
     subject: str
     text: str
     html: str
 
     def as_bytes(self) -> bytes:
-        return self.message.as_bytes(policy=SMTP)
+        return self.message.as_bytes(policy=_WIRE)
 
 
 class MessageBuilder:
@@ -82,9 +119,9 @@ class MessageBuilder:
             raise ConfigurationError(f"RECON_REMINDER_FROM {sender!r} is not an address; "
                                      'use e.g. "Reconciliation Team <recon@example.com>".')
         name, address = pairs[0]
-        user, _, domain = address.rpartition("@")
-        self.sender = Address(display_name=header_text(name), username=user, domain=domain)
+        self.sender_address = address
         self.sender_name = header_text(name) or address
+        self.sender_header = formataddr((header_text(name), address), charset="utf-8")
         self.consent_link = consent_link
         loaders: list[FileSystemLoader | PackageLoader] = []
         if override_dir is not None and override_dir.is_dir():
@@ -92,7 +129,7 @@ class MessageBuilder:
         loaders.append(PackageLoader("services.reminders", "templates"))
         loader = ChoiceLoader(loaders)
         common = dict(loader=loader, undefined=StrictUndefined, trim_blocks=True,
-                      lstrip_blocks=True, keep_trailing_newline=True)
+                      lstrip_blocks=True, keep_trailing_newline=True, auto_reload=False)
         self.html_env = Environment(autoescape=True, **common)  # type: ignore[arg-type]
         self.text_env = Environment(autoescape=False, **common)  # type: ignore[arg-type]
 
@@ -122,16 +159,20 @@ class MessageBuilder:
         subject = header_text(self.text_env.get_template(f"{kind}.subject.j2").render(context))
         text = self.text_env.get_template(f"{kind}.txt.j2").render(context)
         html = self.html_env.get_template(f"{kind}.html.j2").render(context)
-        message = EmailMessage(policy=SMTP)
-        message["From"] = self.sender
-        message["To"] = [Address(addr_spec=a) for a in plan.recipients]
-        message["Subject"] = subject
+        # The classic MIME classes: four times faster than EmailMessage's header registry
+        # (2,000 reminders in the time budget); every outside value passes `header_text`.
+        # A boundary of our own: "=_" never occurs in quoted-printable, so no scan is needed.
+        message = MIMEMultipart("alternative", boundary="=_reminder_" + hashlib.sha256(
+            (message_id or plan.message_id).encode()).hexdigest()[:24])
+        message["From"] = self.sender_header
+        message["To"] = ", ".join(plan.recipients)      # each checked by valid_address
+        message["Subject"] = _header(subject)  # type: ignore[assignment]
         message["Date"] = format_datetime(now)
         message["Message-ID"] = message_id or plan.message_id
         # Mail systems hold back auto-replies and vacation notices for these.
         message["Auto-Submitted"] = "auto-generated"
-        message.set_content(text)
-        message.add_alternative(html, subtype="html")
+        message.attach(_part(text, "plain"))
+        message.attach(_part(html, "html"))
         return RenderedReminder(message, subject, text, html)
 
 

@@ -109,7 +109,7 @@ class ReminderService:
                  clock: Callable[[], datetime], operator: str,
                  smtp: SmtpTarget | None = None, policy: ReminderPolicy | None = None,
                  templates: Any = None, retries: int = 2, backoff_s: float = 1.0,
-                 sleep: Callable[[float], None] = time.sleep, group: int = 25) -> None:
+                 sleep: Callable[[float], None] = time.sleep, group: int = 100) -> None:
         self.store = store
         self.audit = audit
         self.sender = sender
@@ -125,6 +125,7 @@ class ReminderService:
         self.sleep = sleep
         self.group = group
         self.holder = _holder()
+        self._prepared: dict[tuple[str, ...], str] = {}
 
     @classmethod
     def for_workspace(cls, workspace: Any, smtp: SmtpTarget | None = None,
@@ -210,6 +211,16 @@ class ReminderService:
     def render(self, plan: ReminderPlan) -> RenderedReminder:
         return self.builder.render(plan, self.clock())
 
+    def prepare(self, plans: Iterable[ReminderPlan]) -> int:
+        """Render the due plans now (a template error shows before anything is approved);
+        `send` then sends exactly these bytes. Returns how many were rendered."""
+        count = 0
+        for plan in plans:
+            if plan.due and plan.retry_of is None:
+                self._prepared[_plan_key(plan)] = self.render(plan).as_bytes().decode()
+                count += 1
+        return count
+
     def stored_message(self, message_id: str) -> bytes | None:
         row = self.store.conn.execute("SELECT message_eml FROM reminder_outbox WHERE "
                                       "message_id = ?", [message_id]).fetchone()
@@ -274,7 +285,8 @@ class ReminderService:
                                  [self.holder, self.operator, plan.retry_of])
                     eml = stored[0]
                 else:
-                    eml = self.render(plan).as_bytes().decode()
+                    eml = self._prepared.pop(_plan_key(plan), None) or \
+                        self.render(plan).as_bytes().decode()
                     conn.execute(
                         "INSERT INTO reminder_outbox (message_id, merchant_id, window_index, "
                         "kind, recipients_json, order_ids_json, orders, age_step, message_eml, "
@@ -292,12 +304,12 @@ class ReminderService:
 
     def _send_with_retries(self, session: SmtpSession, row: dict[str, Any]) -> SmtpAnswer:
         data = row["eml"].encode()
-        answer = session.send(self.builder.sender.addr_spec, row["recipients"], data)
+        answer = session.send(self.builder.sender_address, row["recipients"], data)
         for attempt in range(self.retries):
             if answer.status != "deferred":
                 break
             self.sleep(self.backoff_s * 2 ** attempt)
-            answer = session.send(self.builder.sender.addr_spec, row["recipients"], data)
+            answer = session.send(self.builder.sender_address, row["recipients"], data)
         return answer
 
     def _settle(self, outcomes: list[tuple[dict[str, Any], SmtpAnswer]],
@@ -426,6 +438,11 @@ class ReminderService:
                               action=AuditAction.REMINDER_OPT_OUT if opted_out
                               else AuditAction.REMINDER_OPT_IN, merchant_id=merchant_id,
                               detail=f"by {by}: {reason}"[:500])
+
+
+def _plan_key(plan: ReminderPlan) -> tuple[str, ...]:
+    """What a prepared message depends on: its id, recipients and orders."""
+    return (plan.message_id, *plan.recipients, "|", *(o.order_id for o in plan.orders))
 
 
 def _result(plan: ReminderPlan, status: str, reason: str | None, detail: str
