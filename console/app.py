@@ -27,6 +27,7 @@ class ReconApp(App[int]):
     BINDINGS = [
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("A", "audit", "Audit", id="app.audit"),
+        Binding("M", "reminders", "Reminders", id="app.reminders"),
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
 
@@ -148,12 +149,19 @@ class ReconApp(App[int]):
         if self.workspace is not None and not isinstance(self.screen, AuditScreen):
             self.push_screen(AuditScreen())
 
+    def action_reminders(self) -> None:
+        from console.screens.reminders import RemindersScreen
+        if self.workspace is not None and not isinstance(self.screen, RemindersScreen):
+            self.push_screen(RemindersScreen())
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Refresh from Square", "Discover open orders again",
                             self.action_refresh)
         yield SystemCommand("Audit trail", "Entries, chain status and export",
                             self.action_audit)
+        yield SystemCommand("Reminders", "Friendly reminders: due, preview, send, history",
+                            self.action_reminders)
         commands = getattr(screen, "palette_commands", None)
         if commands is not None:
             yield from commands()
@@ -191,7 +199,7 @@ def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) ->
     from services.demo import build_demo
 
     def factory() -> Workspace:
-        return build_demo(seed=seed, operator=settings.operator).workspace
+        return build_demo(seed=seed, operator=settings.operator, mail=True).workspace
 
     app = ReconApp(workspace_factory=factory, read_only=read_only,
                    subtitle=f"DEMO on the local Square emulator  operator {settings.operator}")

@@ -85,7 +85,20 @@ class LocalSmtpServer:
         return f"smtp://{user + '@' if user else ''}127.0.0.1:{self.port}"
 
     def start(self) -> LocalSmtpServer:
-        self.controller.start()
+        # aiosmtpd's server thread inherits the daemon flag of the thread that starts it:
+        # started from a daemon thread, it never keeps the process alive on exit.
+        failure: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                self.controller.start()
+            except BaseException as error:
+                failure.append(error)
+        starter = threading.Thread(target=start, daemon=True)
+        starter.start()
+        starter.join()
+        if failure:
+            raise failure[0]
         return self
 
     def stop(self) -> None:
