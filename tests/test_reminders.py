@@ -289,7 +289,9 @@ def test_headers_and_both_bodies_with_a_hostile_business_name(store: Store, cloc
     assert message["To"] == "owner@shop.example"
     text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
-    assert "\x1b" not in text and "\r" not in text.split("Hello ")[1].split(",")[0]
+    # The name is in the body, harmless there: no terminal escape, no line break of its own.
+    assert "\x1b" not in text and "\x1b" not in html
+    assert "Hello Evil Bcc: victim@attacker.example X-Injected: yes" in " ".join(text.split())
     assert "3 Square Online orders are paid" in text and "77.97 USD" in text
     assert "https://app.squareup.com/dashboard/orders/overview/M1-O0" in text
     assert "https://ledgerline.example/consent" in text
