@@ -482,3 +482,11 @@ def test_smtp_url_defaults() -> None:
     target = SmtpTarget.parse("smtp://me%40corp@mail.example", SecretStr("pw-Zq81"))
     assert (target.port, target.user) == (587, "me@corp")
     assert "pw-Zq81" not in repr(target)
+
+
+def test_header_text_is_always_one_line() -> None:
+    """The last guard before a header: even a template that bypasses the cleaned context
+    (an operator's override using raw text) cannot put a line break in the Subject."""
+    from services.reminders.message import header_text
+    assert header_text("Evil\r\nBcc: x@y.z\u2028X: 1\x00\tend") == "Evil Bcc: x@y.z X: 1 end"
+    assert len(header_text("a " * 500)) <= 120
