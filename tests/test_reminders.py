@@ -490,3 +490,21 @@ def test_header_text_is_always_one_line() -> None:
     from services.reminders.message import header_text
     assert header_text("Evil\r\nBcc: x@y.z\u2028X: 1\x00\tend") == "Evil Bcc: x@y.z X: 1 end"
     assert len(header_text("a " * 500)) <= 120
+
+
+def test_two_runs_with_the_same_plan_send_once(tmp_path: Path, clock: Clock,
+                                               mail: LocalSmtpServer) -> None:
+    """Two operators plan at the same moment; the database lets only one of them send."""
+    first_store, second_store = Store(tmp_path / "r.db"), Store(tmp_path / "r.db")
+    (loc,) = add_merchant(first_store, "M1", timezone="UTC")
+    add_orders(first_store, "M1", loc, NOW, [5])
+    first = make_service(first_store, clock, mail)
+    second = make_service(second_store, clock, mail)
+    plans_first, plans_second = first.plan(), second.plan()
+    assert plans_first[0].due and plans_second[0].due
+    assert first.send(plans_first)[0].status == "sent"
+    (late,) = second.send(plans_second)
+    assert (late.status, late.reason) == ("skipped", "NOT_DUE")
+    assert len(mail.mailbox.messages) == 1
+    first_store.close()
+    second_store.close()

@@ -253,7 +253,11 @@ class ReminderService:
                     if cancel is not None and cancel.is_set():
                         break
                     group = due[start:start + self.group]
-                    rows = self._write_intents(group)
+                    rows, taken = self._write_intents(group)
+                    for plan in taken:
+                        results[plan.merchant_id] = _result(
+                            plan, "skipped", "NOT_DUE", "Another run reminded this merchant in "
+                            "this window meanwhile.")
                     outcomes: list[tuple[dict[str, Any], SmtpAnswer]] = []
                     for row in rows:
                         if cancel is not None and cancel.is_set():
@@ -270,37 +274,46 @@ class ReminderService:
         order = {p.merchant_id: i for i, p in enumerate(plans)}
         return sorted(results.values(), key=lambda r: order.get(r.merchant_id, 0))
 
-    def _write_intents(self, plans: Sequence[ReminderPlan]) -> list[dict[str, Any]]:
-        """Commit the outbox rows (new, or a deferred one taken up again) before any send."""
+    def _write_intents(self, plans: Sequence[ReminderPlan]
+                       ) -> tuple[list[dict[str, Any]], list[ReminderPlan]]:
+        """Commit the outbox rows (new, or a deferred one taken up again) before any send.
+        A plan whose row another run wrote meanwhile (the same merchant and window) is
+        returned as taken: the database, not the plan, decides who sends."""
         now = utc_text(self.clock())
         rows = []
+        taken = []
         with self.store.transaction() as conn:
             for plan in plans:
                 if plan.retry_of is not None:
                     stored = conn.execute(
-                        "SELECT message_eml FROM reminder_outbox WHERE message_id = ?",
-                        [plan.retry_of]).fetchone()
-                    conn.execute("UPDATE reminder_outbox SET status = NULL, holder = ?, "
-                                 "operator = ? WHERE message_id = ?",
-                                 [self.holder, self.operator, plan.retry_of])
+                        "UPDATE reminder_outbox SET status = NULL, holder = ?, operator = ? "
+                        "WHERE message_id = ? AND status = 'deferred' RETURNING message_eml",
+                        [self.holder, self.operator, plan.retry_of]).fetchone()
+                    if stored is None:
+                        taken.append(plan)
+                        continue
                     eml = stored[0]
                 else:
                     eml = self._prepared.pop(_plan_key(plan), None) or \
                         self.render(plan).as_bytes().decode()
-                    conn.execute(
+                    cursor = conn.execute(
                         "INSERT INTO reminder_outbox (message_id, merchant_id, window_index, "
                         "kind, recipients_json, order_ids_json, orders, age_step, message_eml, "
-                        "operator, holder, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                        "operator, holder, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+                        "ON CONFLICT DO NOTHING",
                         [plan.message_id, plan.merchant_id, plan.window_index, plan.kind.value,
                          orjson.dumps(list(plan.recipients)).decode(),
                          orjson.dumps([o.order_id for o in plan.orders]).decode(),
                          len(plan.orders), plan.age_step, eml, self.operator, self.holder,
                          now])
+                    if cursor.rowcount == 0:
+                        taken.append(plan)
+                        continue
                 rows.append({"message_id": plan.message_id, "merchant_id": plan.merchant_id,
                              "business_name": plan.business_name, "kind": plan.kind.value,
                              "recipients": list(plan.recipients), "orders": len(plan.orders),
                              "eml": eml})
-        return rows
+        return rows, taken
 
     def _send_with_retries(self, session: SmtpSession, row: dict[str, Any]) -> SmtpAnswer:
         data = row["eml"].encode()
