@@ -81,6 +81,10 @@ async def test_reminders_flow(environment: DemoEnvironment) -> None:
         await pilot.press("h")
         history = text_of(screen, "#preview-text")
         assert "sent" in history and due[0].message_id in history
+        # The merchants screen says when each was last reminded.
+        merchants = app.screen_stack[-2]
+        row = merchants.query_one("#merchants", DataTable).get_row(due[0].merchant_id)
+        assert str(row[-1]).startswith("reminded 2026-11-26")
         # The demo mailbox shows what the local server received.
         await pilot.press("b")
         await wait_until(pilot, lambda: isinstance(app.screen, MailboxScreen))

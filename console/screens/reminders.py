@@ -278,7 +278,9 @@ class RemindersScreen(ConsoleScreen):
             store.close()
             self.sending = False
             self.selected.clear()
-            self.app.call_from_thread(self.reload)
+            # Every screen reloads (the merchants screen shows "last reminded").
+            from console.app import ReconApp
+            self.app.call_from_thread(self.app.post_message, ReconApp.Refreshed())
 
     def action_mailbox(self) -> None:
         workspace = self.recon.workspace

@@ -37,7 +37,7 @@ from services.reminders.planning import (
 from services.reminders.smtp import SmtpAnswer, SmtpSession, SmtpTarget
 from services.store import Store, utc_text
 
-__all__ = ["ReminderProgress", "ReminderResult", "ReminderService"]
+__all__ = ["ReminderProgress", "ReminderResult", "ReminderService", "last_reminded"]
 
 _WAITING_REASONS = ("NO_CONSENT", "CONSENT_EXPIRED", "CONSENT_REVOKED",
                     "CONSENT_NOT_YET_EFFECTIVE", "MANUAL_ONLY", "PAYMENT_NOT_CAPTURED",
@@ -75,6 +75,13 @@ class ReminderProgress:
     sent: int
     deferred: int
     failed: int
+
+
+def last_reminded(store: Store) -> dict[str, str]:
+    """Merchant id -> when its last reminder was sent (UTC text)."""
+    return {row[0]: row[1] for row in store.conn.execute(
+        "SELECT merchant_id, MAX(settled_at) FROM reminder_outbox WHERE status = 'sent' "
+        "GROUP BY merchant_id")}
 
 
 def _clock_time(text: str) -> dt_time:
@@ -190,9 +197,7 @@ class ReminderService:
             "SELECT merchant_id, by, reason FROM reminder_opt_outs WHERE opted_out = 1")}
 
     def last_reminded(self) -> dict[str, str]:
-        return {row[0]: row[1] for row in self.store.conn.execute(
-            "SELECT merchant_id, MAX(settled_at) FROM reminder_outbox WHERE status = 'sent' "
-            "GROUP BY merchant_id")}
+        return last_reminded(self.store)
 
     # ------------------------------------------------------------------ planning
     def plan(self, merchant_ids: Sequence[str] | None = None) -> list[ReminderPlan]:
