@@ -508,3 +508,28 @@ def test_two_runs_with_the_same_plan_send_once(tmp_path: Path, clock: Clock,
     assert len(mail.mailbox.messages) == 1
     first_store.close()
     second_store.close()
+
+
+def test_smtp_password_section_beside_the_merchants(tmp_path: Path) -> None:
+    from services.credentials import load_credentials, load_section_secret
+    from services.errors import CredentialsError
+    path = tmp_path / "credentials.toml"
+    path.write_text('[merchants.M1]\naccess_token = "tok-1"\n\n[smtp]\npassword = "pw-9"\n\n'
+                    '[audit]\ncheckpoint_key = "key-3"\n')
+    path.chmod(0o600)
+    assert list(load_credentials(path)) == ["M1"]
+    secret = load_section_secret(path, "smtp", "password")
+    assert secret is not None and secret.get_secret_value() == "pw-9" and "pw-9" not in repr(
+        secret)
+    assert load_section_secret(path, "postgres", "password") is None
+    path.chmod(0o644)
+    with pytest.raises(CredentialsError, match="readable by group or others"):
+        load_section_secret(path, "smtp", "password")
+
+
+def test_a_token_that_cannot_write_is_not_stale(store: Store, clock: Clock) -> None:
+    (loc,) = add_merchant(store, "M1", timezone="UTC", error="Token lacks ORDERS_WRITE")
+    store.upsert_merchant({"merchant_id": "M1", "token_health": "missing_scopes",
+                           "token_scopes": "ORDERS_READ,PAYMENTS_READ,MERCHANT_PROFILE_READ"})
+    add_orders(store, "M1", loc, NOW, [5])
+    assert make_service(store, clock).plan()[0].due

@@ -151,14 +151,17 @@ class ReminderService:
     def _merchants(self) -> list[MerchantFacts]:
         facts = []
         for row in self.store.conn.execute(
-                "SELECT merchant_id, business_name, timezone, locations_json, discovery_error "
-                "FROM merchants ORDER BY merchant_id"):
+                "SELECT merchant_id, business_name, timezone, locations_json, discovery_error, "
+                "token_health, token_scopes FROM merchants ORDER BY merchant_id"):
             locations = {}
             for loc in orjson.loads(row[3] or "[]"):
                 locations[loc["id"]] = LocationFacts(loc["id"], loc.get("name") or "",
                                                      loc.get("timezone"),
                                                      loc.get("business_email"))
-            facts.append(MerchantFacts(row[0], row[1] or row[0], row[2], locations, row[4]))
+            # A token that can read but not write still refreshed the orders: not stale.
+            read_fine = row[5] == "missing_scopes" and "ORDERS_READ" in (row[6] or "").split(",")
+            facts.append(MerchantFacts(row[0], row[1] or row[0], row[2], locations,
+                                       None if read_fine else row[4]))
         return facts
 
     def _orders(self) -> dict[str, list[WaitingOrder]]:
