@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import textwrap
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.charset import QP, Charset
@@ -61,6 +62,19 @@ def plain_text(value: str | None, limit: int = 200) -> str:
 def header_text(value: str | None, limit: int = 120) -> str:
     """Outside text for a header: one line, whitespace collapsed."""
     return " ".join(plain_text(value, limit * 2).split())[:limit]
+
+
+def wrap(text: str, width: int = 72) -> str:
+    """Wrap the lines longer than `width` at spaces, never inside a word or a link (Jinja's
+    `wordwrap` re-wraps every line: most of a message's rendering time)."""
+    out: list[str] = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            out.append(line)
+        else:
+            out.extend(textwrap.wrap(line, width, break_long_words=False,
+                                     break_on_hyphens=False) or [""])
+    return "\n".join(out)
 
 
 def money(amount: int, currency: str) -> str:
@@ -132,6 +146,7 @@ class MessageBuilder:
                       lstrip_blocks=True, keep_trailing_newline=True, auto_reload=False)
         self.html_env = Environment(autoescape=True, **common)  # type: ignore[arg-type]
         self.text_env = Environment(autoescape=False, **common)  # type: ignore[arg-type]
+        self.text_env.filters["wrap"] = wrap
 
     def context(self, plan: ReminderPlan, now: datetime) -> dict[str, object]:
         zone = ZoneInfo(plan.timezone) if plan.timezone else ZoneInfo("UTC")
