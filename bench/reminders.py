@@ -76,10 +76,13 @@ def run(merchants: int, port: int) -> dict[str, object]:
     read_s = time.perf_counter() - started
 
     started = time.perf_counter()
+    cpu = time.process_time()
     plans = service.plan()
     plan_s = time.perf_counter() - started
     service.prepare(plans)                 # render every message: what `send` will send
     prepare_s = time.perf_counter() - started
+    # CPU time too: on a shared machine the wall time includes waiting for a core.
+    prepare_cpu_s = time.process_time() - cpu
     assert len(plans) == merchants and all(p.due for p in plans)
     rendered = [data.encode() for data in service._prepared.values()]
 
@@ -96,7 +99,8 @@ def run(merchants: int, port: int) -> dict[str, object]:
     assert all(r.status == "sent" for r in results), {r.status for r in results}
     return {
         "merchants": merchants, "orders_read": len(rows),
-        "prepare_s": round(prepare_s, 3), "prepare_target_s": 2.0,
+        "prepare_s": round(prepare_s, 3), "prepare_cpu_s": round(prepare_cpu_s, 3),
+        "prepare_target_s": 2.0,
         "of_which_planning_s": round(plan_s, 3),
         "baseline_reading_the_rows_s": round(read_s, 3),
         "send_s": round(send_s, 3), "send_target_s": 10.0,
