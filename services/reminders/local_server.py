@@ -4,6 +4,7 @@ tests and the benchmark send to. A real SMTP conversation; nothing leaves the ma
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from dataclasses import dataclass
 from email import message_from_bytes, policy
@@ -59,9 +60,14 @@ class LocalSmtpServer:
     """`with LocalSmtpServer() as server: ... server.url ... server.mailbox.messages`."""
 
     def __init__(self, handler: Any = None, directory: Path | None = None,
-                 auth: tuple[str, str] | None = None) -> None:
+                 auth: tuple[str, str] | None = None, tls: ssl.SSLContext | None = None,
+                 implicit_tls: bool = False) -> None:
         self.handler = handler or Mailbox(directory)
         options: dict[str, Any] = {}
+        if tls is not None and implicit_tls:
+            options.update(ssl_context=tls)
+        elif tls is not None:
+            options.update(tls_context=tls, require_starttls=True)
         if auth is not None:
             user, password = auth
 
@@ -72,7 +78,7 @@ class LocalSmtpServer:
                     getattr(data, "password", b"") == password.encode()
                 return AuthResult(success=ok, handled=False)
             # Loopback only: tests of the login run without TLS, as the client allows there.
-            options.update(authenticator=check, auth_require_tls=False)
+            options.update(authenticator=check, auth_require_tls=tls is not None)
         self.port = _free_port()
         self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
                                      server_hostname="localhost", **options)
@@ -81,8 +87,8 @@ class LocalSmtpServer:
     def mailbox(self) -> Mailbox:
         return cast(Mailbox, self.handler)
 
-    def url(self, user: str | None = None) -> str:
-        return f"smtp://{user + '@' if user else ''}127.0.0.1:{self.port}"
+    def url(self, user: str | None = None, scheme: str = "smtp") -> str:
+        return f"{scheme}://{user + '@' if user else ''}127.0.0.1:{self.port}"
 
     def start(self) -> LocalSmtpServer:
         # aiosmtpd's server thread inherits the daemon flag of the thread that starts it:
