@@ -31,11 +31,9 @@ def serve(port: int) -> None:
     """The SMTP server, in its own process so client and server do not share a GIL."""
     from services.reminders.local_server import LocalSmtpServer, Mailbox
     server = LocalSmtpServer(Mailbox())
-    server.port = port
-    from aiosmtpd.controller import Controller
-    server.controller = Controller(server.handler, hostname="127.0.0.1", port=port)
+    server._listen_on(port)
     server.start()
-    print("ready", flush=True)
+    print(f"ready {server.port}", flush=True)   # the port it got, should it have moved
     sys.stdin.read()          # until the parent closes our stdin
     server.stop()
 
@@ -52,7 +50,10 @@ def main() -> None:
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "bench.reminders", "--serve", str(port)],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+    assert server.stdout is not None
+    word, port_text = server.stdout.readline().split()
+    assert word == b"ready"
+    port = int(port_text)
     try:
         report = run(args.merchants, port)
     finally:

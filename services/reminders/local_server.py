@@ -79,9 +79,13 @@ class LocalSmtpServer:
                 return AuthResult(success=ok, handled=False)
             # Loopback only: tests of the login run without TLS, as the client allows there.
             options.update(authenticator=check, auth_require_tls=tls is not None)
-        self.port = _free_port()
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
-                                     server_hostname="localhost", **options)
+        self._options = options
+        self._listen_on(_free_port())
+
+    def _listen_on(self, port: int) -> None:
+        self.port = port
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=port,
+                                     server_hostname="localhost", **self._options)
 
     @property
     def mailbox(self) -> Mailbox:
@@ -100,9 +104,15 @@ class LocalSmtpServer:
                 self.controller.start()
             except BaseException as error:
                 failure.append(error)
-        starter = threading.Thread(target=start, daemon=True)
-        starter.start()
-        starter.join()
+        for _ in range(5):
+            failure.clear()
+            starter = threading.Thread(target=start, daemon=True)
+            starter.start()
+            starter.join()
+            if not failure or not isinstance(failure[0], OSError):
+                break
+            # Someone took the free port between our probe and the bind: take another.
+            self._listen_on(_free_port())
         if failure:
             raise failure[0]
         return self
