@@ -15,6 +15,7 @@ from textual.message import Message
 from textual.screen import Screen
 
 from console.messages import describe
+from services.completion import Outcome
 from services.settings import ReconSettings
 from services.workspace import Workspace
 
@@ -28,6 +29,9 @@ class ReconApp(App[int]):
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("A", "audit", "Audit", id="app.audit"),
         Binding("M", "reminders", "Reminders", id="app.reminders"),
+        # Off the footer (the status line says "press R" when intents are open); in the
+        # palette and help.
+        Binding("R", "recover", "Recover", id="app.recover", show=False),
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
 
@@ -105,7 +109,7 @@ class ReconApp(App[int]):
                         "the Note column says what to do.")
             open_intents = self.workspace.open_intent_count()
             if open_intents:
-                text += f" {open_intents} unsettled intents: run `recon-console recover`."
+                text += f" {open_intents} unsettled intents: press R to recover."
             self.set_status(text)
         except Exception as error:
             error_text = describe(error)
@@ -119,6 +123,35 @@ class ReconApp(App[int]):
         if self.workspace is None or self.busy:
             return
         await self.refresh_data()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "recover":
+            return not self.read_only
+        return True
+
+    @work(exclusive=True, group="recover")
+    async def action_recover(self) -> None:
+        """Settle open intents whose lease holder is gone, and say what was settled."""
+        if self.workspace is None or self.busy:
+            return
+        self.busy = True
+        self.set_status("Recovering: settling unfinished completions against Square…")
+        try:
+            self.workspace.credentials()
+            results = await self.workspace.recover()
+            counts = {o: sum(1 for r in results if r.outcome is o) for o in Outcome}
+            text = (f"Recovered: settled {len(results)} ({counts[Outcome.COMPLETED]} "
+                    f"completed, {counts[Outcome.SKIPPED]} skipped, {counts[Outcome.FAILED]} "
+                    f"failed); {self.workspace.open_intent_count()} still open.")
+            if self.workspace.recover_left_alone:
+                text += (f" Left alone, another run is live: "
+                         f"{'; '.join(self.workspace.recover_left_alone)}")
+            self.set_status(text)
+        except Exception as error:
+            self.set_status(describe(error), error=True)
+        finally:
+            self.busy = False
+        self.post_message(self.Refreshed())
 
     def set_status(self, text: str, error: bool = False) -> None:
         self.status = text
@@ -162,6 +195,9 @@ class ReconApp(App[int]):
                             self.action_audit)
         yield SystemCommand("Reminders", "Friendly reminders: due, preview, send, history",
                             self.action_reminders)
+        if not self.read_only:
+            yield SystemCommand("Recover", "Settle unfinished completions against Square",
+                                self.action_recover)
         commands = getattr(screen, "palette_commands", None)
         if commands is not None:
             yield from commands()
@@ -189,7 +225,7 @@ def run_console(settings: ReconSettings, read_only: bool = False) -> int:
     workspace = Workspace.open(settings)
     workspace.credentials(required=False)  # a bad file is shown in the console, not fatal
     app = ReconApp(workspace, read_only=read_only,
-                   subtitle=f"{settings.base_url}  operator {settings.operator}")
+                   subtitle=f"Square: {settings.target}  operator {settings.operator}")
     app.set_keymap(load_keymap(settings.keymap))
     app.run()
     return 0
@@ -202,7 +238,8 @@ def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) ->
         return build_demo(seed=seed, operator=settings.operator, mail=True).workspace
 
     app = ReconApp(workspace_factory=factory, read_only=read_only,
-                   subtitle=f"DEMO on the local Square emulator  operator {settings.operator}")
+                   subtitle=f"DEMO  Square: local emulator (in-process)  "
+                            f"operator {settings.operator}")
     app.set_keymap(load_keymap(settings.keymap))
     app.run()
     if app.workspace is not None:

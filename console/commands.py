@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -24,10 +26,12 @@ from console.cli import (
     install_cancel,
     print_json,
 )
-from services.audit import Checkpoint
-from services.completion import BatchProgress, Outcome
-from services.errors import ConfigurationError
+from services.completion import NOT_RECORDED, BatchProgress, Outcome, SkipReason
+from services.consent import ConsentStatus
+from services.errors import ConfigurationError, ConsentFileError
+from services.private_files import open_private
 from services.settings import ReconSettings
+from services.store import utc_text
 from services.workspace import Workspace, format_money
 
 stderr = Console(stderr=True, highlight=False)
@@ -37,7 +41,13 @@ def consent(args: argparse.Namespace, settings: ReconSettings) -> int:
     workspace = Workspace.open(settings)
     try:
         if args.consent_command == "import":
-            results = workspace.import_consent_files(args.files)
+            try:
+                results = workspace.import_consent_files(
+                    args.files, on_warning=lambda text: err(f"warning: {text}"))
+            except ConsentFileError as error:
+                for line in str(error).splitlines():  # one line per problem
+                    err(f"error: {line}")
+                return EXIT_USAGE
             for path, consent_id, state in results:
                 err(f"{path}: {consent_id}: {state.replace('_', ' ')}")
             return EXIT_OK
@@ -64,13 +74,40 @@ def consent(args: argparse.Namespace, settings: ReconSettings) -> int:
                                   str(row["grantor"]))
                 Console().print(table)
             return EXIT_OK
-        stored = workspace.revoke_consent(args.consent_id, args.by, args.reason)
-        err(f"{stored.record.consent_id}: revoked from "
-            f"{stored.record.revocation.revoked_at.isoformat()}"  # type: ignore[union-attr]
-            f" (merchant {stored.record.merchant_id}).")
+        if args.all_for_merchant is not None:
+            revoked = workspace.revoke_all_for_merchant(args.all_for_merchant, args.by,
+                                                        args.reason)
+        else:
+            revoked = [workspace.revoke_consent(args.consent_id, args.by, args.reason)]
+        for stored in revoked:
+            err(f"{stored.record.consent_id}: revoked from "
+                f"{stored.record.revocation.revoked_at.isoformat()}"  # type: ignore[union-attr]
+                f" (merchant {stored.record.merchant_id}).")
+        _name_consents_left(workspace, revoked[0].record.merchant_id)
+        _checkpoint_note(workspace)
         return EXIT_OK
     finally:
         asyncio.run(workspace.aclose())
+
+
+def _name_consents_left(workspace: Workspace, merchant_id: str) -> None:
+    """Revoking one record of a merchant with a renewal must not look like stopping it."""
+    left = workspace.consents_still_granting(merchant_id)
+    if not left:
+        return
+    now = workspace.clock()
+    named = []
+    for stored in left:
+        record = stored.record
+        if record.status_at(now) is ConsentStatus.NOT_YET_EFFECTIVE:
+            named.append(f"{record.consent_id} (effective from "
+                         f"{record.effective_from.isoformat()})")
+        else:
+            until = record.expires_at.isoformat() if record.expires_at else "no expiry"
+            named.append(f"{record.consent_id} (active, until {until})")
+    err(f"Merchant {merchant_id} stays eligible under {len(left)} other consent(s): "
+        f"{', '.join(named)}. To revoke them all: recon-console consent revoke "
+        f"--all-for-merchant {merchant_id} --by NAME --reason TEXT")
 
 
 async def _recover_first(workspace: Workspace) -> None:
@@ -79,6 +116,8 @@ async def _recover_first(workspace: Workspace) -> None:
         results = await workspace.recover()
         for result in results:
             err(f"  {result.order_id}: {result.outcome.value} {result.reason or ''}")
+        for line in workspace.recover_left_alone:
+            err(f"  left alone (live lease): {line}")
 
 
 def _report_merchants(reports: list[Any]) -> None:
@@ -87,33 +126,70 @@ def _report_merchants(reports: list[Any]) -> None:
             err(f"{report.merchant_id} ({report.business_name or '?'}): {report.error}")
 
 
+def _age(now: datetime, moment: str | None) -> str:
+    """'45s', '12m', '2h', '3d': how long ago `moment` (RFC 3339) was."""
+    if not moment:
+        return "?"
+    seconds = max(0, int((now - datetime.fromisoformat(moment.replace("Z", "+00:00")))
+                         .total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
     async def run() -> int:
         workspace = Workspace.open(settings)
         try:
             await _recover_first(workspace)
             reports = await workspace.refresh(args.merchant)
-            _report_merchants(reports)
+            refreshed = {r.merchant_id for r in reports if r.refreshed}
             orders = [o for o in workspace.queue(include_ineligible=args.include_ineligible)
                       if not args.merchant or o.merchant_id in args.merchant]
+            now = workspace.clock()
+            names = workspace.merchant_names()
+            failed = [r for r in reports if not r.refreshed]
+            for report in reports:
+                name = report.business_name or names.get(report.merchant_id, "?")
+                problem = " ".join((report.error or "").split())
+                if not report.refreshed:
+                    last = max((o.fetched_at or "" for o in workspace.queue(report.merchant_id)),
+                               default="")
+                    cached = (f"showing its orders as fetched {_age(now, last)} ago (stale)"
+                              if last else "no cached orders")
+                    err(f"not refreshed: {report.merchant_id} ({name}): "
+                        f"{problem.rstrip('.')}; {cached}.")
+                elif problem:
+                    err(f"{report.merchant_id} ({name}): {problem}")
+            # Exit 1: an unreachable or refused merchant is a failure, not a quiet success.
+            code = EXIT_FAILURES if failed else EXIT_OK
             if args.json:
-                print_json({"orders": [o.to_json() for o in orders],
+                print_json({"orders": [o.to_json(o.merchant_id not in refreshed)
+                                       for o in orders],
                             "merchants": [{"merchant_id": r.merchant_id,
                                            "business_name": r.business_name,
                                            "token_health": r.token_health,
                                            "error": r.error, "open_orders": r.orders,
-                                           "eligible": r.eligible} for r in reports]})
-                return EXIT_OK
-            table = Table("merchant", "order", "ref", "created", "total", "eligible", "reason")
-            names = workspace.merchant_names()
+                                           "eligible": r.eligible,
+                                           "stale": not r.refreshed} for r in reports]})
+                return code
+            stale = any(o.merchant_id not in refreshed for o in orders)
+            table = Table("merchant", "order", "ref", "created", "total", "eligible", "reason",
+                          *(["fetched"] if stale else []))
             for order in orders:
+                note = ([f"stale {_age(now, order.fetched_at)}"
+                         if order.merchant_id not in refreshed else ""] if stale else [])
                 table.add_row(names.get(order.merchant_id, order.merchant_id), order.order_id,
                               order.reference_id or "", order.created_at[:16],
                               format_money(order.total_amount, order.currency),
-                              "yes" if order.eligible else "no", order.reason or "")
+                              "yes" if order.eligible else "no", order.reason or "", *note)
             Console().print(table)
             err(f"{sum(o.eligible for o in orders)} eligible of {len(orders)} shown.")
-            return EXIT_OK
+            if failed:
+                err(f"{len(failed)} merchant(s) could not be refreshed: their orders are as last "
+                    "fetched from Square; run `recon-console queue` again when it answers.")
+            return code
         finally:
             await workspace.aclose()
     return asyncio.run(run())
@@ -172,10 +248,19 @@ def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
             batch_id, results = await workspace.complete(preview, cancel=cancel,
                                                          on_progress=progress)
             _print_results(args, batch_id, preview.sha256, [r.to_json() for r in results])
+            unrecorded = sum(1 for r in results if r.reason == NOT_RECORDED)
+            if unrecorded:
+                err(f"{unrecorded} outcomes not recorded: run `recon-console recover`.")
+            unreachable = sorted({r.merchant_id for r in results
+                                  if r.reason == SkipReason.SQUARE_UNREACHABLE})
+            if unreachable:
+                err(f"Square could not be reached for {', '.join(unreachable)}: their orders "
+                    "stay in the queue.")
+            _checkpoint_note(workspace)
             if cancel.is_set():
                 return EXIT_CANCELLED
-            return EXIT_FAILURES if any(r.outcome is Outcome.FAILED for r in results) \
-                else EXIT_OK
+            return EXIT_FAILURES if unreachable or any(
+                r.outcome is Outcome.FAILED for r in results) else EXIT_OK
         finally:
             await workspace.aclose()
     return asyncio.run(run())
@@ -207,12 +292,16 @@ def recover(args: argparse.Namespace, settings: ReconSettings) -> int:
             before = workspace.open_intent_count()
             results = await workspace.recover()
             left = workspace.open_intent_count()
+            held = workspace.recover_left_alone
             if args.json:
                 print_json({"open_before": before, "open_after": left,
-                            "results": [r.to_json() for r in results]})
+                            "results": [r.to_json() for r in results], "left_alone": held})
             else:
                 err(f"{before} open intent(s); settled {len(results)}; {left} still open.")
-            if left:
+            for line in held:
+                err(f"left alone, another run is live: {line}")
+            _checkpoint_note(workspace)
+            if workspace.open_intent_count(settleable_only=True):
                 err("Some intents could not be settled (no credentials or Square "
                     "unreachable): run `recon-console recover` again when Square answers.")
                 return EXIT_FAILURES
@@ -226,40 +315,19 @@ def audit(args: argparse.Namespace, settings: ReconSettings) -> int:
     workspace = Workspace.open(settings)
     try:
         if args.audit_command == "verify":
-            checkpoint = None
-            if args.checkpoint is not None:
-                try:
-                    data = json.loads(args.checkpoint.read_text())
-                    checkpoint = Checkpoint(int(data["size"]), str(data["head_hash"]),
-                                            str(data.get("created_at", "")))
-                except (OSError, ValueError, KeyError, TypeError) as error:
-                    raise ConfigurationError(
-                        f"{args.checkpoint}: not a checkpoint file ({error}); make one with "
-                        "`recon-console audit checkpoint`.") from None
-            report = workspace.verify(checkpoint)
+            report = workspace.verify(args.checkpoint)
             if args.json:
                 print_json(report.to_json())
             else:
                 err(report.sentence())
             return EXIT_OK if report.ok else EXIT_FAILURES
         if args.audit_command == "checkpoint":
-            document = json.dumps(workspace.audit.checkpoint().to_json(), indent=2) + "\n"
-            if args.output:
-                args.output.write_text(document)
-                err(f"checkpoint written to {args.output}")
-            else:
-                sys.stdout.write(document)
+            path = workspace.write_checkpoint(args.output, automatic=False)
+            err(f"signed checkpoint written to {path}")
             return EXIT_OK
-        since = None
-        if args.since:
-            try:
-                since = datetime.fromisoformat(args.since.replace("Z", "+00:00")).isoformat()
-                since = since.replace("+00:00", "Z")
-            except ValueError:
-                raise ConfigurationError(f"--since {args.since!r} is not an RFC 3339 time, "
-                                         "e.g. 2026-11-01T00:00:00Z.") from None
+        since = _since(args.since) if args.since else None
         if args.output:
-            with args.output.open("w", newline="") as handle:
+            with _output(args.output, newline="") as handle:
                 count = workspace.audit.export(handle, args.format, merchant_id=args.merchant,
                                                since=since)
             err(f"{count} entries written to {args.output}")
@@ -269,6 +337,37 @@ def audit(args: argparse.Namespace, settings: ReconSettings) -> int:
         return EXIT_OK
     finally:
         asyncio.run(workspace.aclose())
+
+
+def _since(text: str) -> str:
+    """An RFC 3339 time with a zone, as the audit's own UTC text, so that comparing text
+    compares instants (`10:30+02:00` is `08:30Z`)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigurationError(f"--since {text!r} is not an RFC 3339 time, e.g. "
+                                 "2026-11-01T00:00:00Z.") from None
+    if moment.tzinfo is None:
+        raise ConfigurationError(f"--since {text!r} has no zone: add one, e.g. `Z` for UTC "
+                                 "or `+02:00`.")
+    return utc_text(moment)
+
+
+def _checkpoint_note(workspace: Workspace) -> None:
+    if workspace.checkpoint_problem:
+        err(f"warning: {workspace.checkpoint_problem}")
+
+
+@contextmanager
+def _output(path: Path, newline: str | None = None) -> Iterator[TextIO]:
+    """An --output file: 0600 (it holds audit data), and a one-line error if it cannot be."""
+    try:
+        handle = open_private(path, newline=newline)
+    except OSError as error:
+        raise ConfigurationError(f"cannot write {path} ({error.strerror}): check the "
+                                 "--output path.") from None
+    with handle:
+        yield handle
 
 
 __all__ = ["EXIT_CANCELLED", "audit", "complete", "consent", "queue", "recover"]

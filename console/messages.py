@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-from services.errors import (
-    ConfigurationError,
-    ReconError,
-    SquareAuthError,
-    SquareRateLimited,
-    SquareScopeError,
-    SquareServerError,
-    SquareUnavailable,
-)
+from services.errors import ReconError
 
 
 def describe(error: BaseException) -> str:
-    if isinstance(error, (ConfigurationError, SquareAuthError, SquareScopeError,
-                          SquareRateLimited, SquareServerError, SquareUnavailable)):
-        return str(error).splitlines()[0]
     if isinstance(error, ReconError):
         return str(error).splitlines()[0]
     return (f"Unexpected {type(error).__name__}: the action stopped and nothing further was "

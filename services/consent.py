@@ -6,12 +6,12 @@ A record is checked by the JSON Schema first (format checks on), then loaded int
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +26,7 @@ from pydantic import (
     ValidationError,
 )
 
+from services.canonical_json import canonical_sha256
 from services.errors import ConsentFileError
 
 __all__ = [
@@ -33,13 +34,18 @@ __all__ = [
     "ConsentRecord",
     "ConsentStatus",
     "InvalidConsent",
+    "Revocation",
+    "consent_rule_problems",
     "consent_schema",
     "parse_consent_file",
+    "read_consent_file",
     "record_sha256",
     "validate_consent",
 ]
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "consent.schema.json"
+# Package data, so an installed wheel has it; a test keeps it byte-identical to the top-level
+# consent.schema.json (the published copy).
+SCHEMA_RESOURCE = resources.files("services") / "schemas" / "consent.schema.json"
 DEFAULT_ORDER_SOURCES = ("Square Online",)
 EXPIRING_SOON = timedelta(days=14)
 # The same pattern stands in consent.schema.json beside `"format": "email"`.
@@ -156,13 +162,12 @@ class ConsentRecord(_Strict):
 
 def record_sha256(document: dict[str, Any]) -> str:
     """Hash of the canonical JSON of a record: what the audit says was relied on."""
-    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return canonical_sha256(document)
 
 
 @cache
 def consent_schema() -> dict[str, Any]:
-    schema: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
+    schema: dict[str, Any] = json.loads(SCHEMA_RESOURCE.read_text(encoding="utf-8"))
     return schema
 
 
@@ -180,16 +185,9 @@ class InvalidConsent:
     message: str
 
 
-def _path(parts: list[Any]) -> str:
-    text = "$"
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return text
-
-
 def validate_consent(document: Any) -> tuple[ConsentRecord | None, list[InvalidConsent]]:
     """Schema first (the contract), then the model (what code uses); both must accept."""
-    problems = [InvalidConsent(_path(list(e.absolute_path)), e.message)
+    problems = [InvalidConsent(e.json_path, e.message)
                 for e in sorted(_validator().iter_errors(document),
                                 key=lambda e: list(map(str, e.absolute_path)))]
     if problems:
@@ -197,30 +195,61 @@ def validate_consent(document: Any) -> tuple[ConsentRecord | None, list[InvalidC
     try:
         return ConsentRecord.model_validate(document), []
     except ValidationError as error:
-        return None, [InvalidConsent(_path(list(e["loc"])), e["msg"]) for e in error.errors()]
+        # The schema accepted it, and a test proves schema and model agree: a model error here
+        # is a bug of ours, reported with pydantic's own location.
+        return None, [InvalidConsent("$", f"{'.'.join(map(str, e['loc']))}: {e['msg']}")
+                      for e in error.errors()]
+
+
+def consent_rule_problems(record: ConsentRecord, now: datetime) -> list[InvalidConsent]:
+    """What a schema cannot say: dates that contradict each other or the clock. Checked on
+    import only, so a record already stored always loads."""
+    problems = []
+    if record.expires_at is not None and record.expires_at <= record.effective_from:
+        problems.append(InvalidConsent(
+            "$.expires_at", f"{record.expires_at.isoformat()} is not after effective_from "
+                            f"{record.effective_from.isoformat()}"))
+    if record.evidence.captured_at > now:
+        problems.append(InvalidConsent(
+            "$.evidence.captured_at", f"{record.evidence.captured_at.isoformat()} is in the "
+                                      f"future (now {now.isoformat(timespec='seconds')})"))
+    return problems
+
+
+def problem_line(where: str, problem: InvalidConsent, more: int = 0) -> str:
+    extra = f" (and {more} more)" if more else ""
+    return f"{where}: {problem.path}: {problem.message}{extra}; fix the record and import it again."
+
+
+def read_consent_file(path: Path) -> tuple[list[tuple[str, ConsentRecord, dict[str, Any]]],
+                                           list[str]]:
+    """The valid records of a file, each with where it stands ("file: record N"), and one
+    line per record (or per file) that is not valid: file, record, field path, what is wrong."""
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        return [], [f"{path}: file not found."]
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return [], [f"{path}: not valid JSON ({error})."]
+    items = document if isinstance(document, list) else [document]
+    if not items:
+        return [], [f"{path}: the array holds no consent records."]
+    records, lines = [], []
+    for index, item in enumerate(items):
+        where = f"{path}: record {index}" if isinstance(document, list) else str(path)
+        record, problems = validate_consent(item)
+        if problems:
+            lines.append(problem_line(where, problems[0], len(problems) - 1))
+            continue
+        assert record is not None
+        records.append((where, record, item))
+    return records, lines
 
 
 def parse_consent_file(path: Path) -> list[tuple[ConsentRecord, dict[str, Any]]]:
     """All records of a file (one record or an array), or ConsentFileError naming the first
     problem: the file, the record, the field path and what is wrong. Nothing partial."""
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConsentFileError(f"{path}: file not found.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConsentFileError(f"{path}: not valid JSON ({error}).") from None
-    items = document if isinstance(document, list) else [document]
-    if not items:
-        raise ConsentFileError(f"{path}: the array holds no consent records.")
-    records = []
-    for index, item in enumerate(items):
-        record, problems = validate_consent(item)
-        if problems:
-            where = f"record {index}: " if isinstance(document, list) else ""
-            first = problems[0]
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise ConsentFileError(f"{path}: {where}{first.path}: {first.message}{more}; "
-                                   "fix the record and import it again.")
-        assert record is not None
-        records.append((record, item))
-    return records
+    records, lines = read_consent_file(path)
+    if lines:
+        raise ConsentFileError(lines[0])
+    return [(record, document) for _, record, document in records]

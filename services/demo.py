@@ -33,7 +33,9 @@ from services.workspace import Workspace
 
 __all__ = ["DemoEnvironment", "build_demo", "consent_for", "workspace_on_emulator"]
 
-EMULATOR_BASE_URL = "http://square-emulator.local"
+# In-process (ASGI transport): nothing is sent over a network; a loopback name passes the
+# https-or-loopback rule of the settings.
+EMULATOR_BASE_URL = "http://localhost"
 NOTICE_SHA256 = "3f0a9d4c1b7e2a6f5d8c9b0e1a2f3d4c5b6a7e8f9d0c1b2a3e4f5d6c7b8a9e0f"
 
 
@@ -67,7 +69,9 @@ def consent_for(merchant: SeededMerchant, now: datetime, *, state: str = "active
         "scope": scope,
         "notice": {"version": "2026-01", "text_sha256": NOTICE_SHA256},
         "evidence": {"method": "e_signature", "reference": f"ESIGN-{merchant.merchant.id[:8]}",
-                     "captured_at": _text(effective), "captured_by": "onboarding team"},
+                     # Captured before it takes effect, and never in the future.
+                     "captured_at": _text(min(effective, now)),
+                     "captured_by": "onboarding team"},
         "effective_from": _text(effective), "expires_at": _text(expires),
     }
     if revocation:
@@ -130,6 +134,7 @@ def build_demo(seed: int = 7, operator: str = "demo-operator", directory: Path |
     frozen = now is not None
     now = now or datetime.now(UTC)
     directory = directory or Path(tempfile.mkdtemp(prefix="recon-demo-"))
+    directory.mkdir(parents=True, exist_ok=True)  # the store makes no directory but the default
     square = EmulatedSquare(rng=random.Random(seed + 1))
     if frozen:
         square.clock = lambda: now

@@ -2,7 +2,9 @@
 
 Merchants run concurrently (bounded); each one's token health, profile and locations come first,
 then SearchOrders over its ACTIVE locations in chunks of 10, every cursor followed. A failure is
-recorded on that merchant and never stops the others.
+recorded on that merchant and never stops the others; its cached orders stay (marked stale by
+the caller), except under a token that is another merchant's: those are dropped, because
+nothing seen through such a token may be filed under this merchant.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import orjson
 from services.consent import ConsentRecord
 from services.credentials import MerchantCredentials
 from services.eligibility import ConsentView, classify
-from services.errors import ReconError, SquareAuthError, SquareScopeError
+from services.errors import (
+    ReconError,
+    SquareAuthError,
+    SquareScopeError,
+    TokenMerchantMismatch,
+)
 from services.square_gateway import SquareGateway
 from services.square_models import Location, SquareOrder
 from services.store import Store, utc_text
@@ -37,6 +44,7 @@ class TokenHealth:
     REVOKED = "revoked"
     INVALID = "invalid"
     MISSING_SCOPES = "missing_scopes"
+    MERCHANT_MISMATCH = "merchant_mismatch"   # Square says the token is another merchant's
     UNKNOWN = "unknown"
 
 
@@ -48,6 +56,7 @@ class MerchantDiscovery:
     error: str | None = None
     orders: int = 0
     eligible: int = 0
+    refreshed: bool = False     # its orders were re-read from Square just now
     locations: list[Location] = field(default_factory=list)
 
 
@@ -120,11 +129,18 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
                 rows.extend(order_row(order, creds.merchant_id, consents, now, seen_at, view)
                             for order in page)
         store.replace_orders(creds.merchant_id, rows)
+        report.refreshed = True
         report.orders = len(rows)
         report.eligible = sum(1 for r in rows if r["eligible"])
         if missing:
             report.error = (f"Token lacks {', '.join(missing)}: orders are shown but cannot be "
                             "completed until the merchant re-authorizes.")
+    except TokenMerchantMismatch as error:
+        report.token_health = TokenHealth.MERCHANT_MISMATCH
+        report.error = str(error)
+        # Whatever is stored under this id may have come through that token: none of it may
+        # stay a candidate.
+        store.replace_orders(creds.merchant_id, [])
     except ReconError as error:
         report.error = str(error)
     row.update(token_health=report.token_health, discovery_error=report.error,

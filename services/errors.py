@@ -6,6 +6,7 @@
     │   └── ConsentFileError        a consent file that does not validate
     ├── SquareApiError              Square answered with an error envelope
     │   ├── SquareAuthError         401: token unknown, expired or revoked
+    │   │   └── TokenMerchantMismatch   the token belongs to another merchant than its entry
     │   ├── SquareScopeError        403: token lacks a scope
     │   ├── SquareRateLimited       429 after our retries ran out
     │   ├── SquareNotFound          404
@@ -36,6 +37,7 @@ __all__ = [
     "SquareScopeError",
     "SquareServerError",
     "SquareUnavailable",
+    "TokenMerchantMismatch",
 ]
 
 
@@ -73,6 +75,26 @@ class SquareAuthError(SquareApiError):
     def __str__(self) -> str:
         return (f"Square refused the access token ({self.code}): re-authorize this merchant and "
                 "update the credentials file.")
+
+
+class TokenMerchantMismatch(SquareAuthError):
+    """Square says the token filed under `merchant_id` is another merchant's. Raised by the
+    gateway before anything but the identity check is sent with that token."""
+
+    def __init__(self, merchant_id: str, owner_id: str | None = None) -> None:
+        # Only the owner's last characters: enough to find the mix-up, not a second id to leak.
+        hint = f" (…{owner_id[-4:]})" if owner_id else ""
+        super().__init__(status=0, code="TOKEN_MERCHANT_MISMATCH",
+                         detail=f"token filed under {merchant_id} belongs to another "
+                                f"merchant{hint}", category="AUTHENTICATION_ERROR")
+        self.merchant_id = merchant_id
+        self.owner_hint = hint
+
+    def __str__(self) -> str:
+        return (f"The access token filed under merchant {self.merchant_id} belongs to another "
+                f"merchant{self.owner_hint}, so it is not used: put merchant "
+                f"{self.merchant_id}'s own token under [merchants.{self.merchant_id}] in the "
+                "credentials file.")
 
 
 class SquareScopeError(SquareApiError):

@@ -6,6 +6,10 @@ BatchRetrieveOrders and UpdateOrder send the same requests (path, JSON body, Bea
 Square-Version) straight over the shared client and decode with orjson + our slim models,
 because the SDK's decoding costs ~3.7 ms per order (square-api.md §15).
 
+Every request made with a merchant's token first needs Square's word on whose token it is
+(RetrieveTokenStatus, once per token per process): a token filed under another merchant's id
+raises `TokenMerchantMismatch` before anything but that check is sent with it.
+
 Reads retry 429 (after Retry-After, or exponential backoff with jitter), 5xx and timeouts a
 bounded number of times, then raise a typed error from `services.errors`. UpdateOrder is never
 retried here: the completion engine owns those retries, always with the same idempotency key.
@@ -14,6 +18,7 @@ retried here: the completion engine owns those retries, always with the same ide
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ from services.errors import (
     SquareScopeError,
     SquareServerError,
     SquareUnavailable,
+    TokenMerchantMismatch,
 )
 from services.http_transport import ShardedTransport
 from services.square_models import (
@@ -142,49 +148,109 @@ class SquareGateway:
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self._sdk: dict[str, AsyncSquare] = {}
+        # Whose token it is, as Square said, keyed by a digest of the token (never the token).
+        self._owners: dict[str, str] = {}
+        self._identity_locks: dict[str, asyncio.Lock] = {}
 
     async def aclose(self) -> None:
         if self._owns_http:
             await self.http.aclose()
 
+    # ------------------------------------------------------------------ token identity
+    async def ensure_identity(self, creds: MerchantCredentials) -> None:
+        """Raise `TokenMerchantMismatch` unless Square said this token is `creds.merchant_id`'s.
+        Asks once per token (one attempt: callers sit inside their own retries); concurrent
+        callers wait for that one answer."""
+        key = _token_key(creds)
+        owner = self._owners.get(key)
+        if owner is None:
+            lock = self._identity_locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                owner = self._owners.get(key)
+                if owner is None:
+                    owner = await self._ask_owner(creds)
+                    self._owners[key] = owner
+        if owner != creds.merchant_id:
+            raise TokenMerchantMismatch(creds.merchant_id, owner)
+
+    async def _ask_owner(self, creds: MerchantCredentials) -> str:
+        status = await self._fetch_token_status(creds)
+        if status.merchant_id:
+            return status.merchant_id
+        # Square always names the merchant here; if it ever does not, merchants/me does.
+        response = await self._sdk_once(lambda: self._client(creds).merchants.get(
+            "me", request_options=self._NO_SDK_RETRY))
+        if response.merchant is None or not response.merchant.id:
+            raise SquareApiError(status=200, code="UNEXPECTED_RESPONSE",
+                                 detail="Square did not say whose access token this is.")
+        return response.merchant.id
+
+    async def _fetch_token_status(self, creds: MerchantCredentials) -> TokenStatus:
+        response = await self._sdk_once(lambda: self._client(creds).o_auth.retrieve_token_status(
+            request_options=self._NO_SDK_RETRY))
+        return TokenStatus.model_validate(response.model_dump())
+
     # ------------------------------------------------------------------ SDK (low volume)
-    def sdk(self, creds: MerchantCredentials) -> AsyncSquare:
-        """The official SDK client for one merchant, on the shared HTTP client."""
-        client = self._sdk.get(creds.merchant_id)
+    def _client(self, creds: MerchantCredentials) -> AsyncSquare:
+        """The official SDK client for one merchant, on the shared HTTP client. Private: every
+        use goes through `_sdk_call`, which checks the token's identity first."""
+        # Keyed by the token, not the merchant: a re-read credentials file with a new token
+        # must not reuse a client that sends the old (unchecked) one.
+        key = _token_key(creds)
+        client = self._sdk.get(key)
         if client is None:
             secret = creds.access_token
             client = AsyncSquare(base_url=self.base_url, token=lambda: secret.get_secret_value(),
                                  httpx_client=self.http, version=SQUARE_VERSION,
                                  timeout=self.timeout_s)
-            self._sdk[creds.merchant_id] = client
+            self._sdk[key] = client
         return client
 
-    async def _sdk_call(self, call: Callable[[], Awaitable[T]]) -> T:
-        async def once() -> T:
-            try:
+    async def _sdk_once(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            # A total deadline as in `send`: httpx's own ones do not bound an ASGI answer.
+            async with asyncio.timeout(self.timeout_s):
                 return await call()
-            except ApiError as error:
-                raise error_from_response(error.status_code or 0, error.body,
-                                          error.headers or {}) from None
-            except httpx.TransportError as error:
-                raise SquareUnavailable(_transport_sentence(self.base_url, error)) from None
+        except TimeoutError:
+            raise SquareUnavailable(f"Square ({self.base_url}) did not answer within "
+                                    f"{self.timeout_s:g} s: check the network and retry.") from None
+        except ApiError as error:
+            raise error_from_response(error.status_code or 0, error.body,
+                                      error.headers or {}) from None
+        except httpx.TransportError as error:
+            raise SquareUnavailable(_transport_sentence(self.base_url, error)) from None
+
+    async def _sdk_call(self, creds: MerchantCredentials,
+                        call: Callable[[AsyncSquare], Awaitable[T]]) -> T:
+        async def once() -> T:
+            await self.ensure_identity(creds)
+            return await self._sdk_once(lambda: call(self._client(creds)))
         return await self.retry.run(once)
 
     _NO_SDK_RETRY: Any = {"max_retries": 0}
 
     async def token_status(self, creds: MerchantCredentials) -> TokenStatus:
-        response = await self._sdk_call(lambda: self.sdk(creds).o_auth.retrieve_token_status(
-            request_options=self._NO_SDK_RETRY))
-        return TokenStatus.model_validate(response.model_dump())
+        """The token's scopes and expiry; also the identity check (raises on a mismatch)."""
+        async def once() -> TokenStatus:
+            status = await self._fetch_token_status(creds)
+            if status.merchant_id:
+                self._owners[_token_key(creds)] = status.merchant_id
+            await self.ensure_identity(creds)
+            return status
+        return await self.retry.run(once)
 
     async def merchant(self, creds: MerchantCredentials) -> Merchant:
-        response = await self._sdk_call(lambda: self.sdk(creds).merchants.get(
+        response = await self._sdk_call(creds, lambda sdk: sdk.merchants.get(
             "me", request_options=self._NO_SDK_RETRY))
         assert response.merchant is not None
-        return Merchant.model_validate(response.merchant.model_dump())
+        merchant = Merchant.model_validate(response.merchant.model_dump())
+        if merchant.id != creds.merchant_id:  # Square's second word on it must agree too
+            self._owners[_token_key(creds)] = merchant.id
+            raise TokenMerchantMismatch(creds.merchant_id, merchant.id)
+        return merchant
 
     async def locations(self, creds: MerchantCredentials) -> list[Location]:
-        response = await self._sdk_call(lambda: self.sdk(creds).locations.list(
+        response = await self._sdk_call(creds, lambda sdk: sdk.locations.list(
             request_options=self._NO_SDK_RETRY))
         return [Location.model_validate(loc.model_dump()) for loc in response.locations or []]
 
@@ -198,6 +264,7 @@ class SquareGateway:
                    body: dict[str, Any] | None = None, *, timeout_s: float | None = None
                    ) -> bytes:
         """One request, no retries: the body of a 2xx answer, or a typed error."""
+        await self.ensure_identity(creds)
         limit = timeout_s or self.timeout_s
         try:
             # A total deadline as well as httpx's per-phase ones: a trickling or in-process
@@ -263,6 +330,10 @@ class SquareGateway:
         content = await self.send(creds, "PUT", f"/v2/orders/{order_id}", body,
                                   timeout_s=timeout_s)
         return _validate(OrderEnvelope, content).order
+
+
+def _token_key(creds: MerchantCredentials) -> str:
+    return hashlib.sha256(creds.access_token.get_secret_value().encode()).hexdigest()
 
 
 def _validate(model: type[T], data: Any) -> T:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,9 +18,11 @@ from typing import Any, NamedTuple
 import orjson
 from sqlite_utils import Database, Migrations
 
-from services.consent import ConsentRecord, record_sha256
+from services.consent import ConsentRecord, Revocation, record_sha256
+from services.private_files import create_private
+from services.settings import default_db_path
 
-__all__ = ["QueuedOrder", "Store", "StoredConsent", "now_utc", "utc_text"]
+__all__ = ["Lease", "QueuedOrder", "Store", "StoredConsent", "now_utc", "utc_text"]
 
 migrations = Migrations("recon-console")
 
@@ -87,6 +89,64 @@ def m001_initial(db: Database) -> None:
 
 
 @migrations()
+def m002_consent_revocations(db: Database) -> None:
+    # Revocation is final: kept apart from the record versions, which a later import could
+    # replace, and append-only. A consent id is revoked from its earliest revoked_at on.
+    db.execute("""
+        CREATE TABLE consent_revocations (
+            seq INTEGER PRIMARY KEY, consent_id TEXT NOT NULL, merchant_id TEXT NOT NULL,
+            revoked_at TEXT NOT NULL, revoked_by TEXT NOT NULL, reason TEXT NOT NULL,
+            recorded_at TEXT NOT NULL, operator TEXT NOT NULL, source TEXT)""")
+    db.execute("CREATE INDEX consent_revocations_id ON consent_revocations(consent_id)")
+    db.execute("""CREATE TRIGGER consent_revocations_no_update BEFORE UPDATE ON
+                  consent_revocations BEGIN SELECT RAISE(ABORT, 'revocations are final'); END""")
+    db.execute("""CREATE TRIGGER consent_revocations_no_delete BEFORE DELETE ON
+                  consent_revocations BEGIN SELECT RAISE(ABORT, 'revocations are final'); END""")
+    # Databases from before: every version that ever carried a revocation still counts.
+    for row in db.execute("SELECT consent_id, merchant_id, record_json, imported_at, "
+                          "imported_by, source FROM consents ORDER BY rowid").fetchall():
+        revocation = orjson.loads(row[2]).get("revocation")
+        if revocation:
+            db.execute("INSERT INTO consent_revocations (consent_id, merchant_id, revoked_at, "
+                       "revoked_by, reason, recorded_at, operator, source) VALUES "
+                       "(?, ?, ?, ?, ?, ?, ?, ?)",
+                       [row[0], row[1], utc_text(Revocation.model_validate(revocation)
+                                                 .revoked_at),
+                        revocation["revoked_by"], revocation["reason"], row[3], row[4],
+                        row[5]])
+
+
+@migrations()
+def m003_intent_attempts_and_leases(db: Database) -> None:
+    """Every attempt at an order is its own intent row (the old table was keyed by the
+    idempotency key, so a retry's INSERT OR IGNORE left no row for `recover` to find), and a
+    merchant is worked on by one holder at a time (`leases`)."""
+    db.execute("""
+        CREATE TABLE intents_v3 (
+            intent_id TEXT PRIMARY KEY, attempt INTEGER NOT NULL,
+            idempotency_key TEXT NOT NULL, batch_id TEXT NOT NULL, merchant_id TEXT NOT NULL,
+            order_id TEXT NOT NULL, location_id TEXT NOT NULL, version INTEGER NOT NULL,
+            amount INTEGER, currency TEXT, consent_id TEXT, consent_sha256 TEXT,
+            operator TEXT NOT NULL, created_at TEXT NOT NULL, body_json TEXT NOT NULL,
+            outcome TEXT, reason TEXT, square_code TEXT, detail TEXT, settled_at TEXT,
+            UNIQUE (order_id, version, attempt))""")
+    db.execute("""
+        INSERT INTO intents_v3 SELECT 'v1:' || idempotency_key, 1, idempotency_key, batch_id,
+            merchant_id, order_id, location_id, version, amount, currency, consent_id,
+            consent_sha256, operator, created_at, body_json, outcome, reason, square_code,
+            detail, settled_at FROM intents""")
+    db.execute("DROP TABLE intents")
+    db.execute("ALTER TABLE intents_v3 RENAME TO intents")
+    db.execute("CREATE INDEX intents_open ON intents(merchant_id) WHERE outcome IS NULL")
+    db.execute("CREATE INDEX intents_batch ON intents(batch_id)")
+    db.execute("""
+        CREATE TABLE leases (
+            merchant_id TEXT PRIMARY KEY, operator TEXT NOT NULL, host TEXT NOT NULL,
+            pid INTEGER NOT NULL, started_at TEXT NOT NULL, heartbeat_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL, token TEXT NOT NULL)""")
+
+
+@migrations()
 def m005_reminders(db: Database) -> None:
     # One row per reminder: written (status NULL) before the SMTP transaction, settled after.
     # (merchant_id, window_index) is unique: at most one Message-ID per merchant per window.
@@ -138,21 +198,43 @@ class QueuedOrder(NamedTuple):
     detail: str | None
     consent_id: str | None
     fulfillments: str
+    fetched_at: str | None = None   # when discovery last read it from Square (`seen_at`)
 
-    def to_json(self) -> dict[str, Any]:
-        """The `queue --json` shape of interfaces.md."""
+    def to_json(self, stale: bool = False) -> dict[str, Any]:
+        """The `queue --json` shape of interfaces.md; `stale` when its merchant could not be
+        refreshed just now, so this is what Square said at `fetched_at`."""
         return {"merchant_id": self.merchant_id, "order_id": self.order_id,
                 "location_id": self.location_id, "version": self.version, "state": self.state,
                 "source": self.source,
                 "total_money": {"amount": self.total_amount, "currency": self.currency},
                 "net_amount_due_money": {"amount": self.due_amount, "currency": self.currency},
                 "created_at": self.created_at, "eligible": bool(self.eligible),
-                "reason": self.reason}
+                "reason": self.reason, "stale": stale, "fetched_at": self.fetched_at}
 
 
+class Lease(NamedTuple):
+    """Who works on a merchant right now (a row of `leases`)."""
+
+    merchant_id: str
+    operator: str
+    host: str
+    pid: int
+    started_at: str
+    heartbeat_at: str
+    expires_at: str
+    token: str
+
+    def describe(self) -> str:
+        return (f"{self.operator} on {self.host} (pid {self.pid}) since {self.started_at}, "
+                f"last heartbeat {self.heartbeat_at}")
+
+
+_INTENT_COLUMNS = ("intent_id, attempt, idempotency_key, batch_id, merchant_id, order_id, "
+                   "location_id, version, amount, currency, consent_id, consent_sha256, "
+                   "operator, created_at, body_json")
 _QUEUED_COLUMNS = ("order_id, merchant_id, location_id, version, state, source, reference_id, "
                    "total_amount, currency, due_amount, created_at, eligible, reason, detail, "
-                   "consent_id, fulfillments")
+                   "consent_id, fulfillments, seen_at")
 
 
 class Store:
@@ -161,7 +243,12 @@ class Store:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path) if path != ":memory:" else path
         if isinstance(self.path, Path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Only the default location's directory is made: elsewhere a missing directory is
+            # a typo, and SQLite then refuses rather than start an empty database.
+            if self.path.parent == default_db_path().parent:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.path.parent.is_dir():
+                create_private(self.path)
         # Made in one thread (the demo builds it in a worker), then used by one at a time.
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=30,
                                check_same_thread=False)
@@ -217,15 +304,62 @@ class Store:
             sql += " WHERE c.merchant_id = ?"
             params.append(merchant_id)
         rows = self.conn.execute(sql + " ORDER BY c.merchant_id, c.consent_id", params)
+        revocations = self.revocations()
         result = []
         for row in rows.fetchall():
             document = orjson.loads(row[3])
-            result.append(StoredConsent(ConsentRecord.model_validate(document), document,
-                                        row[4], int(row[1]), row[5], row[6]))
+            record = ConsentRecord.model_validate(document)
+            durable = revocations.get(record.consent_id)
+            # A later version without `revocation` (or with a later one) does not undo it.
+            if durable is not None and (record.revocation is None
+                                        or durable.revoked_at < record.revocation.revoked_at):
+                record = record.model_copy(update={"revocation": durable})
+            result.append(StoredConsent(record, document, row[4], int(row[1]), row[5], row[6]))
         return result
 
+    def latest_consent_sha256(self, consent_id: str) -> str | None:
+        row = self.conn.execute("SELECT record_sha256 FROM consents WHERE consent_id = ? "
+                                "ORDER BY version DESC LIMIT 1", [consent_id]).fetchone()
+        return str(row[0]) if row else None
+
+    def consent_merchant_id(self, consent_id: str) -> str | None:
+        """The merchant a consent id was first stored for (an id never moves to another)."""
+        row = self.conn.execute("SELECT merchant_id FROM consents WHERE consent_id = ? "
+                                "ORDER BY version LIMIT 1", [consent_id]).fetchone()
+        return str(row[0]) if row else None
+
+    def revocations(self) -> dict[str, Revocation]:
+        """Every revoked consent id and its earliest revocation (which is the one in force)."""
+        result: dict[str, Revocation] = {}
+        for consent_id, revoked_at, revoked_by, reason in self.conn.execute(
+                "SELECT consent_id, revoked_at, revoked_by, reason FROM consent_revocations "
+                "ORDER BY revoked_at DESC, seq DESC"):
+            result[consent_id] = Revocation(revoked_at=revoked_at, revoked_by=revoked_by,
+                                            reason=reason)
+        return result
+
+    def record_revocation(self, record: ConsentRecord, operator: str, source: str) -> None:
+        """Keep `record.revocation` for good; call inside the transaction that stores it.
+        Nothing to add when the id is already revoked at or before that moment."""
+        revocation = record.revocation
+        assert revocation is not None
+        revoked_at = utc_text(revocation.revoked_at)
+        earlier = self.conn.execute(
+            "SELECT 1 FROM consent_revocations WHERE consent_id = ? AND revoked_at <= ?",
+            [record.consent_id, revoked_at]).fetchone()
+        if earlier is None:
+            self.conn.execute(
+                "INSERT INTO consent_revocations (consent_id, merchant_id, revoked_at, "
+                "revoked_by, reason, recorded_at, operator, source) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?)",
+                [record.consent_id, record.merchant_id, revoked_at, revocation.revoked_by,
+                 revocation.reason, utc_text(), operator, source])
+
     def consents_revision(self) -> int:
-        row = self.conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM consents").fetchone()
+        """Grows whenever a consent version or a revocation is added (both tables only grow)."""
+        row = self.conn.execute(
+            "SELECT (SELECT COALESCE(MAX(rowid), 0) FROM consents) + "
+            "(SELECT COALESCE(MAX(seq), 0) FROM consent_revocations)").fetchone()
         return int(row[0])
 
     def consent_versions(self, consent_id: str) -> int:
@@ -251,8 +385,10 @@ class Store:
             conn.execute("DELETE FROM orders WHERE merchant_id = ?", [merchant_id])
             if rows:
                 columns = list(rows[0])
+                # OR REPLACE: an order id is Square's, unique across merchants; a row left under
+                # another merchant id (read through a mis-filed token) moves to its owner.
                 conn.executemany(
-                    f"INSERT INTO orders ({', '.join(columns)}) VALUES "
+                    f"INSERT OR REPLACE INTO orders ({', '.join(columns)}) VALUES "
                     f"({', '.join('?' for _ in columns)})",
                     [[row[c] for c in columns] for row in rows])
 
@@ -277,3 +413,82 @@ class Store:
         row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",
                                 [order_id]).fetchone()
         return orjson.loads(row[0]) if row else None
+
+    # ------------------------------------------------------------------ batches and intents
+    # The intent journal's SQL. Callers that pass no connection run inside a transaction they
+    # opened (`with store.transaction()`), so the audit entry commits with the row.
+    def insert_batch(self, batch_id: str, operator: str, approved_sha256: str,
+                     approved_json: str) -> None:
+        self.conn.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, 'running', NULL)",
+                          [batch_id, operator, utc_text(), approved_sha256, approved_json])
+
+    def finish_batch(self, batch_id: str, status: str) -> None:
+        self.conn.execute("UPDATE batches SET status = ?, finished_at = ? WHERE batch_id = ?",
+                          [status, utc_text(), batch_id])
+
+    def next_attempt(self, order_id: str, version: int) -> int:
+        row = self.conn.execute("SELECT COALESCE(MAX(attempt), 0) + 1 FROM intents "
+                                "WHERE order_id = ? AND version = ?", [order_id, version])
+        return int(row.fetchone()[0])
+
+    def insert_intent(self, row: dict[str, Any]) -> None:
+        names = [n.strip() for n in _INTENT_COLUMNS.split(",")]
+        self.conn.execute(f"INSERT INTO intents ({_INTENT_COLUMNS}) VALUES "
+                          f"({', '.join('?' for _ in names)})", [row[n] for n in names])
+
+    def settle_intent(self, intent_id: str, outcome: str, reason: str | None,
+                      square_code: str | None, detail: str) -> None:
+        """Only an open intent is settled: a second writer never overwrites an outcome."""
+        self.conn.execute("UPDATE intents SET outcome = ?, reason = ?, square_code = ?, "
+                          "detail = ?, settled_at = ? WHERE intent_id = ? AND outcome IS NULL",
+                          [outcome, reason, square_code, detail, utc_text(), intent_id])
+
+    def drop_completed_order(self, order_id: str) -> None:
+        self.conn.execute("DELETE FROM orders WHERE order_id = ?", [order_id])
+
+    def open_intents(self, merchant_id: str | None = None) -> list[dict[str, Any]]:
+        sql = f"SELECT {_INTENT_COLUMNS} FROM intents WHERE outcome IS NULL"
+        params: list[Any] = []
+        if merchant_id is not None:
+            sql += " AND merchant_id = ?"
+            params.append(merchant_id)
+        cursor = self.conn.execute(sql + " ORDER BY created_at, attempt", params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def open_intent_count(self) -> int:
+        row = self.conn.execute("SELECT COUNT(*) FROM intents WHERE outcome IS NULL")
+        return int(row.fetchone()[0])
+
+    # ------------------------------------------------------------------ leases
+    def take_lease(self, lease: Lease, free: Callable[[Lease], bool]) -> Lease:
+        """Atomically take `lease` unless another holder's lease is in force (`free` says
+        whether a found lease's holder is gone). Returns the lease in force afterwards."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT * FROM leases WHERE merchant_id = ?",
+                               [lease.merchant_id]).fetchone()
+            if row is not None:
+                current = Lease(*row)
+                if current.token != lease.token and not free(current):
+                    return current
+            conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         list(lease))
+        return lease
+
+    def heartbeat_leases(self, token: str, heartbeat_at: str, expires_at: str
+                         ) -> set[str]:
+        """Extend every lease this holder still has; returns their merchant ids."""
+        with self.transaction() as conn:
+            rows = conn.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? "
+                                "WHERE token = ? RETURNING merchant_id",
+                                [heartbeat_at, expires_at, token]).fetchall()
+        return {r[0] for r in rows}
+
+    def release_lease(self, merchant_id: str, token: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM leases WHERE merchant_id = ? AND token = ?",
+                         [merchant_id, token])
+
+    def leases(self) -> list[Lease]:
+        return [Lease(*row) for row in self.conn.execute(
+            "SELECT * FROM leases ORDER BY merchant_id").fetchall()]

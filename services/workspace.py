@@ -8,6 +8,8 @@ Screens and commands never reach past it.
 from __future__ import annotations
 
 import asyncio
+import os
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,7 +19,8 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from services.audit import AuditAction, AuditTrail, Checkpoint, VerifyReport
+from services.audit import AuditAction, AuditTrail, VerifyReport
+from services.checkpoints import CheckpointAnchor, default_checkpoint_dir
 from services.completion import (
     ApprovedItem,
     BatchProgress,
@@ -25,7 +28,15 @@ from services.completion import (
     OrderResult,
     approved_set_sha256,
 )
-from services.consent import ConsentRecord, ConsentStatus, parse_consent_file, record_sha256
+from services.completion.leases import HOST, holder_gone
+from services.consent import (
+    ConsentRecord,
+    ConsentStatus,
+    consent_rule_problems,
+    problem_line,
+    read_consent_file,
+    record_sha256,
+)
 from services.credentials import MerchantCredentials, load_credentials
 from services.discovery import MerchantDiscovery, TokenHealth, discover, order_row
 from services.eligibility import (
@@ -34,7 +45,7 @@ from services.eligibility import (
     LimitedItem,
     apply_batch_limits,
 )
-from services.errors import ConfigurationError, ConsentFileError
+from services.errors import AuditChainError, ConfigurationError, ConsentFileError
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
 from services.square_models import SquareOrder
@@ -90,6 +101,7 @@ class MerchantOverview:
     age_buckets: tuple[int, ...]   # candidates aged <1d, 1-3d, 3-7d, 7-14d, >=14d
     next_sync_in: timedelta | None
     waiting_without_consent: int   # candidate-looking orders with NO_CONSENT (reminders)
+    leased_by: str | None = None   # another live run working on this merchant, and since when
 
     @property
     def urgency(self) -> tuple[int, float]:
@@ -106,8 +118,11 @@ class Workspace:
     _credentials: dict[str, MerchantCredentials] | None = None
     credentials_error: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
+    recover_left_alone: list[str] = field(default_factory=list)
     _consent_cache: dict[str, tuple[int, list[tuple[ConsentRecord, str]]]] = field(
         default_factory=dict)
+    # Why the last automatic checkpoint was not written (a batch never fails for it).
+    checkpoint_problem: str | None = None
 
     @classmethod
     def open(cls, settings: ReconSettings, http: httpx.AsyncClient | None = None,
@@ -143,33 +158,77 @@ class Workspace:
         return self._credentials
 
     # ------------------------------------------------------------------ consent
-    def import_consent_files(self, paths: Sequence[Path]) -> list[tuple[Path, str, str]]:
-        """Validate every file first; store nothing from a file that has any problem.
+    def import_consent_files(self, paths: Sequence[Path],
+                             on_warning: Callable[[str], None] | None = None
+                             ) -> list[tuple[Path, str, str]]:
+        """All or nothing: every record of every file is checked first (schema, model, dates,
+        revoked ids, one content per id), then all are stored in one transaction. Otherwise
+        ConsentFileError with one line per problem, and nothing is stored.
         Returns (file, consent_id, 'new' | 'new_version' | 'unchanged') per record."""
-        parsed = []
-        errors = []
+        now = self.clock()
+        problems: list[str] = []
+        found: list[tuple[Path, str, ConsentRecord, dict[str, Any], str]] = []
         for path in paths:
-            try:
-                parsed.append((path, parse_consent_file(path)))
-            except ConsentFileError as error:
-                errors.append(str(error))
+            records, lines = read_consent_file(path)
+            problems += lines
+            for where, record, document in records:
+                problems += [problem_line(where, p) for p in consent_rule_problems(record, now)]
+                found.append((path, where, record, document, record_sha256(document)))
+        first: dict[str, tuple[str, str]] = {}
+        for _, where, record, _, digest in found:
+            seen = first.setdefault(record.consent_id, (where, digest))
+            if seen[1] != digest:
+                problems.append(f"{where}: consent {record.consent_id} is also in {seen[0]} "
+                                "with different content; import one version of it.")
         results = []
-        for path, records in parsed:
-            with self.store.transaction() as conn:
-                for record, document in records:
-                    state, version = self.store.save_consent(record, document, self.operator,
-                                                             str(path))
-                    if state != "unchanged":
-                        self.audit.append(conn, operator=self.operator,
-                                          action=AuditAction.CONSENT_IMPORTED,
-                                          merchant_id=record.merchant_id,
-                                          consent_id=record.consent_id,
-                                          consent_sha256=record_sha256(document),
-                                          detail=f"{state} (version {version}) from {path.name}")
-                    results.append((path, record.consent_id, state))
-        if errors:
-            raise ConsentFileError("\n".join(errors))
+        with self.store.transaction() as conn:
+            # Checked under the write lock, so a revoke cannot slip in between.
+            revoked = self.store.revocations()
+            for _, where, record, _, digest in found:
+                owner = self.store.consent_merchant_id(record.consent_id)
+                if owner is not None and owner != record.merchant_id:
+                    # A consent is one merchant's word: the same id can never cover another.
+                    problems.append(
+                        f"{where}: consent {record.consent_id} belongs to merchant {owner}, "
+                        f"not {record.merchant_id}; nothing was imported. A consent for "
+                        "another merchant needs its own record with a new consent_id.")
+                durable = revoked.get(record.consent_id)
+                if (durable is not None and durable.revoked_at <= now
+                        and self.store.latest_consent_sha256(record.consent_id) != digest):
+                    problems.append(
+                        f"{where}: consent {record.consent_id} was revoked at "
+                        f"{durable.revoked_at.isoformat()} and stays revoked; nothing was "
+                        "imported. To reinstate the merchant, import a new consent record "
+                        "with a new consent_id.")
+            if problems:
+                raise ConsentFileError("\n".join(problems))  # rolls back: nothing stored
+            for path, _, record, document, digest in found:
+                state, version = self.store.save_consent(record, document, self.operator,
+                                                         str(path))
+                if state != "unchanged":
+                    if record.revocation is not None:
+                        self.store.record_revocation(record, self.operator, str(path))
+                    self.audit.append(conn, operator=self.operator,
+                                      action=AuditAction.CONSENT_IMPORTED,
+                                      merchant_id=record.merchant_id,
+                                      consent_id=record.consent_id, consent_sha256=digest,
+                                      detail=f"{state} (version {version}) from {path.name}")
+                results.append((path, record.consent_id, state))
+        if on_warning is not None:
+            for warning in self._merchants_without_credentials(
+                    sorted({record.merchant_id for _, _, record, _, _ in found})):
+                on_warning(warning)
         return results
+
+    def _merchants_without_credentials(self, merchant_ids: list[str]) -> list[str]:
+        """A consent for a merchant with no token is stored, but cannot be used: say so."""
+        credentials = self.credentials(required=False)
+        if self._credentials is None:
+            return [f"could not check the merchants against the credentials "
+                    f"({self.credentials_error})"]
+        return [f"merchant {m} has no entry in {self.settings.credentials}: its consent is "
+                "stored, but its orders cannot be read or completed until it has a token."
+                for m in merchant_ids if m not in credentials]
 
     def consents(self) -> list[StoredConsent]:
         return self.store.consents()
@@ -193,27 +252,63 @@ class Workspace:
         return grouped
 
     def revoke_consent(self, consent_id: str, by: str, reason: str) -> StoredConsent:
-        current = next((c for c in self.store.consents() if c.record.consent_id == consent_id),
-                       None)
-        if current is None:
-            raise ConfigurationError(f"Unknown consent {consent_id}: see `recon-console consent "
-                                     "list`.")
-        if current.record.revocation is not None:
-            raise ConfigurationError(f"Consent {consent_id} was already revoked at "
-                                     f"{current.record.revocation.revoked_at.isoformat()}.")
-        document = dict(current.document)
-        document["revocation"] = {"revoked_at": self.clock().isoformat().replace("+00:00", "Z"),
-                                  "revoked_by": by, "reason": reason}
-        record = ConsentRecord.model_validate(document)
+        [stored] = self._revoke(lambda c: c.record.consent_id == consent_id, by, reason,
+                                f"Unknown consent {consent_id}: see `recon-console consent "
+                                "list`.")
+        return stored
+
+    def revoke_all_for_merchant(self, merchant_id: str, by: str, reason: str
+                                ) -> list[StoredConsent]:
+        """Every consent of the merchant not yet revoked, in one transaction."""
+        return self._revoke(lambda c: c.record.merchant_id == merchant_id, by, reason,
+                            f"Merchant {merchant_id} has no consents: see `recon-console "
+                            "consent list`.")
+
+    def _revoke(self, chosen: Callable[[StoredConsent], bool], by: str, reason: str,
+                unknown: str) -> list[StoredConsent]:
+        now = self.clock()
+        revocation = {"revoked_at": now.isoformat().replace("+00:00", "Z"),
+                      "revoked_by": by, "reason": reason}
         with self.store.transaction() as conn:
-            self.store.save_consent(record, document, self.operator, "revoke")
-            self.audit.append(conn, operator=self.operator, action=AuditAction.CONSENT_REVOKED,
-                              merchant_id=record.merchant_id, consent_id=consent_id,
-                              consent_sha256=record_sha256(document),
-                              detail=f"revoked by {by}: {reason}"[:500])
-        # Orders this consent made eligible are not any more.
-        self.reclassify(record.merchant_id)
-        return next(c for c in self.store.consents() if c.record.consent_id == consent_id)
+            targets = [c for c in self.store.consents() if chosen(c)]
+            if not targets:
+                raise ConfigurationError(unknown)
+            # A revocation dated in the future is not in force yet: revoking now still works.
+            live = [c for c in targets if c.record.status_at(now) is not ConsentStatus.REVOKED]
+            if not live:
+                done = targets[0].record.revocation
+                assert done is not None
+                which = (f"Consent {targets[0].record.consent_id} was" if len(targets) == 1
+                         else f"All {len(targets)} consents of merchant "
+                              f"{targets[0].record.merchant_id} were")
+                raise ConfigurationError(f"{which} already revoked (at "
+                                         f"{done.revoked_at.isoformat()}).")
+            revoked_ids = set()
+            for current in live:
+                document = {**current.document, "revocation": revocation}
+                record = ConsentRecord.model_validate(document)
+                revoked_ids.add(record.consent_id)
+                self.store.save_consent(record, document, self.operator, "revoke")
+                self.store.record_revocation(record, self.operator, "revoke")
+                self.audit.append(conn, operator=self.operator,
+                                  action=AuditAction.CONSENT_REVOKED,
+                                  merchant_id=record.merchant_id,
+                                  consent_id=record.consent_id,
+                                  consent_sha256=record_sha256(document),
+                                  detail=f"revoked by {by}: {reason}"[:500])
+        # Orders these consents made eligible are not any more.
+        for merchant_id in sorted({c.record.merchant_id for c in live}):
+            self.reclassify(merchant_id)
+        self.write_checkpoint()
+        return [c for c in self.store.consents() if c.record.consent_id in revoked_ids]
+
+    def consents_still_granting(self, merchant_id: str) -> list[StoredConsent]:
+        """The merchant's consents that are active now or will become active: while any is
+        left, revoking one consent does not stop the merchant's orders."""
+        now = self.clock()
+        return [c for c in self.store.consents(merchant_id)
+                if c.record.status_at(now) in (ConsentStatus.ACTIVE,
+                                               ConsentStatus.NOT_YET_EFFECTIVE)]
 
     def reclassify(self, merchant_id: str) -> None:
         """Re-run classification on stored orders after consent changed (no Square call)."""
@@ -266,6 +361,7 @@ class Workspace:
         orders_by_merchant: dict[str, list[QueuedOrder]] = {}
         for order in self.store.queued_orders():
             orders_by_merchant.setdefault(order.merchant_id, []).append(order)
+        leased = self.leased_merchants()
         for merchant in self.store.merchants():
             merchant_id = merchant["merchant_id"]
             status, expires = _consent_summary(consents.get(merchant_id, []), now)
@@ -290,7 +386,8 @@ class Workspace:
                 age_buckets=tuple(buckets),
                 next_sync_in=_next_sync(merchant.get("sync_time"), merchant.get("timezone"),
                                         now),
-                waiting_without_consent=sum(1 for o in orders if o.reason in _REMINDER_REASONS)))
+                waiting_without_consent=sum(1 for o in orders if o.reason in _REMINDER_REASONS),
+                leased_by=leased.get(merchant_id)))
         return sorted(rows, key=lambda r: (r.urgency, r.business_name))
 
     # ------------------------------------------------------------------ completing
@@ -354,26 +451,78 @@ class Workspace:
                                 self.consents_for, self.clock, self.operator,
                                 **self.engine_options)
 
-    async def complete(self, preview: Preview, *, cancel: asyncio.Event | None = None,
+    async def complete(self, preview: Preview | Sequence[ApprovedItem], *,
+                       cancel: asyncio.Event | None = None,
                        on_progress: Callable[[BatchProgress], None] | None = None
                        ) -> tuple[str, list[OrderResult]]:
-        return await self.engine().run(preview.items, cancel=cancel, on_progress=on_progress)
+        """Run a batch (a preview, or exactly these items, e.g. to retry the failed), then
+        anchor the audit outside the database, even if the batch stopped on an error."""
+        items = preview.items if isinstance(preview, Preview) else list(preview)
+        try:
+            return await self.engine().run(items, cancel=cancel, on_progress=on_progress)
+        finally:
+            self.write_checkpoint()
 
     async def recover(self) -> list[OrderResult]:
-        return await self.engine().recover()
+        """Settle open intents whose lease holder is gone; `recover_left_alone` then says
+        which were left to a live holder (another process or operator)."""
+        engine = self.engine()
+        try:
+            results = await engine.recover()
+        finally:
+            self.write_checkpoint()
+        self.recover_left_alone = engine.recovery.left_alone
+        return results
 
-    def open_intent_count(self) -> int:
-        row = self.store.conn.execute(
-            "SELECT COUNT(*) FROM intents WHERE outcome IS NULL").fetchone()
-        return int(row[0])
+    def open_intent_count(self, settleable_only: bool = False) -> int:
+        """Intents without an outcome; `settleable_only`: not those of merchants another live
+        run holds (they are its in-flight work, not ours to settle)."""
+        if not settleable_only:
+            return self.store.open_intent_count()
+        leased = self.leased_merchants()
+        return sum(1 for row in self.store.open_intents() if row["merchant_id"] not in leased)
+
+    def leased_merchants(self) -> dict[str, str]:
+        """Merchants another live holder is working on: merchant id -> who and since when."""
+        return {lease.merchant_id: lease.describe() for lease in self.store.leases()
+                if not holder_gone(lease) and (lease.host, lease.pid) != (HOST, os.getpid())}
 
     # ------------------------------------------------------------------ audit
-    def verify(self, checkpoint: Checkpoint | None = None) -> VerifyReport:
-        return self.audit.verify(checkpoint)
+    @property
+    def checkpoints(self) -> CheckpointAnchor:
+        directory = self.settings.checkpoint_dir or default_checkpoint_dir(
+            self.settings.credentials, self.settings.db)
+        return CheckpointAnchor(directory, self.settings.credentials)
+
+    def write_checkpoint(self, output: Path | None = None, *, automatic: bool = True
+                         ) -> Path | None:
+        """Sign the chain's size and head into the checkpoint folder (or `output`).
+        Automatic ones (after a batch, a recovery, a revocation) skip an unchanged chain and
+        never raise: the reason lands in `checkpoint_problem` for the caller to show."""
+        if not automatic:
+            return self.checkpoints.write(self.audit, output)
+        self.checkpoint_problem = None
+        try:
+            return self.checkpoints.write(self.audit, output, skip_if_unchanged=True)
+        except (AuditChainError, ConfigurationError, OSError, sqlite3.Error) as error:
+            self.checkpoint_problem = str(error)
+            return None
+
+    def verify(self, checkpoint_file: Path | None = None, *, own_connection: bool = False
+               ) -> VerifyReport:
+        """The chain against the latest signed checkpoint (or the one given). With
+        own_connection, on a connection of its own, to run in a worker thread."""
+        if not own_connection:
+            return self.checkpoints.verify(self.audit, checkpoint_file)
+        store = Store(self.settings.db)
+        try:
+            return self.checkpoints.verify(AuditTrail(store), checkpoint_file)
+        finally:
+            store.close()
 
 
 _UNHEALTHY_TOKENS = {TokenHealth.EXPIRED, TokenHealth.REVOKED, TokenHealth.INVALID,
-                     TokenHealth.MISSING_SCOPES}
+                     TokenHealth.MISSING_SCOPES, TokenHealth.MERCHANT_MISMATCH}
 # Orders that would be candidates but for consent: their merchants get friendly reminders.
 _REMINDER_REASONS = {EligibilityReason.NO_CONSENT, EligibilityReason.CONSENT_EXPIRED,
                      EligibilityReason.CONSENT_REVOKED,
@@ -397,7 +546,12 @@ def _consent_summary(records: list[ConsentRecord], now: datetime) -> tuple[str, 
 
 
 def _next_sync(sync_time: str | None, timezone: str | None, now: datetime) -> timedelta | None:
-    """Time until the merchant's next daily sync, at its sync time in its own timezone."""
+    """Time until the merchant's next daily sync, at its sync time in its own timezone.
+
+    The wall-clock time is built in the merchant's zone, then both ends are compared as UTC
+    instants: subtracting two datetimes of the same zone is wall-clock arithmetic in Python and
+    is an hour off across a DST change. A sync time that falls in a spring-forward gap runs at
+    the instant the clock would have shown it before the change (fold=0)."""
     if not sync_time or not timezone:
         return None
     try:
@@ -406,7 +560,9 @@ def _next_sync(sync_time: str | None, timezone: str | None, now: datetime) -> ti
         return None
     hours, minutes = (int(part) for part in sync_time.split(":"))
     local = now.astimezone(zone)
-    target = local.replace(hour=hours, minute=minutes, second=0, microsecond=0)
-    if target <= local:
-        target += timedelta(days=1)
-    return target - local
+    for day in (local.date(), local.date() + timedelta(days=1)):
+        target = datetime(day.year, day.month, day.day, hours, minutes, tzinfo=zone)
+        gap = target.astimezone(UTC) - now.astimezone(UTC)
+        if gap > timedelta(0):
+            return gap
+    return None  # unreachable: tomorrow's sync is always after now

@@ -63,7 +63,7 @@ async def test_queue_matches_square(emulator: Emulator, tmp_path: Path) -> None:
         row = eligible[0].to_json()
         assert set(row) == {"merchant_id", "order_id", "location_id", "version", "state",
                             "source", "total_money", "net_amount_due_money", "created_at",
-                            "eligible", "reason"}
+                            "eligible", "reason", "stale", "fetched_at"}
     finally:
         await workspace.aclose()
 

@@ -36,3 +36,13 @@ def test_mypy_is_clean(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_import_contracts_hold() -> None:
+    """import-linter (as Harlequin does): the boundaries in pyproject's [tool.importlinter]."""
+    import subprocess
+    import sys
+    lint = Path(sys.executable).with_name("lint-imports")
+    done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "broken" in done.stdout and " 0 broken" in done.stdout

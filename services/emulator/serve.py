@@ -58,11 +58,12 @@ def write_demo_files(directory: Path, merchants: list[SeededMerchant]) -> None:
 
 def serve(host: str, port: int, config: SeedConfig, faults: FaultPlan,
           manifest_path: Path | None = None, log_level: str = "warning",
-          demo_files: Path | None = None) -> None:
+          demo_files: Path | None = None, *, steering: bool = False,
+          strict: bool = False) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError("the emulator only serves on loopback (127.0.0.1, localhost or ::1)")
     square, merchants = seed_square(config)
-    emulator: EmulatorApp = build_app(square, faults)
+    emulator: EmulatorApp = build_app(square, faults, strict=strict, steering=steering)
     if demo_files is not None:
         write_demo_files(demo_files, merchants)
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on such sockets, and without it
