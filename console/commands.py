@@ -28,7 +28,7 @@ from console.cli import (
 )
 from services.completion import NOT_RECORDED, BatchProgress, Outcome, SkipReason
 from services.consent import ConsentStatus
-from services.errors import ConfigurationError, ConsentFileError
+from services.errors import ConfigurationError, ConsentFileError, ReconError
 from services.private_files import open_private
 from services.settings import ReconSettings
 from services.store import utc_text
@@ -301,14 +301,37 @@ def recover(args: argparse.Namespace, settings: ReconSettings) -> int:
             for line in held:
                 err(f"left alone, another run is live: {line}")
             _checkpoint_note(workspace)
+            reminders_left = _recover_reminders(workspace, settings)
             if workspace.open_intent_count(settleable_only=True):
                 err("Some intents could not be settled (no credentials or Square "
                     "unreachable): run `recon-console recover` again when Square answers.")
                 return EXIT_FAILURES
-            return EXIT_OK
+            return EXIT_FAILURES if reminders_left else EXIT_OK
         finally:
             await workspace.aclose()
     return asyncio.run(run())
+
+
+def _recover_reminders(workspace: Workspace, settings: ReconSettings) -> int:
+    """Re-send reminders left in doubt (same Message-ID and bytes). Returns how many could
+    not be settled now (no SMTP set up, or the server unreachable), said in one line."""
+    from services.reminders import ReminderService
+    from services.reminders.smtp import smtp_target_from
+
+    probe = ReminderService.for_workspace(workspace, None)
+    if not probe.open_rows():
+        return 0
+    try:
+        service = ReminderService.for_workspace(
+            workspace, smtp_target_from(settings, required=False))
+        results = service.recover()
+    except ReconError as error:
+        left = len(probe.open_rows())
+        err(f"{left} reminder(s) in doubt not settled: {error}")
+        return left
+    for result in results:
+        err(f"  reminder {result.merchant_id}: {result.status} {result.reason or ''}")
+    return 0
 
 
 def audit(args: argparse.Namespace, settings: ReconSettings) -> int:

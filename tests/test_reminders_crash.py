@@ -11,6 +11,8 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from services.audit import AuditTrail
 from services.reminders import ReminderService, SmtpTarget
 from services.reminders.local_server import LocalSmtpServer
@@ -73,6 +75,47 @@ def test_sigkill_mid_run_then_recover(tmp_path: Path) -> None:
     assert sorted(e["merchant_id"] for e in sent) == merchants        # one each
     assert {e["idempotency_key"] for e in sent} == {m.message_id for m in handler.messages}
     assert service.open_rows() == [] and service.audit.verify().ok
+
+
+def test_recover_command_resends_reminders_in_doubt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`recon-console recover` settles the outbox too: without SMTP set up it says so in one
+    line and exits 1 (nothing lost); with it, the rows are re-sent under their own ids."""
+    from console.cli import main
+
+    db = tmp_path / "recon.db"
+    store = Store(db)
+    fill(store, 12, NOW)
+    credentials = tmp_path / "credentials.toml"
+    credentials.write_text("[merchants.M0]\naccess_token = \"emu-token-unused\"\n")
+    credentials.chmod(0o600)
+    handler = ScriptedMailbox({7: "hold"})
+    with LocalSmtpServer(handler) as server:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.test_reminders_crash", str(db), server.url(),
+             NOW.isoformat()], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            assert handler.held.wait(60), "the child never reached the 7th message"
+            os.kill(process.pid, signal.SIGKILL)
+            assert process.wait(10) == -signal.SIGKILL
+        finally:
+            handler.release.set()
+            if process.poll() is None:
+                process.kill()
+        in_doubt = {r["message_id"] for r in service_for(store, server.url(), NOW).open_rows()}
+        assert len(in_doubt) == 5
+        common = ["recover", "--db", str(db), "--credentials", str(credentials),
+                  "--square-base-url", "http://127.0.0.1:9"]
+        monkeypatch.delenv("RECON_SMTP_URL", raising=False)
+        capsys.readouterr()
+        assert main(common) == 1
+        assert "5 reminder(s) in doubt not settled" in capsys.readouterr().err
+        assert len(service_for(store, server.url(), NOW).open_rows()) == 5
+        received = len(handler.messages)
+        monkeypatch.setenv("RECON_SMTP_URL", server.url())
+        assert main(common) == 0
+        assert service_for(store, server.url(), NOW).open_rows() == []
+        assert {m.message_id for m in handler.messages[received:]} == in_doubt
 
 
 if __name__ == "__main__":
