@@ -31,6 +31,7 @@ class ReconApp(App[int]):
     BINDINGS = [
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("A", "audit", "Audit", id="app.audit"),
+        Binding("M", "reminders", "Reminders", id="app.reminders"),
         # Off the footer (the status line says "press R" when intents are open); in the
         # palette and help.
         Binding("R", "recover", "Recover", id="app.recover", show=False),
@@ -220,12 +221,19 @@ class ReconApp(App[int]):
         if self.workspace is not None and not isinstance(self.screen, AuditScreen):
             self.push_screen(AuditScreen())
 
+    def action_reminders(self) -> None:
+        from console.screens.reminders import RemindersScreen
+        if self.workspace is not None and not isinstance(self.screen, RemindersScreen):
+            self.push_screen(RemindersScreen())
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Refresh from Square", "Discover open orders again",
                             self.action_refresh)
         yield SystemCommand("Audit trail", "Entries, chain status and export",
                             self.action_audit)
+        yield SystemCommand("Reminders", "Friendly reminders: due, preview, send, history",
+                            self.action_reminders)
         if not self.read_only:
             yield SystemCommand("Recover", "Settle unfinished completions against Square",
                                 self.action_recover)
@@ -271,7 +279,7 @@ def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) ->
     from services.demo import build_demo
 
     def factory() -> Workspace:
-        return build_demo(seed=seed, operator=settings.operator).workspace
+        return build_demo(seed=seed, operator=settings.operator, mail=True).workspace
 
     app = ReconApp(workspace_factory=factory, read_only=read_only,
                    subtitle=f"DEMO  Square: local emulator (in-process)  "

@@ -47,6 +47,10 @@ class AuditAction(StrEnum):
     CANCEL = "cancel"
     RECOVERY = "recovery"
     BATCH_FINISHED = "batch_finished"
+    REMINDER_SENT = "reminder_sent"
+    REMINDER_FAILED = "reminder_failed"
+    REMINDER_OPT_OUT = "reminder_opt_out"
+    REMINDER_OPT_IN = "reminder_opt_in"
 
 
 _SORTED_FIELDS = tuple(sorted(AUDIT_FIELDS))

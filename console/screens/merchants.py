@@ -99,6 +99,8 @@ class MerchantsScreen(ConsoleScreen):
         workspace = self.recon.workspace
         assert workspace is not None  # rows exist only once it does
         now = workspace.clock()
+        from services.reminders.service import last_reminded
+        reminded = last_reminded(workspace.store)
         for row in rows:
             total = ", ".join(format_money(a, c) for c, a in sorted(row.totals.items())) or "—"
             oldest = "—"
@@ -108,6 +110,8 @@ class MerchantsScreen(ConsoleScreen):
                 oldest = f"{age.days}d" if age.days else f"{age.seconds // 3600}h"
             note = row.error or (f"{row.waiting_without_consent} waiting: send a reminder"
                                  if row.waiting_without_consent else "")
+            if not row.error and row.merchant_id in reminded:
+                note = f"reminded {reminded[row.merchant_id][:10]}" + (f"; {note}" if note else "")
             if row.leased_by:  # another operator's run is sending for this merchant now
                 note = f"LEASED by {row.leased_by}" + (f"; {note}" if note else "")
             consent = row.consent_status.replace("_", " ")
