@@ -401,7 +401,6 @@ __all__ = ["EXIT_CANCELLED", "audit", "complete", "consent", "queue", "recover"]
 
 def remind(args: argparse.Namespace, settings: ReconSettings) -> int:
     """`remind [send]`, `remind history`, `remind opt-out|opt-in` (see interfaces.md)."""
-    from rich.text import Text
 
     from services.reminders import ReminderProgress, ReminderService, SmtpTarget
     from services.reminders.smtp import smtp_target_from
@@ -429,10 +428,10 @@ def remind(args: argparse.Namespace, settings: ReconSettings) -> int:
                     return EXIT_OK
                 table = Table("sent", "merchant", "kind", "to", "orders", "status", "reason")
                 for row in rows:
-                    table.add_row(str(row["settled_at"] or row["created_at"])[:16],
-                                  Text(str(row["business_name"])), row["kind"],
-                                  Text(", ".join(row["to"])), str(row["orders"]),
-                                  row["status"], row["reason"] or "")
+                    table.add_row(safe(str(row["settled_at"] or row["created_at"])[:16]),
+                                  safe(row["business_name"]), safe(row["kind"]),
+                                  safe(", ".join(row["to"])), safe(row["orders"]),
+                                  safe(row["status"]), safe(row["reason"]))
                 Console().print(table)
                 return EXIT_OK
             if sending and service.open_rows():
@@ -444,7 +443,7 @@ def remind(args: argparse.Namespace, settings: ReconSettings) -> int:
             plans = service.plan(args.merchant)
             due = [p for p in plans if p.due]
             for plan in due:
-                stderr.print(Text(f"{plan.business_name} ({plan.merchant_id}): "
+                stderr.print(safe(f"{plan.business_name} ({plan.merchant_id}): "
                                   f"{plan.kind.value}, {len(plan.orders)} orders, to "
                                   f"{', '.join(plan.recipients)}"))
             skipped: dict[str, int] = {}
@@ -483,15 +482,14 @@ def remind(args: argparse.Namespace, settings: ReconSettings) -> int:
 
 
 def _print_reminders(args: argparse.Namespace, results: list[Any]) -> None:
-    from rich.text import Text
     if args.json:
         print_json({"reminders": [r.to_json() for r in results]})
         return
     table = Table("merchant", "kind", "to", "orders", "status", "reason")
     for r in results:
-        table.add_row(Text(f"{r.business_name} ({r.merchant_id})"), r.kind,
-                      Text(", ".join(r.to) or "no address"), str(r.orders), r.status,
-                      r.reason or "")
+        table.add_row(safe(f"{r.business_name} ({r.merchant_id})"), safe(r.kind),
+                      safe(", ".join(r.to) or "no address"), safe(r.orders), safe(r.status),
+                      safe(r.reason))
     Console().print(table)
     counts: dict[str, int] = {}
     for r in results:

@@ -33,11 +33,13 @@ from console.screens.confirm import ConfirmScreen
 from console.screens.help import HelpScreen
 from console.screens.progress import ProgressScreen
 from console.screens.queue import QueueScreen
+from console.screens.reminders import RemindersScreen
 from console.widgets.order_detail import OrderDetail
 from console.widgets.order_table import OrderTable
 from services.audit import AuditTrail
 from services.demo import DemoEnvironment, consent_for
 from services.emulator.state import NONCE_OK
+from services.reminders.message import plain_text
 from services.store import Store
 from services.text_safety import FORMULA_PREFIXES, csv_cell, json_line, printable
 from tests.console_harness import (
@@ -357,6 +359,17 @@ async def test_every_screen_shows_hostile_text_literally(tmp_path: Path) -> None
             assert printable(hostile[:48]) in details
         assert_inert(app)
         await pilot.press("escape")
+
+        # Reminders: every merchant with waiting orders and no usable consent, by name.
+        await pilot.press("M")
+        await wait_until(pilot, lambda: isinstance(app.screen, RemindersScreen))
+        await wait_until(pilot, lambda: app.screen.query_one("#reminders", DataTable).row_count
+                         > 0)
+        reminder_rows = cells(app.screen.query_one("#reminders", DataTable))
+        assert {row[1] for row in reminder_rows} & {plain_text(n[:24], 400) for n in names}
+        assert_inert(app)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not isinstance(app.screen, RemindersScreen))
 
         # Help, and a toast carrying hostile text.
         await pilot.press("question_mark")
