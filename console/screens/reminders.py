@@ -1,6 +1,6 @@
 """Reminders: who is due a friendly reminder and why, the rendered message, send with
 confirmation, history; and the demo's mailbox. Outside text (names, addresses, messages) is
-shown through `Text` objects, never as markup."""
+shown through `SafeText` objects, never as markup."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
-from rich.text import Text
 from textual import work
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -17,6 +16,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
+from console.safe_text import SafeText, safe
 from console.screens.base import ConsoleScreen
 from services.audit import AuditTrail
 from services.reminders import ReminderPlan, ReminderProgress, ReminderService
@@ -30,8 +30,8 @@ __all__ = ["MailboxScreen", "ReminderConfirm", "RemindersScreen"]
 TYPED_COUNT_THRESHOLD = 10
 
 
-def _line(text: str) -> Text:
-    return Text(plain_text(text, 400))
+def _line(text: str) -> SafeText:
+    return SafeText(plain_text(text, 400))
 
 
 class ReminderConfirm(ModalScreen[bool]):
@@ -47,7 +47,7 @@ class ReminderConfirm(ModalScreen[bool]):
         self.typed = len(plans) > TYPED_COUNT_THRESHOLD
 
     def compose(self) -> ComposeResult:
-        text = Text(f"Send {len(self.plans)} reminder e-mail(s)?\n\n")
+        text = SafeText(f"Send {len(self.plans)} reminder e-mail(s)?\n\n")
         for plan in self.plans[:12]:
             text.append(f"  {plain_text(plan.business_name, 40)}: {len(plan.orders)} orders "
                         f"→ {', '.join(plan.recipients)}\n")
@@ -58,8 +58,8 @@ class ReminderConfirm(ModalScreen[bool]):
         with Vertical(id="reminder-confirm-box"):
             yield Static(text, id="reminder-confirm-text")
             if self.typed:
-                yield Static(f"Type {len(self.plans)} and press Enter to send; Escape "
-                             "cancels.")
+                yield Static(safe(f"Type {len(self.plans)} and press Enter to send; Escape "
+                                  "cancels."))
                 field = Input(placeholder=str(len(self.plans)), id="reminder-confirm-input")
                 field.cursor_blink = False
                 yield field
@@ -78,8 +78,8 @@ class ReminderConfirm(ModalScreen[bool]):
         if event.value.strip() == str(len(self.plans)):
             self.dismiss(True)
             return
-        self.query_one("#reminder-confirm-error", Static).update(
-            f"That is not {len(self.plans)}: nothing was sent. Type it again or press Escape.")
+        self.query_one("#reminder-confirm-error", Static).update(safe(
+            f"That is not {len(self.plans)}: nothing was sent. Type it again or press Escape."))
         event.input.value = ""
 
     def action_confirm(self) -> None:
@@ -112,14 +112,14 @@ class RemindersScreen(ConsoleScreen):
         yield Header()
         yield Static("Reminders", id="reminders-title", classes="title")
         with Horizontal(id="reminders-body"):
-            table: DataTable[Text | str] = DataTable(id="reminders", cursor_type="row",
+            table: DataTable[SafeText] = DataTable(id="reminders", cursor_type="row",
                                                      zebra_stripes=True)
             table.add_columns(" ", "Merchant", "Kind", "To", "Orders", "Totals", "Oldest",
                               "Status", "Last reminded")
             yield table
             with VerticalScroll(id="reminder-preview"):
                 yield Static("Enter previews the highlighted reminder.", id="preview-text")
-        yield Static(self.recon.status, id="status")
+        yield Static(safe(self.recon.status), id="status")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -150,20 +150,22 @@ class RemindersScreen(ConsoleScreen):
         table = self.query_one("#reminders", DataTable)
         table.clear()
         for plan in self.plans:
-            status = Text("due", style="green") if plan.due else Text(
+            status = SafeText("due", style="green") if plan.due else SafeText(
                 str(plan.skip).replace("_", " ").lower(), style="yellow")
+            # SafeText cells: a str cell of a DataTable is parsed as markup.
+            recipients = _recipients(plan.recipients)
             table.add_row(
-                "●" if plan.merchant_id in self.selected else " ",
-                _line(plan.business_name[:24]), plan.kind.value.replace("_", " "),
-                _recipients(plan.recipients), str(len(plan.orders)),
-                ", ".join(money(a, c) for c, a in sorted(plan.totals.items())),
-                f"{plan.oldest_age.days}d", status,
-                (last.get(plan.merchant_id) or "—")[:16].replace("T", " "),
+                safe("●" if plan.merchant_id in self.selected else " "),
+                safe(plain_text(plan.business_name[:24], 400)),
+                safe(plan.kind.value.replace("_", " ")), recipients, safe(len(plan.orders)),
+                safe(", ".join(money(a, c) for c, a in sorted(plan.totals.items()))),
+                safe(f"{plan.oldest_age.days}d"), status,
+                safe((last.get(plan.merchant_id) or "—")[:16].replace("T", " ")),
                 key=plan.merchant_id)
         due = sum(1 for p in self.plans if p.due)
-        self.query_one("#reminders-title", Static).update(
+        self.query_one("#reminders-title", Static).update(safe(
             f"Reminders: {due} due of {len(self.plans)} merchants with waiting orders; "
-            f"{len(self.selected)} selected")
+            f"{len(self.selected)} selected"))
 
     def _current(self) -> ReminderPlan | None:
         table = self.query_one("#reminders", DataTable)
@@ -177,7 +179,7 @@ class RemindersScreen(ConsoleScreen):
         plan = self._current()
         if plan is None:
             return
-        text = Text(f"{plain_text(plan.business_name, 60)} ({plan.merchant_id})\n\n",
+        text = SafeText(f"{plain_text(plan.business_name, 60)} ({plan.merchant_id})\n\n",
                     style="bold")
         text.append(plain_text(plan.detail, 1000) if not plan.due else
                     "Due. Enter previews the message; space selects; s sends.")
@@ -193,7 +195,7 @@ class RemindersScreen(ConsoleScreen):
         if plan is None:
             return
         rendered = self.service().render(plan)
-        text = Text()
+        text = SafeText()
         text.append(f"To: {', '.join(plan.recipients) or '(no address)'}\n", style="bold")
         text.append(f"Subject: {rendered.subject}\n\n", style="bold")
         text.append(_body(rendered.text))
@@ -218,7 +220,7 @@ class RemindersScreen(ConsoleScreen):
         if plan is None:
             return
         rows = self.service().history(plan.merchant_id)
-        text = Text(f"History of {plain_text(plan.business_name, 60)}\n\n", style="bold")
+        text = SafeText(f"History of {plain_text(plan.business_name, 60)}\n\n", style="bold")
         for row in rows or []:
             text.append(f"{(row['settled_at'] or row['created_at'])[:16]}  {row['status']}"
                         f"{' ' + row['reason'] if row['reason'] else ''}  {row['orders']} "
@@ -305,17 +307,17 @@ class RemindersScreen(ConsoleScreen):
                             self.action_mailbox)
 
 
-def _recipients(addresses: tuple[str, ...]) -> Text:
+def _recipients(addresses: tuple[str, ...]) -> SafeText:
     """The first address, shortened, and how many more: the table stays readable."""
     if not addresses:
-        return Text("no address", style="red")
+        return SafeText("no address", style="red")
     first = addresses[0] if len(addresses[0]) <= 30 else addresses[0][:29] + "…"
-    return Text(first + (f" +{len(addresses) - 1}" if len(addresses) > 1 else ""))
+    return SafeText(first + (f" +{len(addresses) - 1}" if len(addresses) > 1 else ""))
 
 
-def _body(text: str) -> Text:
+def _body(text: str) -> SafeText:
     """A message body for the terminal: control characters out, line breaks kept."""
-    return Text("\n".join(plain_text(line, 2000) for line in text.splitlines()))
+    return SafeText("\n".join(plain_text(line, 2000) for line in text.splitlines()))
 
 
 class MailboxScreen(ConsoleScreen):
@@ -331,14 +333,14 @@ class MailboxScreen(ConsoleScreen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static(f"Demo mailbox: {self.folder}", classes="title")
+        yield Static(safe(f"Demo mailbox: {self.folder}"), classes="title")
         with Horizontal(id="mailbox-body"):
-            table: DataTable[Text | str] = DataTable(id="mailbox", cursor_type="row")
+            table: DataTable[SafeText] = DataTable(id="mailbox", cursor_type="row")
             table.add_columns("#", "To", "Subject")
             yield table
             with VerticalScroll(id="mail-text"):
                 yield Static("", id="mail-body")
-        yield Static(self.recon.status, id="status")
+        yield Static(safe(self.recon.status), id="status")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -346,8 +348,8 @@ class MailboxScreen(ConsoleScreen):
         table = self.query_one("#mailbox", DataTable)
         for path in self.files:
             message = _parse(path)
-            table.add_row(path.stem, _line(str(message["To"] or "")),
-                          _line(str(message["Subject"] or "")), key=str(path))
+            to, subject = _line(str(message["To"] or "")), _line(str(message["Subject"] or ""))
+            table.add_row(safe(path.stem), to, subject, key=str(path))
         if not self.files:
             self.query_one("#mail-body", Static).update("No message yet.")
 
@@ -356,7 +358,7 @@ class MailboxScreen(ConsoleScreen):
             return
         message = _parse(Path(event.row_key.value))
         body = message.get_body(("plain",))
-        text = Text(f"From: {plain_text(str(message['From']))}\nTo: "
+        text = SafeText(f"From: {plain_text(str(message['From']))}\nTo: "
                     f"{plain_text(str(message['To']))}\nSubject: "
                     f"{plain_text(str(message['Subject']))}\nMessage-ID: "
                     f"{plain_text(str(message['Message-ID']))}\n\n", style="bold")
