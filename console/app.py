@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -18,7 +19,15 @@ from textual.screen import Screen
 from console.crash import crash_line, write_crash_log
 from console.messages import describe
 from console.safe_text import printable, safe
-from services.completion import Outcome
+from console.screens.audit import AuditScreen
+from console.screens.base import CompleteRequested, ConsoleScreen
+from console.screens.confirm import ConfirmScreen
+from console.screens.help import HelpScreen
+from console.screens.merchants import MerchantsScreen
+from console.screens.progress import ProgressScreen
+from console.screens.reminders import RemindersScreen
+from console.wording import plural
+from services.completion import OrderResult, Outcome
 from services.settings import ReconSettings
 from services.workspace import Workspace
 
@@ -53,13 +62,14 @@ class ReconApp(App[int]):
         self.read_only = read_only
         self.refresh_on_start = refresh_on_start
         self.status = "Starting…"
+        # The screen whose own message the status line shows (None: the app's own).
+        self.status_owner: Screen[Any] | None = None
         self.last_error: str | None = None
         self.busy = False
         self.sub_title = printable(subtitle) + ("  READ-ONLY" if read_only else "")
         self.crash_message: str | None = None
 
     def on_mount(self) -> None:
-        from console.screens.merchants import MerchantsScreen
         self.push_screen(MerchantsScreen())
         self.prepare()
 
@@ -79,17 +89,21 @@ class ReconApp(App[int]):
                 return
         if self.workspace is None:
             return
+        recovered = ""
         if not self.read_only and self.workspace.open_intent_count():
             self.set_status("Settling unfinished completions from last time…")
             try:
-                self.workspace.credentials()
-                await self.workspace.recover()
+                recovered = "At start: " + await self.recover_and_say()
             except Exception as error:
-                self.set_status(describe(error), error=True)
+                recovered = describe(error)
+                self.set_status(recovered, error=True)
+            self.notify(recovered, title="Recover", timeout=15)
         if self.refresh_on_start:
             await self.refresh_data()
         else:
             self.post_message(self.Refreshed())
+        if recovered:  # what recovery settled stays in view after the refresh's own line
+            self.set_status(f"{self.status}  {recovered}")
 
     async def refresh_data(self, merchant_ids: list[str] | None = None) -> None:
         """Discover open orders at Square (per merchant errors are kept per merchant)."""
@@ -141,37 +155,65 @@ class ReconApp(App[int]):
         self.busy = True
         self.set_status("Recovering: settling unfinished completions against Square…")
         try:
-            self.workspace.credentials()
-            results = await self.workspace.recover()
-            counts = {o: sum(1 for r in results if r.outcome is o) for o in Outcome}
-            text = (f"Recovered: settled {len(results)} ({counts[Outcome.COMPLETED]} "
-                    f"completed, {counts[Outcome.SKIPPED]} skipped, {counts[Outcome.FAILED]} "
-                    f"failed); {self.workspace.open_intent_count()} still open.")
-            if self.workspace.recover_left_alone:
-                text += (f" Left alone, another run is live: "
-                         f"{'; '.join(self.workspace.recover_left_alone)}")
-            self.set_status(text)
+            self.set_status(await self.recover_and_say())
         except Exception as error:
             self.set_status(describe(error), error=True)
         finally:
             self.busy = False
         self.post_message(self.Refreshed())
 
-    def set_status(self, text: str, error: bool = False) -> None:
+    async def recover_and_say(self) -> str:
+        """Settle the open intents; the sentence that says what was settled."""
+        assert self.workspace is not None
+        self.workspace.credentials()
+        results = await self.workspace.recover()
+        return recovery_text(results, self.workspace.open_intent_count(),
+                             self.workspace.recover_left_alone)
+
+    def set_status(self, text: str, error: bool = False,
+                   owner: Screen[Any] | None = None) -> None:
+        """`owner`: the screen the message is about; it is cleared when another comes up."""
         self.status = text
+        self.status_owner = owner
         if error:
             self.last_error = text
             self.notify(text, severity="error", timeout=8)
         for screen in self.screen_stack:
-            update = getattr(screen, "show_status", None)
-            if update is not None:
-                update(text, error)
+            if isinstance(screen, ConsoleScreen):
+                screen.show_status(text, error)
+
+    def forget_status_of_others(self, screen: Screen[Any]) -> None:
+        if self.status_owner is not None and self.status_owner is not screen:
+            self.set_status("")
 
     def on_recon_app_refreshed(self, message: Refreshed) -> None:
         for screen in self.screen_stack:
-            reload = getattr(screen, "reload", None)
-            if reload is not None:
-                reload()
+            if isinstance(screen, ConsoleScreen):
+                screen.reload()
+
+    def on_complete_requested(self, message: CompleteRequested) -> None:
+        self.start_completion(message.order_ids)
+
+    def start_completion(self, order_ids: list[str]) -> None:
+        """Preview the chosen orders, confirm, then run the batch on the progress screen."""
+        if self.read_only or self.workspace is None:
+            return
+        preview = self.workspace.preview(order_ids=order_ids)
+        if preview.count == 0:
+            reasons = sorted({r for _, r in preview.held_back})
+            extra = f" (held back: {', '.join(reasons)})" if reasons else ""
+            self.notify("None of the selected orders can be completed now" + extra + ".",
+                        severity="warning")
+            return
+
+        def confirmed(approved: bool | None) -> None:
+            if approved:
+                self.push_screen(ProgressScreen(preview))
+            else:
+                self.notify(f"Not confirmed: nothing was sent ({plural(preview.count, 'order')} "
+                            "stay selected).")
+
+        self.push_screen(ConfirmScreen(preview), confirmed)
 
     def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
                timeout: float | None = None, markup: bool = True) -> None:
@@ -210,19 +252,16 @@ class ReconApp(App[int]):
 
     # ------------------------------------------------------------------ actions
     def action_help(self) -> None:
-        from console.screens.help import HelpScreen
         bindings = [(b.binding.key_display or b.binding.key, b.binding.description or
                      b.binding.action, b.binding.id or "")
                     for b in self.active_bindings.values()]
         self.push_screen(HelpScreen(bindings))
 
     def action_audit(self) -> None:
-        from console.screens.audit import AuditScreen
         if self.workspace is not None and not isinstance(self.screen, AuditScreen):
             self.push_screen(AuditScreen())
 
     def action_reminders(self) -> None:
-        from console.screens.reminders import RemindersScreen
         if self.workspace is not None and not isinstance(self.screen, RemindersScreen):
             self.push_screen(RemindersScreen())
 
@@ -237,9 +276,18 @@ class ReconApp(App[int]):
         if not self.read_only:
             yield SystemCommand("Recover", "Settle unfinished completions against Square",
                                 self.action_recover)
-        commands = getattr(screen, "palette_commands", None)
-        if commands is not None:
-            yield from commands()
+        if isinstance(screen, ConsoleScreen):
+            yield from screen.palette_commands()
+
+
+def recovery_text(results: list[OrderResult], still_open: int, left_alone: list[str]) -> str:
+    counts = {o: sum(1 for r in results if r.outcome is o) for o in Outcome}
+    text = (f"Recovered: settled {len(results)} "
+            f"({counts[Outcome.COMPLETED]} completed, {counts[Outcome.SKIPPED]} skipped, "
+            f"{counts[Outcome.FAILED]} failed); {still_open} still open.")
+    if left_alone:
+        text += f" Left alone, another run is live: {'; '.join(left_alone)}"
+    return text
 
 
 def load_keymap(path: Path) -> dict[str, str]:

@@ -27,13 +27,14 @@ from console.cli import (
     print_json,
 )
 from console.safe_text import safe
+from console.wording import format_money, preview_lines
 from services.completion import NOT_RECORDED, BatchProgress, Outcome, SkipReason
 from services.consent import ConsentStatus
 from services.errors import ConfigurationError, ConsentFileError, ReconError
 from services.private_files import open_private
 from services.settings import ReconSettings
 from services.store import utc_text
-from services.workspace import Workspace, format_money
+from services.workspace import Workspace
 
 stderr = Console(stderr=True, highlight=False)
 
@@ -207,7 +208,7 @@ def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
             reports = await workspace.refresh(merchants)
             _report_merchants(reports)
             preview = workspace.preview(merchants, args.order, args.max_orders)
-            for line in preview.lines():
+            for line in preview_lines(preview):
                 err(line)
             for order, reason in preview.held_back[:5]:
                 err(f"held back: {order.order_id} ({reason})")

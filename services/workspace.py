@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,7 +38,13 @@ from services.consent import (
     record_sha256,
 )
 from services.credentials import MerchantCredentials, load_credentials
-from services.discovery import MerchantDiscovery, TokenHealth, discover, order_row
+from services.discovery import (
+    NEEDED_SCOPES,
+    MerchantDiscovery,
+    TokenHealth,
+    discover,
+    order_row,
+)
 from services.eligibility import (
     ConsentView,
     EligibilityReason,
@@ -46,17 +52,29 @@ from services.eligibility import (
     apply_batch_limits,
 )
 from services.errors import AuditChainError, ConfigurationError, ConsentFileError
+from services.money import totals_by_currency
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
 from services.square_models import SquareOrder
 from services.store import QueuedOrder, Store, StoredConsent
 
-__all__ = ["MerchantOverview", "Preview", "Workspace"]
+__all__ = ["Hold", "MerchantOverview", "Preview", "Workspace"]
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why an order that passes every eligibility rule cannot be completed now. `reason` is a
+    code (TOKEN_MISSING_SCOPES, MERCHANT_LEASED, BATCH_LIMIT_REACHED, ...); `detail` the facts
+    behind it (the scopes the token lacks, who holds the lease)."""
+
+    reason: str
+    detail: str = ""
 
 
 @dataclass(frozen=True)
 class Preview:
-    """Exactly what the operator approves: (merchant, order, version) pairs and their totals."""
+    """Exactly what the operator approves: (merchant, order, version) pairs and their totals
+    (minor units per currency per merchant). The console writes them for people."""
 
     items: list[ApprovedItem]
     totals: dict[str, dict[str, int]]
@@ -68,23 +86,13 @@ class Preview:
     def count(self) -> int:
         return len(self.items)
 
-    def lines(self) -> list[str]:
-        out = []
-        for merchant_id, by_currency in sorted(self.totals.items()):
-            count = sum(1 for i in self.items if i.merchant_id == merchant_id)
-            money = ", ".join(f"{format_money(a, c)}" for c, a in sorted(by_currency.items()))
-            out.append(f"{self.names.get(merchant_id, merchant_id)} ({merchant_id}): "
-                       f"{count} orders, {money}")
-        return out
-
-
-_ZERO_DECIMAL = {"JPY", "KRW", "VND", "CLP", "ISK", "UGX", "XAF", "XOF"}
-
-
-def format_money(amount: int, currency: str) -> str:
-    if currency in _ZERO_DECIMAL:
-        return f"{amount:,} {currency}"
-    return f"{amount / 100:,.2f} {currency}"
+    def per_merchant(self) -> list[tuple[str, int, dict[str, int]]]:
+        """(merchant id, order count, totals per currency), by merchant id."""
+        counts: dict[str, int] = {}
+        for item in self.items:
+            counts[item.merchant_id] = counts.get(item.merchant_id, 0) + 1
+        return [(merchant_id, counts.get(merchant_id, 0), by_currency)
+                for merchant_id, by_currency in sorted(self.totals.items())]
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,8 @@ class MerchantOverview:
     next_sync_in: timedelta | None
     waiting_without_consent: int   # candidate-looking orders with NO_CONSENT (reminders)
     leased_by: str | None = None   # another live run working on this merchant, and since when
+    held: int = 0                  # eligible, but not completable now (see Workspace.holds)
+    consent_effective_from: str | None = None  # when a not-yet-effective consent starts
 
     @property
     def urgency(self) -> tuple[int, float]:
@@ -362,15 +372,16 @@ class Workspace:
         for order in self.store.queued_orders():
             orders_by_merchant.setdefault(order.merchant_id, []).append(order)
         leased = self.leased_merchants()
+        # A candidate is what a batch would send now: held orders are counted apart.
+        held = self.holds(order for group in orders_by_merchant.values() for order in group)
         for merchant in self.store.merchants():
             merchant_id = merchant["merchant_id"]
             status, expires = _consent_summary(consents.get(merchant_id, []), now)
             orders = orders_by_merchant.get(merchant_id, [])
-            candidates = [o for o in orders if o.eligible]
-            totals: dict[str, int] = {}
+            candidates = [o for o in orders if o.eligible and o.order_id not in held]
+            totals = totals_by_currency(candidates)
             buckets = [0, 0, 0, 0, 0]
             for order in candidates:
-                totals[order.currency] = totals.get(order.currency, 0) + order.total_amount
                 age = now - datetime.fromisoformat(order.created_at.replace("Z", "+00:00"))
                 days = age.total_seconds() / 86400
                 buckets[0 if days < 1 else 1 if days < 3 else 2 if days < 7 else
@@ -387,7 +398,10 @@ class Workspace:
                 next_sync_in=_next_sync(merchant.get("sync_time"), merchant.get("timezone"),
                                         now),
                 waiting_without_consent=sum(1 for o in orders if o.reason in _REMINDER_REASONS),
-                leased_by=leased.get(merchant_id)))
+                leased_by=leased.get(merchant_id),
+                held=sum(1 for o in orders if o.order_id in held),
+                consent_effective_from=_not_yet_effective_from(consents.get(merchant_id, []),
+                                                               now)))
         return sorted(rows, key=lambda r: (r.urgency, r.business_name))
 
     # ------------------------------------------------------------------ completing
@@ -403,24 +417,9 @@ class Workspace:
                                          "queue` first, or check the id.")
         candidates = [o for o in self.store.queued_orders(eligible_only=True)
                       if (merchant_ids is None or o.merchant_id in merchant_ids)
-                      and (wanted_orders is None or o.order_id in wanted_orders)
-                      and o.version is not None]
-        candidates.sort(key=lambda o: (o.created_at, o.order_id))
-        # A token that cannot write would fail every call: hold those merchants back.
-        unhealthy = {m["merchant_id"]: m["token_health"] for m in self.store.merchants()
-                     if m.get("token_health") in _UNHEALTHY_TOKENS}
-        held_tokens = [(o, f"TOKEN_{unhealthy[o.merchant_id].upper()}") for o in candidates
-                       if o.merchant_id in unhealthy]
-        candidates = [o for o in candidates if o.merchant_id not in unhealthy]
-        consents = {c.record.consent_id: c.record for c in self.store.consents()}
-        limited = [LimitedItem((o.merchant_id, o.order_id), consents[o.consent_id],
-                               o.total_amount)
-                   for o in candidates if o.consent_id in consents]
-        kept_keys, held_keys = apply_batch_limits(limited)
-        by_key = {(o.merchant_id, o.order_id): o for o in candidates}
-        kept = [by_key[k] for k in kept_keys]
-        held = held_tokens + [(by_key[k], EligibilityReason.BATCH_LIMIT_REACHED.value)
-                              for k in held_keys]
+                      and (wanted_orders is None or o.order_id in wanted_orders)]
+        kept, holds = self._split(candidates)
+        held = [(order, hold.reason) for order, hold in holds]
         if max_orders is not None and len(kept) > max_orders:
             held += [(o, "MAX_ORDERS") for o in kept[max_orders:]]
             kept = kept[:max_orders]
@@ -429,20 +428,60 @@ class Workspace:
         if record:
             self.audit.append(operator=self.operator, action=AuditAction.PREVIEW,
                               approved_set_sha256=preview.sha256,
-                              detail="; ".join(preview.lines())[:500] or "nothing eligible")
+                              detail=_preview_record(preview)[:500])
         return preview
+
+    def holds(self, orders: Iterable[QueuedOrder]) -> dict[str, Hold]:
+        """Order id -> why it cannot be completed now, for the eligible ones among `orders`
+        that a preview of all of them would hold back. The queue shows these apart from the
+        candidates, so what it counts is what a confirmation will hold."""
+        _, held = self._split([o for o in orders if o.eligible])
+        return {order.order_id: hold for order, hold in held}
+
+    def _split(self, candidates: list[QueuedOrder]
+               ) -> tuple[list[QueuedOrder], list[tuple[QueuedOrder, Hold]]]:
+        """Eligible orders -> those a batch sends now (oldest first, within each consent's
+        batch limits) and those held back, each with why."""
+        candidates = sorted(candidates, key=lambda o: (o.created_at, o.order_id))
+        merchants = {m["merchant_id"]: m for m in self.store.merchants()}
+        leased = self.leased_merchants()
+        consents = {c.record.consent_id: c.record for c in self.store.consents()}
+        held: list[tuple[QueuedOrder, Hold]] = []
+        open_: list[QueuedOrder] = []
+        for order in candidates:
+            merchant = merchants.get(order.merchant_id, {})
+            health = merchant.get("token_health")
+            if health in _UNHEALTHY_TOKENS:
+                # A token that cannot write would fail every call.
+                held.append((order, Hold(f"TOKEN_{str(health).upper()}",
+                                         _token_problem(merchant))))
+            elif order.merchant_id in leased:  # another live run is sending for it
+                held.append((order, Hold("MERCHANT_LEASED", leased[order.merchant_id])))
+            elif order.version is None:
+                held.append((order, Hold("NO_VERSION", "refresh from Square")))
+            elif order.consent_id not in consents:
+                held.append((order, Hold(EligibilityReason.NO_CONSENT.value)))
+            else:
+                open_.append(order)
+        limited = [LimitedItem((o.merchant_id, o.order_id), consents[o.consent_id or ""],
+                               o.total_amount) for o in open_]
+        kept_keys, held_keys = apply_batch_limits(limited)
+        by_key = {(o.merchant_id, o.order_id): o for o in open_}
+        held += [(by_key[k], Hold(EligibilityReason.BATCH_LIMIT_REACHED.value,
+                                  by_key[k].consent_id or "")) for k in held_keys]
+        return [by_key[k] for k in kept_keys], held
 
     def preview_of(self, items: list[ApprovedItem],
                    held_back: list[tuple[QueuedOrder, str]] | None = None) -> Preview:
         """A preview of exactly these (merchant, order, version) items, with their totals
         per currency per merchant from the queue (e.g. to retry only the failed)."""
         amounts = {o.order_id: o for o in self.store.queued_orders(ordered=False)}
-        totals: dict[str, dict[str, int]] = {}
+        by_merchant: dict[str, list[QueuedOrder]] = {}
         for item in items:
             order = amounts.get(item.order_id)
             if order is not None:
-                per = totals.setdefault(item.merchant_id, {})
-                per[order.currency] = per.get(order.currency, 0) + order.total_amount
+                by_merchant.setdefault(item.merchant_id, []).append(order)
+        totals = {m: totals_by_currency(orders) for m, orders in by_merchant.items()}
         return Preview(items, totals, self.merchant_names(), held_back or [],
                        approved_set_sha256(items))
 
@@ -459,9 +498,27 @@ class Workspace:
         anchor the audit outside the database, even if the batch stopped on an error."""
         items = preview.items if isinstance(preview, Preview) else list(preview)
         try:
-            return await self.engine().run(items, cancel=cancel, on_progress=on_progress)
+            batch_id, results = await self.engine().run(items, cancel=cancel,
+                                                        on_progress=on_progress)
+            self._record_unknown_outcomes(batch_id, results)
+            return batch_id, results
         finally:
             self.write_checkpoint()
+
+    def _record_unknown_outcomes(self, batch_id: str, results: list[OrderResult]) -> None:
+        """The engine leaves an unanswered call's intent open for `recover` and writes no
+        outcome for it; the operator was shown "failed, outcome unknown", so the audit says
+        so too (`outcome:failed` finds it). `recover` later adds what Square settled."""
+        unknown = [r for r in results if r.reason == "OUTCOME_UNKNOWN"]
+        if not unknown:
+            return
+        with self.store.transaction() as conn:
+            for result in unknown:
+                self.audit.append(conn, operator=self.operator, action=AuditAction.OUTCOME,
+                                  merchant_id=result.merchant_id, order_id=result.order_id,
+                                  version=result.version, batch_id=batch_id,
+                                  outcome=result.outcome.value,
+                                  detail=f"{result.reason}: {result.detail}"[:500])
 
     async def recover(self) -> list[OrderResult]:
         """Settle open intents whose lease holder is gone; `recover_left_alone` then says
@@ -527,6 +584,29 @@ _UNHEALTHY_TOKENS = {TokenHealth.EXPIRED, TokenHealth.REVOKED, TokenHealth.INVAL
 _REMINDER_REASONS = {EligibilityReason.NO_CONSENT, EligibilityReason.CONSENT_EXPIRED,
                      EligibilityReason.CONSENT_REVOKED,
                      EligibilityReason.CONSENT_NOT_YET_EFFECTIVE}
+
+
+def _token_problem(merchant: dict[str, Any]) -> str:
+    """What is wrong with the merchant's token, in its facts (the scopes it lacks)."""
+    if merchant.get("token_health") == TokenHealth.MISSING_SCOPES:
+        have = set((merchant.get("token_scopes") or "").split(","))
+        missing = [s for s in NEEDED_SCOPES if s not in have]
+        return ", ".join(missing)
+    return str(merchant.get("token_health") or "")
+
+
+def _preview_record(preview: Preview) -> str:
+    """The audit's note of a preview: counts and minor units, per merchant."""
+    return "; ".join(
+        f"{merchant_id}: {count} orders, " + ", ".join(f"{amount} {currency}" for currency, amount
+                                                 in sorted(totals.items()))
+        for merchant_id, count, totals in preview.per_merchant()) or "nothing eligible"
+
+
+def _not_yet_effective_from(records: list[ConsentRecord], now: datetime) -> str | None:
+    starts = [r.effective_from for r in records
+              if r.status_at(now) is ConsentStatus.NOT_YET_EFFECTIVE]
+    return min(starts).isoformat() if starts else None
 
 
 def _consent_summary(records: list[ConsentRecord], now: datetime) -> tuple[str, str | None]:

@@ -1,16 +1,29 @@
-"""What the console's main screens share: typed access to the app, and the status line."""
+"""What the console's main screens share: typed access to the app and its workspace, the
+status line, and the messages screens post up to the app (screens never call into it)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
+from textual.app import SystemCommand
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Static
 
 from console.safe_text import safe
+from services.workspace import Workspace
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for the type only: console.app imports the screens, not the reverse
     from console.app import ReconApp
+
+
+class CompleteRequested(Message):
+    """A screen asks the app to preview, confirm and complete these orders."""
+
+    def __init__(self, order_ids: list[str]) -> None:
+        super().__init__()
+        self.order_ids = order_ids
 
 
 class ConsoleScreen(Screen[None]):
@@ -18,8 +31,30 @@ class ConsoleScreen(Screen[None]):
     def recon(self) -> ReconApp:
         return cast("ReconApp", self.app)
 
+    @property
+    def workspace(self) -> Workspace:
+        """The app's workspace; a screen that needs one is opened only once it exists."""
+        workspace = self.recon.workspace
+        assert workspace is not None
+        return workspace
+
     def show_status(self, text: str, error: bool = False) -> None:
         """The app calls this on every screen when its status changes."""
         status = self.query_one("#status", Static)
         status.update(safe(text))  # carries merchants' names and Square's error text
         status.set_class(error, "error")
+
+    def say(self, text: str, error: bool = False) -> None:
+        """A status line of this screen's own: cleared when another screen comes up."""
+        self.recon.set_status(text, error=error, owner=self)
+
+    def on_screen_resume(self) -> None:
+        # A message another screen left behind is about that screen, not this one.
+        self.recon.forget_status_of_others(self)
+
+    def reload(self) -> None:
+        """Show the workspace's data again (after a refresh, a batch, a recovery)."""
+
+    def palette_commands(self) -> Iterable[SystemCommand]:
+        """This screen's own entries in the command palette."""
+        return ()

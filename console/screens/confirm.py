@@ -3,14 +3,15 @@ the batch (a large one needs the count or the merchant's name typed, never just 
 
 from __future__ import annotations
 
-from textual.app import App, ComposeResult
+from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
 from console.safe_text import SafeText, safe
-from services.workspace import Preview, format_money
+from console.wording import money_text, plural
+from services.workspace import Preview
 
 # Above either threshold the operator types the count (or the merchant's name).
 TYPED_COUNT_THRESHOLD = 10
@@ -42,15 +43,13 @@ class ConfirmScreen(ModalScreen[bool]):
         # Merchant names are third-party text: the dialog is built from inert SafeText only,
         # so nothing in it can be a link or an action (`[@click=screen.dismiss(True)]`).
         preview = self.preview
-        text = SafeText(f"Complete {preview.count} orders in Square?\n\n")
-        for merchant_id, totals in sorted(preview.totals.items()):
-            count = sum(1 for i in preview.items if i.merchant_id == merchant_id)
-            money = ", ".join(format_money(a, c) for c, a in sorted(totals.items()))
+        text = SafeText(f"Complete {plural(preview.count, 'order')} in Square?\n\n")
+        for merchant_id, count, totals in preview.per_merchant():
             text.append("  ")
             text.append(safe(preview.names.get(merchant_id, merchant_id)))
-            text.append(f": {count} orders, {money}\n")
+            text.append(f": {plural(count, 'order')}, {money_text(totals)}\n")
         if preview.held_back:
-            text.append(f"\n  Held back: {len(preview.held_back)} "
+            text.append(f"\n  Held back: {len(preview.held_back):,} "
                         f"({', '.join(sorted({r for _, r in preview.held_back}))})\n")
         text.append(f"\nApproved set {preview.sha256[:16]}…: each order is re-checked at send "
                     "time; anything changed since is skipped, not completed.")
@@ -99,26 +98,3 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def action_cancel(self) -> None:
         self.dismiss(False)
-
-
-def start_completion(app: App[object], order_ids: list[str]) -> None:
-    """Preview the chosen orders, confirm, then run the batch on the progress screen."""
-    from console.screens.progress import ProgressScreen
-    workspace = app.workspace  # type: ignore[attr-defined]
-    if app.read_only:  # type: ignore[attr-defined]
-        return
-    preview = workspace.preview(order_ids=order_ids)
-    if preview.count == 0:
-        reasons = sorted({r for _, r in preview.held_back})
-        extra = f" (held back: {', '.join(reasons)})" if reasons else ""
-        app.notify("None of the selected orders can be completed now" + extra + ".",
-                   severity="warning")
-        return
-
-    def confirmed(approved: bool | None) -> None:
-        if approved:
-            app.push_screen(ProgressScreen(preview))
-        else:
-            app.notify("Not confirmed: nothing was sent.")
-
-    app.push_screen(ConfirmScreen(preview), confirmed)

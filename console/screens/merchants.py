@@ -13,8 +13,9 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from console.safe_text import SafeText, clip, safe
 from console.screens.base import ConsoleScreen
+from console.wording import format_money
 from services.text_safety import csv_cell
-from services.workspace import MerchantOverview, format_money
+from services.workspace import MerchantOverview
 
 _SPARK = " ▁▂▃▄▅▆▇█"
 _CONSENT_STYLE = {"active": "green", "expiring": "yellow", "expired": "red", "revoked": "red",

@@ -15,20 +15,24 @@ from textual.containers import Horizontal
 from textual.widgets import Footer, Header, Input, Static
 
 from console.safe_text import safe
-from console.screens.base import ConsoleScreen
+from console.screens.base import CompleteRequested, ConsoleScreen
 from console.widgets.order_detail import OrderDetail
 from console.widgets.order_table import Column, OrderTable, TableRow
+from console.wording import format_money, hold_text, holds_summary, money_text, plural
+from services.money import totals_by_currency
 from services.store import QueuedOrder
-from services.workspace import format_money
+from services.workspace import Hold
 
 KINDS = {"1": ("candidate", "Candidates"), "2": ("blocked", "Blocked"),
          "3": ("manual", "Manual only"), "4": (None, "All")}
 SORTS = ["age", "total", "merchant", "reason"]
 
 
-def order_kind(order: QueuedOrder) -> str:
+def order_kind(order: QueuedOrder, held: bool = False) -> str:
+    """A candidate is an order a batch would send now: an eligible order held back (token,
+    lease, batch limit) is shown with the blocked ones, with why."""
     if order.eligible:
-        return "candidate"
+        return "blocked" if held else "candidate"
     return "manual" if order.reason == "MANUAL_ONLY" else "blocked"
 
 
@@ -46,14 +50,22 @@ class QueueLine:
     order: QueuedOrder
     merchant: str
     location: str
+    hold: str | None = None   # why an eligible order is held back now
+
+    @property
+    def reason(self) -> str:
+        return self.hold or self.order.reason or ""
 
 
-def make_row(order: QueuedOrder, merchant: str, location: str) -> TableRow:
+def make_row(order: QueuedOrder, merchant: str, location: str,
+             hold: Hold | None = None) -> TableRow:
     total = format_money(order.total_amount, order.currency)
+    held = hold_text(hold) if hold is not None else None
     haystack = " ".join((order.order_id, order.reference_id or "", merchant, location,
-                         order.reason or "candidate", order.fulfillments, total)).lower()
-    return TableRow(order.order_id, haystack, order_kind(order),
-                    QueueLine(order, merchant, location))
+                         held or order.reason or "candidate", order.fulfillments,
+                         total)).lower()
+    return TableRow(order.order_id, haystack, order_kind(order, hold is not None),
+                    QueueLine(order, merchant, location, held))
 
 
 def line_cells(line: QueueLine, now: datetime, with_merchant: bool) -> tuple[str, ...]:
@@ -61,7 +73,7 @@ def line_cells(line: QueueLine, now: datetime, with_merchant: bool) -> tuple[str
     fulfillments = order.fulfillments.replace("SHIPMENT", "SHIP").replace("PICKUP", "PICK")
     cells = (order.reference_id or "—", order.order_id[:12], line.merchant, line.location,
              age_text(order.created_at, now), format_money(order.total_amount, order.currency),
-             fulfillments, order.reason or "✔ candidate")
+             fulfillments, line.reason or "✔ candidate")
     return cells if with_merchant else cells[:2] + cells[3:]
 
 
@@ -69,7 +81,7 @@ _SORT_GETTERS: list[Callable[[QueueLine], Any]] = [
     lambda line: line.order.reference_id or "", lambda line: line.order.order_id,
     lambda line: line.merchant, lambda line: line.location,
     lambda line: line.order.created_at, lambda line: line.order.total_amount,
-    lambda line: line.order.fulfillments, lambda line: line.order.reason or ""]
+    lambda line: line.order.fulfillments, lambda line: line.reason]
 
 
 def line_sort_key(line: QueueLine, column: int, with_merchant: bool) -> Any:
@@ -109,6 +121,8 @@ class QueueScreen(ConsoleScreen):
         self.kind_key = "1"
         self.sort_name = "age"
         self.orders: dict[str, QueuedOrder] = {}
+        self.holds: dict[str, Hold] = {}
+        self.kinds: dict[str, str] = {}
         self._kind_counts: Counter[str] = Counter()
         self._now = datetime.now(UTC)
 
@@ -156,18 +170,22 @@ class QueueScreen(ConsoleScreen):
         locations = workspace.location_names()
         orders = workspace.queue(self.merchant_id, ordered=False)
         self.orders = {o.order_id: o for o in orders}
+        self.holds = workspace.holds(orders)
         # "Blue Fern Bakery — Main Street" -> "Main Street": the merchant has its own column.
         short = {k: v.split(" — ")[-1] for k, v in locations.items()}
         # Tens of thousands of small objects at once: the cyclic GC would rescan them again
         # and again while they are made (a third of the load time), and none form cycles.
         gc.disable()
         try:
+            holds = self.holds
             rows = [make_row(o, names.get(o.merchant_id, o.merchant_id),
-                             short.get(o.location_id, o.location_id)) for o in orders]
+                             short.get(o.location_id, o.location_id), holds.get(o.order_id))
+                    for o in orders]
         finally:
             gc.enable()
         self._now = now
-        self._kind_counts = Counter(row.kind for row in rows)
+        self.kinds = {row.key: row.kind for row in rows}
+        self._kind_counts = Counter(self.kinds.values())
         table = self.query_one(OrderTable)
         table.set_rows(rows)
         # None of these rows form reference cycles: keep the collector from rescanning them.
@@ -187,27 +205,53 @@ class QueueScreen(ConsoleScreen):
                         else "")
             tabs.append("  ")
         tabs.append(f"sort: {self.sort_name}", style="dim")
+        if KINDS[self.kind_key][0] == "candidate" and not counts["candidate"]:
+            tabs.append(f"\nNo candidates: {self.why_no_candidates()}", style="yellow")
         self.query_one("#tabs", Static).update(tabs)
+
+    def why_no_candidates(self) -> str:
+        """Why the Candidates tab is empty: what stops this merchant (or all), in order of
+        what the operator can do about it."""
+        workspace = self.recon.workspace
+        if workspace is None:
+            return "not loaded yet."
+        merchants = [m for m in workspace.store.merchants()
+                     if self.merchant_id in (None, m["merchant_id"])]
+        errors = [m["discovery_error"] for m in merchants if m.get("discovery_error")]
+        if errors and not self.orders:
+            return f"Square could not be read: {errors[0]}"
+        if not self.orders:
+            return "Square reports no open orders (r refreshes)."
+        if self.holds:
+            summary = holds_summary(self.holds, {}, {})
+            return (f"{plural(len(self.holds), 'eligible order')} held back: {summary}. "
+                    "Press 2 to see them.")
+        reasons = Counter(o.reason for o in self.orders.values() if o.reason)
+        reason, count = reasons.most_common(1)[0]
+        detail = next((o.detail for o in self.orders.values()
+                       if o.reason == reason and o.detail), "")
+        return (f"none of {plural(len(self.orders), 'open order')} is eligible; "
+                f"{count:,} are {reason}" + (f" ({detail.rstrip('.')})" if detail else "") +
+                ". Press 2 for Blocked.")
 
     def _update_selection(self) -> None:
         table = self.query_one(OrderTable)
-        totals: dict[str, int] = {}
-        eligible = 0
-        for key in table.selected:
-            order = self.orders.get(key)
-            if order is None:
-                continue
-            if order.eligible:
-                eligible += 1
-                totals[order.currency] = totals.get(order.currency, 0) + order.total_amount
-        money = ", ".join(format_money(a, c) for c, a in sorted(totals.items()))
+        # What the confirmation will hold: the selected candidates (held orders are not).
+        chosen = [self.orders[key] for key in table.selected
+                  if key in self.orders and self.kinds.get(key) == "candidate"]
+        money = money_text(totals_by_currency(chosen))
         shown = len(table.view)
         only = "  (selected only)" if table.selected_only else ""
-        blocked = len(table.selected) - eligible
-        note = f", {blocked} not eligible (will be left out)" if blocked else ""
-        self.query_one("#selection", Static).update(safe(
-            f"{len(table.selected)} selected: {eligible} eligible {money}{note}   "
-            f"{shown} shown{only}"))
+        left_out = len(table.selected) - len(chosen)
+        note = f", {left_out:,} cannot be completed now (left out)" if left_out else ""
+        text = (f"{len(table.selected):,} selected: {plural(len(chosen), 'candidate')} "
+                f"{money}{note}   {shown:,} shown{only}")
+        if self.holds:
+            consent_of = {k: self.orders[k].consent_id for k in self.holds}
+            per_consent = Counter(o.consent_id or "" for k, o in self.orders.items()
+                                  if self.kinds.get(k) == "candidate")
+            text += f"   held back: {holds_summary(self.holds, consent_of, per_consent)}"
+        self.query_one("#selection", Static).update(safe(text))
 
     # ------------------------------------------------------------------ events
     def on_order_table_highlighted(self, event: OrderTable.Highlighted) -> None:
@@ -277,14 +321,13 @@ class QueueScreen(ConsoleScreen):
         self._update_tabs()
 
     def action_complete(self) -> None:
-        from console.screens.confirm import start_completion
         table = self.query_one(OrderTable)
         chosen = [key for key in table.selected if key in self.orders]
         if not chosen:
             self.notify("Select orders first: space selects, a selects all matching.",
                         severity="warning")
             return
-        start_completion(self.app, chosen)
+        self.post_message(CompleteRequested(chosen))
 
     def palette_commands(self) -> Iterable[SystemCommand]:
         yield SystemCommand("Select all matching", "Select every order the filter shows",

@@ -10,9 +10,9 @@ from rich.table import Table
 from textual.widgets import Static
 
 from console.safe_text import SafeText, safe, safe_join
+from console.wording import format_money
 from services.eligibility import dashboard_url
 from services.store import QueuedOrder
-from services.workspace import format_money
 
 
 class OrderDetail(Static):
@@ -27,7 +27,9 @@ class OrderDetail(Static):
         head = safe_join((merchant_name, "bold"))
         head.append("\n")
         head.append(f"Order {order.order_id}\n")
-        head.append(f"Ref {order.reference_id or '—'}  v{order.version}  {order.state}\n")
+        # No version: Square offers no API update, so there is none to show (not "vNone").
+        version = f"v{order.version}" if order.version is not None else "no version"
+        head.append(f"Ref {order.reference_id or '—'}  {version}  {order.state}\n")
         head.append(f"Created {order.created_at[:16].replace('T', ' ')} UTC\n")
         head.append(f"Total {format_money(order.total_amount, order.currency)}  "
                     f"due {format_money(order.due_amount, order.currency)}\n")
