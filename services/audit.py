@@ -317,9 +317,10 @@ class AuditTrail:
 
     # ------------------------------------------------------------------ export
     def export(self, out: IO[str], fmt: str, *, merchant_id: str | None = None,
-               since: str | None = None) -> int:
+               since: str | None = None, **filters: Any) -> int:
+        """The entries `entries` would give for the same filters (oldest first)."""
         count = 0
-        rows = self.entries(merchant_id=merchant_id, since=since)
+        rows = self.entries(merchant_id=merchant_id, since=since, **filters)
         if fmt == "jsonl":
             for entry in rows:
                 out.write(json_line(entry) + "\n")  # exact, and inert on a terminal
