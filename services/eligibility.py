@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from services.consent import DEFAULT_ORDER_SOURCES, ConsentRecord, ConsentStatus
@@ -52,6 +52,19 @@ class Classification:
     reason: EligibilityReason | None
     detail: str
     consent: ConsentRecord | None = None
+
+
+def _consent_detail(status: ConsentStatus, consent: ConsentRecord) -> str:
+    """Why the consent does not cover the order now, with the date that decides it."""
+    def day(moment: datetime) -> str:
+        return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if status is ConsentStatus.NOT_YET_EFFECTIVE:
+        return f"Consent is not yet effective: it starts {day(consent.effective_from)}."
+    if status is ConsentStatus.EXPIRED and consent.expires_at is not None:
+        return f"Consent expired {day(consent.expires_at)}."
+    if status is ConsentStatus.REVOKED and consent.revocation is not None:
+        return f"Consent was revoked {day(consent.revocation.revoked_at)}."
+    return f"Consent is {status.value}."
 
 
 def _parse(text: str) -> datetime:
@@ -114,7 +127,7 @@ def classify(order: SquareOrder, consents: Sequence[ConsentRecord], now: datetim
         statuses = {status: c for c, status in covering}
         for status in _CONSENT_PRIORITY:
             if status in statuses:
-                return no(_CONSENT_REASON[status], f"Consent is {status.value}.",
+                return no(_CONSENT_REASON[status], _consent_detail(status, statuses[status]),
                           statuses[status])
     consent = max(active, key=lambda c: c.effective_from)
     scope = consent.scope
