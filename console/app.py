@@ -12,7 +12,6 @@ from typing import Any
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
-from textual.message import Message
 from textual.notifications import SeverityLevel
 from textual.screen import Screen
 
@@ -20,7 +19,7 @@ from console.crash import crash_line, write_crash_log
 from console.messages import describe
 from console.safe_text import printable, safe
 from console.screens.audit import AuditScreen
-from console.screens.base import CompleteRequested, ConsoleScreen
+from console.screens.base import CompleteRequested, ConsoleScreen, Refreshed
 from console.screens.confirm import ConfirmScreen
 from console.screens.help import HelpScreen
 from console.screens.merchants import MerchantsScreen
@@ -46,11 +45,6 @@ class ReconApp(App[int]):
         Binding("R", "recover", "Recover", id="app.recover", show=False),
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
-
-    class Refreshed(Message):
-        def __init__(self, error: str | None = None) -> None:
-            super().__init__()
-            self.error = error
 
     def __init__(self, workspace: Workspace | None = None, *,
                  workspace_factory: Callable[[], Workspace] | None = None,
@@ -101,7 +95,7 @@ class ReconApp(App[int]):
         if self.refresh_on_start:
             await self.refresh_data()
         else:
-            self.post_message(self.Refreshed())
+            self.post_message(Refreshed())
         if recovered:  # what recovery settled stays in view after the refresh's own line
             self.set_status(f"{self.status}  {recovered}")
 
@@ -134,7 +128,7 @@ class ReconApp(App[int]):
             self.set_status(error_text, error=True)
         finally:
             self.busy = False
-        self.post_message(self.Refreshed(error_text))
+        self.post_message(Refreshed(error_text))
 
     @work(exclusive=True, group="refresh")
     async def action_refresh(self) -> None:
@@ -160,7 +154,7 @@ class ReconApp(App[int]):
             self.set_status(describe(error), error=True)
         finally:
             self.busy = False
-        self.post_message(self.Refreshed())
+        self.post_message(Refreshed())
 
     async def recover_and_say(self) -> str:
         """Settle the open intents; the sentence that says what was settled."""
@@ -186,7 +180,7 @@ class ReconApp(App[int]):
         if self.status_owner is not None and self.status_owner is not screen:
             self.set_status("")
 
-    def on_recon_app_refreshed(self, message: Refreshed) -> None:
+    def on_refreshed(self, message: Refreshed) -> None:
         for screen in self.screen_stack:
             if isinstance(screen, ConsoleScreen):
                 screen.reload()

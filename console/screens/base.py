@@ -18,6 +18,15 @@ if TYPE_CHECKING:  # for the type only: console.app imports the screens, not the
     from console.app import ReconApp
 
 
+class Refreshed(Message):
+    """The workspace's data changed (a refresh, a batch, a recovery, reminders sent): the app
+    has every screen reload."""
+
+    def __init__(self, error: str | None = None) -> None:
+        super().__init__()
+        self.error = error
+
+
 class CompleteRequested(Message):
     """A screen asks the app to preview, confirm and complete these orders."""
 

@@ -17,7 +17,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from console.safe_text import SafeText, safe
-from console.screens.base import ConsoleScreen
+from console.screens.base import ConsoleScreen, Refreshed
 from services.audit import AuditTrail
 from services.reminders import ReminderPlan, ReminderProgress, ReminderService
 from services.reminders.message import money, plain_text
@@ -281,8 +281,7 @@ class RemindersScreen(ConsoleScreen):
             self.sending = False
             self.selected.clear()
             # Every screen reloads (the merchants screen shows "last reminded").
-            from console.app import ReconApp
-            self.app.call_from_thread(self.app.post_message, ReconApp.Refreshed())
+            self.app.call_from_thread(self.app.post_message, Refreshed())
 
     def action_mailbox(self) -> None:
         workspace = self.recon.workspace

@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo
 
 from services.consent import EMAIL_PATTERN, ConsentRecord, ConsentStatus
 from services.eligibility import EligibilityReason
+from services.money import totals_by_currency
 
 __all__ = ["AGE_STEPS", "LastReminder", "MerchantFacts", "ReminderKind", "ReminderPlan",
            "ReminderPolicy", "SkipCode", "WaitingOrder", "age_step", "business_hours_open",
@@ -230,9 +231,7 @@ def plan_reminders(merchants: Iterable[MerchantFacts],
         location = merchant.locations.get(oldest.location_id)
         zone = (location.timezone if location and location.timezone else None) \
             or merchant.timezone or "UTC"
-        totals: dict[str, int] = {}
-        for order in waiting:
-            totals[order.currency] = totals.get(order.currency, 0) + order.total_amount
+        totals = totals_by_currency(waiting)
         age = now - oldest.created_at
         step = age_step(age, policy.age_steps)
         last = history.get(merchant.merchant_id)
