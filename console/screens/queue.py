@@ -93,7 +93,7 @@ def line_sort_key(line: QueueLine, column: int, with_merchant: bool) -> Any:
 COLUMNS = [Column("Ref", 10), Column("Order", 12), Column("Merchant", 18),
            Column("Location", 14), Column("Age", 7, True), Column("Total", 13, True),
            Column("Fulfillments", 18), Column("Reason", 22)]
-# Sort key index per sort name (see make_row's sort_keys).
+# Column index (in COLUMNS, with the merchant column) each sort name sorts by.
 _SORT_INDEX = {"age": 4, "total": 5, "merchant": 2, "reason": 7}
 
 
