@@ -58,6 +58,7 @@ class ReconApp(App[int]):
         self.status = "Starting…"
         # The screen whose own message the status line shows (None: the app's own).
         self.status_owner: Screen[Any] | None = None
+        self.app_status = ("", False)  # the app's own latest line (refresh, recover)
         self.last_error: str | None = None
         self.busy = False
         self.sub_title = printable(subtitle) + ("  READ-ONLY" if read_only else "")
@@ -169,6 +170,8 @@ class ReconApp(App[int]):
         """`owner`: the screen the message is about; it is cleared when another comes up."""
         self.status = text
         self.status_owner = owner
+        if owner is None:
+            self.app_status = (text, error)
         if error:
             self.last_error = text
             self.notify(text, severity="error", timeout=8)
@@ -178,7 +181,7 @@ class ReconApp(App[int]):
 
     def forget_status_of_others(self, screen: Screen[Any]) -> None:
         if self.status_owner is not None and self.status_owner is not screen:
-            self.set_status("")
+            self.set_status(*self.app_status)  # back to the app's own latest line
 
     def on_refreshed(self, message: Refreshed) -> None:
         for screen in self.screen_stack:

@@ -197,3 +197,4 @@ async def test_item7_small_things(tmp_path: Path) -> None:
         await pilot.press("slash", *"since:yesterday", "enter", "escape", "escape")
         await wait_until(pilot, lambda: isinstance(app.screen, MerchantsScreen))
         assert "since:yesterday" not in text_of(app, "#status")
+        assert text_of(app, "#status").startswith("Refreshed")  # the app's own line is back

@@ -149,5 +149,8 @@ def test_hole6_concurrent_runs_complete_each_order_once(tmp_path: Path,
     finally:
         store.close()
     leased = [r for r in results if r["reason"] == "LEASED"]
-    assert leased, "the two runs did not overlap"
+    # The runs overlapped: one met the other's lease at send time (LEASED), or already at its
+    # preview, which holds a merchant another live run is sending for (MERCHANT_LEASED).
+    held = [err for _, err in outputs if "(MERCHANT_LEASED)" in err]
+    assert leased or held, "the two runs did not overlap"
     assert all("since" in r["detail"] and "pid" in r["detail"] for r in leased)
