@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from services.errors import ConfigurationError, ReconError
 
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(queue)
     queue.add_argument("--merchant", action="append")
     queue.add_argument("--include-ineligible", action="store_true")
+    queue.add_argument("--full", action="store_true",
+                       help="re-read every order instead of what changed since the last refresh")
     queue.add_argument("--json", action="store_true")
 
     complete = sub.add_parser("complete", help="bulk-complete eligible orders")
@@ -226,7 +229,11 @@ def run_async(coro: Any) -> Any:
 
 
 def print_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    # orjson: `queue --json` of 100,000 orders is ~50 MB, 7x faster than json.dumps (issue 11).
+    # Datetimes and dataclasses still go through str(), as json.dumps(default=str) wrote them.
+    sys.stdout.write(orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2
+                                  | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+                                  | orjson.OPT_PASSTHROUGH_DATACLASS).decode() + "\n")
     sys.stdout.flush()
 
 

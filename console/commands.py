@@ -137,7 +137,7 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
         workspace = Workspace.open(settings)
         try:
             await _recover_first(workspace)
-            reports = await workspace.refresh(args.merchant)
+            reports = await workspace.refresh(args.merchant, full=args.full)
             refreshed = {r.merchant_id for r in reports if r.refreshed}
             orders = [o for o in workspace.queue(include_ineligible=args.include_ineligible)
                       if not args.merchant or o.merchant_id in args.merchant]

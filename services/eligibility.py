@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from services.consent import DEFAULT_ORDER_SOURCES, ConsentRecord, ConsentStatus
-from services.square_models import SquareOrder
+from services.square_models import OrderLike
 
 __all__ = ["Classification", "ConsentView", "EligibilityReason", "apply_batch_limits",
            "classify", "dashboard_url"]
@@ -74,7 +74,7 @@ class ConsentView:
                    sources or frozenset(DEFAULT_ORDER_SOURCES), now)
 
 
-def classify(order: SquareOrder, consents: Sequence[ConsentRecord], now: datetime,
+def classify(order: OrderLike, consents: Sequence[ConsentRecord], now: datetime,
              view: ConsentView | None = None) -> Classification:
     """Pass `view` (built once from the same consents and `now`) when classifying many."""
     def no(reason: EligibilityReason, detail: str,

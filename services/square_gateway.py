@@ -26,6 +26,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import httpx
+import msgspec
 import orjson
 from pydantic import ValidationError
 from square import AsyncSquare
@@ -50,9 +51,10 @@ from services.square_models import (
     Merchant,
     OrderEnvelope,
     OrdersBatch,
-    SearchOrdersPage,
+    OrderStruct,
     SquareOrder,
     TokenStatus,
+    decode_search_page,
 )
 
 __all__ = ["SQUARE_VERSION", "RetryPolicy", "SquareGateway", "error_from_response"]
@@ -296,7 +298,7 @@ class SquareGateway:
 
     async def search_orders(self, creds: MerchantCredentials, location_ids: list[str],
                             query: dict[str, Any], limit: int = 1000
-                            ) -> AsyncIterator[list[SquareOrder]]:
+                            ) -> AsyncIterator[list[OrderStruct]]:
         """Every page of SearchOrders, resending the original query with each cursor."""
         cursor: str | None = None
         while True:
@@ -306,9 +308,14 @@ class SquareGateway:
                 body["cursor"] = cursor
             content = await self.retry.run(
                 partial(self.send, creds, "POST", "/v2/orders/search", body))
-            # Straight from bytes to slim models in pydantic-core: no dicts in between.
-            page = _validate(SearchOrdersPage, content)
-            yield list(page.orders)
+            # Straight from bytes to slim msgspec Structs: no dicts in between (issue 11).
+            try:
+                page = decode_search_page(content)
+            except (msgspec.ValidationError, msgspec.DecodeError) as error:
+                raise SquareApiError(status=200, code="UNEXPECTED_RESPONSE",
+                                     detail="Square's answer did not have the expected shape: "
+                                            f"{str(error)[:200]}") from None
+            yield page.orders
             cursor = page.cursor
             if not cursor:
                 return

@@ -315,8 +315,9 @@ class Workspace:
 
     # ------------------------------------------------------------------ discovery and queue
     async def refresh(self, merchant_ids: Sequence[str] | None = None,
-                      on_merchant: Callable[[MerchantDiscovery], None] | None = None
-                      ) -> list[MerchantDiscovery]:
+                      on_merchant: Callable[[MerchantDiscovery], None] | None = None,
+                      full: bool = False) -> list[MerchantDiscovery]:
+        """By change since the last refresh; `full` re-reads every order."""
         credentials = self.credentials()
         if merchant_ids is not None:
             unknown = [m for m in merchant_ids if m not in credentials]
@@ -326,7 +327,7 @@ class Workspace:
         return await discover(self.gateway, self.store, credentials,
                               self.consents_by_merchant(), self.clock(),
                               concurrency=self.settings.max_concurrent_merchants,
-                              merchant_ids=merchant_ids, on_merchant=on_merchant)
+                              merchant_ids=merchant_ids, on_merchant=on_merchant, full=full)
 
     def queue(self, merchant_id: str | None = None, include_ineligible: bool = True,
               ordered: bool = True) -> list[QueuedOrder]:
