@@ -125,8 +125,9 @@ def _parse(text: str) -> datetime:
 
 async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
                        active: list[str], consents: Sequence[ConsentRecord], now: datetime,
-                       full: bool) -> None:
-    """Read the merchant's orders from Square (in full or by change) and write them."""
+                       full: bool, merchant_row: dict[str, object]) -> None:
+    """Read the merchant's orders from Square (in full or by change) and write them, with
+    the merchant's row, in one transaction."""
     merchant_id = creds.merchant_id
     seen_at = utc_text(now)
     view = ConsentView.build(consents, now)
@@ -153,7 +154,8 @@ async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCred
                 changed[order.id] = (order_values(order, merchant_id, consents, now, seen_at,
                                                   view) if order.state == "OPEN" else None)
     rows.extend(row for row in changed.values() if row is not None)
-    with store.transaction():
+    with store.cache_transaction():
+        store.upsert_merchant(merchant_row)
         store.drop_orders(merchant_id, keep_locations=active, at_locations=whole,
                           order_ids=[oid for oid, row in changed.items() if row is None])
         store.write_orders(rows)
@@ -214,12 +216,15 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
         if "ORDERS_READ" in missing:
             raise SquareScopeError(status=403, code="INSUFFICIENT_SCOPES",
                                    detail="ORDERS_READ missing")
-        await _read_orders(gateway, store, creds, active, consents, now, full)
-        report.refreshed = True
-        report.orders, report.eligible = store.merchant_order_counts(creds.merchant_id)
         if missing:
             report.error = (f"Token lacks {', '.join(missing)}: orders are shown but cannot be "
                             "completed until the merchant re-authorizes.")
+        row.update(token_health=report.token_health, discovery_error=report.error,
+                   discovered_at=utc_text(now))
+        await _read_orders(gateway, store, creds, active, consents, now, full, row)
+        report.refreshed = True
+        report.orders, report.eligible = store.merchant_order_counts(creds.merchant_id)
+        return report
     except TokenMerchantMismatch as error:
         report.token_health = TokenHealth.MERCHANT_MISMATCH
         report.error = str(error)
@@ -232,7 +237,8 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
         report.error = str(error)
     row.update(token_health=report.token_health, discovery_error=report.error,
                discovered_at=utc_text(now))
-    store.upsert_merchant(row)
+    with store.cache_transaction():
+        store.upsert_merchant(row)
     return report
 
 

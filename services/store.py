@@ -219,6 +219,19 @@ class Store:
             raise
         self.conn.execute("COMMIT")
 
+    @contextmanager
+    def cache_transaction(self) -> Iterator[sqlite3.Connection]:
+        """A transaction for what can be read from Square again (discovered orders, merchant
+        profiles): committed without waiting for the disk. In WAL mode that is still atomic,
+        and the next `transaction()` commit (synchronous=FULL) makes it durable too, because
+        the log is written in order. 200 merchants: 200 fsyncs less (issue 11)."""
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self.transaction() as conn:
+                yield conn
+        finally:
+            self.conn.execute("PRAGMA synchronous=FULL")
+
     def close(self) -> None:
         self.conn.close()
 
@@ -314,7 +327,13 @@ class Store:
 
     # ------------------------------------------------------------------ merchants
     def upsert_merchant(self, row: dict[str, Any]) -> None:
-        self.db["merchants"].upsert(row, pk="merchant_id")  # type: ignore[union-attr]
+        """Insert, or update the columns given; one statement, so it can join a transaction."""
+        columns = list(row)
+        self.conn.execute(
+            f"INSERT INTO merchants ({', '.join(columns)}) VALUES "
+            f"({', '.join('?' for _ in columns)}) ON CONFLICT (merchant_id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in columns if c != "merchant_id"),
+            [row[c] for c in columns])
 
     def merchants(self) -> list[dict[str, Any]]:
         return list(self.db["merchants"].rows_where(order_by="merchant_id"))
