@@ -229,12 +229,19 @@ def run_async(coro: Any) -> Any:
 
 
 def print_json(document: Any) -> None:
-    # orjson: `queue --json` of 100,000 orders is ~50 MB, 7x faster than json.dumps (issue 11).
-    # Datetimes and dataclasses still go through str(), as json.dumps(default=str) wrote them.
-    sys.stdout.write(orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2
-                                  | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
-                                  | orjson.OPT_PASSTHROUGH_DATACLASS).decode() + "\n")
+    # orjson: `queue --json` of 100,000 orders is ~50 MB, 7x faster than json.dumps (issue 11),
+    # written as bytes (no second 50 MB copy as text). Datetimes and dataclasses still go
+    # through str(), as json.dumps(default=str) wrote them.
+    data = orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2
+                        | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+                        | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_APPEND_NEWLINE)
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream (some test harnesses)
+        sys.stdout.write(data.decode())
+        return
     sys.stdout.flush()
+    buffer.write(data)
+    buffer.flush()
 
 
 def install_cancel(loop: asyncio.AbstractEventLoop, cancel: asyncio.Event) -> None:
