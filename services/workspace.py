@@ -44,7 +44,7 @@ from services.eligibility import (
 from services.errors import ConfigurationError, ConsentFileError
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
-from services.square_models import SquareOrder
+from services.square_models import decode_order
 from services.store import QueuedOrder, Store, StoredConsent
 
 __all__ = ["MerchantOverview", "Preview", "Workspace"]
@@ -309,7 +309,7 @@ class Workspace:
         rows = []
         for row in self.store.conn.execute(
                 "SELECT order_json, seen_at FROM orders WHERE merchant_id = ?", [merchant_id]):
-            order = SquareOrder.model_validate_json(row[0])
+            order = decode_order(row[0])
             rows.append(order_row(order, merchant_id, consents, now, row[1], view))
         self.store.replace_orders(merchant_id, rows)
 
