@@ -56,7 +56,7 @@ def timed_process(argv: list[str], env: dict[str, str], stdout: Any = subprocess
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
-def prepare(manifest: dict[str, Any]) -> tuple[Path, dict[str, str]]:
+def prepare(manifest: dict[str, Any], concurrency: int = 16) -> tuple[Path, dict[str, str]]:
     """Consents for every merchant, and the environment `recon-console` runs in."""
     directory = Path(manifest["directory"])
     consents = directory / "all-consents.json"
@@ -64,7 +64,8 @@ def prepare(manifest: dict[str, Any]) -> tuple[Path, dict[str, str]]:
     consents.write_text(json.dumps([consent_for(_Merchant(m), now)  # type: ignore[arg-type]
                                     for m in manifest["merchants"]]))
     env = dict(os.environ, RECON_SQUARE_BASE_URL=manifest["base_url"],
-               RECON_CREDENTIALS=str(directory / "credentials.toml"), RECON_OPERATOR="bench")
+               RECON_CREDENTIALS=str(directory / "credentials.toml"), RECON_OPERATOR="bench",
+               RECON_MAX_CONCURRENT_MERCHANTS=str(concurrency))
     return consents, env
 
 
@@ -131,14 +132,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--merchants", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="merchants at once, ours (max_concurrent_merchants) and baseline")
     parser.add_argument("--baseline-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_child:  # the baseline in a process of its own, timed from outside
         manifest = json.loads(Path(args.baseline_child).read_text())
-        print(asyncio.run(plain_httpx(manifest, 16)))
+        print(asyncio.run(plain_httpx(manifest, args.concurrency)))
         return
     with loopback_emulator(*emulator_args(args.merchants)) as manifest:
-        consents, env = prepare(manifest)
+        consents, env = prepare(manifest, args.concurrency)
         manifest_file = Path(manifest["directory"]) / "bench-manifest.json"
         manifest_file.write_text(json.dumps(manifest))
         ours: list[tuple[float, float, float]] = []
@@ -147,7 +150,7 @@ def main() -> None:
         for run in range(args.runs):
             base.append(timed_process(
                 [sys.executable, "-m", "bench.discovery", "--baseline-child",
-                 str(manifest_file)], env))
+                 str(manifest_file), "--concurrency", str(args.concurrency)], env))
             run_env = fresh_db(env, consents, f"run{run}")
             with open(Path(run_env["RECON_DB"]).with_suffix(".json"), "wb") as out:
                 ours.append(timed_process(cli("queue", "--json", "--include-ineligible"),
@@ -156,7 +159,7 @@ def main() -> None:
             assert len(document["orders"]) == args.merchants * 500, len(document["orders"])
             loads.append(os.getloadavg()[0])
     print(f"{args.merchants} merchants x 2 locations, {args.merchants * 500:,} open orders, "
-          f"{LATENCY_MS:.0f} ms latency; median of {args.runs} runs; load average (1 min) "
+          f"{LATENCY_MS:.0f} ms latency, {args.concurrency} merchants at once; median of {args.runs} runs; load average (1 min) "
           f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs (shared machine)")
     print(f"{'':38}{'wall s':>8}{'CPU s':>8}{'peak MB':>9}")
     for name, rows in (("queue --json (full discovery)", ours),

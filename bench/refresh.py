@@ -82,10 +82,12 @@ def main() -> None:
     parser.add_argument("--merchants", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--share", type=float, default=0.01)
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="merchants at once (max_concurrent_merchants)")
     args = parser.parse_args()
     rng = random.Random(11)
     with loopback_emulator(*emulator_args(args.merchants)) as manifest:
-        consents, env = prepare(manifest)
+        consents, env = prepare(manifest, args.concurrency)
         env = fresh_db(env, consents, "refresh")
         _, document = queue_json(env)  # the first discovery (not timed)
         refreshes: list[tuple[float, float, float]] = []
@@ -110,7 +112,8 @@ def main() -> None:
     wall = median([r[0] for r in refreshes])
     full_wall = median([r[0] for r in fulls])
     print(f"{len(document['orders']):,} queued orders, {args.share:.0%} completed and "
-          f"{args.share:.0%} edited before each refresh; median of {args.runs} runs; load "
+          f"{args.share:.0%} edited before each refresh, {args.concurrency} merchants at once; "
+          f"median of {args.runs} runs; load "
           f"average (1 min) {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs "
           "(shared machine)")
     print(f"{'':38}{'wall s':>8}{'CPU s':>8}{'peak MB':>9}")

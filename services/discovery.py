@@ -203,8 +203,15 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
         else:
             report.token_health = TokenHealth.VALID
         row.update(token_expires_at=status.expires_at, token_scopes=",".join(status.scopes))
-        merchant = await gateway.merchant(creds)
-        locations = await gateway.locations(creds)
+        # Both at once (the token's identity is settled by now): one round trip less.
+        merchant_or_error, locations_or_error = await asyncio.gather(
+            gateway.merchant(creds), gateway.locations(creds), return_exceptions=True)
+        for outcome in (merchant_or_error, locations_or_error):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert not isinstance(merchant_or_error, BaseException)
+        assert not isinstance(locations_or_error, BaseException)
+        merchant, locations = merchant_or_error, locations_or_error
         report.business_name = merchant.business_name
         report.locations = locations
         active = [loc.id for loc in locations if loc.status == "ACTIVE"]
