@@ -159,7 +159,8 @@ def main() -> None:
             assert len(document["orders"]) == args.merchants * 500, len(document["orders"])
             loads.append(os.getloadavg()[0])
     print(f"{args.merchants} merchants x 2 locations, {args.merchants * 500:,} open orders, "
-          f"{LATENCY_MS:.0f} ms latency, {args.concurrency} merchants at once; median of {args.runs} runs; load average (1 min) "
+          f"{LATENCY_MS:.0f} ms latency, {args.concurrency} merchants at once; median of "
+          f"{args.runs} runs; load average (1 min) "
           f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs (shared machine)")
     print(f"{'':38}{'wall s':>8}{'CPU s':>8}{'peak MB':>9}")
     for name, rows in (("queue --json (full discovery)", ours),
