@@ -265,11 +265,21 @@ async def test_unchanged_orders_are_classified_again_when_their_verdict_can_move
             location = world.merchants[1].locations[0]
             order_id = make_order(world.square, world.rng, merchant, location,
                                   "online_paid_open", world.now)
+            # Two refreshes while it is young, so that the last mark is past its updated_at
+            # (the payment stamps it up to 10 minutes later) less the margin.
+            for _ in range(2):
+                world.now += timedelta(minutes=20)
+                await world.by_change.refresh()
+                [row] = [o for o in world.by_change.queue(merchant) if o.order_id == order_id]
+                assert row.reason == "TOO_RECENT"
+            seen = searches(world)
+            world.now += timedelta(hours=2)
             await world.by_change.refresh()
-            [row] = [o for o in world.by_change.queue(merchant) if o.order_id == order_id]
-            assert row.reason == "TOO_RECENT"
-            world.now += timedelta(hours=2, minutes=30)
-            await world.by_change.refresh()
+            # Square was not asked about it again: only time moved its verdict.
+            starts = [b["query"]["filter"]["date_time_filter"]["updated_at"]["start_at"]
+                      for b in seen if location.id in b["location_ids"]]
+            assert starts and all(world.square.orders[order_id].updated_at < start
+                                  for start in starts)
             [row] = [o for o in world.by_change.queue(merchant) if o.order_id == order_id]
             assert row.eligible and row.reason is None
         else:
