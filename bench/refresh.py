@@ -103,10 +103,10 @@ def main() -> None:
             assert all(versions[o] == v for o, v in edited.items()), "an edit was missed"
             figures, full = queue_json(env, "--full")
             fulls.append(figures)
-            strip = [{k: v for k, v in o.items() if k != "fetched_at"}
-                     for o in document["orders"]]
-            assert strip == [{k: v for k, v in o.items() if k != "fetched_at"}
-                             for o in full["orders"]], "refresh and full discovery disagree"
+            # Versions, not verdicts: an order can pass the consent's minimum age between
+            # the two runs (tests/test_refresh_by_change.py compares everything).
+            assert versions == {o["order_id"]: o["version"] for o in full["orders"]}, \
+                "refresh and full discovery disagree"
             document = full
             loads.append(os.getloadavg()[0])
     wall = median([r[0] for r in refreshes])
