@@ -23,6 +23,7 @@ from console.cli import (
     err,
     install_cancel,
     print_json,
+    print_json_stream,
 )
 from services.audit import Checkpoint
 from services.completion import BatchProgress, Outcome
@@ -159,14 +160,14 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
             # Exit 1: an unreachable or refused merchant is a failure, not a quiet success.
             code = EXIT_FAILURES if failed else EXIT_OK
             if args.json:
-                print_json({"orders": [o.to_json(o.merchant_id not in refreshed)
-                                       for o in orders],
-                            "merchants": [{"merchant_id": r.merchant_id,
-                                           "business_name": r.business_name,
-                                           "token_health": r.token_health,
-                                           "error": r.error, "open_orders": r.orders,
-                                           "eligible": r.eligible,
-                                           "stale": not r.refreshed} for r in reports]})
+                print_json_stream("orders", (o.to_json(o.merchant_id not in refreshed)
+                                             for o in orders),
+                                  {"merchants": [{"merchant_id": r.merchant_id,
+                                                  "business_name": r.business_name,
+                                                  "token_health": r.token_health,
+                                                  "error": r.error, "open_orders": r.orders,
+                                                  "eligible": r.eligible,
+                                                  "stale": not r.refreshed} for r in reports]})
                 return code
             stale = any(o.merchant_id not in refreshed for o in orders)
             table = Table("merchant", "order", "ref", "created", "total", "eligible", "reason",

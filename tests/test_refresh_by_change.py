@@ -292,3 +292,20 @@ async def test_unchanged_orders_are_classified_again_when_their_verdict_can_move
             assert {o.reason for o in queued} >= {"CONSENT_EXPIRED"}
     finally:
         await world.aclose()
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 7])
+def test_streamed_queue_json_is_print_json_byte_for_byte(
+        count: int, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """`queue --json` writes its orders a chunk at a time (memory), and still writes exactly
+    what `print_json` of the whole document would."""
+    from console.cli import print_json, print_json_stream
+    orders = [{"order_id": f"O{i}", "reference_id": f"ref\n\"{i}\" ✓", "total_money":
+               {"amount": i, "currency": "USD"}, "eligible": i % 2 == 0, "reason": None,
+               "when": BASE, "lines": [1, {"a": []}]} for i in range(count)]
+    rest = {"merchants": [{"merchant_id": "M", "stale": False, "error": None}], "n": {}}
+    print_json({"orders": orders, **rest})
+    whole = capsysbinary.readouterr().out
+    print_json_stream("orders", iter(orders), rest, chunk=2)
+    assert capsysbinary.readouterr().out == whole
+    assert json.loads(whole)["orders"] == json.loads(json.dumps(orders, default=str))
