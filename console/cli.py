@@ -342,8 +342,15 @@ def _emulator_serve(args: argparse.Namespace) -> int:
                        rate_limit_rps=args.rate_limit, server_error_rate=args.fault_rate,
                        seed=args.seed)
     try:
-        serve(args.host, args.port, config, faults, args.manifest,
-              demo_files=args.write_demo_files, steering=args.steering, strict=args.strict)
+        on_seeded = None
+        if args.write_demo_files is not None:
+            from services.demo import write_demo_files
+            directory = args.write_demo_files
+
+            def on_seeded(merchants: list[Any]) -> None:
+                write_demo_files(directory, merchants)
+        serve(args.host, args.port, config, faults, args.manifest, on_seeded=on_seeded,
+              steering=args.steering, strict=args.strict)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
     except OSError as error:
