@@ -156,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="bench-console-"))
     settings = ReconSettings(db=directory / "recon.db", credentials=directory / "none.toml",
-                             square_base_url="http://unused.invalid", operator="bench")
+                             square_base_url="https://unused.invalid", operator="bench")
     workspace = Workspace.open(settings, credentials={})
     fill(workspace, args.orders)
     orders = workspace.queue()

@@ -12,9 +12,13 @@ from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.message import Message
+from textual.notifications import SeverityLevel
 from textual.screen import Screen
 
+from console.crash import crash_line, write_crash_log
 from console.messages import describe
+from console.safe_text import printable, safe
+from services.completion import Outcome
 from services.settings import ReconSettings
 from services.workspace import Workspace
 
@@ -27,6 +31,10 @@ class ReconApp(App[int]):
     BINDINGS = [
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("A", "audit", "Audit", id="app.audit"),
+        Binding("M", "reminders", "Reminders", id="app.reminders"),
+        # Off the footer (the status line says "press R" when intents are open); in the
+        # palette and help.
+        Binding("R", "recover", "Recover", id="app.recover", show=False),
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
 
@@ -47,7 +55,8 @@ class ReconApp(App[int]):
         self.status = "Starting…"
         self.last_error: str | None = None
         self.busy = False
-        self.sub_title = subtitle + ("  READ-ONLY" if read_only else "")
+        self.sub_title = printable(subtitle) + ("  READ-ONLY" if read_only else "")
+        self.crash_message: str | None = None
 
     def on_mount(self) -> None:
         from console.screens.merchants import MerchantsScreen
@@ -104,7 +113,7 @@ class ReconApp(App[int]):
                         "the Note column says what to do.")
             open_intents = self.workspace.open_intent_count()
             if open_intents:
-                text += f" {open_intents} unsettled intents: run `recon-console recover`."
+                text += f" {open_intents} unsettled intents: press R to recover."
             self.set_status(text)
         except Exception as error:
             error_text = describe(error)
@@ -118,6 +127,35 @@ class ReconApp(App[int]):
         if self.workspace is None or self.busy:
             return
         await self.refresh_data()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "recover":
+            return not self.read_only
+        return True
+
+    @work(exclusive=True, group="recover")
+    async def action_recover(self) -> None:
+        """Settle open intents whose lease holder is gone, and say what was settled."""
+        if self.workspace is None or self.busy:
+            return
+        self.busy = True
+        self.set_status("Recovering: settling unfinished completions against Square…")
+        try:
+            self.workspace.credentials()
+            results = await self.workspace.recover()
+            counts = {o: sum(1 for r in results if r.outcome is o) for o in Outcome}
+            text = (f"Recovered: settled {len(results)} ({counts[Outcome.COMPLETED]} "
+                    f"completed, {counts[Outcome.SKIPPED]} skipped, {counts[Outcome.FAILED]} "
+                    f"failed); {self.workspace.open_intent_count()} still open.")
+            if self.workspace.recover_left_alone:
+                text += (f" Left alone, another run is live: "
+                         f"{'; '.join(self.workspace.recover_left_alone)}")
+            self.set_status(text)
+        except Exception as error:
+            self.set_status(describe(error), error=True)
+        finally:
+            self.busy = False
+        self.post_message(self.Refreshed())
 
     def set_status(self, text: str, error: bool = False) -> None:
         self.status = text
@@ -135,6 +173,41 @@ class ReconApp(App[int]):
             if reload is not None:
                 reload()
 
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = True) -> None:
+        """Every toast (screens' and widgets' too: theirs come here) shows its text
+        literally: messages carry names, paths and Square's own error text."""
+        super().notify(printable(message), title=printable(title), severity=severity,
+                       timeout=timeout, markup=False)
+
+    # ------------------------------------------------------------------ crashes
+    def known_secrets(self) -> list[str]:
+        """The access tokens in memory: a crash log must not contain them."""
+        workspace = self.workspace
+        if workspace is None:
+            return []
+        try:
+            credentials = workspace.credentials(required=False)
+        except Exception:
+            return []
+        return [c.access_token.get_secret_value() for c in credentials.values()]
+
+    def _handle_exception(self, error: Exception) -> None:
+        # Textual would print the traceback with every frame's locals (credentials among
+        # them) to the terminal. The traceback goes to a private, scrubbed log instead.
+        secrets = self.known_secrets()
+        try:
+            log = write_crash_log(error, secrets)
+        except OSError:
+            log = None
+        self.crash_message = crash_line(error, secrets, log)
+        super()._handle_exception(error)
+
+    def _fatal_error(self) -> None:
+        self.bell()
+        self.panic(safe(self.crash_message or "recon-console stopped on an unexpected error.",
+                        no_wrap=True, overflow="ignore"))  # one line, however wide
+
     # ------------------------------------------------------------------ actions
     def action_help(self) -> None:
         from console.screens.help import HelpScreen
@@ -148,12 +221,22 @@ class ReconApp(App[int]):
         if self.workspace is not None and not isinstance(self.screen, AuditScreen):
             self.push_screen(AuditScreen())
 
+    def action_reminders(self) -> None:
+        from console.screens.reminders import RemindersScreen
+        if self.workspace is not None and not isinstance(self.screen, RemindersScreen):
+            self.push_screen(RemindersScreen())
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Refresh from Square", "Discover open orders again",
                             self.action_refresh)
         yield SystemCommand("Audit trail", "Entries, chain status and export",
                             self.action_audit)
+        yield SystemCommand("Reminders", "Friendly reminders: due, preview, send, history",
+                            self.action_reminders)
+        if not self.read_only:
+            yield SystemCommand("Recover", "Settle unfinished completions against Square",
+                                self.action_recover)
         commands = getattr(screen, "palette_commands", None)
         if commands is not None:
             yield from commands()
@@ -181,22 +264,28 @@ def run_console(settings: ReconSettings, read_only: bool = False) -> int:
     workspace = Workspace.open(settings)
     workspace.credentials(required=False)  # a bad file is shown in the console, not fatal
     app = ReconApp(workspace, read_only=read_only,
-                   subtitle=f"{settings.base_url}  operator {settings.operator}")
+                   subtitle=f"Square: {settings.target}  operator {settings.operator}")
     app.set_keymap(load_keymap(settings.keymap))
     app.run()
-    return 0
+    return exit_code(app)
+
+
+def exit_code(app: ReconApp) -> int:
+    """0 when the operator quit; 1 when the console died (it said why on stderr)."""
+    return 1 if app.return_code else 0
 
 
 def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) -> int:
     from services.demo import build_demo
 
     def factory() -> Workspace:
-        return build_demo(seed=seed, operator=settings.operator).workspace
+        return build_demo(seed=seed, operator=settings.operator, mail=True).workspace
 
     app = ReconApp(workspace_factory=factory, read_only=read_only,
-                   subtitle=f"DEMO on the local Square emulator  operator {settings.operator}")
+                   subtitle=f"DEMO  Square: local emulator (in-process)  "
+                            f"operator {settings.operator}")
     app.set_keymap(load_keymap(settings.keymap))
     app.run()
     if app.workspace is not None:
-        print(f"Demo database kept at {Path(str(app.workspace.settings.db))}")
-    return 0
+        print(printable(f"Demo database kept at {Path(str(app.workspace.settings.db))}"))
+    return exit_code(app)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from services.errors import ConfigurationError, ReconError
 
@@ -27,17 +28,90 @@ class UsageError(Exception):
     pass
 
 
+# Global options: every parser (the top level and each subcommand, nested ones included)
+# accepts them, each under a dest of its own with no default, so a value given before the
+# subcommand is never overwritten by the subcommand's default (argparse copies a subparser's
+# namespace over its parent's). `merge_global_options` then joins them, refusing two
+# different values.
+GLOBAL_OPTIONS = ("db", "square_base_url", "environment", "credentials", "operator",
+                  "checkpoint_dir", "read_only")
+_SCOPED = "global:"
+# Commands that talk to Square print their target on stderr first. Extend when adding one.
+TALKS_TO_SQUARE = {None, "queue", "complete", "recover", "remind", "approve"}
+
+
+class _Once(argparse.Action):
+    """Store a value; the same option twice with two different values is a usage error."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        before = getattr(namespace, self.dest, None)
+        if before is not None and before != values:
+            parser.error(f"{option_string} is given twice, {before!r} and {values!r}: "
+                         "give it once")
+        setattr(namespace, self.dest, values)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("common options (each also has a RECON_* variable)")
-    group.add_argument("--db", help="SQLite file (RECON_DB; default under the user data dir)")
-    group.add_argument("--square-base-url", help="Square base URL (RECON_SQUARE_BASE_URL)")
-    group.add_argument("--environment", choices=["production", "sandbox"],
+    if any("--db" in action.option_strings for action in parser._actions):
+        return  # every _Parser has them already; kept so callers may still ask for them
+    group = parser.add_argument_group(
+        "global options (before or after the subcommand; each also has a RECON_* variable)")
+
+    def scoped(name: str) -> dict[str, Any]:
+        return {"dest": f"{_SCOPED}{name}@{parser.prog}", "default": argparse.SUPPRESS}
+
+    group.add_argument("--db", action=_Once, metavar="PATH", **scoped("db"),
+                       help="SQLite file (RECON_DB; default under the user data dir)")
+    group.add_argument("--square-base-url", action=_Once, metavar="URL",
+                       **scoped("square_base_url"),
+                       help="Square base URL: https, or http to loopback "
+                            "(RECON_SQUARE_BASE_URL)")
+    group.add_argument("--environment", action=_Once, choices=["production", "sandbox"],
+                       **scoped("environment"),
                        help="Square environment (RECON_SQUARE_ENVIRONMENT)")
-    group.add_argument("--credentials", help="credentials TOML (RECON_CREDENTIALS)")
-    group.add_argument("--operator", help="who is operating (RECON_OPERATOR; default OS user)")
+    group.add_argument("--credentials", action=_Once, metavar="PATH",
+                       **scoped("credentials"),
+                       help="credentials TOML (RECON_CREDENTIALS)")
+    group.add_argument("--operator", action=_Once, metavar="NAME", **scoped("operator"),
+                       help="who is operating (RECON_OPERATOR; default OS user)")
+    group.add_argument("--checkpoint-dir", action=_Once, metavar="DIR",
+                       **scoped("checkpoint_dir"),
+                       help="signed audit checkpoints (RECON_CHECKPOINT_DIR; default: "
+                            "checkpoints/ beside the credentials)")
+    group.add_argument("--read-only", action="store_true", **scoped("read_only"),
+                       help="the console (or demo) offers no write actions at all")
+
+
+def _place(prog: str) -> str:
+    _, _, command = prog.partition(" ")
+    return f"after `{command}`" if command else "before the subcommand"
+
+
+def merge_global_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Join each global option given before and/or after the subcommand into `args.NAME`."""
+    found: dict[str, list[tuple[str, Any]]] = {name: [] for name in GLOBAL_OPTIONS}
+    for key, value in list(vars(args).items()):
+        if key.startswith(_SCOPED):
+            name, _, prog = key[len(_SCOPED):].partition("@")
+            found[name].append((prog, value))
+            delattr(args, key)
+    for name, given in found.items():
+        values = {value for _, value in given}
+        if len(values) > 1:
+            flag = "--" + name.replace("_", "-")
+            where = " and ".join(f"{value!r} ({_place(prog)})" for prog, value in given)
+            raise UsageError(f"recon-console: {flag} is given twice with different values, "
+                             f"{where}: give it once, before or after the subcommand")
+        setattr(args, name, given[0][1] if given else (False if name == "read_only" else None))
+    return args
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _common(self)  # every subcommand, however nested, takes the global options
+
     def error(self, message: str) -> Any:  # one line, exit 2
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
@@ -46,14 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="recon-console",
                      description="Managed Reconciliation Console: complete consented, fully "
                                  "paid Square Online orders, with an audit trail.")
-    _common(parser)
-    parser.add_argument("--read-only", action="store_true",
-                        help="the console offers no write actions at all")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="the console on the local emulator with demo data")
-    _common(demo)
-    demo.add_argument("--read-only", action="store_true")
     demo.add_argument("--seed", type=int, default=7)
 
     emulator = sub.add_parser("emulator", help="the local Square emulator")
@@ -77,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--write-demo-files", type=Path, default=None, metavar="DIR",
                        help="also write DIR/credentials.toml and DIR/consents.json for the "
                             "seeded merchants")
+    serve.add_argument("--steering", action="store_true",
+                       help="enable the /_emulator/ routes that steer faults, tokens and versions")
+    serve.add_argument("--strict", action="store_true",
+                       help="the strictest reading of Square's unconfirmed rules (see "
+                            "services/emulator/app.py)")
 
     consent = sub.add_parser("consent", help="import, list and revoke consent records")
     consent_sub = consent.add_subparsers(dest="consent_command", parser_class=_Parser,
@@ -120,13 +194,39 @@ def build_parser() -> argparse.ArgumentParser:
     _common(recover)
     recover.add_argument("--json", action="store_true")
 
+    # `remind` alone sends (as `remind send` does); history, opt-out and opt-in are
+    # sub-commands. Options go after the last command word they belong to.
+    remind = sub.add_parser("remind", help="friendly reminders to merchants (send, history, "
+                                           "opt-out, opt-in)")
+    remind_sub = remind.add_subparsers(dest="remind_command", parser_class=_Parser)
+    for parser_ in (remind, remind_sub.add_parser("send", help="send the reminders that are "
+                                                               "due (the default)")):
+        _common(parser_)
+        parser_.add_argument("--merchant", action="append", help="only this merchant "
+                                                                 "(repeatable)")
+        parser_.add_argument("--dry-run", action="store_true")
+        parser_.add_argument("--yes", action="store_true")
+        parser_.add_argument("--json", action="store_true")
+    r_history = remind_sub.add_parser("history", help="reminders sent, deferred and failed")
+    _common(r_history)
+    r_history.add_argument("--merchant", action="append")
+    r_history.add_argument("--json", action="store_true")
+    for name, what in (("opt-out", "stop reminders for a merchant"),
+                       ("opt-in", "resume reminders for a merchant")):
+        r_opt = remind_sub.add_parser(name, help=what)
+        _common(r_opt)
+        r_opt.add_argument("merchant_id")
+        r_opt.add_argument("--by", required=True)
+        r_opt.add_argument("--reason", required=True)
+
     audit = sub.add_parser("audit", help="verify, checkpoint and export the audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", parser_class=_Parser, required=True)
-    verify = audit_sub.add_parser("verify", help="check the whole chain")
+    verify = audit_sub.add_parser("verify", help="check the whole chain against the latest "
+                                                 "signed checkpoint")
     _common(verify)
     verify.add_argument("--checkpoint", type=Path)
     verify.add_argument("--json", action="store_true")
-    checkpoint = audit_sub.add_parser("checkpoint", help="write size and head hash")
+    checkpoint = audit_sub.add_parser("checkpoint", help="write a signed size and head hash")
     _common(checkpoint)
     checkpoint.add_argument("--output", type=Path)
     export = audit_sub.add_parser("export", help="export entries")
@@ -143,23 +243,31 @@ def settings_from(args: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = {}
     for flag, name in (("db", "db"), ("square_base_url", "square_base_url"),
                        ("environment", "square_environment"), ("credentials", "credentials"),
-                       ("operator", "operator")):
+                       ("operator", "operator"), ("checkpoint_dir", "checkpoint_dir")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[name] = value
     try:
         return ReconSettings(**overrides)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigurationError(f"invalid settings: {where + ': ' if where else ''}{message}"
+                                 ) from None
     except Exception as error:
         raise ConfigurationError(f"invalid settings: {str(error).splitlines()[0]}") from None
 
 
 def err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    # Messages carry names, ids and Square's error text: no escape reaches the terminal.
+    from services.text_safety import printable
+    print(printable(message), file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = merge_global_options(build_parser().parse_args(argv))
         return _dispatch(args)
     except UsageError as error:
         err(str(error))
@@ -179,21 +287,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
+def _refuse_unused(args: argparse.Namespace, unused: Sequence[str], why: str) -> None:
+    """A global option a command has no use for is refused, never silently dropped."""
+    for name in unused:
+        if getattr(args, name):
+            command = " ".join(part for part in (args.command, getattr(
+                args, f"{args.command}_command", None)) if part)
+            raise UsageError(f"recon-console: `{command}` does not use "
+                             f"--{name.replace('_', '-')}: {why}")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     command = args.command
+    if command == "emulator":
+        _refuse_unused(args, GLOBAL_OPTIONS, "it serves its own seeded data; drop the option.")
+        return _emulator_serve(args)
+    if command == "demo":
+        _refuse_unused(args, ("db", "square_base_url", "environment", "credentials",
+                              "checkpoint_dir"),
+                       "the demo always runs on the in-process emulator with a fresh "
+                       "temporary database; drop the option.")
+    elif command is not None:
+        _refuse_unused(args, ("read_only",), "only the console (`recon-console --read-only` "
+                       "or `recon-console demo --read-only`) has a read-only mode.")
+    settings = settings_from(args)
+    if command == "demo":
+        err("Square: local emulator (demo, in-process)")
+        from console.app import run_demo
+        return run_demo(settings, read_only=args.read_only, seed=args.seed)
+    if command in TALKS_TO_SQUARE:
+        err(f"Square: {settings.target}")  # before anything else: which Square, always
     if command is None:
         from console.app import run_console
-        return run_console(settings_from(args), read_only=args.read_only)
-    if command == "demo":
-        from console.app import run_demo
-        return run_demo(settings_from(args), read_only=args.read_only, seed=args.seed)
-    if command == "emulator":
-        return _emulator_serve(args)
+        return run_console(settings, read_only=args.read_only)
     from console import commands
     handler = {"consent": commands.consent, "queue": commands.queue,
                "complete": commands.complete, "recover": commands.recover,
-               "audit": commands.audit}[command]
-    return handler(args, settings_from(args))
+               "audit": commands.audit, "remind": commands.remind}[command]
+    return handler(args, settings)
 
 
 def _emulator_serve(args: argparse.Namespace) -> int:
@@ -214,8 +345,15 @@ def _emulator_serve(args: argparse.Namespace) -> int:
                        rate_limit_rps=args.rate_limit, server_error_rate=args.fault_rate,
                        seed=args.seed)
     try:
-        serve(args.host, args.port, config, faults, args.manifest,
-              demo_files=args.write_demo_files)
+        on_seeded = None
+        if args.write_demo_files is not None:
+            from services.demo import write_demo_files
+            directory = args.write_demo_files
+
+            def on_seeded(merchants: list[Any]) -> None:
+                write_demo_files(directory, merchants)
+        serve(args.host, args.port, config, faults, args.manifest, on_seeded=on_seeded,
+              steering=args.steering, strict=args.strict)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
     except OSError as error:

@@ -3,30 +3,32 @@
 Each entry's `hash` is SHA-256 over the canonical JSON (orjson, keys sorted, UTF-8, no spaces)
 of all its fields except `hash`, `prev_hash` included; the first entry's `prev_hash` is 64 zeros.
 `verify` recomputes the chain and names the first broken entry; a checkpoint (size, head hash)
-taken earlier also reveals a cut tail or rewritten history.
+taken earlier also reveals a cut tail or rewritten history (services/checkpoints.py signs them and
+keeps them outside the database).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
+import multiprocessing
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from multiprocessing import get_context
 from pathlib import Path
 from typing import IO, Any
 
-import orjson
-
+from services.canonical_json import canonical_sha256
 from services.store import Store, utc_text
+from services.text_safety import csv_cell, json_line
 
-__all__ = ["AUDIT_FIELDS", "AuditAction", "AuditTrail", "Checkpoint", "VerifyReport"]
+__all__ = ["AUDIT_FIELDS", "AuditAction", "AuditTrail", "ChainProblem", "Checkpoint",
+           "VerifyReport"]
 
 GENESIS = "0" * 64
 AUDIT_FIELDS = ("seq", "at", "operator", "action", "merchant_id", "order_id", "version", "amount",
@@ -45,13 +47,42 @@ class AuditAction(StrEnum):
     CANCEL = "cancel"
     RECOVERY = "recovery"
     BATCH_FINISHED = "batch_finished"
+    REMINDER_SENT = "reminder_sent"
+    REMINDER_FAILED = "reminder_failed"
+    REMINDER_OPT_OUT = "reminder_opt_out"
+    REMINDER_OPT_IN = "reminder_opt_in"
 
 
 _SORTED_FIELDS = tuple(sorted(AUDIT_FIELDS))
 
 
-# From this many entries on, `verify` uses one process per core.
+# From this many entries on, `verify` uses one process per core; below, starting the workers
+# costs more than they save.
 _PARALLEL_FROM = 200_000
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Never fork: the console verifies from a worker thread, and forking a process with
+    threads can deadlock the child on a lock another thread held. The fork server is a
+    clean single-threaded process (spawn where there is none)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["services.audit"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+class ChainProblem(StrEnum):
+    """`problem_kind` of a chain that does not verify (see also services/checkpoints.py)."""
+
+    MISSING_ENTRY = "missing_entry"
+    BROKEN_LINK = "broken_link"
+    CHANGED_ENTRY = "changed_entry"
+    CUT_TAIL = "cut_tail"
+    REWRITTEN_HISTORY = "rewritten_history"
+
+
+_Problem = tuple[int, str, str]  # (seq, kind, what)
 
 
 def _stored_hash(conn: sqlite3.Connection, seq: int) -> str | None:
@@ -60,9 +91,9 @@ def _stored_hash(conn: sqlite3.Connection, seq: int) -> str | None:
 
 
 def _verify_range(conn: sqlite3.Connection, first: int, end: int | None, prev: str | None
-                  ) -> tuple[tuple[int, str] | None, int, str | None]:
+                  ) -> tuple[_Problem | None, int, str | None]:
     """Check entries first..end-1 (to the last if end is None) starting from `prev`: returns
-    (first problem as (seq, what) or None, entries checked, last hash)."""
+    (first problem as (seq, kind, what) or None, entries checked, last hash)."""
     seq_at = _SORTED_FIELDS.index("seq")
     prev_at = _SORTED_FIELDS.index("prev_hash")
     sql = f"SELECT {', '.join(_SORTED_FIELDS)}, hash FROM audit WHERE seq >= ?"
@@ -73,8 +104,7 @@ def _verify_range(conn: sqlite3.Connection, first: int, end: int | None, prev: s
     cursor = conn.execute(sql + " ORDER BY seq", params)
     expected = first
     count = 0
-    sha256 = hashlib.sha256
-    dumps = orjson.dumps
+    digest_of = canonical_sha256
     fields = _SORTED_FIELDS
     while True:
         rows = cursor.fetchmany(10000)
@@ -83,22 +113,26 @@ def _verify_range(conn: sqlite3.Connection, first: int, end: int | None, prev: s
         for row in rows:
             seq = row[seq_at]
             if seq != expected:
-                return (expected, f"entry {expected} is missing (next is {seq})."), count, prev
+                return ((expected, ChainProblem.MISSING_ENTRY,
+                         f"entry {expected} is missing (next is {seq})."), count, prev)
             if row[prev_at] != prev:
-                return (seq, "its prev_hash does not match the entry before it."), count, prev
-            digest = sha256(dumps(dict(zip(fields, row, strict=False)))).hexdigest()
+                return ((seq, ChainProblem.BROKEN_LINK,
+                         "its prev_hash does not match the entry before it."), count, prev)
+            digest = digest_of(dict(zip(fields, row, strict=False)))
             if digest != row[-1]:
-                return (seq, "its contents do not match its hash (changed)."), count, prev
+                return ((seq, ChainProblem.CHANGED_ENTRY,
+                         "its contents do not match its hash (changed)."), count, prev)
             prev = digest
             count += 1
             expected += 1
     if end is not None and expected != end:
-        return (expected, f"entry {expected} is missing."), count, prev
+        return ((expected, ChainProblem.MISSING_ENTRY, f"entry {expected} is missing."),
+                count, prev)
     return None, count, prev
 
 
 def _verify_range_in_process(path: str, first: int, end: int | None, prev: str | None
-                             ) -> tuple[tuple[int, str] | None, int, str | None]:
+                             ) -> tuple[_Problem | None, int, str | None]:
     conn = sqlite3.connect(path)
     try:
         return _verify_range(conn, first, end, prev)
@@ -107,8 +141,7 @@ def _verify_range_in_process(path: str, first: int, end: int | None, prev: str |
 
 
 def entry_hash(entry: dict[str, Any]) -> str:
-    canonical = orjson.dumps({k: entry.get(k) for k in _SORTED_FIELDS})
-    return hashlib.sha256(canonical).hexdigest()
+    return canonical_sha256({k: entry.get(k) for k in AUDIT_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -116,9 +149,11 @@ class Checkpoint:
     size: int
     head_hash: str
     created_at: str
+    signature: str | None = None   # HMAC-SHA256, hex (services/checkpoints.py)
 
     def to_json(self) -> dict[str, Any]:
-        return {"size": self.size, "head_hash": self.head_hash, "created_at": self.created_at}
+        return {"size": self.size, "head_hash": self.head_hash, "created_at": self.created_at,
+                "signature": self.signature}
 
 
 @dataclass(frozen=True)
@@ -128,14 +163,33 @@ class VerifyReport:
     head_hash: str
     broken_at: int | None = None
     problem: str | None = None
+    # What went wrong, for scripts: a ChainProblem or a checkpoints.ProblemKind value; with
+    # ok=True only "no_checkpoint" (then `warning` says the tail is not anchored).
+    problem_kind: str | None = None
+    warning: str | None = None
+    checkpoint: dict[str, Any] | None = None  # path, size, created_at
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "entries": self.entries, "head_hash": self.head_hash,
-                "broken_at": self.broken_at, "problem": self.problem}
+                "broken_at": self.broken_at, "problem": self.problem,
+                "problem_kind": self.problem_kind, "warning": self.warning,
+                "checkpoint": self.checkpoint}
+
+    def against(self) -> str:
+        """Which checkpoint this was checked against, in words."""
+        if self.checkpoint is None:
+            return "no checkpoint"
+        return (f"checkpoint {self.checkpoint['path']} (size {self.checkpoint['size']}, "
+                f"{self.checkpoint['created_at']})")
 
     def sentence(self) -> str:
         if self.ok:
-            return f"Audit chain verified: {self.entries} entries, head {self.head_hash[:12]}."
+            text = f"Audit chain verified: {self.entries} entries, head {self.head_hash[:12]}"
+            if self.warning:
+                return f"{text}. Warning: {self.warning}"
+            return f"{text}, against {self.against()}." if self.checkpoint else f"{text}."
+        if self.broken_at is None:
+            return f"Audit check FAILED: {self.problem}"
         return f"Audit chain BROKEN at entry {self.broken_at}: {self.problem}"
 
 
@@ -151,10 +205,6 @@ class AuditTrail:
             with self.store.transaction() as own:
                 return self._append(own, fields)
         return self._append(conn, fields)
-
-    def append_many(self, conn: sqlite3.Connection, entries: list[dict[str, Any]]
-                    ) -> list[dict[str, Any]]:
-        return [self._append(conn, fields) for fields in entries]
 
     def _append(self, conn: sqlite3.Connection, fields: dict[str, Any]) -> dict[str, Any]:
         unknown = set(fields) - set(AUDIT_FIELDS)
@@ -226,16 +276,19 @@ class AuditTrail:
             results = [_verify_range(conn, 1, None, GENESIS)]
         else:
             starts = [GENESIS] + [_stored_hash(conn, a - 1) for a, _ in ranges[1:]]
-            with ProcessPoolExecutor(len(ranges), mp_context=get_context("fork")) as pool:
-                results = list(pool.map(_verify_range_in_process, [str(path)] * len(ranges),
-                                        [a for a, _ in ranges], [b for _, b in ranges],
-                                        starts))
+            try:
+                with ProcessPoolExecutor(len(ranges), mp_context=_worker_context()) as pool:
+                    results = list(pool.map(_verify_range_in_process,
+                                            [str(path)] * len(ranges), [a for a, _ in ranges],
+                                            [b for _, b in ranges], starts))
+            except BrokenProcessPool:  # workers could not start (e.g. a program read from
+                results = [_verify_range(conn, 1, None, GENESIS)]  # stdin): one process
         count = 0
         prev = GENESIS
         for problem, range_count, range_last in results:
             if problem is not None:
-                seq, text = problem
-                return VerifyReport(False, count + range_count, prev, seq, text)
+                seq, kind, text = problem
+                return VerifyReport(False, count + range_count, prev, seq, text, kind)
             count += range_count
             prev = range_last or prev
         if checkpoint is not None:
@@ -243,12 +296,16 @@ class AuditTrail:
                 return VerifyReport(False, count, prev, count + 1,
                                     f"the chain has {count} entries but the checkpoint of "
                                     f"{checkpoint.created_at} saw {checkpoint.size}: entries "
-                                    "were cut from the end.")
+                                    "were cut from the end.", ChainProblem.CUT_TAIL)
             if checkpoint.size and _stored_hash(conn, checkpoint.size) != checkpoint.head_hash:
                 return VerifyReport(False, count, prev, checkpoint.size,
-                                    "entry at the checkpoint's size does not have the "
-                                    "checkpoint's head hash: history was rewritten.")
+                                    f"entry {checkpoint.size} does not have the hash the "
+                                    f"checkpoint of {checkpoint.created_at} saw: history "
+                                    "was rewritten.", ChainProblem.REWRITTEN_HISTORY)
         return VerifyReport(True, count, prev)
+
+    def hash_at(self, seq: int) -> str | None:
+        return _stored_hash(self.store.conn, seq)
 
     def checkpoint(self) -> Checkpoint:
         row = self.store.conn.execute(
@@ -265,13 +322,13 @@ class AuditTrail:
         rows = self.entries(merchant_id=merchant_id, since=since)
         if fmt == "jsonl":
             for entry in rows:
-                out.write(orjson.dumps(entry, option=orjson.OPT_SORT_KEYS).decode() + "\n")
+                out.write(json_line(entry) + "\n")  # exact, and inert on a terminal
                 count += 1
         elif fmt == "csv":
             writer = csv.DictWriter(out, fieldnames=list(_ALL))
             writer.writeheader()
             for entry in rows:
-                writer.writerow(entry)
+                writer.writerow({k: csv_cell(v) for k, v in entry.items()})  # no formulas
                 count += 1
         else:
             raise ValueError(f"unknown export format {fmt!r}: use csv or jsonl")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import getpass
+import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["SQUARE_BASE_URLS", "ReconSettings", "default_credentials_path", "default_db_path",
-           "default_keymap_path"]
+__all__ = ["SQUARE_BASE_URLS", "ReconSettings", "check_base_url", "check_db_path",
+           "default_credentials_path", "default_db_path", "default_keymap_path"]
 
 SQUARE_BASE_URLS = {
     "production": "https://connect.squareup.com",
@@ -39,6 +41,38 @@ def _os_user() -> str:
         return "operator"
 
 
+def check_base_url(url: str) -> str:
+    """https anywhere, or http only to this machine (the local emulator): a token never
+    travels in clear text to another host."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".").lower()
+    if parts.scheme == "https" and host:
+        return url
+    if parts.scheme == "http" and host:
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            return url
+    raise ValueError(f"Square base URL {url!r} must be https://..., or http:// to a loopback "
+                     "address (127.0.0.1, ::1, localhost)")
+
+
+def check_db_path(path: Path) -> Path:
+    """An explicit database file must sit in a directory that exists: a typo must not start a
+    new, empty database somewhere (only the default location's directory is ever created)."""
+    if path.expanduser() == default_db_path():
+        return path
+    if path.is_dir():
+        raise ValueError(f"database {str(path)!r} is a directory: give a file path, "
+                         f"e.g. {str(path / 'recon.db')!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"database directory {str(path.parent)!r} does not exist: create it "
+                         "first, or fix the --db / RECON_DB path")
+    return path
+
+
 class ReconSettings(BaseSettings):
     """Where the database and credentials live, which Square to talk to, who is operating."""
 
@@ -55,7 +89,52 @@ class ReconSettings(BaseSettings):
     max_concurrent_merchants: int = Field(16, ge=1)
     read_retries: int = Field(4, ge=0)
     request_timeout_s: float = Field(20.0, gt=0)
+    # Reminders (services/reminders): `smtp://user@host:587` (STARTTLS) or `smtps://...:465`;
+    # the password comes from the credentials file's [smtp] section, never from here.
+    smtp_url: str | None = None
+    reminder_from: str = "Reconciliation Team <recon@example.com>"
+    reminder_window_days: int = Field(7, ge=1)
+    reminder_consent_link: str = "https://example.com/managed-reconciliation/consent"
+    # Overrides of the shipped templates (`no_consent.txt.j2`, ...), looked up here first.
+    reminder_templates: Path = Field(default_factory=lambda: Path(
+        platformdirs.user_config_dir(APP_NAME)) / "reminder-templates")
+    # Merchant-local hours in which reminders go out ("00:00-24:00": any time).
+    reminder_business_hours: str = Field(
+        "09:00-17:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d-(([01]\d|2[0-3]):[0-5]\d|24:00)$")
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _db_where_asked(cls, value: Any) -> Any:
+        # Only explicit values get here (defaults are not validated). URLs (team mode) are
+        # someone else's to check.
+        if isinstance(value, str | Path) and "://" not in str(value):
+            return check_db_path(Path(value).expanduser())
+        return value
+
+    @field_validator("square_base_url")
+    @classmethod
+    def _https_or_loopback(cls, value: str | None) -> str | None:
+        return None if value is None else check_base_url(value)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ReconSettings:
+        # Fields set from flags or RECON_* variables alike: two answers to "which Square?".
+        if self.square_base_url is not None and "square_environment" in self.model_fields_set:
+            raise ValueError(f"both a Square base URL ({self.square_base_url}) and an "
+                             f"environment ({self.square_environment}) are given: give only one "
+                             "(--square-base-url/RECON_SQUARE_BASE_URL or "
+                             "--environment/RECON_SQUARE_ENVIRONMENT)")
+        return self
 
     @property
     def base_url(self) -> str:
         return self.square_base_url or SQUARE_BASE_URLS[self.square_environment]
+
+    @property
+    def target(self) -> str:
+        """Which Square, as the operator is told it: production, sandbox, or the base URL."""
+        return self.square_base_url or self.square_environment
+
+    # Signed audit checkpoints go here, outside the database (RECON_CHECKPOINT_DIR); unset: a
+    # `checkpoints/` folder beside the credentials file (services/checkpoints.py).
+    checkpoint_dir: Path | None = None

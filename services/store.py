@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,8 +19,11 @@ import orjson
 from sqlite_utils import Database, Migrations
 
 from services.consent import ConsentRecord, Revocation, record_sha256
+from services.private_files import create_private
+from services.settings import default_db_path
 
-__all__ = ["ORDER_COLUMNS", "QueuedOrder", "Store", "StoredConsent", "now_utc", "utc_text"]
+__all__ = ["ORDER_COLUMNS", "Lease", "QueuedOrder", "Store", "StoredConsent", "now_utc",
+           "utc_text"]
 
 migrations = Migrations("recon-console")
 
@@ -115,6 +118,57 @@ def m002_consent_revocations(db: Database) -> None:
 
 
 @migrations()
+def m003_intent_attempts_and_leases(db: Database) -> None:
+    """Every attempt at an order is its own intent row (the old table was keyed by the
+    idempotency key, so a retry's INSERT OR IGNORE left no row for `recover` to find), and a
+    merchant is worked on by one holder at a time (`leases`)."""
+    db.execute("""
+        CREATE TABLE intents_v3 (
+            intent_id TEXT PRIMARY KEY, attempt INTEGER NOT NULL,
+            idempotency_key TEXT NOT NULL, batch_id TEXT NOT NULL, merchant_id TEXT NOT NULL,
+            order_id TEXT NOT NULL, location_id TEXT NOT NULL, version INTEGER NOT NULL,
+            amount INTEGER, currency TEXT, consent_id TEXT, consent_sha256 TEXT,
+            operator TEXT NOT NULL, created_at TEXT NOT NULL, body_json TEXT NOT NULL,
+            outcome TEXT, reason TEXT, square_code TEXT, detail TEXT, settled_at TEXT,
+            UNIQUE (order_id, version, attempt))""")
+    db.execute("""
+        INSERT INTO intents_v3 SELECT 'v1:' || idempotency_key, 1, idempotency_key, batch_id,
+            merchant_id, order_id, location_id, version, amount, currency, consent_id,
+            consent_sha256, operator, created_at, body_json, outcome, reason, square_code,
+            detail, settled_at FROM intents""")
+    db.execute("DROP TABLE intents")
+    db.execute("ALTER TABLE intents_v3 RENAME TO intents")
+    db.execute("CREATE INDEX intents_open ON intents(merchant_id) WHERE outcome IS NULL")
+    db.execute("CREATE INDEX intents_batch ON intents(batch_id)")
+    db.execute("""
+        CREATE TABLE leases (
+            merchant_id TEXT PRIMARY KEY, operator TEXT NOT NULL, host TEXT NOT NULL,
+            pid INTEGER NOT NULL, started_at TEXT NOT NULL, heartbeat_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL, token TEXT NOT NULL)""")
+
+
+@migrations()
+def m005_reminders(db: Database) -> None:
+    # One row per reminder: written (status NULL) before the SMTP transaction, settled after.
+    # (merchant_id, window_index) is unique: at most one Message-ID per merchant per window.
+    db.execute("""
+        CREATE TABLE reminder_outbox (
+            message_id TEXT PRIMARY KEY, merchant_id TEXT NOT NULL,
+            window_index INTEGER NOT NULL, kind TEXT NOT NULL, recipients_json TEXT NOT NULL,
+            order_ids_json TEXT NOT NULL, orders INTEGER NOT NULL, age_step INTEGER NOT NULL,
+            message_eml TEXT NOT NULL, operator TEXT NOT NULL, holder TEXT NOT NULL,
+            created_at TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            status TEXT, reason TEXT, detail TEXT, next_attempt_at TEXT, settled_at TEXT,
+            UNIQUE (merchant_id, window_index))""")
+    db.execute("CREATE INDEX reminder_outbox_open ON reminder_outbox(status) "
+               "WHERE status IS NULL OR status = 'deferred'")
+    db.execute("""
+        CREATE TABLE reminder_opt_outs (
+            merchant_id TEXT PRIMARY KEY, opted_out INTEGER NOT NULL, by TEXT NOT NULL,
+            reason TEXT NOT NULL, at TEXT NOT NULL)""")
+
+
+@migrations()
 def m006_refresh_marks(db: Database) -> None:
     # Refresh by change (issue 11): per merchant and location, the moment the last read that
     # covered it began (`mark`) and the last full read (`full_at`); per merchant, when its
@@ -173,6 +227,26 @@ class QueuedOrder(NamedTuple):
                 "reason": self.reason, "stale": stale, "fetched_at": self.fetched_at}
 
 
+class Lease(NamedTuple):
+    """Who works on a merchant right now (a row of `leases`)."""
+
+    merchant_id: str
+    operator: str
+    host: str
+    pid: int
+    started_at: str
+    heartbeat_at: str
+    expires_at: str
+    token: str
+
+    def describe(self) -> str:
+        return (f"{self.operator} on {self.host} (pid {self.pid}) since {self.started_at}, "
+                f"last heartbeat {self.heartbeat_at}")
+
+
+_INTENT_COLUMNS = ("intent_id, attempt, idempotency_key, batch_id, merchant_id, order_id, "
+                   "location_id, version, amount, currency, consent_id, consent_sha256, "
+                   "operator, created_at, body_json")
 _QUEUED_COLUMNS = ("o.order_id, o.merchant_id, o.location_id, o.version, o.state, o.source, "
                    "o.reference_id, o.total_amount, o.currency, o.due_amount, o.created_at, "
                    "o.eligible, o.reason, o.detail, o.consent_id, o.fulfillments, "
@@ -193,7 +267,12 @@ class Store:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path) if path != ":memory:" else path
         if isinstance(self.path, Path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Only the default location's directory is made: elsewhere a missing directory is
+            # a typo, and SQLite then refuses rather than start an empty database.
+            if self.path.parent == default_db_path().parent:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.path.parent.is_dir():
+                create_private(self.path)
         # Made in one thread (the demo builds it in a worker), then used by one at a time.
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=30,
                                check_same_thread=False)
@@ -448,3 +527,82 @@ class Store:
         row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",
                                 [order_id]).fetchone()
         return orjson.loads(row[0]) if row else None
+
+    # ------------------------------------------------------------------ batches and intents
+    # The intent journal's SQL. Callers that pass no connection run inside a transaction they
+    # opened (`with store.transaction()`), so the audit entry commits with the row.
+    def insert_batch(self, batch_id: str, operator: str, approved_sha256: str,
+                     approved_json: str) -> None:
+        self.conn.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, 'running', NULL)",
+                          [batch_id, operator, utc_text(), approved_sha256, approved_json])
+
+    def finish_batch(self, batch_id: str, status: str) -> None:
+        self.conn.execute("UPDATE batches SET status = ?, finished_at = ? WHERE batch_id = ?",
+                          [status, utc_text(), batch_id])
+
+    def next_attempt(self, order_id: str, version: int) -> int:
+        row = self.conn.execute("SELECT COALESCE(MAX(attempt), 0) + 1 FROM intents "
+                                "WHERE order_id = ? AND version = ?", [order_id, version])
+        return int(row.fetchone()[0])
+
+    def insert_intent(self, row: dict[str, Any]) -> None:
+        names = [n.strip() for n in _INTENT_COLUMNS.split(",")]
+        self.conn.execute(f"INSERT INTO intents ({_INTENT_COLUMNS}) VALUES "
+                          f"({', '.join('?' for _ in names)})", [row[n] for n in names])
+
+    def settle_intent(self, intent_id: str, outcome: str, reason: str | None,
+                      square_code: str | None, detail: str) -> None:
+        """Only an open intent is settled: a second writer never overwrites an outcome."""
+        self.conn.execute("UPDATE intents SET outcome = ?, reason = ?, square_code = ?, "
+                          "detail = ?, settled_at = ? WHERE intent_id = ? AND outcome IS NULL",
+                          [outcome, reason, square_code, detail, utc_text(), intent_id])
+
+    def drop_completed_order(self, order_id: str) -> None:
+        self.conn.execute("DELETE FROM orders WHERE order_id = ?", [order_id])
+
+    def open_intents(self, merchant_id: str | None = None) -> list[dict[str, Any]]:
+        sql = f"SELECT {_INTENT_COLUMNS} FROM intents WHERE outcome IS NULL"
+        params: list[Any] = []
+        if merchant_id is not None:
+            sql += " AND merchant_id = ?"
+            params.append(merchant_id)
+        cursor = self.conn.execute(sql + " ORDER BY created_at, attempt", params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def open_intent_count(self) -> int:
+        row = self.conn.execute("SELECT COUNT(*) FROM intents WHERE outcome IS NULL")
+        return int(row.fetchone()[0])
+
+    # ------------------------------------------------------------------ leases
+    def take_lease(self, lease: Lease, free: Callable[[Lease], bool]) -> Lease:
+        """Atomically take `lease` unless another holder's lease is in force (`free` says
+        whether a found lease's holder is gone). Returns the lease in force afterwards."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT * FROM leases WHERE merchant_id = ?",
+                               [lease.merchant_id]).fetchone()
+            if row is not None:
+                current = Lease(*row)
+                if current.token != lease.token and not free(current):
+                    return current
+            conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         list(lease))
+        return lease
+
+    def heartbeat_leases(self, token: str, heartbeat_at: str, expires_at: str
+                         ) -> set[str]:
+        """Extend every lease this holder still has; returns their merchant ids."""
+        with self.transaction() as conn:
+            rows = conn.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? "
+                                "WHERE token = ? RETURNING merchant_id",
+                                [heartbeat_at, expires_at, token]).fetchall()
+        return {r[0] for r in rows}
+
+    def release_lease(self, merchant_id: str, token: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM leases WHERE merchant_id = ? AND token = ?",
+                         [merchant_id, token])
+
+    def leases(self) -> list[Lease]:
+        return [Lease(*row) for row in self.conn.execute(
+            "SELECT * FROM leases ORDER BY merchant_id").fetchall()]

@@ -8,6 +8,8 @@ Screens and commands never reach past it.
 from __future__ import annotations
 
 import asyncio
+import os
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,7 +19,8 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from services.audit import AuditAction, AuditTrail, Checkpoint, VerifyReport
+from services.audit import AuditAction, AuditTrail, VerifyReport
+from services.checkpoints import CheckpointAnchor, default_checkpoint_dir
 from services.completion import (
     ApprovedItem,
     BatchProgress,
@@ -25,6 +28,7 @@ from services.completion import (
     OrderResult,
     approved_set_sha256,
 )
+from services.completion.leases import HOST, holder_gone
 from services.consent import (
     ConsentRecord,
     ConsentStatus,
@@ -41,11 +45,12 @@ from services.eligibility import (
     LimitedItem,
     apply_batch_limits,
 )
-from services.errors import ConfigurationError, ConsentFileError
+from services.errors import AuditChainError, ConfigurationError, ConsentFileError
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
 from services.square_models import decode_order
 from services.store import QueuedOrder, Store, StoredConsent
+from services.timestamps import parse_time
 
 __all__ = ["MerchantOverview", "Preview", "Workspace"]
 
@@ -97,6 +102,7 @@ class MerchantOverview:
     age_buckets: tuple[int, ...]   # candidates aged <1d, 1-3d, 3-7d, 7-14d, >=14d
     next_sync_in: timedelta | None
     waiting_without_consent: int   # candidate-looking orders with NO_CONSENT (reminders)
+    leased_by: str | None = None   # another live run working on this merchant, and since when
 
     @property
     def urgency(self) -> tuple[int, float]:
@@ -113,8 +119,11 @@ class Workspace:
     _credentials: dict[str, MerchantCredentials] | None = None
     credentials_error: str | None = None
     engine_options: dict[str, Any] = field(default_factory=dict)
+    recover_left_alone: list[str] = field(default_factory=list)
     _consent_cache: dict[str, tuple[int, list[tuple[ConsentRecord, str]]]] = field(
         default_factory=dict)
+    # Why the last automatic checkpoint was not written (a batch never fails for it).
+    checkpoint_problem: str | None = None
 
     @classmethod
     def open(cls, settings: ReconSettings, http: httpx.AsyncClient | None = None,
@@ -291,6 +300,7 @@ class Workspace:
         # Orders these consents made eligible are not any more.
         for merchant_id in sorted({c.record.merchant_id for c in live}):
             self.reclassify(merchant_id)
+        self.write_checkpoint()
         return [c for c in self.store.consents() if c.record.consent_id in revoked_ids]
 
     def consents_still_granting(self, merchant_id: str) -> list[StoredConsent]:
@@ -353,6 +363,7 @@ class Workspace:
         orders_by_merchant: dict[str, list[QueuedOrder]] = {}
         for order in self.store.queued_orders():
             orders_by_merchant.setdefault(order.merchant_id, []).append(order)
+        leased = self.leased_merchants()
         for merchant in self.store.merchants():
             merchant_id = merchant["merchant_id"]
             status, expires = _consent_summary(consents.get(merchant_id, []), now)
@@ -362,7 +373,7 @@ class Workspace:
             buckets = [0, 0, 0, 0, 0]
             for order in candidates:
                 totals[order.currency] = totals.get(order.currency, 0) + order.total_amount
-                age = now - datetime.fromisoformat(order.created_at.replace("Z", "+00:00"))
+                age = now - parse_time(order.created_at)
                 days = age.total_seconds() / 86400
                 buckets[0 if days < 1 else 1 if days < 3 else 2 if days < 7 else
                         3 if days < 14 else 4] += 1
@@ -377,7 +388,8 @@ class Workspace:
                 age_buckets=tuple(buckets),
                 next_sync_in=_next_sync(merchant.get("sync_time"), merchant.get("timezone"),
                                         now),
-                waiting_without_consent=sum(1 for o in orders if o.reason in _REMINDER_REASONS)))
+                waiting_without_consent=sum(1 for o in orders if o.reason in _REMINDER_REASONS),
+                leased_by=leased.get(merchant_id)))
         return sorted(rows, key=lambda r: (r.urgency, r.business_name))
 
     # ------------------------------------------------------------------ completing
@@ -441,22 +453,74 @@ class Workspace:
                                 self.consents_for, self.clock, self.operator,
                                 **self.engine_options)
 
-    async def complete(self, preview: Preview, *, cancel: asyncio.Event | None = None,
+    async def complete(self, preview: Preview | Sequence[ApprovedItem], *,
+                       cancel: asyncio.Event | None = None,
                        on_progress: Callable[[BatchProgress], None] | None = None
                        ) -> tuple[str, list[OrderResult]]:
-        return await self.engine().run(preview.items, cancel=cancel, on_progress=on_progress)
+        """Run a batch (a preview, or exactly these items, e.g. to retry the failed), then
+        anchor the audit outside the database, even if the batch stopped on an error."""
+        items = preview.items if isinstance(preview, Preview) else list(preview)
+        try:
+            return await self.engine().run(items, cancel=cancel, on_progress=on_progress)
+        finally:
+            self.write_checkpoint()
 
     async def recover(self) -> list[OrderResult]:
-        return await self.engine().recover()
+        """Settle open intents whose lease holder is gone; `recover_left_alone` then says
+        which were left to a live holder (another process or operator)."""
+        engine = self.engine()
+        try:
+            results = await engine.recover()
+        finally:
+            self.write_checkpoint()
+        self.recover_left_alone = engine.recovery.left_alone
+        return results
 
-    def open_intent_count(self) -> int:
-        row = self.store.conn.execute(
-            "SELECT COUNT(*) FROM intents WHERE outcome IS NULL").fetchone()
-        return int(row[0])
+    def open_intent_count(self, settleable_only: bool = False) -> int:
+        """Intents without an outcome; `settleable_only`: not those of merchants another live
+        run holds (they are its in-flight work, not ours to settle)."""
+        if not settleable_only:
+            return self.store.open_intent_count()
+        leased = self.leased_merchants()
+        return sum(1 for row in self.store.open_intents() if row["merchant_id"] not in leased)
+
+    def leased_merchants(self) -> dict[str, str]:
+        """Merchants another live holder is working on: merchant id -> who and since when."""
+        return {lease.merchant_id: lease.describe() for lease in self.store.leases()
+                if not holder_gone(lease) and (lease.host, lease.pid) != (HOST, os.getpid())}
 
     # ------------------------------------------------------------------ audit
-    def verify(self, checkpoint: Checkpoint | None = None) -> VerifyReport:
-        return self.audit.verify(checkpoint)
+    @property
+    def checkpoints(self) -> CheckpointAnchor:
+        directory = self.settings.checkpoint_dir or default_checkpoint_dir(
+            self.settings.credentials, self.settings.db)
+        return CheckpointAnchor(directory, self.settings.credentials)
+
+    def write_checkpoint(self, output: Path | None = None, *, automatic: bool = True
+                         ) -> Path | None:
+        """Sign the chain's size and head into the checkpoint folder (or `output`).
+        Automatic ones (after a batch, a recovery, a revocation) skip an unchanged chain and
+        never raise: the reason lands in `checkpoint_problem` for the caller to show."""
+        if not automatic:
+            return self.checkpoints.write(self.audit, output)
+        self.checkpoint_problem = None
+        try:
+            return self.checkpoints.write(self.audit, output, skip_if_unchanged=True)
+        except (AuditChainError, ConfigurationError, OSError, sqlite3.Error) as error:
+            self.checkpoint_problem = str(error)
+            return None
+
+    def verify(self, checkpoint_file: Path | None = None, *, own_connection: bool = False
+               ) -> VerifyReport:
+        """The chain against the latest signed checkpoint (or the one given). With
+        own_connection, on a connection of its own, to run in a worker thread."""
+        if not own_connection:
+            return self.checkpoints.verify(self.audit, checkpoint_file)
+        store = Store(self.settings.db)
+        try:
+            return self.checkpoints.verify(AuditTrail(store), checkpoint_file)
+        finally:
+            store.close()
 
 
 _UNHEALTHY_TOKENS = {TokenHealth.EXPIRED, TokenHealth.REVOKED, TokenHealth.INVALID,

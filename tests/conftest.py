@@ -28,7 +28,8 @@ NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 class Emulator:
     app: EmulatorApp
     merchants: list[SeededMerchant]
-    base_url: str = "http://square-emulator.test"
+    # In-process (ASGI transport): never dialled; a loopback name, as settings require of http.
+    base_url: str = "http://localhost"
     exchanges: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -45,10 +46,19 @@ class Emulator:
                                "response": response.content})
 
 
-def make_emulator(config: SeedConfig | None = None, faults: FaultPlan | None = None
-                  ) -> Emulator:
+def make_emulator(config: SeedConfig | None = None, faults: FaultPlan | None = None, *,
+                  strict: bool = False, steering: bool = False) -> Emulator:
     square, merchants = seed_square(config or SeedConfig(merchants=3, orders_per_location=40))
-    return Emulator(build_app(square, faults), merchants)
+    return Emulator(build_app(square, faults, strict=strict, steering=steering), merchants)
+
+
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path_factory: pytest.TempPathFactory,
+                      monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Crash logs go to the user state directory (platformdirs): a test's stay in its own."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state
 
 
 @pytest.fixture
@@ -114,3 +124,21 @@ def consent_document(merchant_id: str, **changes: Any) -> dict[str, Any]:
     base["merchant_id"] = merchant_id
     base.update(changes)
     return base
+
+
+@pytest.fixture(autouse=True)
+def no_emulator_internal_errors(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail the test if any emulator built during it hit an unexpected exception. The emulator
+    answers those with a 500, which the product retries as a Square outage, so an emulator bug
+    would otherwise pass unseen. Injected faults are SquareErrors and do not count."""
+    built: list[EmulatorApp] = []
+    original = EmulatorApp.__post_init__
+
+    def register(self: EmulatorApp) -> None:
+        original(self)
+        built.append(self)
+
+    monkeypatch.setattr(EmulatorApp, "__post_init__", register)
+    yield
+    errors = [error for app in built for error in app.internal_errors]
+    assert not errors, f"{len(errors)} emulator internal error(s); the first:\n{errors[0]}"

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from services.completion import ApprovedItem
 from services.credentials import load_credentials
-from services.demo import consent_for
+from services.demo import consent_for, write_demo_files
 from services.emulator import FaultPlan, SeedConfig
-from services.emulator.serve import write_demo_files
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy
 from services.workspace import Workspace
@@ -114,18 +113,45 @@ def check_invariants(workspace: Workspace, before: dict[str, tuple[str, int | No
     for row in workspace.store.db["batches"].rows:
         for merchant_id, order_id, version in json.loads(row["approved_json"]):
             approved[order_id] = ApprovedItem(merchant_id, order_id, version)
-    intents = {row["order_id"]: row for row in workspace.store.db["intents"].rows}
+    # Every attempt is its own row: an order completed in Square has exactly one completed one.
+    intents: dict[str, list[dict[str, object]]] = {}
+    for row in workspace.store.db["intents"].rows:
+        intents.setdefault(row["order_id"], []).append(row)
     newly = {i for i, (s, _) in after.items() if s == "COMPLETED" and before[i][0] != "COMPLETED"}
     for order_id in newly:
         assert order_id in approved, f"{order_id} completed outside any approved set"
         assert before[order_id][1] == approved[order_id].version
         assert after[order_id][1] == approved[order_id].version + 1  # type: ignore[operator]
         assert order_id in intents, f"{order_id} completed without an intent"
-        assert intents[order_id]["outcome"] == "completed", intents[order_id]
+        outcomes = [row["outcome"] for row in intents[order_id]]
+        assert outcomes.count("completed") == 1, outcomes
     assert workspace.open_intent_count() == 0, "an intent stayed open after recover"
-    for order_id, row in intents.items():
-        if row["outcome"] == "completed":
+    for order_id, rows in intents.items():
+        if any(row["outcome"] == "completed" for row in rows):
             assert order_id in newly
     report = workspace.verify()
     assert report.ok, report.sentence()
     return len(approved), len(newly)
+
+
+def cli_workdir(emulator: object, workdir: Path, base_url: str) -> dict[str, str]:
+    """A credentials file (0600), consents imported for every seeded merchant, and the
+    environment for `recon-console` processes on that database and emulator."""
+    merchants = emulator.merchants  # type: ignore[attr-defined]
+    write_demo_files(workdir, merchants)
+    consents = workdir / "consents.json"
+    consents.write_text(json.dumps([consent_for(m, datetime.now(UTC)) for m in merchants]))
+    settings = ReconSettings(db=workdir / "recon.db", square_base_url=base_url,
+                             credentials=workdir / "credentials.toml", operator="setup")
+    workspace = Workspace.open(settings)
+    workspace.import_consent_files([consents])
+    workspace.store.close()
+    return dict(os.environ, RECON_DB=str(workdir / "recon.db"), RECON_SQUARE_BASE_URL=base_url,
+                RECON_CREDENTIALS=str(workdir / "credentials.toml"), RECON_OPERATOR="cli",
+                RECON_READ_RETRIES="1")
+
+
+def start_cli(env: dict[str, str], *args: str, operator: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "console.cli", *args], cwd=ROOT,
+                            env=dict(env, RECON_OPERATOR=operator), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)

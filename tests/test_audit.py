@@ -121,7 +121,8 @@ def test_exports_csv_and_jsonl_with_filters(trail: AuditTrail) -> None:
 def test_cli_verify_exit_codes(trail: AuditTrail, tmp_path: Path) -> None:
     db = str(trail.store.path)
     run = [sys.executable, "-m", "console.cli", "audit"]
-    env_args = ["--db", db]
+    # Key and checkpoints beside a credentials path of the test's own, never under $HOME.
+    env_args = ["--db", db, "--credentials", str(tmp_path / "credentials.toml")]
     checkpoint = tmp_path / "cp.json"
     made = subprocess.run([*run, "checkpoint", *env_args, "--output", str(checkpoint)],
                           cwd=ROOT, capture_output=True, text=True)
@@ -142,8 +143,8 @@ def test_cli_verify_exit_codes(trail: AuditTrail, tmp_path: Path) -> None:
 
 
 def test_checkpoint_shape() -> None:
-    checkpoint = Checkpoint(3, "a" * 64, "2026-11-26T00:00:00Z")
-    assert set(checkpoint.to_json()) == {"size", "head_hash", "created_at"}
+    checkpoint = Checkpoint(3, "a" * 64, "2026-11-26T00:00:00Z", "b" * 64)
+    assert set(checkpoint.to_json()) == {"size", "head_hash", "created_at", "signature"}
 
 
 @pytest.mark.parametrize("where", [3, 15, 16, 17, 30])

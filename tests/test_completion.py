@@ -7,21 +7,31 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime
+import os
+import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from services.completion import ApprovedItem, BatchProgress, Outcome, idempotency_key
+from services.completion.journal import Run
+from services.completion.leases import HOST
+from services.completion.model import Intent
 from services.demo import consent_for, workspace_on_emulator
 from services.emulator import FaultPlan, SeedConfig
+from services.errors import SquareAuthError
 from services.square_gateway import RetryPolicy
+from services.square_models import SquareOrder
+from services.store import Lease, utc_text
 from services.workspace import Workspace
 from tests.conftest import Emulator, make_emulator
 
 FAST_RETRY = RetryPolicy(attempts=8, base_delay_s=0.01, max_delay_s=1.0)
-ENGINE = {"max_attempts": 6, "attempt_timeout_s": 0.5, "base_backoff_s": 0.01,
+# A generous per-call timeout: on a loaded machine a short one times out healthy calls, which
+# (rightly) leaves intents open. Tests of hung calls shorten it.
+ENGINE = {"max_attempts": 6, "attempt_timeout_s": 5.0, "base_backoff_s": 0.01,
           "max_rate_limit_waits": 40}
 
 
@@ -72,9 +82,10 @@ def assert_invariants(emulator: Emulator, workspace: Workspace,
 
 async def run_batch(emulator: Emulator, tmp_path: Path, plan: FaultPlan | None = None,
                     *, on_progress: Any = None, cancel: asyncio.Event | None = None,
-                    merchants: int | None = None) -> tuple[Workspace, list[Any],
-                                                           dict[str, Any], list[ApprovedItem]]:
+                    merchants: int | None = None, options: dict[str, Any] | None = None
+                    ) -> tuple[Workspace, list[Any], dict[str, Any], list[ApprovedItem]]:
     workspace = await ready_workspace(emulator, tmp_path, merchants)
+    workspace.engine_options.update(options or {})
     preview = workspace.preview()
     assert preview.count > 10
     before = versions(emulator)
@@ -116,7 +127,8 @@ async def test_clean_batch_completes_everything(emulator: Emulator, tmp_path: Pa
 ], ids=["5xx", "hung", "lost-response", "lost-response-hang", "429-storm", "version-bumps"])
 async def test_fault_modes_keep_the_invariants(emulator: Emulator, tmp_path: Path,
                                                plan: FaultPlan) -> None:
-    workspace, results, before, approved = await run_batch(emulator, tmp_path, plan)
+    workspace, results, before, approved = await run_batch(
+        emulator, tmp_path, plan, options={"attempt_timeout_s": 0.5})
     try:
         assert len(results) == len(approved)
         await workspace.recover()
@@ -262,14 +274,11 @@ async def test_recover_settles_every_kind_of_open_intent(emulator: Emulator,
         preview = workspace.preview()
         items = preview.items[:3]
         engine = workspace.engine()
-        from services.completion import _Run
-        run = _Run("crash-batch", "sha", 3, asyncio.Event(), None)
-        intents = [engine._check(i, workspace.gateway and
-                                 __import__("services.square_models", fromlist=["x"])
-                                 .SquareOrder.model_validate(
-                                     emulator.square.orders[i.order_id].copy_doc()))
-                   for i in items]
-        engine._write_intents(run, intents)  # type: ignore[arg-type]
+        run = Run("crash-batch", "sha", 3)
+        intents = [engine._check(i, SquareOrder.model_validate(
+            emulator.square.orders[i.order_id].copy_doc())) for i in items]
+        assert all(isinstance(i, Intent) for i in intents)
+        assert engine.journal.write_intents(run, intents)  # type: ignore[arg-type]
         applied, untouched, moved = items
         emulator.square.update_order(applied.merchant_id, applied.order_id,
                                      intents[0].body)  # type: ignore[union-attr]
@@ -299,5 +308,221 @@ async def test_many_merchants_small_world(tmp_path: Path) -> None:
     try:
         assert {r.merchant_id for r in results} == {m.merchant.id for m in emulator.merchants}
         assert_invariants(emulator, workspace, before, approved)
+    finally:
+        await workspace.aclose()
+
+
+# ---------------------------------------------------------------- issue 8, hole 4
+async def test_hole4_a_failed_reread_skips_the_merchant_as_unreachable(
+        emulator: Emulator, tmp_path: Path) -> None:
+    workspace, results, before, approved = await run_batch(
+        emulator, tmp_path, FaultPlan(server_error_rate=1.0,
+                                      operations=["BatchRetrieveOrders"]), merchants=1)
+    try:
+        assert len(results) == len(approved)
+        assert {(r.outcome, r.reason) for r in results} == {
+            (Outcome.SKIPPED, "SQUARE_UNREACHABLE")}, {r.reason for r in results}
+        assert all("re-read" in r.detail for r in results)
+        assert workspace.store.db["intents"].count == 0  # not attempted at all
+        assert assert_invariants(emulator, workspace, before, approved) == set()
+        assert len(workspace.queue(include_ineligible=False)) >= len(approved)  # still queued
+    finally:
+        await workspace.aclose()
+
+
+async def test_hole4_consecutive_failures_stop_sending_to_the_merchant(
+        emulator: Emulator, tmp_path: Path) -> None:
+    workspace = await ready_workspace(emulator, tmp_path, merchants=1)
+    try:
+        preview = workspace.preview()
+        assert preview.count > 20
+        before = versions(emulator)
+        seen = emulator.app.requests_seen
+        emulator.app.set_faults(FaultPlan(server_error_rate=1.0, operations=["UpdateOrder"]))
+        _, results = await workspace.complete(preview)
+        sent = emulator.app.requests_seen - seen
+        emulator.app.set_faults(FaultPlan())
+        unreachable = [r for r in results if r.reason == "SQUARE_UNREACHABLE"]
+        # 3 consecutive failures open the breaker; the few in flight then stop too.
+        assert sent <= 3 + 2 * workspace.engine().per_merchant, sent
+        assert len(unreachable) >= preview.count - 2 * workspace.engine().per_merchant
+        assert all("consecutive failures" in r.detail for r in unreachable)
+        await workspace.recover()
+        assert_invariants(emulator, workspace, before, preview.items)
+    finally:
+        await workspace.aclose()
+
+
+# ---------------------------------------------------------------- issue 8, hole 5
+def _completed_outcomes(workspace: Workspace, order_id: str) -> list[str]:
+    return [e["outcome"] for e in workspace.audit.entries(order_id=order_id)
+            if e["action"] in ("outcome", "recovery")]
+
+
+async def test_hole5_a_retry_that_loses_its_answer_is_an_intent_recover_settles(
+        emulator: Emulator, tmp_path: Path) -> None:
+    workspace = await ready_workspace(emulator, tmp_path, merchants=1)
+    try:
+        items = workspace.preview().items[:3]
+        before = versions(emulator)
+        emulator.app.set_faults(FaultPlan(noop_update_rate=1.0))  # 200, still OPEN
+        _, first = await workspace.engine().run(items)
+        assert {r.reason for r in first} == {"NOT_COMPLETED"}
+        emulator.app.set_faults(FaultPlan(lost_response_rate=1.0, operations=["UpdateOrder"]))
+        _, retried = await workspace.engine().run(items)  # retry-failed; answers lost
+        emulator.app.set_faults(FaultPlan())
+        assert {r.reason for r in retried} == {"OUTCOME_UNKNOWN"}
+        assert workspace.open_intent_count() == len(items)  # every retry is an open intent
+        settled = await workspace.recover()
+        assert {r.outcome for r in settled} == {Outcome.COMPLETED}
+        assert workspace.open_intent_count() == 0
+        newly = assert_invariants(emulator, workspace, before, items)
+        assert newly == {i.order_id for i in items}
+        for item in items:
+            outcomes = _completed_outcomes(workspace, item.order_id)
+            assert outcomes[-1] == "completed" and outcomes.count("completed") == 1, outcomes
+            keys = [row["idempotency_key"] for row in workspace.store.db["intents"].rows_where(
+                "order_id = ?", [item.order_id], order_by="attempt")]
+            # A new attempt has a new key: Square would replay the first (OPEN) answer.
+            assert keys == [idempotency_key(item.order_id, item.version),
+                            idempotency_key(item.order_id, item.version, 2)]
+    finally:
+        await workspace.aclose()
+
+
+async def test_hole5_an_outcome_the_database_refuses_is_never_reported_completed(
+        emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    workspace = await ready_workspace(emulator, tmp_path, merchants=1)
+    try:
+        preview = workspace.preview()
+        before = versions(emulator)
+
+        def locked(*args: object) -> None:
+            raise sqlite3.OperationalError("database is locked")
+
+        monkeypatch.setattr(workspace.store, "settle_intent", locked)
+        emulator.app.set_faults(FaultPlan(latency_ms=5))
+        _, results = await workspace.complete(preview)
+        emulator.app.set_faults(FaultPlan())
+        monkeypatch.undo()
+        assert len(results) == len(preview.items)
+        assert not [r for r in results if r.outcome is Outcome.COMPLETED]
+        unrecorded = {r.order_id for r in results if r.reason == "OUTCOME_NOT_RECORDED"}
+        stopped = [r for r in results if r.reason == "DATABASE_UNWRITABLE"]
+        assert unrecorded and stopped, "it went on sending after the database refused"
+        newly = {i for i, (s, _) in versions(emulator).items()
+                 if s == "COMPLETED" and before[i][0] != "COMPLETED"}
+        assert newly <= unrecorded | {r.order_id for r in results
+                                      if r.reason == "OUTCOME_UNKNOWN"}
+        assert workspace.open_intent_count() >= len(newly)
+        await workspace.recover()
+        assert_invariants(emulator, workspace, before, preview.items)
+        for order_id in newly:
+            assert _completed_outcomes(workspace, order_id).count("completed") == 1
+    finally:
+        await workspace.aclose()
+
+
+# ---------------------------------------------------------------- issue 8, hole 6
+def _hold_lease(workspace: Workspace, merchant_id: str) -> None:
+    """Another live holder: this host, the parent process (alive), not expired."""
+    now = datetime.now(UTC)
+    workspace.store.take_lease(Lease(
+        merchant_id, "bob", HOST, os.getppid(), utc_text(now), utc_text(now),
+        utc_text(now + timedelta(minutes=5)), "bobs-token"), lambda lease: True)
+
+
+async def test_hole6_a_leased_merchant_is_not_sent_and_stays_queued(
+        emulator: Emulator, tmp_path: Path) -> None:
+    workspace = await ready_workspace(emulator, tmp_path, merchants=2)
+    try:
+        preview = workspace.preview()
+        leased = emulator.merchants[0].merchant.id
+        _hold_lease(workspace, leased)
+        before = versions(emulator)
+        _, results = await workspace.complete(preview)
+        mine = [r for r in results if r.merchant_id == leased]
+        assert mine and {(r.outcome, r.reason) for r in mine} == {
+            (Outcome.SKIPPED, "LEASED")}
+        assert f"bob on {HOST} (pid {os.getppid()}) since" in mine[0].detail
+        assert all(r.outcome is Outcome.COMPLETED for r in results if r.merchant_id != leased)
+        assert {r.order_id for r in mine} <= {o.order_id for o in workspace.queue()}
+        assert_invariants(emulator, workspace, before, preview.items)
+        assert workspace.leased_merchants().keys() == {leased}
+        assert [lease.merchant_id for lease in workspace.store.leases()] == [leased]  # ours gone
+    finally:
+        await workspace.aclose()
+
+
+async def test_hole6_recover_leaves_a_live_holders_intents_alone(
+        emulator: Emulator, tmp_path: Path) -> None:
+    workspace = await ready_workspace(emulator, tmp_path, merchants=1)
+    try:
+        items = workspace.preview().items[:3]
+        merchant_id = items[0].merchant_id
+        engine = workspace.engine()
+        intents = [engine._check(i, SquareOrder.model_validate(
+            emulator.square.orders[i.order_id].copy_doc())) for i in items]
+        assert engine.journal.write_intents(Run("live-batch", "sha", 3), intents)  # type: ignore[arg-type]
+        _hold_lease(workspace, merchant_id)  # the process that wrote them is alive
+        assert await workspace.recover() == []
+        assert workspace.open_intent_count() == 3
+        assert workspace.recover_left_alone and "bob on" in workspace.recover_left_alone[0]
+        assert workspace.open_intent_count(settleable_only=True) == 0
+        workspace.store.release_lease(merchant_id, "bobs-token")  # the holder is gone
+        assert len(await workspace.recover()) == 3
+        assert workspace.open_intent_count() == 0
+    finally:
+        await workspace.aclose()
+
+
+async def test_hole6_an_expired_or_dead_holders_lease_is_taken_over(
+        emulator: Emulator, tmp_path: Path) -> None:
+    workspace = await ready_workspace(emulator, tmp_path, merchants=1)
+    try:
+        preview = workspace.preview()
+        merchant_id = preview.items[0].merchant_id
+        now = datetime.now(UTC)
+        workspace.store.take_lease(Lease(
+            merchant_id, "gone", "another-host", 1, utc_text(now - timedelta(minutes=2)),
+            utc_text(now - timedelta(minutes=2)), utc_text(now - timedelta(minutes=1)), "old"),
+            lambda lease: True)
+        _, results = await workspace.complete(preview)
+        assert {r.outcome for r in results} == {Outcome.COMPLETED}
+    finally:
+        await workspace.aclose()
+
+
+async def test_hole6_the_heartbeat_keeps_a_long_batch_leased(
+        emulator: Emulator, tmp_path: Path) -> None:
+    workspace = await ready_workspace(emulator, tmp_path, merchants=1)
+    workspace.engine_options.update(lease_ttl_s=0.3, heartbeat_s=0.05, per_merchant=1)
+    try:
+        preview = workspace.preview()
+        emulator.app.set_faults(FaultPlan(latency_ms=20))
+        _, results = await workspace.complete(preview)  # far longer than the TTL
+        emulator.app.set_faults(FaultPlan())
+        assert {r.outcome for r in results} == {Outcome.COMPLETED}
+    finally:
+        await workspace.aclose()
+
+
+async def test_a_token_filed_under_another_merchant_shows_its_own_code(
+        emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway refuses such a token before any call (SquareAuthError with the code
+    TOKEN_MERCHANT_MISMATCH); the engine passes the code through as the skip reason."""
+    workspace = await ready_workspace(emulator, tmp_path, merchants=1)
+    try:
+        preview = workspace.preview()
+
+        async def refused(*args: object, **kwargs: object) -> None:
+            raise SquareAuthError(status=401, code="TOKEN_MERCHANT_MISMATCH",
+                                  detail="The token belongs to another merchant.")
+
+        monkeypatch.setattr(workspace.gateway, "batch_retrieve", refused)
+        _, results = await workspace.complete(preview)
+        assert {(r.outcome, r.reason) for r in results} == {
+            (Outcome.SKIPPED, "TOKEN_MERCHANT_MISMATCH")}
+        assert workspace.store.db["intents"].count == 0
     finally:
         await workspace.aclose()

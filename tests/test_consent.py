@@ -89,7 +89,7 @@ def test_status_over_time() -> None:
 @pytest.fixture
 def workspace(tmp_path: Path) -> Workspace:
     settings = ReconSettings(db=tmp_path / "recon.db", credentials=tmp_path / "none.toml",
-                             operator="tester", square_base_url="http://unused.invalid")
+                             operator="tester", square_base_url="https://unused.invalid")
     return Workspace.open(settings)
 
 

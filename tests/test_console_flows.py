@@ -66,6 +66,9 @@ async def test_whole_flow_merchants_to_audit(tmp_path: Path) -> None:
         await wait_until(pilot, lambda: isinstance(app.screen, AuditScreen))
         audit = app.screen
         await wait_until(pilot, lambda: "verified" in str(audit.query_one("#chain").render()))
+        # The console's batch wrote a signed checkpoint, and verify checked against it.
+        (checkpoint,) = environment.workspace.checkpoints.files()
+        assert f"against checkpoint {checkpoint.name}" in str(audit.query_one("#chain").render())
         entries = audit.query_one("#entries", DataTable)
         assert entries.row_count >= 2 * count
         await pilot.press("slash", *"outcome:completed", "enter")

@@ -388,6 +388,9 @@ async def test_internal_error_is_an_envelope_not_a_trace(emulator: Emulator) -> 
     assert response.status_code == 500
     assert error_of(response)["code"] == "INTERNAL_SERVER_ERROR"
     assert "boom" not in response.text and "Traceback" not in response.text
+    # Recorded, so the autouse fixture fails any test where this happens unintended.
+    assert len(emulator.app.internal_errors) == 1 and "boom" in emulator.app.internal_errors[0]
+    emulator.app.internal_errors.clear()
 
 
 # ---------------------------------------------------------------- faults
@@ -495,7 +498,17 @@ async def test_noop_update_mode_returns_200_unchanged() -> None:
     assert response.status_code == 200 and response.json()["order"]["state"] == "OPEN"
 
 
-async def test_admin_endpoints_steer_faults_and_tokens(emulator: Emulator) -> None:
+async def test_steering_routes_are_off_unless_enabled(emulator: Emulator) -> None:
+    async with async_http(emulator) as http:
+        for method, path in [("PUT", "/_emulator/faults"), ("POST", "/_emulator/tokens/revoke"),
+                             ("POST", "/_emulator/orders/x/bump")]:
+            response = await http.request(method, path, content=b"{}")
+            assert response.status_code == 404, path
+            assert error_of(response)["code"] == "NOT_FOUND"
+
+
+async def test_admin_endpoints_steer_faults_and_tokens() -> None:
+    emulator = make_emulator(steering=True)
     async with async_http(emulator) as http:
         response = await http.put("/_emulator/faults", content=json.dumps({"latency_ms": 1}))
         assert response.json()["latency_ms"] == 1

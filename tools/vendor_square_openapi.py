@@ -30,6 +30,11 @@ OPERATIONS = {
     ("/v2/payments/{payment_id}", "get"),
     ("/v2/payments/{payment_id}/complete", "post"),
     ("/v2/refunds", "post"),
+    ("/v2/payments", "get"),
+    ("/v2/payments/cancel", "post"),
+    ("/v2/payments/{payment_id}/cancel", "post"),
+    ("/v2/refunds", "get"),
+    ("/v2/refunds/{refund_id}", "get"),
 }
 
 OUT = Path(__file__).resolve().parents[1] / "services" / "emulator" / "openapi"

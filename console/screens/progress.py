@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -12,6 +11,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from console.messages import describe
+from console.safe_text import SafeText, safe, safe_join
 from services.completion import ApprovedItem, BatchProgress, OrderResult, Outcome
 from services.workspace import Preview
 
@@ -34,11 +34,11 @@ class ProgressScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static(f"Completing {self.preview.count} approved orders", classes="title",
+        yield Static(safe(f"Completing {self.preview.count} approved orders"), classes="title",
                      id="progress-title")
         yield Static("", id="bar")
         yield Static("Starting…", id="progress-stats")
-        table: DataTable[str] = DataTable(id="results", cursor_type="row", zebra_stripes=True)
+        table: DataTable[SafeText] = DataTable(id="results", cursor_type="row", zebra_stripes=True)
         table.add_columns("Merchant", "Order", "Version", "Outcome", "Reason", "Detail")
         yield table
         yield Footer()
@@ -66,11 +66,14 @@ class ProgressScreen(Screen[None]):
         self.cancel_event = asyncio.Event()
         self.refresh_bindings()
         try:
-            _, results = await workspace.engine().run(items, cancel=self.cancel_event,
-                                                      on_progress=self._on_progress)
+            # Through the workspace, which anchors the audit with a signed checkpoint after.
+            _, results = await workspace.complete(items, cancel=self.cancel_event,
+                                                  on_progress=self._on_progress)
             self.results = results
         except Exception as error:
             self.notify(describe(error), severity="error", timeout=10)
+        if workspace.checkpoint_problem:
+            self.notify(workspace.checkpoint_problem, severity="warning", timeout=10)
         self.finished = True
         self._paint()
         self.show_results()
@@ -91,16 +94,15 @@ class ProgressScreen(Screen[None]):
         filled = round(width * event.done / event.total) if event.total else width
         percent = round(100 * event.done / event.total) if event.total else 100
         self.query_one("#bar", Static).update(
-            Text.assemble(("█" * filled, "green"), ("░" * (width - filled), "dim"),
-                          f" {percent}%"))
+            safe_join(("█" * filled, "green"), ("░" * (width - filled), "dim"), f" {percent}%"))
         eta = f"{event.eta_s:.0f}s" if event.eta_s is not None else "—"
         state = "finished" if self.finished else ("cancelling: waiting for calls in flight"
                                                   if event.cancelled else "running")
         backing = "  ⚠ backing off: Square is rate limiting" if event.backing_off else ""
-        self.query_one("#progress-stats", Static).update(
+        self.query_one("#progress-stats", Static).update(safe(
             f"{event.done}/{event.total} done   completed {event.completed}   skipped "
             f"{event.skipped}   failed {event.failed}   {event.rate_per_s:.1f}/s   ETA {eta}   "
-            f"concurrency {event.concurrency}   {state}{backing}")
+            f"concurrency {event.concurrency}   {state}{backing}"))
 
     def show_results(self) -> None:
         table = self.query_one("#results", DataTable)
@@ -108,14 +110,14 @@ class ProgressScreen(Screen[None]):
         names = self.app.workspace.merchant_names()  # type: ignore[attr-defined]
         order = {Outcome.FAILED: 0, Outcome.SKIPPED: 1, Outcome.COMPLETED: 2}
         for result in sorted(self.results, key=lambda r: (order[r.outcome], r.order_id)):
-            table.add_row(names.get(result.merchant_id, result.merchant_id)[:20],
-                          result.order_id, str(result.version), result.outcome.value,
-                          result.reason or "", result.detail[:60])
+            table.add_row(safe(names.get(result.merchant_id, result.merchant_id)[:20]),
+                          safe(result.order_id), safe(result.version), safe(result.outcome.value),
+                          safe(result.reason), safe(result.detail[:60]))
         failed = sum(1 for r in self.results if r.outcome is Outcome.FAILED)
         title = f"Finished: {len(self.results)} results"
         if failed:
             title += f", {failed} failed: press f to retry only those"
-        self.query_one("#progress-title", Static).update(title)
+        self.query_one("#progress-title", Static).update(safe(title))
 
     def action_cancel(self) -> None:
         self.cancel_event.set()
@@ -135,7 +137,7 @@ class ProgressScreen(Screen[None]):
                 self.preview = retry
                 self.latest = None
                 self.query_one("#progress-title", Static).update(
-                    f"Retrying {retry.count} failed orders")
+                    safe(f"Retrying {retry.count} failed orders"))
                 self.run_batch(failed)
 
         self.app.push_screen(ConfirmScreen(retry), confirmed)

@@ -3,14 +3,26 @@
 Serve it in-process with `httpx.ASGITransport(app)` or over loopback with uvicorn
 (`serve.py`). Every request goes through `_handle`, in Square's order: latency, authentication
 and scope, rate limit, injected faults, JSON and schema checks, then the operation itself.
-Admin routes under `/_emulator/` let tests and the demo steer faults and tokens.
+Steering routes under `/_emulator/` (faults, token revocation, version bumps) exist only when
+the app is built with `steering=True` (`emulator serve --steering`): a Square has no back door.
+
+An unexpected exception inside the emulator still answers 500 (Square's envelope, no stack trace),
+but it is also recorded in `internal_errors` and logged: the product retries a 500 as transient,
+so without the record an emulator bug would look like a Square outage and tests would stay green
+(tests/conftest.py fails any test during which one occurred). Injected faults are `SquareError`s
+and are not recorded.
+
+`strict=True` takes the strictest reading of the points square-api.md leaves UNCONFIRMED where
+the default reading is the lenient one (see `EmulatorApp.strict`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,14 +33,21 @@ from typing import Any
 import orjson
 from openapi_schema_validator import OAS30Validator
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from services.emulator.faults import FaultPlan, TokenRateLimiter
 from services.emulator.state import EmulatedSquare, OrderRecord, SquareError, parse_time, rfc3339
 
-__all__ = ["EmulatorApp", "build_app"]
+__all__ = ["MAX_BODY_BYTES", "EmulatorApp", "build_app"]
+
+log = logging.getLogger("services.emulator")
+
+# Square publishes no general request-size limit (its ErrorCode enum has REQUEST_ENTITY_TOO_LARGE,
+# with no figure). 1 MiB is far above any body these endpoints take (100 order ids, a sparse
+# order) and bounds what one request can make the emulator parse and hash.
+MAX_BODY_BYTES = 1024 * 1024
 
 Handler = Callable[[Request, str, Any], Awaitable[Any]]
 
@@ -101,6 +120,59 @@ def _check_shape_once(schema_name: str, raw: bytes) -> None:
     check_request_shape(schema_name, orjson.loads(raw) if raw else {})
 
 
+# Request fields of Square's schema that the emulator does not implement, per operation and
+# place in the body ("" is the top level, "order.line_items[]" every line item). Sending one is
+# refused with Square's error envelope rather than accepted and silently dropped; fields not in
+# the schema at all are ignored, as Square ignores them (square-api.md §1.3).
+_LINE_ITEM_UNIMPLEMENTED = frozenset({
+    "applied_discounts", "applied_service_charges", "applied_taxes", "catalog_object_id",
+    "catalog_version", "modifiers", "pricing_blocklists", "quantity_unit"})
+_ORDER_UNIMPLEMENTED = frozenset({"discounts", "taxes", "pricing_options"})
+UNIMPLEMENTED: dict[str, dict[str, frozenset[str]]] = {
+    "CreateOrder": {
+        "order": _ORDER_UNIMPLEMENTED,
+        "order.line_items[]": _LINE_ITEM_UNIMPLEMENTED,
+        "order.service_charges[]": frozenset({
+            "applied_taxes", "catalog_object_id", "catalog_version", "percentage", "scope",
+            "taxable", "treatment_type"}),
+    },
+    "UpdateOrder": {
+        "order": _ORDER_UNIMPLEMENTED | {"service_charges", "source"},
+        "order.line_items[]": _LINE_ITEM_UNIMPLEMENTED,
+    },
+    "CreatePayment": {"": frozenset({
+        "accept_partial_authorization", "buyer_phone_number", "cash_details",
+        "customer_details", "external_details", "offline_payment_details", "tip_money"})},
+    "RefundPayment": {"": frozenset({
+        "cash_details", "customer_id", "destination_id", "external_details", "unlinked"})},
+}
+
+
+def refuse_unimplemented(operation: str, body: dict[str, Any]) -> None:
+    for place, names in UNIMPLEMENTED.get(operation, {}).items():
+        nodes: list[tuple[str, Any]] = [("", body)]
+        for part in place.split(".") if place else []:
+            many = part.endswith("[]")
+            name = part.removesuffix("[]")
+            found: list[tuple[str, Any]] = []
+            for path, node in nodes:
+                child = node.get(name) if isinstance(node, dict) else None
+                prefix = f"{path}.{name}" if path else name
+                if many and isinstance(child, list):
+                    found += [(f"{prefix}[{i}]", c) for i, c in enumerate(child)]
+                elif not many and child is not None:
+                    found.append((prefix, child))
+            nodes = found
+        for path, node in nodes:
+            for name in sorted(names & set(node) if isinstance(node, dict) else ()):
+                if node[name] is None:
+                    continue
+                where = f"{path}.{name}" if path else name
+                raise SquareError(400, "INVALID_REQUEST_ERROR", "BAD_REQUEST",
+                                  f"`{where}` is not implemented by this Square emulator; "
+                                  "leave it out.", where)
+
+
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(payload), status_code=status, headers=headers,
                     media_type="application/json")
@@ -129,9 +201,23 @@ class EmulatorApp:
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     limiter: TokenRateLimiter | None = None
     requests_seen: int = 0
+    # Strictest readings of square-api.md's UNCONFIRMED points (lenient by default where the
+    # sources lean that way):
+    # - a fulfillment cannot jump from PROPOSED straight to COMPLETED (§2 rule 2): 400;
+    # - UpdateOrder without an idempotency key answers 200 and changes nothing (§1.3, §14);
+    # - a reused idempotency key with another body answers 200 and changes nothing (§14);
+    # - 429 comes without Retry-After (§8, §14);
+    # - a stale version is 409 CONFLICT, not 400 VERSION_MISMATCH (§1.3, §14);
+    # - updating a COMPLETED or CANCELED order is VERSION_MISMATCH, not BAD_REQUEST (§14);
+    # - unknown, expired and revoked tokens are 403, not 401 (§7, §14).
+    strict: bool = False
+    steering: bool = False
+    max_body_bytes: int = MAX_BODY_BYTES
+    internal_errors: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.set_faults(self.faults)
+        self.square.strict = self.strict
 
     def set_faults(self, plan: FaultPlan) -> None:
         self.faults = plan
@@ -152,7 +238,7 @@ class EmulatorApp:
                 if wait is not None:
                     raise SquareError(429, "RATE_LIMIT_ERROR", "RATE_LIMITED",
                                       "This request was rate limited. Please retry later.",
-                                      headers={"Retry-After": str(wait)})
+                                      headers={} if self.strict else {"Retry-After": str(wait)})
             faulty = plan.applies_to(operation.name)
             if faulty and plan.version_bump_rate and self.rng.random() < plan.version_bump_rate:
                 self._bump_for(token.merchant_id)
@@ -164,7 +250,7 @@ class EmulatorApp:
                                   "Square is temporarily unavailable. Retry later.")
             body: Any = None
             if operation.request_schema is not None:
-                raw = await request.body()
+                raw = await self._bounded_body(request)
                 try:
                     body = orjson.loads(raw) if raw else {}
                 except orjson.JSONDecodeError:
@@ -174,6 +260,7 @@ class EmulatorApp:
                     raise SquareError(400, "INVALID_REQUEST_ERROR", "EXPECTED_OBJECT",
                                       "The request body must be a JSON object.")
                 _check_shape_once(operation.request_schema, raw)
+                refuse_unimplemented(operation.name, body)
             if (operation.name == "UpdateOrder" and faulty and plan.noop_update_rate
                     and self.rng.random() < plan.noop_update_rate):
                 # The looser reading of UpdateOrder: a 200 that changed nothing.
@@ -195,10 +282,29 @@ class EmulatorApp:
             return _json(result)
         except SquareError as error:
             return _json(error.envelope(), error.status, error.headers)
-        except Exception:  # never a stack trace to the client
+        except ClientDisconnect:  # the client went away mid-request (e.g. it was killed)
+            return Response(status_code=499)
+        except Exception:  # never a stack trace to the client; but never hidden either
+            self.internal_errors.append(f"{operation.name}: {traceback.format_exc()}")
+            log.exception("emulator internal error in %s", operation.name)
             internal = SquareError(500, "API_ERROR", "INTERNAL_SERVER_ERROR",
                                    "An internal error occurred.")
             return _json(internal.envelope(), 500)
+
+    async def _bounded_body(self, request: Request) -> bytes:
+        too_large = SquareError(413, "INVALID_REQUEST_ERROR", "REQUEST_ENTITY_TOO_LARGE",
+                                f"The request body exceeds {self.max_body_bytes} bytes.")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():  # stop reading as soon as the limit is passed
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _bump_for(self, merchant_id: str) -> None:
         orders = [r for r in self.square.orders_by_merchant.get(merchant_id, ())
@@ -281,6 +387,19 @@ class EmulatorApp:
 
     async def update_order(self, request: Request, merchant_id: str, body: Any) -> Any:
         order_id = request.path_params["order_id"]
+        if self.strict:
+            # The stricter reading of §1.3: without a key, or reusing one with another body,
+            # UpdateOrder answers 200 with the order unchanged.
+            unchanged = {"order": self.square.order_of(merchant_id, order_id).copy_doc()}
+            if not body.get("idempotency_key"):
+                return unchanged
+            try:
+                self.square.replay(merchant_id, f"UpdateOrder:{order_id}",
+                                   body["idempotency_key"], body)
+            except SquareError as error:
+                if error.code == "IDEMPOTENCY_KEY_REUSED":
+                    return unchanged
+                raise
         return self._idempotent(
             merchant_id, f"UpdateOrder:{order_id}", body.get("idempotency_key"), body,
             lambda: {"order": self.square.update_order(merchant_id, order_id, body).copy_doc()})
@@ -302,7 +421,34 @@ class EmulatorApp:
 
     async def complete_payment(self, request: Request, merchant_id: str, body: Any) -> Any:
         payment_id = request.path_params["payment_id"]
-        return {"payment": dict(self.square.complete_payment(merchant_id, payment_id))}
+        return {"payment": dict(self.square.complete_payment(merchant_id, payment_id,
+                                                             body.get("version_token")))}
+
+    async def cancel_payment(self, request: Request, merchant_id: str, body: Any) -> Any:
+        return {"payment": self.square.cancel_payment(merchant_id,
+                                                      request.path_params["payment_id"])}
+
+    async def cancel_payment_by_key(self, request: Request, merchant_id: str, body: Any) -> Any:
+        """Voids the payment a CreatePayment with this key made; no such payment is no error."""
+        with self.square.lock:
+            stored = self.square.idempotency.get((merchant_id, "CreatePayment",
+                                                  body["idempotency_key"]))
+            if stored is not None:
+                payment = self.square.payment_of(merchant_id, stored.response["payment"]["id"])
+                if payment["status"] != "CANCELED":
+                    self.square.cancel_payment(merchant_id, payment["id"])
+        return {}
+
+    async def list_payments(self, request: Request, merchant_id: str, body: Any) -> Any:
+        page, cursor = self.square.list_payments(merchant_id, dict(request.query_params))
+        return {**({"payments": page} if page else {}), **({"cursor": cursor} if cursor else {})}
+
+    async def get_refund(self, request: Request, merchant_id: str, body: Any) -> Any:
+        return {"refund": self.square.refund_of(merchant_id, request.path_params["refund_id"])}
+
+    async def list_refunds(self, request: Request, merchant_id: str, body: Any) -> Any:
+        page, cursor = self.square.list_refunds(merchant_id, dict(request.query_params))
+        return {**({"refunds": page} if page else {}), **({"cursor": cursor} if cursor else {})}
 
     async def refund_payment(self, request: Request, merchant_id: str, body: Any) -> Any:
         return self._idempotent(
@@ -395,6 +541,18 @@ class EmulatorApp:
             ("POST", "/v2/refunds", op("RefundPayment", ("PAYMENTS_WRITE",),
                                        "RefundPaymentRequest", self.refund_payment,
                                        writes=True)),
+            ("GET", "/v2/payments", op("ListPayments", ("PAYMENTS_READ",), None,
+                                       self.list_payments)),
+            ("POST", "/v2/payments/cancel", op(
+                "CancelPaymentByIdempotencyKey", ("PAYMENTS_WRITE",),
+                "CancelPaymentByIdempotencyKeyRequest", self.cancel_payment_by_key,
+                writes=True)),
+            ("POST", "/v2/payments/{payment_id}/cancel", op(
+                "CancelPayment", ("PAYMENTS_WRITE",), None, self.cancel_payment, writes=True)),
+            ("GET", "/v2/refunds", op("ListPaymentRefunds", ("PAYMENTS_READ",), None,
+                                      self.list_refunds)),
+            ("GET", "/v2/refunds/{refund_id}", op("GetPaymentRefund", ("PAYMENTS_READ",), None,
+                                                  self.get_refund)),
         ]
 
     def asgi(self) -> Starlette:
@@ -411,16 +569,20 @@ class EmulatorApp:
             return run
 
         all_methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+        # Literal paths first, so /v2/payments/cancel is not taken for a payment id.
         routes = [Route(path, endpoint(methods), methods=all_methods)
-                  for path, methods in by_path.items()]
-        routes += [
-            Route("/_emulator/faults", self.admin_faults, methods=["GET", "PUT"]),
-            Route("/_emulator/tokens/revoke", self.admin_revoke, methods=["POST"]),
-            Route("/_emulator/orders/{order_id}/bump", self.admin_bump, methods=["POST"]),
-            Route("/{path:path}", self.not_found, methods=all_methods),
-        ]
+                  for path, methods in sorted(by_path.items(), key=lambda p: p[0].count("{"))]
+        if self.steering:
+            routes += [
+                Route("/_emulator/faults", self.admin_faults, methods=["GET", "PUT"]),
+                Route("/_emulator/tokens/revoke", self.admin_revoke, methods=["POST"]),
+                Route("/_emulator/orders/{order_id}/bump", self.admin_bump, methods=["POST"]),
+            ]
+        routes.append(Route("/{path:path}", self.not_found, methods=all_methods))
         return Starlette(routes=routes)
 
 
-def build_app(square: EmulatedSquare, faults: FaultPlan | None = None) -> EmulatorApp:
-    return EmulatorApp(square=square, faults=faults or FaultPlan())
+def build_app(square: EmulatedSquare, faults: FaultPlan | None = None, *, strict: bool = False,
+              steering: bool = False) -> EmulatorApp:
+    return EmulatorApp(square=square, faults=faults or FaultPlan(), strict=strict,
+                       steering=steering)

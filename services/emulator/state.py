@@ -18,6 +18,7 @@ import bisect
 import hashlib
 import json
 import random
+import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ FULFILLMENT_STATES = ("PROPOSED", "RESERVED", "PREPARED", "COMPLETED", "CANCELED
 ORDER_STATES = ("OPEN", "COMPLETED", "CANCELED", "DRAFT")
 ALL_SCOPES = ("ORDERS_READ", "ORDERS_WRITE", "PAYMENTS_READ", "PAYMENTS_WRITE",
               "MERCHANT_PROFILE_READ")
+# CreatePayment fields kept as given and returned on the Payment.
+PAYMENT_PASSTHROUGH = ("reference_id", "app_fee_money", "billing_address", "buyer_email_address",
+                       "customer_id", "note", "shipping_address",
+                       "statement_description_identifier", "team_member_id")
 NONCE_OK = "cnon:card-nonce-ok"
 NONCE_DECLINED = "cnon:card-nonce-declined"
 FULFILLMENT_DETAILS_KEY = {
@@ -51,6 +56,17 @@ FULFILLMENT_DETAILS_KEY = {
 
 
 _ID_LETTERS = bytes.maketrans(b"+/", b"Xy")
+# A fields_to_clear path: dot-separated names, each optionally selecting a list entry by uid.
+_CLEAR_PATH = re.compile(r"[a-z_]+(\[[^\]\[.]+\])?(\.[a-zA-Z0-9_-]+(\[[^\]\[.]+\])?)*")
+_CLEAR_PART = re.compile(r"([a-zA-Z0-9_-]+)(?:\[([^\]]+)\])?")
+_COMPUTED_ORDER_FIELDS = frozenset({
+    "closed_at", "created_at", "updated_at", "net_amount_due_money", "net_amounts", "refunds",
+    "return_amounts", "returns", "rewards", "rounding_adjustment", "tenders",
+    "total_discount_money", "total_money", "total_service_charge_money", "total_tax_money",
+    "total_tip_money"})
+# Line item fields a client sets and the emulator keeps (others are refused by the app).
+LINE_ITEM_FIELDS = ("name", "quantity", "base_price_money", "note", "metadata",
+                    "variation_name", "item_type")
 
 
 class SquareError(Exception):
@@ -96,6 +112,15 @@ def parse_time(text: str, field: str) -> datetime:
     return moment
 
 
+def _iso_days(text: Any, field: str) -> timedelta:
+    """The ISO 8601 durations Square's delay_duration takes: PnD, PTnH, PTnM."""
+    found = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?)?", str(text))
+    if found is None or not any(found.groups()):
+        raise bad_request(f"Invalid duration {text!r}.", field, "INVALID_VALUE")
+    days, hours, minutes = (int(g or 0) for g in found.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes)
+
+
 def compact_json(document: Any) -> bytes:
     """orjson's bytes keep spare capacity (4x here); a copy is sized exactly."""
     return bytes(memoryview(orjson.dumps(document)))
@@ -133,13 +158,17 @@ class EmulatedLocation:
     timezone: str
     country: str
     created_at: datetime
+    business_email: str | None = None  # Square omits the field when the seller set none
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "merchant_id": self.merchant_id,
-                "status": self.status, "currency": self.currency, "timezone": self.timezone,
-                "country": self.country, "type": "PHYSICAL",
-                "capabilities": ["CREDIT_CARD_PROCESSING"],
-                "created_at": rfc3339(self.created_at)}
+        document = {"id": self.id, "name": self.name, "merchant_id": self.merchant_id,
+                    "status": self.status, "currency": self.currency,
+                    "timezone": self.timezone, "country": self.country, "type": "PHYSICAL",
+                    "capabilities": ["CREDIT_CARD_PROCESSING"],
+                    "created_at": rfc3339(self.created_at)}
+        if self.business_email is not None:
+            document["business_email"] = self.business_email
+        return document
 
 
 @dataclass
@@ -250,6 +279,8 @@ class EmulatedSquare:
     # One lock: uvicorn may run handlers on threads only for sync code, but the seeder and the
     # background version bumper may share the object with the event loop.
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # The strictest reading of UNCONFIRMED rules (set by the app's `strict` option).
+    strict: bool = False
 
     # ------------------------------------------------------------------ ids and auth
     def new_id(self, length: int = 24) -> str:
@@ -282,6 +313,14 @@ class EmulatedSquare:
         self.tokens[token].revoked_at = at or self.clock()
 
     def authenticate(self, authorization: str | None, needed: Iterable[str]) -> EmulatedToken:
+        try:
+            return self._authenticate(authorization, needed)
+        except SquareError as error:
+            if self.strict and error.status == 401:  # §14: the same refusal as a 403
+                error.status = 403
+            raise
+
+    def _authenticate(self, authorization: str | None, needed: Iterable[str]) -> EmulatedToken:
         if not authorization or not authorization.startswith("Bearer "):
             raise SquareError(401, "AUTHENTICATION_ERROR", "UNAUTHORIZED",
                               "This request could not be authorized.")
@@ -363,9 +402,12 @@ class EmulatedSquare:
                                   f"order.line_items[{index}].quantity", "INVALID_VALUE") from None
             unit_price = int(base.get("amount", 0))
             gross = unit_price * units
+            kept = {key: item[key] for key in ("note", "metadata", "variation_name")
+                    if item.get(key) is not None}
             line_items.append({
+                **kept,
                 "uid": item.get("uid") or self.new_id(22), "name": item.get("name", "Item"),
-                "quantity": str(units), "item_type": "ITEM",
+                "quantity": str(units), "item_type": item.get("item_type") or "ITEM",
                 "base_price_money": money(unit_price, currency),
                 "variation_total_price_money": money(gross, currency),
                 "gross_sales_money": money(gross, currency),
@@ -381,6 +423,7 @@ class EmulatedSquare:
                                   f"order.service_charges[{index}].amount_money.currency",
                                   "INVALID_VALUE")
             service_charges.append({
+                **({"metadata": charge["metadata"]} if charge.get("metadata") else {}),
                 "uid": charge.get("uid") or self.new_id(22), "name": charge.get("name", "Charge"),
                 "amount_money": money(amount, currency), "applied_money": money(amount, currency),
                 "calculation_phase": charge.get("calculation_phase", "TOTAL_PHASE"),
@@ -397,7 +440,13 @@ class EmulatedSquare:
             fulfillment: dict[str, Any] = {"uid": spec_f.get("uid") or self.new_id(22),
                                            "type": f_type, "state": state,
                                            "line_item_application": "ALL"}
+            if spec_f.get("metadata"):
+                fulfillment["metadata"] = spec_f["metadata"]
             details_key = FULFILLMENT_DETAILS_KEY.get(f_type)
+            for key in FULFILLMENT_DETAILS_KEY.values():
+                if spec_f.get(key) is not None and key != details_key:
+                    raise bad_request(f"`{key}` does not fit a {f_type} fulfillment.",
+                                      f"order.fulfillments[{index}].{key}", "INVALID_VALUE")
             if details_key:
                 fulfillment[details_key] = dict(spec_f.get(details_key) or {})
                 fulfillment[details_key].setdefault("placed_at", now)
@@ -474,13 +523,19 @@ class EmulatedSquare:
                 raise bad_request("The order version is required to update an order.",
                                   "order.version", "MISSING_REQUIRED_PARAMETER")
             if sparse["version"] != record.version:
-                raise bad_request(f"Supplied version {sparse['version']} does not match the "
-                                  f"current version {record.version} of order {order_id}.",
-                                  "order.version", "VERSION_MISMATCH")
+                detail = (f"Supplied version {sparse['version']} does not match the current "
+                          f"version {record.version} of order {order_id}.")
+                if self.strict:  # §14: the console must also cope with a 409
+                    raise SquareError(409, "INVALID_REQUEST_ERROR", "CONFLICT", detail,
+                                      "order.version")
+                raise bad_request(detail, "order.version", "VERSION_MISMATCH")
             if sparse.get("location_id") != record.location_id:
                 raise bad_request("The order's location_id cannot be changed.",
                                   "order.location_id")
             if record.state in ("COMPLETED", "CANCELED"):
+                if self.strict:  # §14: a VERSION_MISMATCH instead of BAD_REQUEST
+                    raise bad_request(f"Order {order_id} is {record.state}; its version has "
+                                      "moved on.", "order.version", "VERSION_MISMATCH")
                 raise bad_request(f"Order {order_id} is {record.state} and can no longer be "
                                   "updated.", "order.state")
             doc = record.copy_doc()
@@ -517,7 +572,7 @@ class EmulatedSquare:
             if state == "DRAFT" and doc["state"] != "DRAFT":
                 raise bad_request("An OPEN order cannot move back to DRAFT.", "order.state")
             doc["state"] = state
-        for key in ("reference_id", "ticket_name", "metadata"):
+        for key in ("reference_id", "ticket_name", "metadata", "customer_id"):
             if key in sparse:
                 doc[key] = sparse[key]
         if "line_items" in sparse:
@@ -527,8 +582,14 @@ class EmulatedSquare:
             self._merge_line_items(doc, sparse["line_items"])
         for index, change in enumerate(sparse.get("fulfillments") or []):
             self._merge_fulfillment(doc, index, change, now)
-        for path in fields_to_clear:
-            self._clear_field(doc, path)
+        cleared_items = False
+        for index, path in enumerate(fields_to_clear):
+            cleared_items |= self._clear_field(doc, path, f"fields_to_clear[{index}]")
+        if cleared_items:
+            if doc.get("tenders"):
+                raise bad_request("LineItems cannot be modified for finalized tenders.",
+                                  "fields_to_clear")
+            self._merge_line_items(doc, [])
 
     def _merge_line_items(self, doc: dict[str, Any], changes: list[dict[str, Any]]) -> None:
         currency = doc["total_money"]["currency"]
@@ -540,7 +601,7 @@ class EmulatedSquare:
                 for spec in specs:
                     if spec["uid"] == uid:
                         spec.update({k: v for k, v in change.items() if k in
-                                     ("name", "quantity", "base_price_money", "note")})
+                                     LINE_ITEM_FIELDS})
             else:
                 specs.append(change)
         repriced = self.price_order(
@@ -563,10 +624,23 @@ class EmulatedSquare:
             if uid:
                 raise bad_request(f"Fulfillment `{uid}` not found on this order.",
                                   f"order.fulfillments[{index}].uid", "NOT_FOUND")
-            fulfillments.append({"uid": self.new_id(22), "type": change.get("type", "PICKUP"),
-                                 "state": change.get("state", "PROPOSED"),
-                                 "line_item_application": "ALL"})
+            location = doc["location_id"]
+            priced = self.price_order(self.locations[location].merchant_id, {
+                "location_id": location, "fulfillments": [{**change, "uid": None}]})
+            fulfillments.append(priced["fulfillments"][0])
             return
+        if change.get("type") is not None and change["type"] != target.get("type"):
+            raise bad_request(f"Fulfillment `{uid}` is {target.get('type')}; its type cannot "
+                              "change.", f"order.fulfillments[{index}].type")
+        if change.get("metadata") is not None:
+            target["metadata"] = {**(target.get("metadata") or {}), **change["metadata"]}
+        for key in FULFILLMENT_DETAILS_KEY.values():
+            if change.get(key) is not None:
+                if key != FULFILLMENT_DETAILS_KEY.get(target.get("type", "")):
+                    raise bad_request(f"`{key}` does not fit a {target.get('type')} "
+                                      "fulfillment.", f"order.fulfillments[{index}].{key}",
+                                      "INVALID_VALUE")
+                target[key] = {**(target.get(key) or {}), **change[key]}
         if "state" in change:
             state = change["state"]
             if state not in FULFILLMENT_STATES:
@@ -575,6 +649,12 @@ class EmulatedSquare:
             current = target.get("state")
             if current in TERMINAL_FULFILLMENT_STATES and state != current:
                 raise bad_request(f"Fulfillment `{uid}` is {current} and cannot change state.",
+                                  f"order.fulfillments[{index}].state")
+            if self.strict and current == "PROPOSED" and state == "COMPLETED":
+                # square-api.md §2 rule 2: whether PROPOSED may jump to COMPLETED is
+                # UNCONFIRMED; the strict reading refuses it.
+                raise bad_request(f"Fulfillment `{uid}` cannot move from PROPOSED to COMPLETED; "
+                                  "it must be accepted first.",
                                   f"order.fulfillments[{index}].state")
             target["state"] = state
             details_key = FULFILLMENT_DETAILS_KEY.get(target.get("type", ""))
@@ -588,12 +668,40 @@ class EmulatedSquare:
                     target.setdefault(details_key, {})[stamp] = now
 
     @staticmethod
-    def _clear_field(doc: dict[str, Any], path: str) -> None:
-        if path in ("reference_id", "ticket_name", "metadata", "customer_id"):
-            doc.pop(path, None)
-        elif path.startswith("metadata."):
-            (doc.get("metadata") or {}).pop(path.split(".", 1)[1], None)
-        # Other paths name computed or immutable fields, which Square ignores.
+    def _clear_field(doc: dict[str, Any], path: str, field: str) -> bool:
+        """Delete what a `fields_to_clear` dot path names: `reference_id`, `metadata.key`,
+        `line_items[uid]`, `line_items[uid].note`, `fulfillments[uid].pickup_details.note`...
+        Returns whether line items changed (the totals must then be recomputed). Paths naming
+        computed fields are ignored, as Square ignores them."""
+        match = _CLEAR_PATH.fullmatch(path)
+        if match is None:
+            raise bad_request(f"Invalid field path {path!r}.", field, "INVALID_VALUE")
+        parts = [(m.group(1), m.group(2)) for m in _CLEAR_PART.finditer(path)]
+        if parts[0][0] in _COMPUTED_ORDER_FIELDS or parts[0][0] in ("id", "location_id",
+                                                                     "version", "state"):
+            return False
+        node: Any = doc
+        for position, (name, uid) in enumerate(parts):
+            last = position == len(parts) - 1
+            if not isinstance(node, dict) or name not in node:
+                return False  # nothing there: already clear
+            if uid is None:
+                if last:
+                    node.pop(name)
+                    return parts[0][0] == "line_items"
+                node = node[name]
+                continue
+            items = node[name]
+            target = next((i for i in items if isinstance(i, dict) and i.get("uid") == uid), None)
+            if target is None:
+                raise bad_request(f"No `{name}` entry has uid `{uid}`.", field, "NOT_FOUND")
+            if last:
+                items.remove(target)
+                if not items:
+                    node.pop(name)
+                return parts[0][0] == "line_items"
+            node = target
+        return False
 
     def changed(self, merchant_id: str) -> None:
         self.generations[merchant_id] = self.generations.get(merchant_id, 0) + 1
@@ -799,8 +907,19 @@ class EmulatedSquare:
                 payment["delay_duration"] = "P7D"
                 payment["delay_action"] = "CANCEL"
                 payment["delayed_until"] = rfc3339(moment + timedelta(days=7))
-            if body.get("reference_id"):
-                payment["reference_id"] = body["reference_id"]
+            for key in PAYMENT_PASSTHROUGH:
+                if body.get(key) is not None:
+                    payment[key] = body[key]
+            if body.get("delay_duration") or body.get("delay_action"):
+                if autocomplete:
+                    raise bad_request("delay_duration and delay_action need autocomplete false.",
+                                      "autocomplete", "INVALID_VALUE")
+                if body.get("delay_duration"):
+                    days = _iso_days(body["delay_duration"], "delay_duration")
+                    payment["delay_duration"] = body["delay_duration"]
+                    payment["delayed_until"] = rfc3339(moment + days)
+                if body.get("delay_action"):
+                    payment["delay_action"] = body["delay_action"]
             if order_record is not None:
                 payment["order_id"] = order_record.id
                 doc = order_record.doc
@@ -830,16 +949,20 @@ class EmulatedSquare:
     def save_payment(self, payment: dict[str, Any]) -> None:
         self.payments[payment["id"]] = compact_json(payment)
 
-    def complete_payment(self, merchant_id: str, payment_id: str) -> dict[str, Any]:
+    def complete_payment(self, merchant_id: str, payment_id: str,
+                         version_token: str | None = None) -> dict[str, Any]:
         with self.lock:
             payment = self.payment_of(merchant_id, payment_id)
+            if version_token is not None and version_token != payment.get("version_token"):
+                raise bad_request("The version_token does not match the payment's current "
+                                  "version.", "version_token", "VERSION_MISMATCH")
             if payment["status"] == "COMPLETED":
                 return payment
             if payment["status"] != "APPROVED":
                 raise bad_request(f"Payment is {payment['status']} and cannot be completed.",
                                   "payment_id")
             stamp = rfc3339(self.clock())
-            payment.update(status="COMPLETED", updated_at=stamp)
+            payment.update(status="COMPLETED", updated_at=stamp, version_token=self.new_id(20))
             payment["card_details"]["status"] = "CAPTURED"
             for key in ("delay_duration", "delay_action", "delayed_until"):
                 payment.pop(key, None)
@@ -884,8 +1007,18 @@ class EmulatedSquare:
             return record
 
     def refund_payment(self, merchant_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """RefundPayment. The refund starts PENDING, as Square documents; `settle_refund` plays
+        Square's processing. The order shows it at once (as a refund and a return order)."""
         with self.lock:
             payment = self.payment_of(merchant_id, body.get("payment_id", ""))
+            token = body.get("payment_version_token")
+            if token is not None and token != payment.get("version_token"):
+                raise bad_request("The payment_version_token does not match the payment's "
+                                  "current version.", "payment_version_token",
+                                  "VERSION_MISMATCH")
+            if body.get("location_id") not in (None, payment["location_id"]):
+                raise bad_request("location_id must be the payment's location.", "location_id",
+                                  "INVALID_VALUE")
             amount = (body.get("amount_money") or {}).get("amount")
             refunded = (payment.get("refunded_money") or {}).get("amount", 0)
             if payment["status"] != "COMPLETED":
@@ -899,10 +1032,13 @@ class EmulatedSquare:
             currency = payment["amount_money"]["currency"]
             stamp = rfc3339(self.clock())
             refund_id = f"{payment['id']}_{self.new_id(16)}"
-            refund = {"id": refund_id, "status": "COMPLETED",
-                      "amount_money": money(amount, currency), "payment_id": payment["id"],
-                      "location_id": payment["location_id"], "created_at": stamp,
-                      "updated_at": stamp, "reason": body.get("reason", "")}
+            refund: dict[str, Any] = {
+                "id": refund_id, "status": "PENDING", "amount_money": money(amount, currency),
+                "payment_id": payment["id"], "location_id": payment["location_id"],
+                "created_at": stamp, "updated_at": stamp}
+            for key in ("reason", "app_fee_money", "team_member_id"):
+                if body.get(key) is not None:  # Square omits what was not given
+                    refund[key] = body[key]
             payment["refunded_money"] = money(refunded + amount, currency)
             payment.setdefault("refund_ids", []).append(refund_id)
             payment["updated_at"] = stamp
@@ -914,7 +1050,7 @@ class EmulatedSquare:
                     "id": refund_id, "location_id": payment["location_id"],
                     "transaction_id": source.id, "tender_id": payment["id"],
                     "created_at": stamp, "reason": body.get("reason") or "Refund",
-                    "amount_money": money(amount, currency), "status": "APPROVED"})
+                    "amount_money": money(amount, currency), "status": "PENDING"})
                 self.touch(source)
                 # Square records the return as an order of its own pointing back at the sale.
                 merchant = source.merchant_id
@@ -931,6 +1067,127 @@ class EmulatedSquare:
             self.refunds[refund_id] = refund
             return refund
 
+    def refund_of(self, merchant_id: str, refund_id: str) -> dict[str, Any]:
+        refund = self.refunds.get(refund_id)
+        if refund is None or self.locations[refund["location_id"]].merchant_id != merchant_id:
+            raise not_found(f"Refund `{refund_id}` not found.", "refund_id")
+        return dict(refund)
+
+    def settle_refund(self, refund_id: str, status: str = "COMPLETED") -> dict[str, Any]:
+        """Square's processing of a PENDING refund: COMPLETED, REJECTED or FAILED. The order's
+        refund entry follows (APPROVED, REJECTED, FAILED)."""
+        with self.lock:
+            refund = self.refunds[refund_id]
+            stamp = rfc3339(self.clock())
+            refund.update(status=status, updated_at=stamp)
+            if refund.get("order_id"):
+                record = self.orders[refund["order_id"]]
+                for entry in record.doc.get("refunds") or []:
+                    if entry["id"] == refund_id:
+                        entry["status"] = "APPROVED" if status == "COMPLETED" else status
+                record.changed()
+                self.changed(record.merchant_id)
+            return dict(refund)
+
+    def cancel_payment(self, merchant_id: str, payment_id: str) -> dict[str, Any]:
+        """CancelPayment: voids an APPROVED (authorized, not captured) payment."""
+        with self.lock:
+            payment = self.payment_of(merchant_id, payment_id)
+            if payment["status"] == "CANCELED":
+                return payment
+            if payment["status"] != "APPROVED":
+                raise bad_request(f"Payment is {payment['status']}; only APPROVED payments can "
+                                  "be canceled.", "payment_id")
+            stamp = rfc3339(self.clock())
+            payment.update(status="CANCELED", updated_at=stamp, version_token=self.new_id(20))
+            payment["card_details"]["status"] = "VOIDED"
+            for key in ("delay_duration", "delay_action", "delayed_until"):
+                payment.pop(key, None)
+            if payment.get("order_id"):
+                record = self.orders[payment["order_id"]]
+                for tender in record.doc.get("tenders") or []:
+                    if tender.get("payment_id") == payment_id:
+                        tender["card_details"]["status"] = "VOIDED"
+                self.touch(record)
+            self.save_payment(payment)
+            return payment
+
+    def list_payments(self, merchant_id: str, query: dict[str, str]
+                      ) -> tuple[list[dict[str, Any]], str | None]:
+        """ListPayments: by default the merchant's main location, newest first, 100 a page."""
+        location_id = query.get("location_id") or self.merchants[merchant_id].main_location_id
+        self.location_of(merchant_id, location_id, "location_id")
+        payments = [orjson.loads(raw) for raw in self.payments.values()]
+        payments = [p for p in payments if p["location_id"] == location_id]
+        if query.get("total"):
+            total = _int_param(query["total"], "total", 0, None)
+            payments = [p for p in payments if p["total_money"]["amount"] == total]
+        for key, path in (("last_4", "last_4"), ("card_brand", "card_brand")):
+            if query.get(key):
+                payments = [p for p in payments
+                            if ((p.get("card_details") or {}).get("card") or {}).get(path)
+                            == query[key]]
+        return _page(payments, query, ("CREATED_AT", "UPDATED_AT", "OFFLINE_CREATED_AT"))
+
+    def list_refunds(self, merchant_id: str, query: dict[str, str]
+                     ) -> tuple[list[dict[str, Any]], str | None]:
+        """ListPaymentRefunds: every location by default, newest first, 100 a page."""
+        refunds = [dict(r) for r in self.refunds.values()
+                   if self.locations[r["location_id"]].merchant_id == merchant_id]
+        if query.get("location_id"):
+            self.location_of(merchant_id, query["location_id"], "location_id")
+            refunds = [r for r in refunds if r["location_id"] == query["location_id"]]
+        if query.get("status"):
+            refunds = [r for r in refunds if r["status"] == query["status"]]
+        if query.get("source_type"):
+            refunds = [r for r in refunds if query["source_type"] == "CARD"]
+        return _page(refunds, query, ("CREATED_AT", "UPDATED_AT"))
+
     def settle_all(self) -> None:
         for record in self.orders.values():
             record.settle()
+
+
+def _int_param(text: str, field: str, low: int, high: int | None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise bad_request(f"{field} must be an integer.", field, "EXPECTED_INTEGER") from None
+    if value < low or (high is not None and value > high):
+        raise bad_request(f"{field} must be between {low} and {high}.", field, "INVALID_VALUE")
+    return value
+
+
+def _page(items: list[dict[str, Any]], query: dict[str, str], sort_fields: tuple[str, ...]
+          ) -> tuple[list[dict[str, Any]], str | None]:
+    """Filter by the time windows, sort and page a Payments-API list (limit ≤ 100)."""
+    for name, attribute, bound in (("begin_time", "created_at", "start"),
+                                   ("end_time", "created_at", "end"),
+                                   ("updated_at_begin_time", "updated_at", "start"),
+                                   ("updated_at_end_time", "updated_at", "end")):
+        if query.get(name):
+            moment = rfc3339(parse_time(query[name], name))
+            items = [i for i in items if (i[attribute] >= moment if bound == "start"
+                                          else i[attribute] < moment)]
+    sort_field = query.get("sort_field") or "CREATED_AT"
+    if sort_field not in sort_fields:
+        raise bad_request(f"Invalid sort_field {sort_field!r}.", "sort_field",
+                          "INVALID_ENUM_VALUE")
+    sort_order = query.get("sort_order") or "DESC"
+    if sort_order not in ("ASC", "DESC"):
+        raise bad_request(f"Invalid sort_order {sort_order!r}.", "sort_order",
+                          "INVALID_SORT_ORDER")
+    attribute = "updated_at" if sort_field == "UPDATED_AT" else "created_at"
+    items.sort(key=lambda i: (i.get(attribute, ""), i["id"]), reverse=sort_order == "DESC")
+    limit = _int_param(query["limit"], "limit", 1, 100) if query.get("limit") else 100
+    start = 0
+    if query.get("cursor"):
+        try:
+            start = int(base64.urlsafe_b64decode(query["cursor"] + "==").decode())
+        except (ValueError, binascii.Error):
+            raise bad_request("The cursor is not valid.", "cursor", "INVALID_CURSOR") from None
+    page = items[start:start + limit]
+    more = start + limit < len(items)
+    cursor = base64.urlsafe_b64encode(str(start + limit).encode()).decode().rstrip("=") \
+        if more else None
+    return page, cursor

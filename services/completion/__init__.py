@@ -1,0 +1,25 @@
+"""Completing approved orders at Square, one narrow facade over its parts:
+
+- `model`: approved items, outcomes, skip reasons, results, idempotency keys;
+- `limits`: concurrency, back-off and the per-merchant circuit breaker;
+- `journal`: the intent journal (batches, one intent per attempt, outcomes; SQL in the store);
+- `leases`: one holder per merchant across processes;
+- `sending`: the last look and UpdateOrder with retries;
+- `recovery`: settling open intents whose lease holder is gone;
+- `engine`: `CompletionEngine`, which runs a batch through them.
+"""
+
+from services.completion.engine import CompletionEngine
+from services.completion.model import (
+    NOT_RECORDED,
+    ApprovedItem,
+    BatchProgress,
+    OrderResult,
+    Outcome,
+    SkipReason,
+    approved_set_sha256,
+    idempotency_key,
+)
+
+__all__ = ["NOT_RECORDED", "ApprovedItem", "BatchProgress", "CompletionEngine", "OrderResult",
+           "Outcome", "SkipReason", "approved_set_sha256", "idempotency_key"]

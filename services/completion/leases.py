@@ -1,0 +1,109 @@
+"""Merchant leases: one holder sends for a merchant at a time, across processes and operators
+sharing a database. A lease is taken (BEGIN IMMEDIATE) before a merchant's batch or recovery
+starts, heart-beaten while it runs, and released at its end. A holder that stops
+heart-beating (killed, hung, machine gone) loses it when it expires; a holder on this host
+whose process is gone loses it at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from datetime import datetime, timedelta
+
+from services.store import Lease, Store, now_utc, utc_text
+
+__all__ = ["LeaseKeeper", "holder_gone"]
+
+HOST = socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def holder_gone(lease: Lease, now: datetime | None = None) -> bool:
+    """Expired, or held by a process of this host that no longer exists."""
+    expires = datetime.fromisoformat(lease.expires_at)
+    if expires <= (now or now_utc()):
+        return True
+    return lease.host == HOST and not _pid_alive(lease.pid)
+
+
+class LeaseKeeper:
+    """The leases one engine holds. Use `async with` to heart-beat them while work runs."""
+
+    def __init__(self, store: Store, operator: str, *, ttl_s: float = 30.0,
+                 heartbeat_s: float = 5.0) -> None:
+        self.store = store
+        self.operator = operator
+        self.ttl_s = ttl_s
+        self.heartbeat_s = heartbeat_s
+        self.token = uuid.uuid4().hex
+        self._deadline: dict[str, float] = {}  # merchant -> monotonic time our lease ends
+        self._task: asyncio.Task[None] | None = None
+
+    def take(self, merchant_id: str) -> Lease | None:
+        """None when the lease is ours now; otherwise the live lease of whoever holds it."""
+        now = now_utc()
+        mine = Lease(merchant_id, self.operator, HOST, os.getpid(), utc_text(now),
+                     utc_text(now), utc_text(now + timedelta(seconds=self.ttl_s)), self.token)
+        began = time.monotonic()
+        current = self.store.take_lease(mine, lambda lease: holder_gone(lease, now))
+        if current.token != self.token:
+            return current
+        self._deadline[merchant_id] = began + self.ttl_s
+        return None
+
+    def holds(self, merchant_id: str) -> bool:
+        """Ours and not past its expiry as we last wrote it: nobody else can have it."""
+        return self._deadline.get(merchant_id, 0.0) > time.monotonic()
+
+    def release(self, merchant_id: str) -> None:
+        if self._deadline.pop(merchant_id, None) is None:
+            return
+        with contextlib.suppress(sqlite3.Error):  # unreleased, it simply expires
+            self.store.release_lease(merchant_id, self.token)
+
+    def beat(self) -> None:
+        if not self._deadline:
+            return
+        began = time.monotonic()
+        now = now_utc()
+        try:
+            kept = self.store.heartbeat_leases(
+                self.token, utc_text(now), utc_text(now + timedelta(seconds=self.ttl_s)))
+        except sqlite3.Error:
+            return  # try again next beat; `holds` turns false if it never succeeds
+        for merchant_id in list(self._deadline):
+            if merchant_id in kept:
+                self._deadline[merchant_id] = began + self.ttl_s
+            else:
+                del self._deadline[merchant_id]  # taken over after it expired: not ours
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            self.beat()
+
+    async def __aenter__(self) -> LeaseKeeper:
+        self._task = asyncio.create_task(self._beat_forever())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for merchant_id in list(self._deadline):
+            self.release(merchant_id)

@@ -1,0 +1,153 @@
+"""Sending one intent: the last look before the call (cancel, database, lease, token, breaker,
+consent at this very moment), then UpdateOrder with retries under one idempotency key.
+
+5xx, timeouts and lost responses are retried with the same key (Square replays the first
+answer if one of them applied); 429 waits for Retry-After and halves the concurrency. A result
+of None means the outcome is unknown: the intent stays open for `recover`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+
+from services.completion.journal import IntentJournal, Run
+from services.completion.leases import LeaseKeeper
+from services.completion.limits import AdaptiveLimit, Backoff, CircuitBreaker
+from services.completion.model import Intent, OrderResult, Outcome, SkipReason, token_skip
+from services.consent import ConsentRecord
+from services.credentials import MerchantCredentials
+from services.errors import (
+    SquareApiError,
+    SquareAuthError,
+    SquareRateLimited,
+    SquareScopeError,
+    SquareServerError,
+    SquareUnavailable,
+)
+from services.square_gateway import SquareGateway
+
+__all__ = ["Sender"]
+
+
+class Sender:
+    def __init__(self, gateway: SquareGateway, journal: IntentJournal, leases: LeaseKeeper,
+                 consents_for: Callable[[str], list[tuple[ConsentRecord, str]]],
+                 clock: Callable[[], datetime], *, limit: AdaptiveLimit, backoff: Backoff,
+                 breaker: CircuitBreaker, max_attempts: int, max_rate_limit_waits: int,
+                 attempt_timeout_s: float, on_change: Callable[[Run], None]) -> None:
+        self.gateway = gateway
+        self.journal = journal
+        self.leases = leases
+        self.consents_for = consents_for
+        self.clock = clock
+        self.limit = limit
+        self.backoff = backoff
+        self.breaker = breaker
+        self.max_attempts = max_attempts
+        self.max_rate_limit_waits = max_rate_limit_waits
+        self.attempt_timeout_s = attempt_timeout_s
+        self.on_change = on_change
+        self.rejected_tokens: dict[str, tuple[SkipReason, str]] = {}
+
+    def reject_token(self, merchant_id: str, error: SquareApiError) -> None:
+        self.rejected_tokens.setdefault(merchant_id, (token_skip(error.code), str(error)))
+
+    def stop_reason(self, run: Run, merchant_id: str) -> tuple[SkipReason, str] | None:
+        """Why nothing more may be sent for this merchant, if anything."""
+        if run.cancel.is_set():
+            return SkipReason.CANCELLED, "Cancelled before it was sent."
+        if self.journal.broken:
+            return SkipReason.DATABASE_UNWRITABLE, (
+                f"Not sent: {self.journal.broken}; run `recon-console recover`.")
+        if not self.leases.holds(merchant_id):
+            return SkipReason.LEASED, "Not sent: this run no longer holds the merchant's lease."
+        if merchant_id in self.rejected_tokens:
+            return self.rejected_tokens[merchant_id]
+        if merchant_id in self.breaker.open:
+            return SkipReason.SQUARE_UNREACHABLE, self.breaker.open[merchant_id]
+        return None
+
+    def consent_problem(self, intent: Intent) -> tuple[SkipReason, str] | None:
+        consents = self.consents_for(intent.item.merchant_id)
+        relied = next((c for c, _ in consents if c.consent_id == intent.consent_id), None)
+        if relied is None:
+            return SkipReason.NO_CONSENT, "The consent relied on is gone."
+        status = relied.status_at(self.clock()).value
+        if status != "active":
+            reason = {"revoked": SkipReason.CONSENT_REVOKED,
+                      "expired": SkipReason.CONSENT_EXPIRED}.get(status, SkipReason.NO_CONSENT)
+            return reason, f"Consent {relied.consent_id} is {status}."
+        if not relied.covers_location(intent.location_id):
+            return SkipReason.OUTSIDE_CONSENT_SCOPE, "Consent no longer covers the location."
+        return None
+
+    async def send(self, run: Run, creds: MerchantCredentials, intent: Intent
+                   ) -> OrderResult | None:
+        """Send one intent (retrying with its key); None if the outcome stays unknown."""
+        item = intent.item
+
+        def result(outcome: Outcome, reason: str | None, detail: str) -> OrderResult:
+            return OrderResult.of(item, outcome, reason, detail)
+
+        # The last look before the call.
+        stop = self.stop_reason(run, item.merchant_id) or self.consent_problem(intent)
+        if stop is not None:
+            return result(Outcome.SKIPPED, stop[0], stop[1])
+        attempts = 0
+        rate_waits = 0
+        uncertain = False  # a request may have reached Square without us seeing the answer
+        while True:
+            attempts += 1
+            try:
+                async with self.limit:
+                    order = await self.gateway.update_order(creds, item.order_id, intent.body,
+                                                            timeout_s=self.attempt_timeout_s)
+            except SquareRateLimited as error:
+                self.breaker.answered(item.merchant_id)
+                rate_waits += 1
+                wait = self.backoff.rate_limit_wait(rate_waits, error)
+                self.limit.rate_limited(wait)
+                self.on_change(run)
+                if rate_waits > self.max_rate_limit_waits:
+                    if uncertain:
+                        return None
+                    return result(Outcome.FAILED, "RATE_LIMITED",
+                                  "Square kept rate limiting; retry the failed orders later.")
+                attempts -= 1
+                await asyncio.sleep(wait)
+                continue
+            except (SquareServerError, SquareUnavailable) as error:
+                uncertain = True
+                self.breaker.failed(item.merchant_id, error)
+                if attempts >= self.max_attempts or item.merchant_id in self.breaker.open:
+                    return None
+                await asyncio.sleep(self.backoff.delay(attempts))
+                continue
+            except (SquareAuthError, SquareScopeError) as error:
+                self.reject_token(item.merchant_id, error)
+                if uncertain:
+                    return None
+                if token_skip(error.code) is not SkipReason.TOKEN_REJECTED:
+                    # Refused before any call (e.g. TOKEN_MERCHANT_MISMATCH): nothing was sent.
+                    return result(Outcome.SKIPPED, token_skip(error.code), str(error))
+                return result(Outcome.FAILED, error.code, str(error))
+            except SquareApiError as error:
+                self.breaker.answered(item.merchant_id)
+                if error.code == "VERSION_MISMATCH" or error.status == 409:
+                    if uncertain:
+                        return None  # maybe our own earlier attempt moved it: let recover look
+                    return result(Outcome.SKIPPED, SkipReason.VERSION_CHANGED,
+                                  f"{error.code}: {error.detail}")
+                if uncertain:
+                    return None
+                return result(Outcome.FAILED, error.code, error.detail)
+            self.breaker.answered(item.merchant_id)
+            self.limit.succeeded()
+            if order is not None and order.state == "COMPLETED":
+                return result(Outcome.COMPLETED, None,
+                              f"COMPLETED at version {order.version}.")
+            state = order.state if order is not None else "missing"
+            return result(Outcome.FAILED, "NOT_COMPLETED",
+                          f"Square answered 200 but the order is {state}: nothing was "
+                          "completed.")

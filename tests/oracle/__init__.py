@@ -1,0 +1,1 @@
+"""Independent judges for tests: they read the emulator's raw JSON and never import `services/`."""
