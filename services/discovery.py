@@ -39,6 +39,7 @@ from services.errors import (
 from services.square_gateway import SquareGateway
 from services.square_models import Location, OrderLike, decode_order, encode_order
 from services.store import ORDER_COLUMNS, Store, utc_text
+from services.timestamps import parse_time
 
 __all__ = ["FULL_EVERY", "MARK_MARGIN", "NEEDED_SCOPES", "MerchantDiscovery", "TokenHealth",
            "changes_query", "consent_signature", "discover", "order_row", "order_values"]
@@ -119,9 +120,6 @@ def consent_signature(view: ConsentView) -> str:
     return hashlib.sha256(orjson.dumps(parts)).hexdigest()
 
 
-def _parse(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
 
 async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
                        active: list[str], consents: Sequence[ConsentRecord], now: datetime,
@@ -136,7 +134,7 @@ async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCred
     sync = store.order_sync(merchant_id)
     whole = [loc for loc in active
              if full or sync is None or loc not in marks
-             or now - _parse(marks[loc][1]) >= FULL_EVERY]
+             or now - parse_time(marks[loc][1]) >= FULL_EVERY]
     by_change = [loc for loc in active if loc not in whole]
     rows: list[tuple[Any, ...]] = []
     for start in range(0, len(whole), 10):
@@ -148,7 +146,7 @@ async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCred
     changed: dict[str, tuple[Any, ...] | None] = {}
     for start in range(0, len(by_change), 10):
         chunk = by_change[start:start + 10]
-        since = min(_parse(marks[loc][0]) for loc in chunk) - MARK_MARGIN
+        since = min(parse_time(marks[loc][0]) for loc in chunk) - MARK_MARGIN
         async for page in gateway.search_orders(creds, chunk, changes_query(since)):
             for order in page:
                 changed[order.id] = (order_values(order, merchant_id, consents, now, seen_at,
@@ -194,8 +192,7 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
                 error.code, TokenHealth.INVALID)
             raise
         missing = [s for s in NEEDED_SCOPES if s not in status.scopes]
-        expires = (datetime.fromisoformat(status.expires_at.replace("Z", "+00:00"))
-                   if status.expires_at else None)
+        expires = parse_time(status.expires_at) if status.expires_at else None
         if missing:
             report.token_health = TokenHealth.MISSING_SCOPES
         elif expires is not None and expires - now <= TOKEN_EXPIRY_WARNING:
