@@ -14,11 +14,15 @@ __all__ = ["AdaptiveLimit", "Backoff", "CircuitBreaker"]
 
 
 class AdaptiveLimit:
-    """Concurrency that halves on 429 and grows back by one after a window of successes."""
+    """Concurrency that halves on 429 and grows by one after a window of successes, up to
+    `maximum`, from `initial` (default: the maximum). Only fast answers count towards
+    growing: a Square that slows down under our load does not get more of it."""
 
-    def __init__(self, maximum: int) -> None:
+    FAST_S = 1.0  # an answer slower than this does not count as a reason to grow
+
+    def __init__(self, maximum: int, initial: int | None = None) -> None:
         self.maximum = maximum
-        self.limit = maximum
+        self.limit = max(1, min(maximum, initial if initial is not None else maximum))
         self.in_flight = 0
         self._successes = 0
         self._changed = asyncio.Condition()
@@ -42,7 +46,10 @@ class AdaptiveLimit:
         self._successes = 0
         self.backing_off_until = max(self.backing_off_until, time.monotonic() + wait_s)
 
-    def succeeded(self) -> None:
+    def succeeded(self, latency_s: float = 0.0) -> None:
+        if latency_s > self.FAST_S or self.backing_off:
+            self._successes = 0
+            return
         self._successes += 1
         if self._successes >= self.limit and self.limit < self.maximum:
             self.limit += 1
