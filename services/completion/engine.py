@@ -153,8 +153,7 @@ class CompletionEngine:
             for start in range(0, len(items), 100):
                 await self._run_chunk(run, merchant_id, creds, items[start:start + 100],
                                       unsettled)
-                # An in-process Square never suspends: let the console paint and take keys.
-                await asyncio.sleep(0)
+                await self.sender.budget.turn()  # let the console paint and take keys
         finally:
             await self.journal.drain()  # outcomes are durable before the lease lets anyone in
             self.leases.release(merchant_id)

@@ -10,7 +10,7 @@ import time
 from services.errors import SquareRateLimited
 from services.square_gateway import RetryPolicy
 
-__all__ = ["AdaptiveLimit", "Backoff", "CircuitBreaker"]
+__all__ = ["AdaptiveLimit", "Backoff", "CircuitBreaker", "LoopBudget"]
 
 
 class AdaptiveLimit:
@@ -98,3 +98,31 @@ class CircuitBreaker:
 
     def trip(self, merchant_id: str, why: str) -> None:
         self.open.setdefault(merchant_id, why)
+
+
+class LoopBudget:
+    """How long the batch may hold the event loop before it lets others run. An in-process
+    Square answers without ever suspending, so one turn of the loop could otherwise run
+    dozens of whole calls, and the console could neither paint nor take the cancel key.
+    Past `budget_s` in one turn, a sender waits `pause_s` (a timer, not the ready queue, so
+    everything else that is ready runs first)."""
+
+    def __init__(self, budget_s: float = 0.02, pause_s: float = 0.002) -> None:
+        self.budget_s = budget_s
+        self.pause_s = pause_s
+        self._since: float | None = None  # when the engine first ran in this loop turn
+
+    async def turn(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = time.monotonic()
+            if self._since is None:
+                self._since = now
+                loop.call_soon(self._next_turn)  # runs in the loop's next turn
+                return
+            if now - self._since < self.budget_s:
+                return
+            await asyncio.sleep(self.pause_s)
+
+    def _next_turn(self) -> None:
+        self._since = None

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from services.completion.journal import IntentJournal, Run
 from services.completion.leases import LeaseKeeper
-from services.completion.limits import AdaptiveLimit, Backoff, CircuitBreaker
+from services.completion.limits import AdaptiveLimit, Backoff, CircuitBreaker, LoopBudget
 from services.completion.model import Intent, OrderResult, Outcome, SkipReason, token_skip
 from services.consent import ConsentRecord
 from services.credentials import MerchantCredentials
@@ -56,6 +56,7 @@ class Sender:
         self.per_merchant = per_merchant
         self.max_per_merchant = max(per_merchant, max_per_merchant)
         self.merchant_limits: dict[str, AdaptiveLimit] = {}
+        self.budget = LoopBudget()
 
     def merchant_limit(self, merchant_id: str) -> AdaptiveLimit:
         limit = self.merchant_limits.get(merchant_id)
@@ -113,10 +114,8 @@ class Sender:
             try:
                 async with merchant_limit, self.limit:
                     if not uncertain:  # nothing of this intent can have reached Square
-                        # An in-process Square never suspends: without this the batch would
-                        # hold the event loop, and the console could neither paint nor
-                        # take the cancel key.
-                        await asyncio.sleep(0)
+                        # Let the console paint and take keys (see LoopBudget).
+                        await self.budget.turn()
                         # The last look, right before the call (after any wait for a slot):
                         # a cancel, a revocation or a lost lease stops it here.
                         stop = (self.stop_reason(run, item.merchant_id)
