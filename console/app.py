@@ -12,9 +12,12 @@ from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.message import Message
+from textual.notifications import SeverityLevel
 from textual.screen import Screen
 
+from console.crash import crash_line, write_crash_log
 from console.messages import describe
+from console.safe_text import printable, safe
 from services.completion import Outcome
 from services.settings import ReconSettings
 from services.workspace import Workspace
@@ -28,6 +31,7 @@ class ReconApp(App[int]):
     BINDINGS = [
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("A", "audit", "Audit", id="app.audit"),
+        Binding("M", "reminders", "Reminders", id="app.reminders"),
         # Off the footer (the status line says "press R" when intents are open); in the
         # palette and help.
         Binding("R", "recover", "Recover", id="app.recover", show=False),
@@ -51,7 +55,8 @@ class ReconApp(App[int]):
         self.status = "Starting…"
         self.last_error: str | None = None
         self.busy = False
-        self.sub_title = subtitle + ("  READ-ONLY" if read_only else "")
+        self.sub_title = printable(subtitle) + ("  READ-ONLY" if read_only else "")
+        self.crash_message: str | None = None
 
     def on_mount(self) -> None:
         from console.screens.merchants import MerchantsScreen
@@ -168,6 +173,41 @@ class ReconApp(App[int]):
             if reload is not None:
                 reload()
 
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = True) -> None:
+        """Every toast (screens' and widgets' too: theirs come here) shows its text
+        literally: messages carry names, paths and Square's own error text."""
+        super().notify(printable(message), title=printable(title), severity=severity,
+                       timeout=timeout, markup=False)
+
+    # ------------------------------------------------------------------ crashes
+    def known_secrets(self) -> list[str]:
+        """The access tokens in memory: a crash log must not contain them."""
+        workspace = self.workspace
+        if workspace is None:
+            return []
+        try:
+            credentials = workspace.credentials(required=False)
+        except Exception:
+            return []
+        return [c.access_token.get_secret_value() for c in credentials.values()]
+
+    def _handle_exception(self, error: Exception) -> None:
+        # Textual would print the traceback with every frame's locals (credentials among
+        # them) to the terminal. The traceback goes to a private, scrubbed log instead.
+        secrets = self.known_secrets()
+        try:
+            log = write_crash_log(error, secrets)
+        except OSError:
+            log = None
+        self.crash_message = crash_line(error, secrets, log)
+        super()._handle_exception(error)
+
+    def _fatal_error(self) -> None:
+        self.bell()
+        self.panic(safe(self.crash_message or "recon-console stopped on an unexpected error.",
+                        no_wrap=True, overflow="ignore"))  # one line, however wide
+
     # ------------------------------------------------------------------ actions
     def action_help(self) -> None:
         from console.screens.help import HelpScreen
@@ -181,12 +221,19 @@ class ReconApp(App[int]):
         if self.workspace is not None and not isinstance(self.screen, AuditScreen):
             self.push_screen(AuditScreen())
 
+    def action_reminders(self) -> None:
+        from console.screens.reminders import RemindersScreen
+        if self.workspace is not None and not isinstance(self.screen, RemindersScreen):
+            self.push_screen(RemindersScreen())
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Refresh from Square", "Discover open orders again",
                             self.action_refresh)
         yield SystemCommand("Audit trail", "Entries, chain status and export",
                             self.action_audit)
+        yield SystemCommand("Reminders", "Friendly reminders: due, preview, send, history",
+                            self.action_reminders)
         if not self.read_only:
             yield SystemCommand("Recover", "Settle unfinished completions against Square",
                                 self.action_recover)
@@ -220,14 +267,19 @@ def run_console(settings: ReconSettings, read_only: bool = False) -> int:
                    subtitle=f"Square: {settings.target}  operator {settings.operator}")
     app.set_keymap(load_keymap(settings.keymap))
     app.run()
-    return 0
+    return exit_code(app)
+
+
+def exit_code(app: ReconApp) -> int:
+    """0 when the operator quit; 1 when the console died (it said why on stderr)."""
+    return 1 if app.return_code else 0
 
 
 def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) -> int:
     from services.demo import build_demo
 
     def factory() -> Workspace:
-        return build_demo(seed=seed, operator=settings.operator).workspace
+        return build_demo(seed=seed, operator=settings.operator, mail=True).workspace
 
     app = ReconApp(workspace_factory=factory, read_only=read_only,
                    subtitle=f"DEMO  Square: local emulator (in-process)  "
@@ -235,5 +287,5 @@ def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) ->
     app.set_keymap(load_keymap(settings.keymap))
     app.run()
     if app.workspace is not None:
-        print(f"Demo database kept at {Path(str(app.workspace.settings.db))}")
-    return 0
+        print(printable(f"Demo database kept at {Path(str(app.workspace.settings.db))}"))
+    return exit_code(app)

@@ -191,6 +191,31 @@ def build_parser() -> argparse.ArgumentParser:
     _common(recover)
     recover.add_argument("--json", action="store_true")
 
+    # `remind` alone sends (as `remind send` does); history, opt-out and opt-in are
+    # sub-commands. Options go after the last command word they belong to.
+    remind = sub.add_parser("remind", help="friendly reminders to merchants (send, history, "
+                                           "opt-out, opt-in)")
+    remind_sub = remind.add_subparsers(dest="remind_command", parser_class=_Parser)
+    for parser_ in (remind, remind_sub.add_parser("send", help="send the reminders that are "
+                                                               "due (the default)")):
+        _common(parser_)
+        parser_.add_argument("--merchant", action="append", help="only this merchant "
+                                                                 "(repeatable)")
+        parser_.add_argument("--dry-run", action="store_true")
+        parser_.add_argument("--yes", action="store_true")
+        parser_.add_argument("--json", action="store_true")
+    r_history = remind_sub.add_parser("history", help="reminders sent, deferred and failed")
+    _common(r_history)
+    r_history.add_argument("--merchant", action="append")
+    r_history.add_argument("--json", action="store_true")
+    for name, what in (("opt-out", "stop reminders for a merchant"),
+                       ("opt-in", "resume reminders for a merchant")):
+        r_opt = remind_sub.add_parser(name, help=what)
+        _common(r_opt)
+        r_opt.add_argument("merchant_id")
+        r_opt.add_argument("--by", required=True)
+        r_opt.add_argument("--reason", required=True)
+
     audit = sub.add_parser("audit", help="verify, checkpoint and export the audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", parser_class=_Parser, required=True)
     verify = audit_sub.add_parser("verify", help="check the whole chain against the latest "
@@ -232,7 +257,9 @@ def settings_from(args: argparse.Namespace) -> Any:
 
 
 def err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    # Messages carry names, ids and Square's error text: no escape reaches the terminal.
+    from services.text_safety import printable
+    print(printable(message), file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -293,7 +320,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from console import commands
     handler = {"consent": commands.consent, "queue": commands.queue,
                "complete": commands.complete, "recover": commands.recover,
-               "audit": commands.audit}[command]
+               "audit": commands.audit, "remind": commands.remind}[command]
     return handler(args, settings)
 
 
@@ -315,8 +342,15 @@ def _emulator_serve(args: argparse.Namespace) -> int:
                        rate_limit_rps=args.rate_limit, server_error_rate=args.fault_rate,
                        seed=args.seed)
     try:
-        serve(args.host, args.port, config, faults, args.manifest,
-              demo_files=args.write_demo_files, steering=args.steering, strict=args.strict)
+        on_seeded = None
+        if args.write_demo_files is not None:
+            from services.demo import write_demo_files
+            directory = args.write_demo_files
+
+            def on_seeded(merchants: list[Any]) -> None:
+                write_demo_files(directory, merchants)
+        serve(args.host, args.port, config, faults, args.manifest, on_seeded=on_seeded,
+              steering=args.steering, strict=args.strict)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
     except OSError as error:

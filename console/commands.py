@@ -26,9 +26,10 @@ from console.cli import (
     install_cancel,
     print_json,
 )
+from console.safe_text import safe
 from services.completion import NOT_RECORDED, BatchProgress, Outcome, SkipReason
 from services.consent import ConsentStatus
-from services.errors import ConfigurationError, ConsentFileError
+from services.errors import ConfigurationError, ConsentFileError, ReconError
 from services.private_files import open_private
 from services.settings import ReconSettings
 from services.store import utc_text
@@ -69,9 +70,9 @@ def consent(args: argparse.Namespace, settings: ReconSettings) -> int:
                 table = Table("consent", "merchant", "status", "expires", "grantor")
                 table.columns[0].no_wrap = True
                 for row in rows:
-                    table.add_row(str(row["consent_id"]), str(row["merchant_id"]),
-                                  str(row["status"]), str(row["expires_at"] or "—"),
-                                  str(row["grantor"]))
+                    table.add_row(safe(row["consent_id"]), safe(row["merchant_id"]),
+                                  safe(row["status"]), safe(row["expires_at"] or "—"),
+                                  safe(row["grantor"]))
                 Console().print(table)
             return EXIT_OK
         if args.all_for_merchant is not None:
@@ -180,10 +181,12 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
             for order in orders:
                 note = ([f"stale {_age(now, order.fetched_at)}"
                          if order.merchant_id not in refreshed else ""] if stale else [])
-                table.add_row(names.get(order.merchant_id, order.merchant_id), order.order_id,
-                              order.reference_id or "", order.created_at[:16],
-                              format_money(order.total_amount, order.currency),
-                              "yes" if order.eligible else "no", order.reason or "", *note)
+                table.add_row(safe(names.get(order.merchant_id, order.merchant_id)),
+                              safe(order.order_id), safe(order.reference_id),
+                              safe(order.created_at[:16]),
+                              safe(format_money(order.total_amount, order.currency)),
+                              safe("yes" if order.eligible else "no"), safe(order.reason),
+                              *(safe(n) for n in note))
             Console().print(table)
             err(f"{sum(o.eligible for o in orders)} eligible of {len(orders)} shown.")
             if failed:
@@ -278,8 +281,8 @@ def _print_results(args: argparse.Namespace, batch_id: str | None, sha: str,
         return
     table = Table("order", "version", "outcome", "reason", "detail")
     for r in results:
-        table.add_row(r["order_id"], str(r["version"]), r["outcome"], r["reason"] or "",
-                      r["detail"][:60])
+        table.add_row(safe(r["order_id"]), safe(r["version"]), safe(r["outcome"]),
+                      safe(r["reason"]), safe(r["detail"][:60]))
     Console().print(table)
     err(f"completed {summary['completed']}, skipped {summary['skipped']}, "
         f"failed {summary['failed']}" + (f" (batch {batch_id})" if batch_id else ""))
@@ -301,14 +304,37 @@ def recover(args: argparse.Namespace, settings: ReconSettings) -> int:
             for line in held:
                 err(f"left alone, another run is live: {line}")
             _checkpoint_note(workspace)
+            reminders_left = _recover_reminders(workspace, settings)
             if workspace.open_intent_count(settleable_only=True):
                 err("Some intents could not be settled (no credentials or Square "
                     "unreachable): run `recon-console recover` again when Square answers.")
                 return EXIT_FAILURES
-            return EXIT_OK
+            return EXIT_FAILURES if reminders_left else EXIT_OK
         finally:
             await workspace.aclose()
     return asyncio.run(run())
+
+
+def _recover_reminders(workspace: Workspace, settings: ReconSettings) -> int:
+    """Re-send reminders left in doubt (same Message-ID and bytes). Returns how many could
+    not be settled now (no SMTP set up, or the server unreachable), said in one line."""
+    from services.reminders import ReminderService
+    from services.reminders.smtp import smtp_target_from
+
+    probe = ReminderService.for_workspace(workspace, None)
+    if not probe.open_rows():
+        return 0
+    try:
+        service = ReminderService.for_workspace(
+            workspace, smtp_target_from(settings, required=False))
+        results = service.recover()
+    except ReconError as error:
+        left = len(probe.open_rows())
+        err(f"{left} reminder(s) in doubt not settled: {error}")
+        return left
+    for result in results:
+        err(f"  reminder {result.merchant_id}: {result.status} {result.reason or ''}")
+    return 0
 
 
 def audit(args: argparse.Namespace, settings: ReconSettings) -> int:
@@ -371,3 +397,101 @@ def _output(path: Path, newline: str | None = None) -> Iterator[TextIO]:
 
 
 __all__ = ["EXIT_CANCELLED", "audit", "complete", "consent", "queue", "recover"]
+
+
+def remind(args: argparse.Namespace, settings: ReconSettings) -> int:
+    """`remind [send]`, `remind history`, `remind opt-out|opt-in` (see interfaces.md)."""
+
+    from services.reminders import ReminderProgress, ReminderService, SmtpTarget
+    from services.reminders.smtp import smtp_target_from
+
+    command = args.remind_command or "send"
+    sending = command == "send" and not args.dry_run
+    # A missing or bad SMTP set-up is a usage error before anything is read or written.
+    smtp: SmtpTarget | None = smtp_target_from(settings, required=sending) \
+        if command == "send" else None
+
+    async def run() -> int:
+        workspace = Workspace.open(settings)
+        try:
+            service = ReminderService.for_workspace(workspace, smtp)
+            if command in ("opt-out", "opt-in"):
+                service.set_opt_out(args.merchant_id, command == "opt-out", args.by,
+                                    args.reason)
+                what = "opted out of" if command == "opt-out" else "opted in to"
+                err(f"{args.merchant_id}: {what} reminders (recorded in the audit).")
+                return EXIT_OK
+            if command == "history":
+                rows = [r for m in (args.merchant or [None]) for r in service.history(m)]
+                if args.json:
+                    print_json({"reminders": rows})
+                    return EXIT_OK
+                table = Table("sent", "merchant", "kind", "to", "orders", "status", "reason")
+                for row in rows:
+                    table.add_row(safe(str(row["settled_at"] or row["created_at"])[:16]),
+                                  safe(row["business_name"]), safe(row["kind"]),
+                                  safe(", ".join(row["to"])), safe(row["orders"]),
+                                  safe(row["status"]), safe(row["reason"]))
+                Console().print(table)
+                return EXIT_OK
+            if sending and service.open_rows():
+                err(f"re-sending {len(service.open_rows())} reminder(s) left in doubt first…")
+                for result in service.recover():
+                    err(f"  {result.merchant_id}: {result.status} {result.reason or ''}")
+            reports = await workspace.refresh(args.merchant)
+            _report_merchants(reports)
+            plans = service.plan(args.merchant)
+            due = [p for p in plans if p.due]
+            for plan in due:
+                stderr.print(safe(f"{plan.business_name} ({plan.merchant_id}): "
+                                  f"{plan.kind.value}, {len(plan.orders)} orders, to "
+                                  f"{', '.join(plan.recipients)}"))
+            skipped: dict[str, int] = {}
+            for plan in plans:
+                if not plan.due:
+                    skipped[str(plan.skip)] = skipped.get(str(plan.skip), 0) + 1
+            if skipped:
+                err("not due: " + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())))
+            if args.dry_run or not due:
+                results = service.dry_run(plans)
+                err(f"Dry run: {len(due)} reminder(s) would be sent; nothing was sent."
+                    if args.dry_run else "No reminder is due.")
+                _print_reminders(args, results)
+                return EXIT_OK
+            if not args.yes:
+                if not sys.stdin.isatty():
+                    err("Confirmation needed: run in a terminal to type the count, or pass "
+                        "--yes to send exactly these reminders.")
+                    return EXIT_USAGE
+                typed = input(f"Type the number of reminders ({len(due)}) to send them: ")
+                if typed.strip() != str(len(due)):
+                    err("Not confirmed: nothing was sent.")
+                    return EXIT_CANCELLED
+
+            def progress(event: ReminderProgress) -> None:
+                err(f"{event.done}/{event.total} done, {event.sent} sent, "
+                    f"{event.deferred} deferred, {event.failed} failed")
+
+            results = await asyncio.to_thread(service.send, plans, on_progress=progress)
+            _print_reminders(args, results)
+            return EXIT_FAILURES if any(r.status in ("failed", "deferred") for r in results) \
+                else EXIT_OK
+        finally:
+            await workspace.aclose()
+    return asyncio.run(run())
+
+
+def _print_reminders(args: argparse.Namespace, results: list[Any]) -> None:
+    if args.json:
+        print_json({"reminders": [r.to_json() for r in results]})
+        return
+    table = Table("merchant", "kind", "to", "orders", "status", "reason")
+    for r in results:
+        table.add_row(safe(f"{r.business_name} ({r.merchant_id})"), safe(r.kind),
+                      safe(", ".join(r.to) or "no address"), safe(r.orders), safe(r.status),
+                      safe(r.reason))
+    Console().print(table)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    err(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no reminders")

@@ -10,7 +10,6 @@ keeps them outside the database).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import multiprocessing
 import os
@@ -24,9 +23,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
 
-import orjson
-
+from services.canonical_json import canonical_sha256
 from services.store import Store, utc_text
+from services.text_safety import csv_cell, json_line
 
 __all__ = ["AUDIT_FIELDS", "AuditAction", "AuditTrail", "ChainProblem", "Checkpoint",
            "VerifyReport"]
@@ -48,6 +47,10 @@ class AuditAction(StrEnum):
     CANCEL = "cancel"
     RECOVERY = "recovery"
     BATCH_FINISHED = "batch_finished"
+    REMINDER_SENT = "reminder_sent"
+    REMINDER_FAILED = "reminder_failed"
+    REMINDER_OPT_OUT = "reminder_opt_out"
+    REMINDER_OPT_IN = "reminder_opt_in"
 
 
 _SORTED_FIELDS = tuple(sorted(AUDIT_FIELDS))
@@ -101,8 +104,7 @@ def _verify_range(conn: sqlite3.Connection, first: int, end: int | None, prev: s
     cursor = conn.execute(sql + " ORDER BY seq", params)
     expected = first
     count = 0
-    sha256 = hashlib.sha256
-    dumps = orjson.dumps
+    digest_of = canonical_sha256
     fields = _SORTED_FIELDS
     while True:
         rows = cursor.fetchmany(10000)
@@ -116,7 +118,7 @@ def _verify_range(conn: sqlite3.Connection, first: int, end: int | None, prev: s
             if row[prev_at] != prev:
                 return ((seq, ChainProblem.BROKEN_LINK,
                          "its prev_hash does not match the entry before it."), count, prev)
-            digest = sha256(dumps(dict(zip(fields, row, strict=False)))).hexdigest()
+            digest = digest_of(dict(zip(fields, row, strict=False)))
             if digest != row[-1]:
                 return ((seq, ChainProblem.CHANGED_ENTRY,
                          "its contents do not match its hash (changed)."), count, prev)
@@ -139,8 +141,7 @@ def _verify_range_in_process(path: str, first: int, end: int | None, prev: str |
 
 
 def entry_hash(entry: dict[str, Any]) -> str:
-    canonical = orjson.dumps({k: entry.get(k) for k in _SORTED_FIELDS})
-    return hashlib.sha256(canonical).hexdigest()
+    return canonical_sha256({k: entry.get(k) for k in AUDIT_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -346,13 +347,13 @@ class AuditTrail:
         rows = self.entries(merchant_id=merchant_id, since=since)
         if fmt == "jsonl":
             for entry in rows:
-                out.write(orjson.dumps(entry, option=orjson.OPT_SORT_KEYS).decode() + "\n")
+                out.write(json_line(entry) + "\n")  # exact, and inert on a terminal
                 count += 1
         elif fmt == "csv":
             writer = csv.DictWriter(out, fieldnames=list(_ALL))
             writer.writeheader()
             for entry in rows:
-                writer.writerow(entry)
+                writer.writerow({k: csv_cell(v) for k, v in entry.items()})  # no formulas
                 count += 1
         else:
             raise ValueError(f"unknown export format {fmt!r}: use csv or jsonl")

@@ -10,12 +10,13 @@ import stat
 import tomllib
 from datetime import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator
 
 from services.errors import CredentialsError
 
-__all__ = ["MerchantCredentials", "load_credentials"]
+__all__ = ["MerchantCredentials", "load_credentials", "load_section_secret"]
 
 
 class MerchantCredentials(BaseModel):
@@ -45,22 +46,7 @@ class _MerchantEntry(BaseModel):
 
 def load_credentials(path: Path) -> dict[str, MerchantCredentials]:
     """Read and check the file; refuse it if group or others can read it."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise CredentialsError(f"{path}: credentials file not found; create it (TOML, "
-                               "[merchants.ID] access_token = ...) or pass --credentials."
-                               ) from None
-    except OSError as error:
-        raise CredentialsError(f"{path}: cannot read credentials ({error.strerror}).") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CredentialsError(f"{path}: readable by group or others; run `chmod 600 {path}` "
-                               "and rotate the tokens if others may have read them.")
-    try:
-        document = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        # The parser's message names the line, never the token's text.
-        raise CredentialsError(f"{path}: not valid TOML ({str(error).splitlines()[0]}).") from None
+    document = _read_document(path)
     merchants = document.get("merchants")
     if not isinstance(merchants, dict) or not merchants:
         raise CredentialsError(f"{path}: no [merchants.MERCHANT_ID] tables with access_token.")
@@ -80,3 +66,35 @@ def load_credentials(path: Path) -> dict[str, MerchantCredentials]:
         if not parsed.access_token.get_secret_value().strip():
             raise CredentialsError(f"{path}: merchants.{merchant_id}.access_token is empty.")
     return result
+
+
+def load_section_secret(path: Path, section: str, key: str) -> SecretStr | None:
+    """One secret from an optional section (`[smtp] password`, `[audit] checkpoint_key`), with
+    the same file checks as the tokens; None when the section or key is absent."""
+    table = _read_document(path).get(section)
+    value = table.get(key) if isinstance(table, dict) else None
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise CredentialsError(f"{path}: {section}.{key} must be a non-empty string.")
+    return SecretStr(value)
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CredentialsError(f"{path}: credentials file not found; create it (TOML, "
+                               "[merchants.ID] access_token = ...) or pass --credentials."
+                               ) from None
+    except OSError as error:
+        raise CredentialsError(f"{path}: cannot read credentials ({error.strerror}).") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CredentialsError(f"{path}: readable by group or others; run `chmod 600 {path}` "
+                               "and rotate the tokens if others may have read them.")
+    try:
+        document = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        # The parser's message names the line, never the token's text.
+        raise CredentialsError(f"{path}: not valid TOML ({str(error).splitlines()[0]}).") from None
+    return document

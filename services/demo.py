@@ -26,6 +26,8 @@ from services.emulator import (
     seed_square,
 )
 from services.emulator.seed import SeededMerchant, make_order
+from services.private_files import open_private
+from services.reminders.local_server import LocalSmtpServer
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy
 from services.workspace import Workspace
@@ -120,12 +122,13 @@ class DemoEnvironment:
     merchants: list[SeededMerchant]
     workspace: Workspace
     directory: Path
+    mail: LocalSmtpServer | None = None   # the local SMTP server reminders go to
 
 
 def build_demo(seed: int = 7, operator: str = "demo-operator", directory: Path | None = None,
                merchants: int = 14, orders_per_location: int = 40,
                heavy_orders_per_location: int = 1500, faults: FaultPlan | None = None,
-               now: datetime | None = None) -> DemoEnvironment:
+               now: datetime | None = None, mail: bool = False) -> DemoEnvironment:
     """Everything `recon-console demo` needs, with no set-up: 14 merchants across every consent
     state and token health, two of them with thousands of orders. A fixed `now` freezes every
     clock (emulator, workspace, audit), for snapshots."""
@@ -176,4 +179,31 @@ def build_demo(seed: int = 7, operator: str = "demo-operator", directory: Path |
     consent_file = directory / "demo-consents.json"
     consent_file.write_text(json.dumps(documents, indent=2))
     workspace.import_consent_files([consent_file])
-    return DemoEnvironment(emulator, seeded, workspace, directory)
+    server = None
+    if mail:
+        # Reminders go to aiosmtpd on loopback, in this process; each message is also
+        # written as .eml into the demo's mailbox folder. Nothing leaves the machine.
+        server = LocalSmtpServer(directory=directory / "mailbox").start()
+        workspace.settings.smtp_url = server.url()
+        workspace.settings.reminder_from = ("Ledgerline Reconciliation Team "
+                                            "<recon@ledgerline.example>")
+        # The demo can be tried at any hour of the day.
+        workspace.settings.reminder_business_hours = "00:00-24:00"
+    return DemoEnvironment(emulator, seeded, workspace, directory, server)
+
+
+def write_demo_files(directory: Path, merchants: list[SeededMerchant]) -> None:
+    """A credentials file (owner-only) and consent records for the seeded merchants, so a new
+    user can try the command line against `emulator serve` in three commands."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, merchant in enumerate(merchants):
+        lines.append(f"[merchants.{merchant.merchant.id}]\n"
+                     f"access_token = \"{merchant.token.token}\"\n"
+                     f"sync_time = \"{3 + index % 4:02d}:00\"\n")
+    with open_private(directory / "credentials.toml") as handle:
+        handle.write("\n".join(lines))
+    now = datetime.now(UTC)
+    # Every merchant but the last two consents; those two stay on the reminder list.
+    documents = [consent_for(m, now) for m in merchants[:max(1, len(merchants) - 2)]]
+    (directory / "consents.json").write_text(json.dumps(documents, indent=2))

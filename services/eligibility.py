@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from services.consent import DEFAULT_ORDER_SOURCES, ConsentRecord, ConsentStatus
 from services.square_models import SquareOrder
+from services.timestamps import parse_time
 
 __all__ = ["Classification", "ConsentView", "EligibilityReason", "apply_batch_limits",
            "classify", "dashboard_url"]
@@ -52,10 +53,6 @@ class Classification:
     reason: EligibilityReason | None
     detail: str
     consent: ConsentRecord | None = None
-
-
-def _parse(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,7 @@ def classify(order: SquareOrder, consents: Sequence[ConsentRecord], now: datetim
     consent = max(active, key=lambda c: c.effective_from)
     scope = consent.scope
     if scope.min_order_age_hours:
-        age = now - _parse(order.created_at)
+        age = now - parse_time(order.created_at)
         if age < timedelta(hours=scope.min_order_age_hours):
             return no(EligibilityReason.TOO_RECENT,
                       f"Younger than {scope.min_order_age_hours} h.", consent)

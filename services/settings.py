@@ -89,6 +89,18 @@ class ReconSettings(BaseSettings):
     max_concurrent_merchants: int = Field(16, ge=1)
     read_retries: int = Field(4, ge=0)
     request_timeout_s: float = Field(20.0, gt=0)
+    # Reminders (services/reminders): `smtp://user@host:587` (STARTTLS) or `smtps://...:465`;
+    # the password comes from the credentials file's [smtp] section, never from here.
+    smtp_url: str | None = None
+    reminder_from: str = "Reconciliation Team <recon@example.com>"
+    reminder_window_days: int = Field(7, ge=1)
+    reminder_consent_link: str = "https://example.com/managed-reconciliation/consent"
+    # Overrides of the shipped templates (`no_consent.txt.j2`, ...), looked up here first.
+    reminder_templates: Path = Field(default_factory=lambda: Path(
+        platformdirs.user_config_dir(APP_NAME)) / "reminder-templates")
+    # Merchant-local hours in which reminders go out ("00:00-24:00": any time).
+    reminder_business_hours: str = Field(
+        "09:00-17:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d-(([01]\d|2[0-3]):[0-5]\d|24:00)$")
 
     @field_validator("db", mode="before")
     @classmethod

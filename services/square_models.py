@@ -111,6 +111,7 @@ class Location(_Slim):
     status: str = "ACTIVE"
     currency: str = ""
     timezone: str | None = None
+    business_email: str | None = None
 
 
 class Merchant(_Slim):

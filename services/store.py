@@ -146,6 +146,27 @@ def m003_intent_attempts_and_leases(db: Database) -> None:
             expires_at TEXT NOT NULL, token TEXT NOT NULL)""")
 
 
+@migrations()
+def m005_reminders(db: Database) -> None:
+    # One row per reminder: written (status NULL) before the SMTP transaction, settled after.
+    # (merchant_id, window_index) is unique: at most one Message-ID per merchant per window.
+    db.execute("""
+        CREATE TABLE reminder_outbox (
+            message_id TEXT PRIMARY KEY, merchant_id TEXT NOT NULL,
+            window_index INTEGER NOT NULL, kind TEXT NOT NULL, recipients_json TEXT NOT NULL,
+            order_ids_json TEXT NOT NULL, orders INTEGER NOT NULL, age_step INTEGER NOT NULL,
+            message_eml TEXT NOT NULL, operator TEXT NOT NULL, holder TEXT NOT NULL,
+            created_at TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            status TEXT, reason TEXT, detail TEXT, next_attempt_at TEXT, settled_at TEXT,
+            UNIQUE (merchant_id, window_index))""")
+    db.execute("CREATE INDEX reminder_outbox_open ON reminder_outbox(status) "
+               "WHERE status IS NULL OR status = 'deferred'")
+    db.execute("""
+        CREATE TABLE reminder_opt_outs (
+            merchant_id TEXT PRIMARY KEY, opted_out INTEGER NOT NULL, by TEXT NOT NULL,
+            reason TEXT NOT NULL, at TEXT NOT NULL)""")
+
+
 @dataclass(frozen=True)
 class StoredConsent:
     record: ConsentRecord

@@ -50,6 +50,7 @@ from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
 from services.square_models import SquareOrder
 from services.store import QueuedOrder, Store, StoredConsent
+from services.timestamps import parse_time
 
 __all__ = ["MerchantOverview", "Preview", "Workspace"]
 
@@ -371,7 +372,7 @@ class Workspace:
             buckets = [0, 0, 0, 0, 0]
             for order in candidates:
                 totals[order.currency] = totals.get(order.currency, 0) + order.total_amount
-                age = now - datetime.fromisoformat(order.created_at.replace("Z", "+00:00"))
+                age = now - parse_time(order.created_at)
                 days = age.total_seconds() / 86400
                 buckets[0 if days < 1 else 1 if days < 3 else 2 if days < 7 else
                         3 if days < 14 else 4] += 1

@@ -52,6 +52,15 @@ def make_emulator(config: SeedConfig | None = None, faults: FaultPlan | None = N
     return Emulator(build_app(square, faults, strict=strict, steering=steering), merchants)
 
 
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path_factory: pytest.TempPathFactory,
+                      monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Crash logs go to the user state directory (platformdirs): a test's stay in its own."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state
+
+
 @pytest.fixture
 def emulator() -> Emulator:
     return make_emulator()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,3 +50,29 @@ def merchants_loaded(app: ReconApp) -> Callable[[], bool]:
         except Exception:
             return False
     return check
+
+
+HOSTILE_FILE = Path(__file__).parent / "data" / "hostile_strings.txt"
+# The name that turned the confirmation dialog into an approve button.
+DISMISS = "[@click=screen.dismiss(True)]x[/]"
+
+
+def hostile_strings() -> list[str]:
+    """tests/data/hostile_strings.txt: one JSON string per line, # lines are comments."""
+    lines = HOSTILE_FILE.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip() and not line.startswith("#")]
+
+
+def hostile_names(environment: DemoEnvironment, first: str = DISMISS) -> list[str]:
+    """Give the seeded merchants and locations (as Square would report them) hostile names:
+    the first merchant `first`, the rest in corpus order; every location one of the corpus."""
+    corpus = hostile_strings()
+    names = [first] + [s for s in corpus if s != first]
+    square = environment.emulator.square
+    slot = 0
+    for index, seeded in enumerate(environment.merchants):
+        square.merchants[seeded.merchant.id].business_name = names[index % len(names)]
+        for location in seeded.locations:
+            square.locations[location.id].name = corpus[slot % len(corpus)]
+            slot += 1
+    return names[:len(environment.merchants)]

@@ -16,7 +16,7 @@ from console.screens.progress import ProgressScreen
 from console.screens.queue import QueueScreen
 from services.completion import BatchProgress, OrderResult, Outcome
 from services.emulator import FaultPlan
-from tests.console_harness import app_for, demo, merchants_loaded, wait_until
+from tests.console_harness import app_for, demo, hostile_names, merchants_loaded, wait_until
 
 SIZE = (160, 45)
 
@@ -160,3 +160,26 @@ async def loaded_with_errors(pilot: Pilot[Any]) -> None:
     await wait_until(pilot, lambda: pilot.app.status != "Starting…" and
                      not pilot.app.busy and "Refreshed" in pilot.app.status)  # type: ignore
     await pilot.pause()
+
+
+def test_merchants_with_hostile_names(snap_compare: Any, tmp_path: Path) -> None:
+    """Names from tests/data/hostile_strings.txt, shown literally: markup as brackets, escapes
+    as ␛, bidi overrides as <U+202E>, the 10,000-character name cut."""
+    environment = demo(tmp_path)
+    hostile_names(environment)
+    assert snap_compare(app_for(environment), terminal_size=SIZE, run_before=loaded)
+
+
+def test_confirmation_with_a_hostile_name(snap_compare: Any, tmp_path: Path) -> None:
+    """The merchant named `[@click=screen.dismiss(True)]x[/]`: its name is text, not a button."""
+    environment = demo(tmp_path)
+    hostile_names(environment)
+    merchant = environment.merchants[0].merchant.id
+
+    async def run(pilot: Pilot[Any]) -> None:
+        await loaded(pilot)
+        await pilot.app.push_screen(QueueScreen(merchant))
+        await pilot.pause()
+        await pilot.press("a", "c")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, ConfirmScreen))
+    assert snap_compare(app_for(environment), terminal_size=SIZE, run_before=run)

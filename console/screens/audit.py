@@ -14,6 +14,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from console.messages import describe
+from console.safe_text import SafeText, safe
 
 FILTER_KEYS = {"merchant": "merchant_id", "operator": "operator", "order": "order_id",
                "outcome": "outcome", "since": "since", "until": "until", "action": "action"}
@@ -59,7 +60,7 @@ class AuditScreen(Screen[None]):
         field.display = False
         field.cursor_blink = False  # steady cursor: calmer, and stable snapshots
         yield field
-        table: DataTable[str] = DataTable(id="entries", cursor_type="row", zebra_stripes=True)
+        table: DataTable[SafeText] = DataTable(id="entries", cursor_type="row", zebra_stripes=True)
         table.add_columns("#", "At (UTC)", "Operator", "Action", "Merchant", "Order", "v",
                           "Outcome", "Detail")
         yield table
@@ -77,14 +78,15 @@ class AuditScreen(Screen[None]):
         names = workspace.merchant_names()
         for entry in entries:
             merchant = entry["merchant_id"] or ""
-            table.add_row(str(entry["seq"]), (entry["at"] or "")[:19].replace("T", " "),
-                          entry["operator"] or "", entry["action"] or "",
-                          names.get(merchant, merchant)[:22], (entry["order_id"] or "")[:14],
-                          str(entry["version"] or ""), entry["outcome"] or "",
-                          (entry["detail"] or "")[:48])
+            # Names, ids and details are third-party text: SafeText cells, never markup.
+            table.add_row(safe(entry["seq"]), safe((entry["at"] or "")[:19].replace("T", " ")),
+                          safe(entry["operator"]), safe(entry["action"]),
+                          safe(names.get(merchant, merchant)[:22]),
+                          safe((entry["order_id"] or "")[:14]), safe(entry["version"] or ""),
+                          safe(entry["outcome"]), safe((entry["detail"] or "")[:48]))
         shown = ", ".join(f"{k}={v}" for k, v in self.filters.items()) or "all entries"
         self.query_one("#audit-title", Static).update(
-            f"Audit trail: {len(entries)} newest shown ({shown}); / filters")
+            safe(f"Audit trail: {len(entries)} newest shown ({shown}); / filters"))
 
     @work(exclusive=True, group="verify")
     async def action_verify(self) -> None:
@@ -96,7 +98,7 @@ class AuditScreen(Screen[None]):
         try:
             report = await asyncio.to_thread(workspace.verify, own_connection=True)
         except Exception as error:  # e.g. a key file others can read: shown, never fatal
-            chain.update(f"Chain: ✘ not checked: {describe(error)}")
+            chain.update(safe(f"Chain: ✘ not checked: {describe(error)}"))
             chain.add_class("error")
             return
         checked = report.checkpoint
@@ -105,13 +107,13 @@ class AuditScreen(Screen[None]):
         if report.ok:
             if report.warning:
                 against = "; ⚠ no signed checkpoint yet: the tail of the chain is not anchored"
-            chain.update(f"Chain: ✔ verified to entry {report.entries} "
-                         f"(head {report.head_hash[:12]}){against}")
+            chain.update(safe(f"Chain: ✔ verified to entry {report.entries} "
+                              f"(head {report.head_hash[:12]}){against}"))
             chain.remove_class("error")
         else:
             where = f" at entry {report.broken_at}" if report.broken_at is not None else ""
-            chain.update(f"Chain: ✘ BROKEN{where}: {report.problem}" +
-                         (f" (checked{against})" if checked else ""))
+            chain.update(safe(f"Chain: ✘ BROKEN{where}: {report.problem}" +
+                              (f" (checked{against})" if checked else "")))
             chain.add_class("error")
 
     def action_filter(self) -> None:
@@ -135,8 +137,14 @@ class AuditScreen(Screen[None]):
         stamp = workspace.clock().strftime("%Y%m%dT%H%M%S")
         path = Path(str(workspace.settings.db)).parent / f"audit-{stamp}.{fmt}"
         filters = {k: v for k, v in self.filters.items() if k in ("merchant_id", "since")}
-        with path.open("w", newline="") as handle:
-            count = workspace.audit.export(handle, fmt, **filters)
+        try:
+            with path.open("w", newline="") as handle:
+                count = workspace.audit.export(handle, fmt, **filters)
+        except OSError as error:  # a message, not a crash
+            self.app.set_status(  # type: ignore[attr-defined]
+                f"Audit export not written: {path}: {error.strerror or error}; check the "
+                "folder exists and is writable.", error=True)
+            return
         self.notify(f"{count} entries exported to {path}")
 
     def action_back(self) -> None:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, cast
 from textual.screen import Screen
 from textual.widgets import Static
 
+from console.safe_text import safe
+
 if TYPE_CHECKING:
     from console.app import ReconApp
 
@@ -19,5 +21,5 @@ class ConsoleScreen(Screen[None]):
     def show_status(self, text: str, error: bool = False) -> None:
         """The app calls this on every screen when its status changes."""
         status = self.query_one("#status", Static)
-        status.update(text)
+        status.update(safe(text))  # carries merchants' names and Square's error text
         status.set_class(error, "error")

@@ -9,6 +9,7 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
+from console.safe_text import SafeText, safe
 from services.workspace import Preview, format_money
 
 # Above either threshold the operator types the count (or the merchant's name).
@@ -38,26 +39,29 @@ class ConfirmScreen(ModalScreen[bool]):
         self.typed = needs_typing(preview)
 
     def compose(self) -> ComposeResult:
+        # Merchant names are third-party text: the dialog is built from inert SafeText only,
+        # so nothing in it can be a link or an action (`[@click=screen.dismiss(True)]`).
         preview = self.preview
-        lines = [f"Complete {preview.count} orders in Square?", ""]
+        text = SafeText(f"Complete {preview.count} orders in Square?\n\n")
         for merchant_id, totals in sorted(preview.totals.items()):
             count = sum(1 for i in preview.items if i.merchant_id == merchant_id)
             money = ", ".join(format_money(a, c) for c, a in sorted(totals.items()))
-            lines.append(f"  {preview.names.get(merchant_id, merchant_id)}: {count} orders, "
-                         f"{money}")
+            text.append("  ")
+            text.append(safe(preview.names.get(merchant_id, merchant_id)))
+            text.append(f": {count} orders, {money}\n")
         if preview.held_back:
-            lines += ["", f"  Held back: {len(preview.held_back)} "
-                          f"({', '.join(sorted({r for _, r in preview.held_back}))})"]
-        lines += ["", f"Approved set {preview.sha256[:16]}…: each order is re-checked at send "
-                      "time; anything changed since is skipped, not completed."]
+            text.append(f"\n  Held back: {len(preview.held_back)} "
+                        f"({', '.join(sorted({r for _, r in preview.held_back}))})\n")
+        text.append(f"\nApproved set {preview.sha256[:16]}…: each order is re-checked at send "
+                    "time; anything changed since is skipped, not completed.")
         with Vertical(id="confirm-box"):
-            yield Static("\n".join(lines), id="confirm-text")
+            yield Static(text, id="confirm-text")
             if self.typed:
                 merchants = list(preview.totals)
                 hint = f"Type {preview.count}"
                 if len(merchants) == 1:
                     hint += f" or the merchant's name ({preview.names.get(merchants[0])})"
-                yield Static(f"{hint} and press Enter to complete; Escape cancels.",
+                yield Static(safe(f"{hint} and press Enter to complete; Escape cancels."),
                              id="confirm-hint")
                 typed = Input(placeholder=str(preview.count), id="confirm-input")
                 typed.cursor_blink = False
@@ -85,9 +89,9 @@ class ConfirmScreen(ModalScreen[bool]):
         if typed.lower() in accepted:
             self.dismiss(True)
         else:
-            self.query_one("#confirm-error", Static).update(
+            self.query_one("#confirm-error", Static).update(safe(
                 f"That is not {self.preview.count}: nothing was sent. Type it again or press "
-                "Escape.")
+                "Escape."))
             event.input.value = ""
 
     def action_confirm(self) -> None:

@@ -9,6 +9,8 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from console.safe_text import safe
+
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close", id="help.close")]
@@ -24,7 +26,8 @@ class HelpScreen(ModalScreen[None]):
             if (key, description) in seen:
                 continue
             seen.add((key, description))
-            table.add_row(key, description, binding_id)
+            # Keys and ids may come from the operator's keymap file: shown literally.
+            table.add_row(safe(key), safe(description), safe(binding_id))
         with VerticalScroll(id="help-box"):
             yield Static("Keys here (ctrl+p opens the command palette; Escape closes)",
                          classes="title")

@@ -7,12 +7,13 @@ from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 
-from rich.text import Text
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Header, Static
 
+from console.safe_text import SafeText, clip, safe
 from console.screens.base import ConsoleScreen
+from services.text_safety import csv_cell
 from services.workspace import MerchantOverview, format_money
 
 _SPARK = " ▁▂▃▄▅▆▇█"
@@ -59,12 +60,12 @@ class MerchantsScreen(ConsoleScreen):
             yield Static("READ-ONLY: this console offers no write actions.", id="read-only")
         yield Static("", id="banner")
         yield Static("Merchants", id="title", classes="title")
-        table: DataTable[Text | str] = DataTable(id="merchants", cursor_type="row",
+        table: DataTable[SafeText] = DataTable(id="merchants", cursor_type="row",
                                                  zebra_stripes=True)
         table.add_columns("Merchant", "Consent", "Token", "Eligible", "Total", "Oldest",
                           "Ages <1d…2w+", "Next sync", "Note")
         yield table
-        yield Static(self.recon.status, id="status")
+        yield Static(safe(self.recon.status), id="status")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -78,7 +79,7 @@ class MerchantsScreen(ConsoleScreen):
         banner = self.query_one("#banner", Static)
         banner.display = bool(workspace.credentials_error)
         if workspace.credentials_error:
-            banner.update(workspace.credentials_error)
+            banner.update(safe(workspace.credentials_error))
             banner.add_class("error")
         self.rows = workspace.overview()
         self._fill()
@@ -98,6 +99,8 @@ class MerchantsScreen(ConsoleScreen):
         workspace = self.recon.workspace
         assert workspace is not None  # rows exist only once it does
         now = workspace.clock()
+        from services.reminders.service import last_reminded
+        reminded = last_reminded(workspace.store)
         for row in rows:
             total = ", ".join(format_money(a, c) for c, a in sorted(row.totals.items())) or "—"
             oldest = "—"
@@ -107,24 +110,26 @@ class MerchantsScreen(ConsoleScreen):
                 oldest = f"{age.days}d" if age.days else f"{age.seconds // 3600}h"
             note = row.error or (f"{row.waiting_without_consent} waiting: send a reminder"
                                  if row.waiting_without_consent else "")
+            if not row.error and row.merchant_id in reminded:
+                note = f"reminded {reminded[row.merchant_id][:10]}" + (f"; {note}" if note else "")
             if row.leased_by:  # another operator's run is sending for this merchant now
                 note = f"LEASED by {row.leased_by}" + (f"; {note}" if note else "")
             consent = row.consent_status.replace("_", " ")
             if row.consent_expires_at and row.consent_status == "expiring":
                 consent += f" {row.consent_expires_at[:10]}"
+            # Every cell is SafeText: a str cell would be parsed as markup by DataTable.
             table.add_row(
-                row.business_name,
-                Text(consent, style=_CONSENT_STYLE.get(row.consent_status, "")),
-                Text(row.token_health.replace("_", " "),
-                     style=_TOKEN_STYLE.get(row.token_health, "")),
-                str(row.candidates) if row.candidates else "—", total, oldest,
-                sparkline(row.age_buckets), duration(row.next_sync_in),
-                Text(note[:56] + ("…" if len(note) > 56 else ""),
-                     style="red" if row.error else "yellow"),
+                safe(clip(row.business_name, 40)),
+                safe(consent, _CONSENT_STYLE.get(row.consent_status, "")),
+                safe(row.token_health.replace("_", " "), _TOKEN_STYLE.get(row.token_health, "")),
+                safe(row.candidates if row.candidates else "—"), safe(total), safe(oldest),
+                safe(sparkline(row.age_buckets)), safe(duration(row.next_sync_in)),
+                safe(note[:56] + ("…" if len(note) > 56 else ""),
+                     "red" if row.error else "yellow"),
                 key=row.merchant_id)
         title = "Reminder list: merchants without usable consent who have waiting orders" \
             if self.reminders_only else f"Merchants ({len(rows)}), most urgent first"
-        self.query_one("#title", Static).update(title)
+        self.query_one("#title", Static).update(safe(title))
         if current is not None:
             for index, row in enumerate(rows):
                 if row.merchant_id == current:
@@ -169,13 +174,18 @@ class MerchantsScreen(ConsoleScreen):
             return
         rows = [r for r in self.rows if r.waiting_without_consent]
         path = Path(str(workspace.settings.db)).parent / "reminders.csv"
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["merchant_id", "business_name", "consent_status",
-                             "orders_waiting"])
-            for row in rows:
-                writer.writerow([row.merchant_id, row.business_name, row.consent_status,
-                                 row.waiting_without_consent])
+        try:
+            with path.open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["merchant_id", "business_name", "consent_status",
+                                 "orders_waiting"])
+                for row in rows:
+                    writer.writerow([csv_cell(row.merchant_id), csv_cell(row.business_name),
+                                     csv_cell(row.consent_status), row.waiting_without_consent])
+        except OSError as error:  # a message, not a crash
+            self.recon.set_status(f"Reminder list not written: {path}: {error.strerror or error}"
+                                  "; check the folder exists and is writable.", error=True)
+            return
         self.notify(f"Reminder list ({len(rows)} merchants) written to {path}")
 
     def palette_commands(self) -> Iterable[SystemCommand]:

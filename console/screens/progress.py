@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections import deque
 
-from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -14,6 +13,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from console.messages import describe
+from console.safe_text import SafeText, safe, safe_join
 from console.widgets.order_table import OrderTable
 from services.completion import (
     ApprovedItem,
@@ -45,11 +45,11 @@ class ProgressScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static(f"Completing {self.preview.count} approved orders", classes="title",
+        yield Static(safe(f"Completing {self.preview.count} approved orders"), classes="title",
                      id="progress-title")
         yield Static("", id="bar")
         yield Static("Starting…", id="progress-stats")
-        table: DataTable[str] = DataTable(id="results", cursor_type="row", zebra_stripes=True)
+        table: DataTable[SafeText] = DataTable(id="results", cursor_type="row", zebra_stripes=True)
         table.add_columns("Merchant", "Order", "Version", "Outcome", "Reason", "Detail")
         yield table
         yield Footer()
@@ -107,8 +107,7 @@ class ProgressScreen(Screen[None]):
         filled = round(width * event.done / event.total) if event.total else width
         percent = round(100 * event.done / event.total) if event.total else 100
         self.query_one("#bar", Static).update(
-            Text.assemble(("█" * filled, "green"), ("░" * (width - filled), "dim"),
-                          f" {percent}%"))
+            safe_join(("█" * filled, "green"), ("░" * (width - filled), "dim"), f" {percent}%"))
         eta = f"{event.eta_s:.0f}s" if event.eta_s is not None else "—"
         if self.finished:
             state = "cancelled" if self.cancel_event.is_set() else "finished"
@@ -116,10 +115,10 @@ class ProgressScreen(Screen[None]):
             state = ("cancelling: waiting for calls in flight" if event.cancelled
                      else "running")
         backing = "  ⚠ backing off: Square is rate limiting" if event.backing_off else ""
-        self.query_one("#progress-stats", Static).update(
+        self.query_one("#progress-stats", Static).update(safe(
             f"{event.done}/{event.total} done   completed {event.completed}   skipped "
             f"{event.skipped}   failed {event.failed}   {event.rate_per_s:.1f}/s   ETA {eta}   "
-            f"concurrency {event.concurrency}   {state}{backing}")
+            f"concurrency {event.concurrency}   {state}{backing}"))
 
     def show_results(self) -> None:
         table = self.query_one("#results", DataTable)
@@ -127,9 +126,9 @@ class ProgressScreen(Screen[None]):
         names = self.app.workspace.merchant_names()  # type: ignore[attr-defined]
         order = {Outcome.FAILED: 0, Outcome.SKIPPED: 1, Outcome.COMPLETED: 2}
         for result in sorted(self.results, key=lambda r: (order[r.outcome], r.order_id)):
-            table.add_row(names.get(result.merchant_id, result.merchant_id)[:20],
-                          result.order_id, str(result.version), result.outcome.value,
-                          result.reason or "", result.detail[:60])
+            table.add_row(safe(names.get(result.merchant_id, result.merchant_id)[:20]),
+                          safe(result.order_id), safe(result.version), safe(result.outcome.value),
+                          safe(result.reason), safe(result.detail[:60]))
         failed = sum(1 for r in self.results if r.outcome is Outcome.FAILED)
         if self.cancel_event.is_set():
             completed = sum(1 for r in self.results if r.outcome is Outcome.COMPLETED)
@@ -139,7 +138,7 @@ class ProgressScreen(Screen[None]):
             title = f"Finished: {len(self.results)} results"
         if failed:
             title += f", {failed} failed: press f to retry only those"
-        self.query_one("#progress-title", Static).update(title)
+        self.query_one("#progress-title", Static).update(safe(title))
 
     def unsent(self) -> set[str]:
         """The orders a cancel kept from being sent: they go back to the queue selected."""
@@ -165,7 +164,7 @@ class ProgressScreen(Screen[None]):
                 self.preview = retry
                 self.latest = None
                 self.query_one("#progress-title", Static).update(
-                    f"Retrying {retry.count} failed orders")
+                    safe(f"Retrying {retry.count} failed orders"))
                 self.run_batch(failed)
 
         self.app.push_screen(ConfirmScreen(retry), confirmed)

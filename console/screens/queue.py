@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from rich.text import Text
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Footer, Header, Input, Static
 
+from console.safe_text import safe
 from console.screens.base import ConsoleScreen
 from console.widgets.order_detail import OrderDetail
 from console.widgets.order_table import Column, OrderTable, TableRow
@@ -130,7 +130,7 @@ class QueueScreen(ConsoleScreen):
                              id="orders")
             yield OrderDetail(id="detail")
         yield Static("", id="selection")
-        yield Static(self.recon.status, id="status")
+        yield Static(safe(self.recon.status), id="status")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -180,7 +180,7 @@ class QueueScreen(ConsoleScreen):
         workspace = self.recon.workspace
         names = workspace.merchant_names() if workspace is not None else {}
         title = names.get(self.merchant_id or "", "All merchants")
-        tabs = Text(f"{title}   ")
+        tabs = safe(f"{title}   ")
         for key, (kind, label) in KINDS.items():
             count = counts[kind] if kind else len(self.orders)
             tabs.append(f" {key} {label} {count} ", style="reverse" if key == self.kind_key
@@ -205,9 +205,9 @@ class QueueScreen(ConsoleScreen):
         only = "  (selected only)" if table.selected_only else ""
         blocked = len(table.selected) - eligible
         note = f", {blocked} not eligible (will be left out)" if blocked else ""
-        self.query_one("#selection", Static).update(
+        self.query_one("#selection", Static).update(safe(
             f"{len(table.selected)} selected: {eligible} eligible {money}{note}   "
-            f"{shown} shown{only}")
+            f"{shown} shown{only}"))
 
     # ------------------------------------------------------------------ events
     def on_order_table_highlighted(self, event: OrderTable.Highlighted) -> None:

@@ -21,6 +21,8 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from services.text_safety import printable
+
 __all__ = ["Column", "OrderTable", "TableRow"]
 
 
@@ -283,7 +285,9 @@ class OrderTable(ScrollView, can_focus=True):
         mark = "●" if row.key in self.selected else " "
         cells = self._cells.get(row.key)
         if cells is None:
-            cells = self._cells[row.key] = self.formatter(row.payload)
+            # Cells carry Square's text and go to the terminal as segments: made printable.
+            cells = self._cells[row.key] = tuple(printable(cell)
+                                                 for cell in self.formatter(row.payload))
         text = mark + " ".join(_fit(cell, c.width, c.align_right)
                                for cell, c in zip(cells, self.columns, strict=False))
         style: Style = self.rich_style

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from services.canonical_json import canonical_sha256
 from services.eligibility import Classification, EligibilityReason
 
 __all__ = ["ApprovedItem", "BatchProgress", "Intent", "OrderResult", "Outcome", "SkipReason",
@@ -77,8 +78,7 @@ class ApprovedItem:
 
 
 def approved_set_sha256(items: Sequence[ApprovedItem]) -> str:
-    canonical = orjson.dumps(sorted([i.merchant_id, i.order_id, i.version] for i in items))
-    return hashlib.sha256(canonical).hexdigest()
+    return canonical_sha256(sorted([i.merchant_id, i.order_id, i.version] for i in items))
 
 
 def idempotency_key(order_id: str, version: int, attempt: int = 1) -> str:

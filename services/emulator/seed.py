@@ -123,9 +123,10 @@ def _seed(square: EmulatedSquare, config: SeedConfig, rng: random.Random, now: d
             EmulatedLocation(id=f"L{square.new_id(12).upper()}", merchant_id=merchant.id,
                              name=f"{name} — {suffix}", status="ACTIVE", currency=currency,
                              timezone=timezone, country=country,
-                             created_at=merchant.created_at)
-            for suffix in ["Main Street", "Online", "Market Stall", "Warehouse"][
-                :max(1, config.locations_per_merchant)]]
+                             created_at=merchant.created_at,
+                             business_email=_business_email(name, index, place))
+            for place, suffix in enumerate(["Main Street", "Online", "Market Stall",
+                                            "Warehouse"][:max(1, config.locations_per_merchant)])]
         extra = []
         if config.inactive_location_every and index % config.inactive_location_every == 3:
             extra.append(EmulatedLocation(
@@ -142,6 +143,17 @@ def _seed(square: EmulatedSquare, config: SeedConfig, rng: random.Random, now: d
                 make_order(square, rng, merchant.id, location, kind, created)
     square.settle_all()
     return square, seeded
+
+
+def _business_email(name: str, index: int, place: int) -> str | None:
+    """The location's contact address, as sellers fill it in: usually fine, sometimes left
+    empty or mistyped. Derived from the index, not the rng, so seeded orders stay the same."""
+    if index % 7 == 5:
+        return None
+    slug = "".join(c for c in name.lower() if c.isalnum())[:24] or "shop"
+    if index % 7 == 6:
+        return f"orders at {slug}.example"
+    return f"{'orders' if place == 0 else f'shop{place}'}@{slug}.example.com"
 
 
 def make_order(square: EmulatedSquare, rng: random.Random, merchant_id: str,

@@ -158,13 +158,17 @@ class EmulatedLocation:
     timezone: str
     country: str
     created_at: datetime
+    business_email: str | None = None  # Square omits the field when the seller set none
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "merchant_id": self.merchant_id,
-                "status": self.status, "currency": self.currency, "timezone": self.timezone,
-                "country": self.country, "type": "PHYSICAL",
-                "capabilities": ["CREDIT_CARD_PROCESSING"],
-                "created_at": rfc3339(self.created_at)}
+        document = {"id": self.id, "name": self.name, "merchant_id": self.merchant_id,
+                    "status": self.status, "currency": self.currency,
+                    "timezone": self.timezone, "country": self.country, "type": "PHYSICAL",
+                    "capabilities": ["CREDIT_CARD_PROCESSING"],
+                    "created_at": rfc3339(self.created_at)}
+        if self.business_email is not None:
+            document["business_email"] = self.business_email
+        return document
 
 
 @dataclass
