@@ -545,20 +545,58 @@ class Store:
                                 "WHERE order_id = ? AND version = ?", [order_id, version])
         return int(row.fetchone()[0])
 
+    def next_attempts(self, pairs: list[tuple[str, int]],
+                      conn: sqlite3.Connection | None = None) -> dict[tuple[str, int], int]:
+        """`next_attempt` for many (order, version) pairs in one query per 500."""
+        conn = conn or self.conn
+        found: dict[tuple[str, int], int] = {}
+        for start in range(0, len(pairs), 500):
+            chunk = pairs[start:start + 500]
+            rows = conn.execute(
+                "SELECT order_id, version, MAX(attempt) FROM intents WHERE order_id IN "
+                f"({', '.join('?' for _ in chunk)}) GROUP BY order_id, version",
+                [order_id for order_id, _ in chunk]).fetchall()
+            found.update({(r[0], r[1]): r[2] for r in rows})
+        return {pair: found.get(pair, 0) + 1 for pair in pairs}
+
     def insert_intent(self, row: dict[str, Any]) -> None:
+        self.insert_intents([row])
+
+    def insert_intents(self, rows: list[dict[str, Any]],
+                       conn: sqlite3.Connection | None = None) -> None:
         names = [n.strip() for n in _INTENT_COLUMNS.split(",")]
-        self.conn.execute(f"INSERT INTO intents ({_INTENT_COLUMNS}) VALUES "
-                          f"({', '.join('?' for _ in names)})", [row[n] for n in names])
+        (conn or self.conn).executemany(
+            f"INSERT INTO intents ({_INTENT_COLUMNS}) VALUES "
+            f"({', '.join('?' for _ in names)})", [[row[n] for n in names] for row in rows])
 
     def settle_intent(self, intent_id: str, outcome: str, reason: str | None,
-                      square_code: str | None, detail: str) -> None:
+                      square_code: str | None, detail: str,
+                      conn: sqlite3.Connection | None = None) -> None:
         """Only an open intent is settled: a second writer never overwrites an outcome."""
-        self.conn.execute("UPDATE intents SET outcome = ?, reason = ?, square_code = ?, "
-                          "detail = ?, settled_at = ? WHERE intent_id = ? AND outcome IS NULL",
-                          [outcome, reason, square_code, detail, utc_text(), intent_id])
+        (conn or self.conn).execute(
+            "UPDATE intents SET outcome = ?, reason = ?, square_code = ?, detail = ?, "
+            "settled_at = ? WHERE intent_id = ? AND outcome IS NULL",
+            [outcome, reason, square_code, detail, utc_text(), intent_id])
 
     def drop_completed_order(self, order_id: str) -> None:
-        self.conn.execute("DELETE FROM orders WHERE order_id = ?", [order_id])
+        self.drop_completed_orders([order_id])
+
+    def drop_completed_orders(self, order_ids: list[str],
+                              conn: sqlite3.Connection | None = None) -> None:
+        (conn or self.conn).executemany("DELETE FROM orders WHERE order_id = ?",
+                                        [[order_id] for order_id in order_ids])
+
+    def journal_connection(self) -> sqlite3.Connection | None:
+        """A second connection to the same file for the completion journal's writer thread
+        (group commits off the event loop); None for an in-memory database, which has no
+        second connection. Same durability: WAL, synchronous=FULL."""
+        if not isinstance(self.path, Path):
+            return None
+        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30,
+                               check_same_thread=False)
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
 
     def open_intents(self, merchant_id: str | None = None) -> list[dict[str, Any]]:
         sql = f"SELECT {_INTENT_COLUMNS} FROM intents WHERE outcome IS NULL"
