@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 from rich.text import Text
 from textual import work
@@ -23,10 +25,15 @@ class ProgressScreen(Screen[None]):
         Binding("escape", "close", "Back to queue", id="progress.close"),
     ]
 
-    def __init__(self, preview: Preview, *, start: bool = True) -> None:
+    def __init__(self, preview: Preview, *, start: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.preview = preview
         self.start = start
+        # Rate, ETA and elapsed come from this clock (injectable: snapshots freeze it).
+        self.clock = clock
+        self.started = clock()
+        self.ended: float | None = None
         self.cancel_event = asyncio.Event()
         self.latest: BatchProgress | None = None
         self.results: list[OrderResult] = []
@@ -63,6 +70,7 @@ class ProgressScreen(Screen[None]):
     async def run_batch(self, items: list[ApprovedItem]) -> None:
         workspace = self.app.workspace  # type: ignore[attr-defined]
         self.finished = False
+        self.started, self.ended = self.clock(), None
         self.cancel_event = asyncio.Event()
         self.refresh_bindings()
         try:
@@ -75,6 +83,7 @@ class ProgressScreen(Screen[None]):
         if workspace.checkpoint_problem:
             self.notify(workspace.checkpoint_problem, severity="warning", timeout=10)
         self.finished = True
+        self.ended = self.clock()
         self._paint()
         self.show_results()
         self.refresh_bindings()
@@ -96,14 +105,17 @@ class ProgressScreen(Screen[None]):
         self.query_one("#bar", Static).update(
             Text.assemble(("█" * filled, "green"), ("░" * (width - filled), "dim"),
                           f" {percent}%"))
-        eta = f"{event.eta_s:.0f}s" if event.eta_s is not None else "—"
+        elapsed = max(0.0, (self.ended if self.ended is not None else self.clock())
+                      - self.started)
+        rate = event.done / elapsed if elapsed > 0 else 0.0
+        eta = f"{(event.total - event.done) / rate:.0f}s" if rate > 0 else "—"
         state = "finished" if self.finished else ("cancelling: waiting for calls in flight"
                                                   if event.cancelled else "running")
         backing = "  ⚠ backing off: Square is rate limiting" if event.backing_off else ""
         self.query_one("#progress-stats", Static).update(
             f"{event.done}/{event.total} done   completed {event.completed}   skipped "
-            f"{event.skipped}   failed {event.failed}   {event.rate_per_s:.1f}/s   ETA {eta}   "
-            f"concurrency {event.concurrency}   {state}{backing}")
+            f"{event.skipped}   failed {event.failed}   {rate:.1f}/s   ETA {eta}   elapsed "
+            f"{elapsed:.0f}s   concurrency {event.concurrency}   {state}{backing}")
 
     def show_results(self) -> None:
         table = self.query_one("#results", DataTable)
