@@ -205,10 +205,12 @@ def raw_orders(emulator: Emulator) -> dict[str, dict[str, Any]]:
     return {order_id: record.copy_doc() for order_id, record in emulator.square.orders.items()}
 
 
-def run_trial(seed: int, workdir: Path | None = None) -> TrialResult:
+def run_trial(seed: int, workdir: Path | None = None, plan: KillPlan | None = None
+              ) -> TrialResult:
+    """One trial; `plan` overrides the seed's kill moment (the seed still draws one)."""
     began = time.monotonic()
     rng = random.Random(seed)
-    plan = KillPlan.draw(rng)
+    plan = KillPlan.draw(rng) if plan is None else (KillPlan.draw(rng), plan)[1]
     workdir = workdir or Path(tempfile.mkdtemp(prefix="crash-"))
     latency = rng.choice([15.0, 25.0, 40.0])
     # Some trials lose answers to UpdateOrder: resends under the same key, uncertain outcomes.

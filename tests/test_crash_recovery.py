@@ -17,7 +17,7 @@ from services.audit import AuditTrail
 from services.emulator import FaultPlan, SeedConfig
 from services.store import Store
 from tests.conftest import Emulator, LoopbackServer, make_emulator
-from tests.crash_harness import cli_workdir, run_mid_batch_trial, start_cli
+from tests.crash_harness import KillPlan, cli_workdir, run_mid_batch_trial, run_trial, start_cli
 
 # Each runs until one kill lands mid-batch: at least 20 real mid-batch kills per run.
 MID_BATCH_KILLS = 20
@@ -39,6 +39,16 @@ def test_sigkill_mid_batch_then_recover(slot: int) -> None:
     print(f"seed {result.seed} ({result.kill_mode}): {result.intents_at_kill} intents, "
           f"{result.open_at_kill} open at the kill; {result.completed_before_recover} completed "
           f"before recover, {result.settled_by_recover} settled by it, {result.completed} in all")
+
+
+@pytest.mark.loopback
+def test_a_kill_after_the_process_exited_is_not_counted_as_mid_batch() -> None:
+    # The harness must tell: a "kill" long after the batch is not a mid-batch kill.
+    result = run_trial(8, plan=KillPlan("delay", 0.0, 120.0, 0.0))  # 15 ms, no lost answers
+    assert not result.mid_batch
+    assert result.why_not == "the process had exited before the kill"
+    assert result.exit_code == 0
+    assert not result.violations, result.violations
 
 
 # ---------------------------------------------------------------- issue 8, holes 4, 5 and 6
