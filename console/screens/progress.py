@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 
 from textual import work
 from textual.app import ComposeResult
@@ -32,10 +33,15 @@ class ProgressScreen(Screen[None]):
         Binding("escape", "close", "Back to queue", id="progress.close"),
     ]
 
-    def __init__(self, preview: Preview, *, start: bool = True) -> None:
+    def __init__(self, preview: Preview, *, start: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.preview = preview
         self.start = start
+        # Rate, ETA and elapsed come from this clock (injectable: snapshots freeze it).
+        self.clock = clock
+        self.started = clock()
+        self.ended: float | None = None
         self.cancel_event = asyncio.Event()
         self.latest: BatchProgress | None = None
         self.results: list[OrderResult] = []
@@ -74,6 +80,7 @@ class ProgressScreen(Screen[None]):
     async def run_batch(self, items: list[ApprovedItem]) -> None:
         workspace = self.app.workspace  # type: ignore[attr-defined]
         self.finished = False
+        self.started, self.ended = self.clock(), None
         self.cancel_event = asyncio.Event()
         self.cancelled_at = None
         self.refresh_bindings()
@@ -87,6 +94,7 @@ class ProgressScreen(Screen[None]):
         if workspace.checkpoint_problem:
             self.notify(workspace.checkpoint_problem, severity="warning", timeout=10)
         self.finished = True
+        self.ended = self.clock()
         self._paint()
         self.show_results()
         self.refresh_bindings()
@@ -108,7 +116,10 @@ class ProgressScreen(Screen[None]):
         percent = round(100 * event.done / event.total) if event.total else 100
         self.query_one("#bar", Static).update(
             safe_join(("█" * filled, "green"), ("░" * (width - filled), "dim"), f" {percent}%"))
-        eta = f"{event.eta_s:.0f}s" if event.eta_s is not None else "—"
+        elapsed = max(0.0, (self.ended if self.ended is not None else self.clock())
+                      - self.started)
+        rate = event.done / elapsed if elapsed > 0 else 0.0
+        eta = f"{(event.total - event.done) / rate:.0f}s" if rate > 0 else "—"
         if self.finished:
             state = "cancelled" if self.cancel_event.is_set() else "finished"
         else:
@@ -117,8 +128,8 @@ class ProgressScreen(Screen[None]):
         backing = "  ⚠ backing off: Square is rate limiting" if event.backing_off else ""
         self.query_one("#progress-stats", Static).update(safe(
             f"{event.done}/{event.total} done   completed {event.completed}   skipped "
-            f"{event.skipped}   failed {event.failed}   {event.rate_per_s:.1f}/s   ETA {eta}   "
-            f"concurrency {event.concurrency}   {state}{backing}"))
+            f"{event.skipped}   failed {event.failed}   {rate:.1f}/s   ETA {eta}   elapsed "
+            f"{elapsed:.0f}s   concurrency {event.concurrency}   {state}{backing}"))
 
     def show_results(self) -> None:
         table = self.query_one("#results", DataTable)
