@@ -362,11 +362,6 @@ def _emulator_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_async(coro: Any) -> Any:
-    """Run a coroutine; the first Ctrl-C is handled by the command (cancel), not here."""
-    return asyncio.run(coro)
-
-
 _JSON_OPTIONS = (orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
                  | orjson.OPT_PASSTHROUGH_DATACLASS)
 
