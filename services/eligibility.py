@@ -13,7 +13,8 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from services.consent import DEFAULT_ORDER_SOURCES, ConsentRecord, ConsentStatus
-from services.square_models import SquareOrder
+from services.square_models import OrderLike
+from services.timestamps import parse_time
 
 __all__ = ["Classification", "ConsentView", "EligibilityReason", "apply_batch_limits",
            "classify", "dashboard_url"]
@@ -67,10 +68,6 @@ def _consent_detail(status: ConsentStatus, consent: ConsentRecord) -> str:
     return f"Consent is {status.value}."
 
 
-def _parse(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 @dataclass(frozen=True)
 class ConsentView:
     """A merchant's consents evaluated once at `now`, for classifying many orders."""
@@ -87,7 +84,7 @@ class ConsentView:
                    sources or frozenset(DEFAULT_ORDER_SOURCES), now)
 
 
-def classify(order: SquareOrder, consents: Sequence[ConsentRecord], now: datetime,
+def classify(order: OrderLike, consents: Sequence[ConsentRecord], now: datetime,
              view: ConsentView | None = None) -> Classification:
     """Pass `view` (built once from the same consents and `now`) when classifying many."""
     def no(reason: EligibilityReason, detail: str,
@@ -132,7 +129,7 @@ def classify(order: SquareOrder, consents: Sequence[ConsentRecord], now: datetim
     consent = max(active, key=lambda c: c.effective_from)
     scope = consent.scope
     if scope.min_order_age_hours:
-        age = now - _parse(order.created_at)
+        age = now - parse_time(order.created_at)
         if age < timedelta(hours=scope.min_order_age_hours):
             return no(EligibilityReason.TOO_RECENT,
                       f"Younger than {scope.min_order_age_hours} h.", consent)

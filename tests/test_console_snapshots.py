@@ -4,18 +4,20 @@ accept it with `pytest --snapshot-update` only when it is intended."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 from textual.pilot import Pilot
+from textual.widgets import Static
 
 from console.app import ReconApp
 from console.screens.confirm import ConfirmScreen
 from console.screens.progress import ProgressScreen
 from console.screens.queue import QueueScreen
-from services.completion import BatchProgress, OrderResult, Outcome
-from services.emulator import FaultPlan
+from services.completion import Outcome
+from services.emulator import EmulatorApp, FaultPlan
 from tests.console_harness import app_for, demo, hostile_names, merchants_loaded, wait_until
 
 SIZE = (160, 45)
@@ -82,44 +84,116 @@ def test_typed_confirmation(snap_compare: Any, app: ReconApp) -> None:
     assert snap_compare(app, terminal_size=SIZE, run_before=run)
 
 
-def _progress_screen(pilot: Pilot[Any], finished: bool) -> ProgressScreen:
+class FrozenClock:
+    """The progress screen's clock: it moves only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+_asgi = EmulatorApp.asgi
+
+
+class GatedEmulator:
+    """The in-process emulator's ASGI app with UpdateOrder calls past the first `passing` held
+    until `release` is set: the batch stops at a known point, for as long as the test looks."""
+
+    def __init__(self, emulator: EmulatorApp, passing: int) -> None:
+        self.square = emulator.square
+        self.app = _asgi(emulator)
+        self.passing = passing
+        self.held = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "PUT" and \
+                scope["path"].startswith("/v2/orders/"):
+            if self.passing:
+                self.passing -= 1
+            else:
+                self.held += 1
+                await self.release.wait()
+                self.held -= 1
+        await self.app(scope, receive, send)
+
+
+def gated_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passing: int, *,
+                strict: bool = False) -> tuple[ReconApp, GatedEmulator, FrozenClock]:
+    """The demo app on a gated, fixed-latency emulator (strict: Square's strictest reading)."""
+    gates: list[GatedEmulator] = []
+
+    def gated(self: EmulatorApp) -> Any:
+        gates.append(GatedEmulator(self, passing))
+        return gates[-1]
+
+    monkeypatch.setattr(EmulatorApp, "asgi", gated)
+    environment = demo(tmp_path)
+    environment.emulator.set_faults(FaultPlan(latency_ms=5))
+    environment.emulator.square.strict = strict
+    app = app_for(environment)
+    # Held calls must not time out while the test looks (a loaded machine is slow).
+    environment.workspace.engine_options["attempt_timeout_s"] = 120.0
+    # Four calls in flight at most, so the batch stops at the same point every time.
+    environment.workspace.engine_options["max_per_merchant"] = 4
+    return app, gates[0], FrozenClock()
+
+
+async def start_batch(pilot: Pilot[Any], gate: GatedEmulator, clock: FrozenClock,
+                      version_changes: int) -> ProgressScreen:
+    """Approve the eligible orders of the merchant with the most, then (as someone else might
+    in the meantime) change `version_changes` of them in Square, and start the batch for real."""
+    await loaded(pilot)
     workspace = pilot.app.workspace  # type: ignore[attr-defined]
-    merchant = workspace.overview()[0].merchant_id
-    preview = workspace.preview([merchant], record=False)
-    screen = ProgressScreen(preview, start=False)
+    preview = max((workspace.preview([m.merchant_id], record=False)
+                   for m in workspace.overview()), key=lambda p: p.count)
+    for item in preview.items[-version_changes:]:
+        gate.square.touch(gate.square.orders[item.order_id])
+    screen = ProgressScreen(preview, clock=clock)
+    await pilot.app.push_screen(screen)
     return screen
 
 
-def test_progress(snap_compare: Any, app: ReconApp) -> None:
+async def painted(pilot: Pilot[Any], screen: ProgressScreen, text: str) -> None:
+    """Give the screen's own repaint the time to show `text`; never fail here, so that a
+    screen that does not repaint fails on the snapshot itself."""
+    for _ in range(40):
+        if text in str(screen.query_one("#progress-stats", Static).render()):
+            break
+        await pilot.pause(0.05)
+    await pilot.pause()
+
+
+def test_progress(snap_compare: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real batch: 6 calls answered, 2 orders changed in Square since approval (skipped at the
+    # re-read), the next 4 calls held in flight. The screen shows it through its own repaint.
+    app, gate, clock = gated_batch(tmp_path, monkeypatch, passing=6)
+
     async def run(pilot: Pilot[Any]) -> None:
-        await loaded(pilot)
-        screen = _progress_screen(pilot, finished=False)
-        await pilot.app.push_screen(screen)
-        screen.show_progress(BatchProgress(done=7, total=screen.preview.count, completed=6,
-                                           skipped=0, failed=1, rate_per_s=12.5, eta_s=4.0,
-                                           backing_off=True, concurrency=8))
-        await pilot.pause()
+        screen = await start_batch(pilot, gate, clock, version_changes=2)
+        await wait_until(pilot, lambda: gate.held == 4 and screen.latest is not None
+                         and screen.latest.done == 8)
+        assert screen.latest is not None
+        assert (screen.latest.completed, screen.latest.skipped) == (6, 2)
+        clock.now += 4.0
+        await painted(pilot, screen, f"8/{screen.preview.count} done")
     assert snap_compare(app, terminal_size=SIZE, run_before=run)
 
 
-def test_results(snap_compare: Any, app: ReconApp) -> None:
+def test_results(snap_compare: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real batch to the end under Square's strictest reading: orders whose fulfillment is
+    # still PROPOSED are refused (failed), 2 changed since approval are skipped, the rest done.
+    app, gate, clock = gated_batch(tmp_path, monkeypatch, passing=0, strict=True)
+
     async def run(pilot: Pilot[Any]) -> None:
-        await loaded(pilot)
-        screen = _progress_screen(pilot, finished=True)
-        await pilot.app.push_screen(screen)
-        items = screen.preview.items
-        outcomes = [(Outcome.COMPLETED, None, "COMPLETED at version 3."),
-                    (Outcome.SKIPPED, "VERSION_CHANGED", "Version is now 4, approved 2."),
-                    (Outcome.FAILED, "RATE_LIMITED", "Square kept rate limiting.")]
-        screen.results = [OrderResult(i.merchant_id, i.order_id, i.version, *outcomes[n % 3])
-                          for n, i in enumerate(items[:9])]
-        screen.finished = True
-        screen.show_progress(BatchProgress(done=9, total=9, completed=3, skipped=3, failed=3,
-                                           rate_per_s=20.0, eta_s=0.0, backing_off=False,
-                                           concurrency=32))
-        screen.show_results()
-        screen.refresh_bindings()
-        await pilot.pause()
+        screen = await start_batch(pilot, gate, clock, version_changes=2)
+        await wait_until(pilot, lambda: gate.held > 0)
+        clock.now += 6.0
+        gate.release.set()
+        await wait_until(pilot, lambda: screen.finished)
+        assert {r.outcome for r in screen.results} == set(Outcome)
     assert snap_compare(app, terminal_size=SIZE, run_before=run)
 
 

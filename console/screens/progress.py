@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
 
 from textual import work
 from textual.app import ComposeResult
@@ -12,7 +15,14 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from console.messages import describe
 from console.safe_text import SafeText, safe, safe_join
-from services.completion import ApprovedItem, BatchProgress, OrderResult, Outcome
+from console.widgets.order_table import OrderTable
+from services.completion import (
+    ApprovedItem,
+    BatchProgress,
+    OrderResult,
+    Outcome,
+    SkipReason,
+)
 from services.workspace import Preview
 
 
@@ -23,14 +33,21 @@ class ProgressScreen(Screen[None]):
         Binding("escape", "close", "Back to queue", id="progress.close"),
     ]
 
-    def __init__(self, preview: Preview, *, start: bool = True) -> None:
+    def __init__(self, preview: Preview, *, start: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.preview = preview
         self.start = start
+        # Rate, ETA and elapsed come from this clock (injectable: snapshots freeze it).
+        self.clock = clock
+        self.started = clock()
+        self.ended: float | None = None
         self.cancel_event = asyncio.Event()
         self.latest: BatchProgress | None = None
         self.results: list[OrderResult] = []
         self.finished = False
+        self.cancelled_at: float | None = None  # monotonic, when `x` was handled
+        self.paints: deque[tuple[float, int]] = deque(maxlen=1000)  # (monotonic, done)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -63,7 +80,9 @@ class ProgressScreen(Screen[None]):
     async def run_batch(self, items: list[ApprovedItem]) -> None:
         workspace = self.app.workspace  # type: ignore[attr-defined]
         self.finished = False
+        self.started, self.ended = self.clock(), None
         self.cancel_event = asyncio.Event()
+        self.cancelled_at = None
         self.refresh_bindings()
         try:
             # Through the workspace, which anchors the audit with a signed checkpoint after.
@@ -75,6 +94,7 @@ class ProgressScreen(Screen[None]):
         if workspace.checkpoint_problem:
             self.notify(workspace.checkpoint_problem, severity="warning", timeout=10)
         self.finished = True
+        self.ended = self.clock()
         self._paint()
         self.show_results()
         self.refresh_bindings()
@@ -90,19 +110,26 @@ class ProgressScreen(Screen[None]):
         event = self.latest
         if event is None:
             return
+        self.paints.append((time.monotonic(), event.done))
         width = 60
         filled = round(width * event.done / event.total) if event.total else width
         percent = round(100 * event.done / event.total) if event.total else 100
         self.query_one("#bar", Static).update(
             safe_join(("█" * filled, "green"), ("░" * (width - filled), "dim"), f" {percent}%"))
-        eta = f"{event.eta_s:.0f}s" if event.eta_s is not None else "—"
-        state = "finished" if self.finished else ("cancelling: waiting for calls in flight"
-                                                  if event.cancelled else "running")
+        elapsed = max(0.0, (self.ended if self.ended is not None else self.clock())
+                      - self.started)
+        rate = event.done / elapsed if elapsed > 0 else 0.0
+        eta = f"{(event.total - event.done) / rate:.0f}s" if rate > 0 else "—"
+        if self.finished:
+            state = "cancelled" if self.cancel_event.is_set() else "finished"
+        else:
+            state = ("cancelling: waiting for calls in flight" if event.cancelled
+                     else "running")
         backing = "  ⚠ backing off: Square is rate limiting" if event.backing_off else ""
         self.query_one("#progress-stats", Static).update(safe(
             f"{event.done}/{event.total} done   completed {event.completed}   skipped "
-            f"{event.skipped}   failed {event.failed}   {event.rate_per_s:.1f}/s   ETA {eta}   "
-            f"concurrency {event.concurrency}   {state}{backing}"))
+            f"{event.skipped}   failed {event.failed}   {rate:.1f}/s   ETA {eta}   elapsed "
+            f"{elapsed:.0f}s   concurrency {event.concurrency}   {state}{backing}"))
 
     def show_results(self) -> None:
         table = self.query_one("#results", DataTable)
@@ -114,12 +141,23 @@ class ProgressScreen(Screen[None]):
                           safe(result.order_id), safe(result.version), safe(result.outcome.value),
                           safe(result.reason), safe(result.detail[:60]))
         failed = sum(1 for r in self.results if r.outcome is Outcome.FAILED)
-        title = f"Finished: {len(self.results)} results"
+        if self.cancel_event.is_set():
+            completed = sum(1 for r in self.results if r.outcome is Outcome.COMPLETED)
+            title = (f"Cancelled: {completed} completed, {len(self.unsent())} not sent "
+                     "(still selected in the queue)")
+        else:
+            title = f"Finished: {len(self.results)} results"
         if failed:
             title += f", {failed} failed: press f to retry only those"
         self.query_one("#progress-title", Static).update(safe(title))
 
+    def unsent(self) -> set[str]:
+        """The orders a cancel kept from being sent: they go back to the queue selected."""
+        return {r.order_id for r in self.results if r.reason == SkipReason.CANCELLED}
+
     def action_cancel(self) -> None:
+        if not self.cancel_event.is_set():
+            self.cancelled_at = time.monotonic()
         self.cancel_event.set()
         self.notify("Cancelling: no new orders will be sent; calls in flight finish and are "
                     "recorded.")
@@ -145,7 +183,13 @@ class ProgressScreen(Screen[None]):
     def action_close(self) -> None:
         self.app.pop_screen()
         app = self.app
+        unsent = self.unsent() if self.cancel_event.is_set() else None
         for screen in app.screen_stack:
             reload = getattr(screen, "reload", None)
             if reload is not None:
                 reload()
+            if unsent is not None:
+                # Ready for another run: exactly what the cancel kept back is selected.
+                for table in screen.query(OrderTable):
+                    table.clear_selection()
+                    table.select_keys(unsent)

@@ -7,7 +7,6 @@ that turns a fault on sees the same sequence every run.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -57,6 +56,3 @@ class TokenRateLimiter:
         self.buckets[token] = (level, now)
         return max(1, math.ceil((1 - level) / self.rps))
 
-
-def make_rng(plan: FaultPlan) -> random.Random:
-    return random.Random(plan.seed)
