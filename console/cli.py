@@ -149,7 +149,9 @@ def resolve_output_format(args: argparse.Namespace) -> None:
                          "give one of them")
     chosen = "json" if args.json else args.output_format
     if chosen is None:
-        chosen = "table" if sys.stdout.isatty() else "tsv"
+        # Rich's own test: a tty, or TTY_COMPATIBLE=1 / FORCE_COLOR set by whoever runs us.
+        from rich.console import Console
+        chosen = "table" if Console().is_terminal else "tsv"
     args.output_format, args.json = chosen, chosen == "json"
 
 

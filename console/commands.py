@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -60,7 +61,8 @@ def print_listing(args: argparse.Namespace, columns: Columns,
     for row in rows:
         table.add_row(*(safe(row[index]) for index in shown))
     # Off a terminal (`--format table > file`) Rich would cut the table to 80 columns.
-    Console(width=None if sys.stdout.isatty() else 10_000).print(table)
+    sized = sys.stdout.isatty() or "COLUMNS" in os.environ
+    Console(width=None if sized else 10_000).print(table)
 
 
 def consent(args: argparse.Namespace, settings: ReconSettings) -> int:

@@ -31,7 +31,7 @@ LONG_GRANTOR = "Dana Whitfield-" + "Longname " * 12 + "the Third"
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith("RECON_"):
+        if name.startswith("RECON_") or name in ("FORCE_COLOR", "TTY_COMPATIBLE", "COLUMNS"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
@@ -116,8 +116,7 @@ def test_format_choices_and_json_alias(long_consents: list[dict[str, Any]],
 def test_on_a_terminal_the_default_is_a_table(long_consents: list[dict[str, Any]],
                                               capsys: pytest.CaptureFixture[str],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")   # how a caller tells Rich "this is a terminal"
     code, out, _ = run(capsys, "consent", "list")
     assert code == 0 and "consent" in out and "─" in out and "\t" not in out
 
