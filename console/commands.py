@@ -312,7 +312,8 @@ def _print_results(args: argparse.Namespace, batch_id: str | None, sha: str,
         print_json(document)
         return
     full = args.output_format == "tsv"
-    print_listing(args, [("merchant_id", None), ("order_id", "order"), ("version", "version"),
+    print_listing(args, [("merchant_id", "merchant"), ("order_id", "order"),
+                         ("version", "version"),
                          ("outcome", "outcome"), ("reason", "reason"), ("detail", "detail")],
                   [(r["merchant_id"], r["order_id"], r["version"], r["outcome"], r["reason"],
                     r["detail"] if full else r["detail"][:60]) for r in results])

@@ -281,3 +281,16 @@ def test_readme_walkthrough_is_the_newcomers() -> None:
                  "Next sync", "sparkline", "Checkpoint", "Recover", "Lease"):
         assert term in glossary, term
     assert "Mutation score: see docs/mutation.md" in README
+
+
+def test_an_empty_operator_is_refused(monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`RECON_OPERATOR="$USER"` where $USER is unset (a container, tmux as root) must not
+    record every action under no one."""
+    monkeypatch.setenv("RECON_OPERATOR", "")
+    code, out, err = run(capsys, "consent", "list")
+    assert code == 2 and out == "" and "operator is empty" in err
+    assert len(err.strip().splitlines()) == 1
+    monkeypatch.delenv("RECON_OPERATOR")
+    code, _, err = run(capsys, "--operator", " ", "consent", "list")
+    assert code == 2 and "RECON_OPERATOR or --operator" in err
