@@ -424,6 +424,12 @@ def _emulator_serve(args: argparse.Namespace) -> int:
     faults = FaultPlan(latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
                        rate_limit_rps=args.rate_limit, server_error_rate=args.fault_rate,
                        seed=args.seed)
+    # A newcomer starting it with `&` otherwise sees nothing: say where, and how to stop it.
+    where = f"port {args.port}" if args.port else "a free port (its base_url: the manifest)"
+    err(f"emulator: {args.merchants} merchant{'s' if args.merchants != 1 else ''} "
+        f"(seed {args.seed}) on {args.host}, {where}"
+        f"{f'; manifest {args.manifest}' if args.manifest else ''}; stop it with Ctrl-C "
+        f"or `kill {os.getpid()}`")
     try:
         serve(args.host, args.port, config, faults, args.manifest,
               demo_files=args.write_demo_files, steering=args.steering, strict=args.strict)

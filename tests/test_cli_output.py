@@ -294,3 +294,28 @@ def test_an_empty_operator_is_refused(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("RECON_OPERATOR")
     code, _, err = run(capsys, "--operator", " ", "consent", "list")
     assert code == 2 and "RECON_OPERATOR or --operator" in err
+
+
+@pytest.mark.loopback
+def test_emulator_serve_says_where_and_how_to_stop_it(tmp_path: Path) -> None:
+    """Started with `&` as the README does, it says one line on stderr, not nothing."""
+    import subprocess
+    import sys
+    import time
+    manifest = tmp_path / "manifest.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "console.cli", "emulator", "serve", "--port", "0",
+         "--merchants", "1", "--orders-per-location", "1", "--manifest", str(manifest)],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not manifest.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    line = err.strip().splitlines()[0]
+    assert line.startswith("emulator: 1 merchant (seed 7) on 127.0.0.1")
+    assert f"manifest {manifest}" in line and f"kill {process.pid}" in line
+    assert json.loads(manifest.read_text())["base_url"].startswith("http://127.0.0.1:")
