@@ -1,8 +1,14 @@
-"""Discovery at scale: 200 merchants x 2 locations x 250 open orders (100,000) with 20 ms of
-injected latency on every request, over loopback, against a sequential baseline in the same run
-(one merchant and one page at a time, the same gateway and SDK).
+"""Discovery at scale (issue 11): 200 merchants x 2 locations x 250 open orders (100,000) with
+20 ms of injected latency on every request, over loopback (the emulator in its own process).
 
-    .venv/bin/python -m bench.discovery [--merchants 200]
+Each run times, from process start to exit:
+- ours: `recon-console queue --json --include-ineligible` on an empty database (a full
+  discovery: every order read, classified, stored and written out);
+- the baseline: a plain httpx loop that sends the same requests (token status, merchant,
+  locations, every SearchOrders page) with the same concurrency and only `json.loads` them.
+The medians of `--runs` runs are printed side by side, with the load average of the machine.
+
+    .venv/bin/python -m bench.discovery [--merchants 200] [--runs 3]
 """
 
 from __future__ import annotations
@@ -10,138 +16,158 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from bench._support import loopback_emulator, rss_mb
-from services.credentials import load_credentials
+from bench._support import ROOT, loopback_emulator
 from services.demo import consent_for
-from services.settings import ReconSettings
-from services.workspace import Workspace
 
-LATENCY_S = 0.020
+LATENCY_MS = 20.0
+QUERY = {"filter": {"state_filter": {"states": ["OPEN"]}},
+         "sort": {"sort_field": "CREATED_AT", "sort_order": "ASC"}}
 
 
 class _Merchant:
-    def __init__(self, entry: dict[str, object]) -> None:
+    def __init__(self, entry: dict[str, Any]) -> None:
         from types import SimpleNamespace
         self.merchant = SimpleNamespace(id=entry["merchant_id"],
                                         business_name=entry["business_name"])
 
 
-async def run(base_url: str, credentials: Path, db: Path, concurrency: int,
-              consents: Path) -> tuple[float, int, int]:
-    settings = ReconSettings(db=db, square_base_url=base_url, credentials=credentials,
-                             operator="bench", max_concurrent_merchants=concurrency)
-    workspace = Workspace.open(settings)
-    workspace.import_consent_files([consents])
+def timed_process(argv: list[str], env: dict[str, str], stdout: Any = subprocess.DEVNULL
+                  ) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MB) of one process, start to exit."""
     start = time.perf_counter()
-    reports = await workspace.refresh()
-    elapsed = time.perf_counter() - start
-    orders = sum(r.orders for r in reports)
-    errors = sum(1 for r in reports if r.error)
-    await workspace.aclose()
-    return elapsed, orders, errors
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=stdout,
+                               stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if process.returncode not in (0,):
+        raise RuntimeError(f"{argv[3:]} exited {process.returncode}: {stderr[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
-async def sdk_sequential(manifest: dict[str, object], sample: int, db: Path,
-                         consents: Path) -> tuple[float, int]:
-    """The plain way: the official SDK's own calls and decoding, one merchant and one page at
-    a time, then the same classification and storage. Run on `sample` merchants."""
+def prepare(manifest: dict[str, Any], concurrency: int = 16) -> tuple[Path, dict[str, str]]:
+    """Consents for every merchant, and the environment `recon-console` runs in."""
+    directory = Path(manifest["directory"])
+    consents = directory / "all-consents.json"
+    now = datetime.now(UTC)
+    consents.write_text(json.dumps([consent_for(_Merchant(m), now)  # type: ignore[arg-type]
+                                    for m in manifest["merchants"]]))
+    env = dict(os.environ, RECON_SQUARE_BASE_URL=manifest["base_url"],
+               RECON_CREDENTIALS=str(directory / "credentials.toml"), RECON_OPERATOR="bench",
+               RECON_MAX_CONCURRENT_MERCHANTS=str(concurrency))
+    return consents, env
+
+
+def fresh_db(env: dict[str, str], consents: Path, name: str) -> dict[str, str]:
+    db = Path(tempfile.mkdtemp(prefix="bench-discovery-")) / f"{name}.db"
+    env = dict(env, RECON_DB=str(db))
+    subprocess.run([sys.executable, "-m", "console.cli", "consent", "import", str(consents)],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    return env
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "console.cli", *args]
+
+
+async def plain_httpx(manifest: dict[str, Any], concurrency: int) -> int:
+    """The baseline: the same requests, `json.loads` of each answer, nothing else."""
     import httpx
-    from square import AsyncSquare
-
-    from services.discovery import OPEN_ORDERS_QUERY, order_row
-    from services.square_models import SquareOrder
-    from services.store import Store, utc_text
-    settings = ReconSettings(db=db, square_base_url=str(manifest["base_url"]),
-                             credentials=Path(str(manifest["directory"])) / "credentials.toml",
-                             operator="bench")
-    workspace = Workspace.open(settings)
-    workspace.import_consent_files([consents])
-    store: Store = workspace.store
-    merchants = list(manifest["merchants"])[:sample]  # type: ignore[call-overload]
+    base = manifest["base_url"]
+    gate = asyncio.Semaphore(concurrency)
     orders = 0
-    start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=60) as http:
-        for entry in merchants:
-            client = AsyncSquare(base_url=str(manifest["base_url"]),
-                                 token=entry["access_token"], httpx_client=http)
-            await client.o_auth.retrieve_token_status()
-            await client.merchants.get("me")
-            locations = (await client.locations.list()).locations or []
-            consent_records = [c for c, _ in workspace.consents_for(entry["merchant_id"])]
-            now = datetime.now(UTC)
-            rows = []
+
+    async def one(client: httpx.AsyncClient, entry: dict[str, Any]) -> None:
+        nonlocal orders
+        headers = {"Authorization": f"Bearer {entry['access_token']}",
+                   "Square-Version": "2026-09-16", "Content-Type": "application/json"}
+        async with gate:
+            json.loads((await client.post(f"{base}/oauth2/token/status",
+                                          headers=headers)).content)
+            json.loads((await client.get(f"{base}/v2/merchants/me", headers=headers)).content)
+            locations = json.loads((await client.get(f"{base}/v2/locations",
+                                                     headers=headers)).content)
+            active = [loc["id"] for loc in locations.get("locations", [])
+                      if loc.get("status") == "ACTIVE"]
             cursor = None
             while True:
-                response = await client.orders.search(
-                    location_ids=[loc.id for loc in locations if loc.status == "ACTIVE"],
-                    query=OPEN_ORDERS_QUERY, limit=1000, **({"cursor": cursor} if cursor else {}))
-                for order in response.orders or []:
-                    slim = SquareOrder.model_validate(order.model_dump())
-                    rows.append(order_row(slim, entry["merchant_id"], consent_records, now,
-                                          utc_text(now)))
-                cursor = response.cursor
+                body: dict[str, Any] = {"location_ids": active, "query": QUERY, "limit": 1000}
+                if cursor:
+                    body["cursor"] = cursor
+                page = json.loads((await client.post(f"{base}/v2/orders/search",
+                                                     headers=headers, json=body)).content)
+                orders += len(page.get("orders", []))
+                cursor = page.get("cursor")
                 if not cursor:
                     break
-            store.replace_orders(entry["merchant_id"], rows)
-            orders += len(rows)
-    elapsed = time.perf_counter() - start
-    await workspace.aclose()
-    return elapsed, orders
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(
+            max_connections=concurrency, max_keepalive_connections=concurrency)) as client:
+        await asyncio.gather(*(one(client, m) for m in manifest["merchants"]))
+    return orders
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def emulator_args(merchants: int) -> list[str]:
+    return ["--merchants", str(merchants), "--orders-per-location", "250",
+            "--locations-per-merchant", "2", "--kinds", "online_paid_open=1",
+            "--latency-ms", str(LATENCY_MS)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--merchants", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--latency-ms", type=float, default=LATENCY_S * 1000,
-                        help="0 shows the CPU floor: the same work with no waiting at all")
-    parser.add_argument("--sdk-sample", type=int, default=6,
-                        help="merchants the plain-SDK baseline runs on (it is sequential, so "
-                             "its time scales linearly to all merchants)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="merchants at once, ours (max_concurrent_merchants) and baseline")
+    parser.add_argument("--baseline-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    with loopback_emulator("--merchants", str(args.merchants), "--orders-per-location", "250",
-                           "--locations-per-merchant", "2", "--kinds", "online_paid_open=1",
-                           "--latency-ms", str(args.latency_ms)) as manifest:
-        directory = Path(manifest["directory"])
-        now = datetime.now(UTC)
-        consents = directory / "all-consents.json"
-        consents.write_text(json.dumps([consent_for(_Merchant(m), now)  # type: ignore[arg-type]
-                                        for m in manifest["merchants"]]))
-        credentials = directory / "credentials.toml"
-        assert len(load_credentials(credentials)) == args.merchants
-        work = Path(tempfile.mkdtemp(prefix="bench-discovery-"))
-        ours, orders, errors = asyncio.run(run(manifest["base_url"], credentials,
-                                               work / "ours.db", args.concurrency, consents))
-        peak = rss_mb()
-        baseline, base_orders, base_errors = asyncio.run(run(
-            manifest["base_url"], credentials, work / "baseline.db", 1, consents))
-        sdk_time, sdk_orders = asyncio.run(sdk_sequential(manifest, args.sdk_sample,
-                                                          work / "sdk.db", consents))
-    sdk_full = sdk_time * args.merchants / args.sdk_sample
-    # Per merchant: token status, merchant, locations, one SearchOrders page (500 <= 1000).
-    requests = args.merchants * 4
-    bound = requests * args.latency_ms / 1000 / args.concurrency
-    print(f"{args.merchants} merchants, {orders} open orders, {args.latency_ms:.0f} ms latency, "
-          f"{requests} requests, concurrency {args.concurrency}")
-    print(f"concurrent discovery: {ours:6.2f} s  ({orders / ours:,.0f} orders/s, {errors} "
-          "merchant errors)")
-    print(f"sequential baseline:  {baseline:6.2f} s  ({base_orders} orders, {base_errors} "
-          "merchant errors)")
-    print(f"speed-up vs sequential (same fast path): {baseline / ours:5.1f}x")
-    print(f"plain SDK, sequential: {sdk_time:.2f} s for {args.sdk_sample} merchants "
-          f"({sdk_orders} orders, {sdk_time / max(1, sdk_orders) * 1000:.2f} ms/order) -> "
-          f"{sdk_full:.0f} s for all {args.merchants}")
-    print(f"speed-up vs plain-SDK sequential baseline: {sdk_full / ours:5.1f}x (target >= 8x)")
-    if bound:
-        print(f"lower bound (requests x latency / concurrency): {bound:.2f} s; ours is "
-              f"{ours / bound:.1f}x the bound (target <= 2x)")
-    print(f"peak memory: {peak:.0f} MB RSS of the process, interpreter and imports included "
-          "(target < 400 MB)")
+    if args.baseline_child:  # the baseline in a process of its own, timed from outside
+        manifest = json.loads(Path(args.baseline_child).read_text())
+        print(asyncio.run(plain_httpx(manifest, args.concurrency)))
+        return
+    with loopback_emulator(*emulator_args(args.merchants)) as manifest:
+        consents, env = prepare(manifest, args.concurrency)
+        manifest_file = Path(manifest["directory"]) / "bench-manifest.json"
+        manifest_file.write_text(json.dumps(manifest))
+        ours: list[tuple[float, float, float]] = []
+        base: list[tuple[float, float, float]] = []
+        loads = [os.getloadavg()[0]]
+        for run in range(args.runs):
+            base.append(timed_process(
+                [sys.executable, "-m", "bench.discovery", "--baseline-child",
+                 str(manifest_file), "--concurrency", str(args.concurrency)], env))
+            run_env = fresh_db(env, consents, f"run{run}")
+            with open(Path(run_env["RECON_DB"]).with_suffix(".json"), "wb") as out:
+                ours.append(timed_process(cli("queue", "--json", "--include-ineligible"),
+                                          run_env, out))
+            document = json.loads(Path(run_env["RECON_DB"]).with_suffix(".json").read_text())
+            assert len(document["orders"]) == args.merchants * 500, len(document["orders"])
+            loads.append(os.getloadavg()[0])
+    print(f"{args.merchants} merchants x 2 locations, {args.merchants * 500:,} open orders, "
+          f"{LATENCY_MS:.0f} ms latency, {args.concurrency} merchants at once; median of "
+          f"{args.runs} runs; load average (1 min) "
+          f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs (shared machine)")
+    print(f"{'':38}{'wall s':>8}{'CPU s':>8}{'peak MB':>9}")
+    for name, rows in (("queue --json (full discovery)", ours),
+                       ("baseline: plain httpx + json.loads", base)):
+        print(f"{name:38}{median([r[0] for r in rows]):8.2f}{median([r[1] for r in rows]):8.2f}"
+              f"{median([r[2] for r in rows]):9.0f}")
+    print("targets: queue --json <= 3 s wall, <= 400 MB")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import itertools
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from services.errors import ConfigurationError, ReconError
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only this merchant (repeatable; default: all)")
     queue.add_argument("--include-ineligible", action="store_true",
                        help="also list the open orders that are not eligible, with the reason")
+    queue.add_argument("--full", action="store_true",
+                       help="re-read every order instead of what changed since the last refresh")
     _listing(queue)
 
     complete = sub.add_parser("complete", help="bulk-complete eligible orders")
@@ -431,8 +434,15 @@ def _emulator_serve(args: argparse.Namespace) -> int:
         f"{f'; manifest {args.manifest}' if args.manifest else ''}; stop it with Ctrl-C "
         f"or `kill {os.getpid()}`")
     try:
-        serve(args.host, args.port, config, faults, args.manifest,
-              demo_files=args.write_demo_files, steering=args.steering, strict=args.strict)
+        on_seeded = None
+        if args.write_demo_files is not None:
+            from services.demo import write_demo_files
+            directory = args.write_demo_files
+
+            def on_seeded(merchants: list[Any]) -> None:
+                write_demo_files(directory, merchants)
+        serve(args.host, args.port, config, faults, args.manifest, on_seeded=on_seeded,
+              steering=args.steering, strict=args.strict)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
     except OSError as error:
@@ -446,9 +456,55 @@ def run_async(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+_JSON_OPTIONS = (orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+                 | orjson.OPT_PASSTHROUGH_DATACLASS)
+
+
 def print_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    # orjson: `queue --json` of 100,000 orders is ~50 MB, 7x faster than json.dumps (issue 11),
+    # written as bytes (no second 50 MB copy as text). Datetimes and dataclasses still go
+    # through str(), as json.dumps(default=str) wrote them.
+    data = orjson.dumps(document, default=str,
+                        option=_JSON_OPTIONS | orjson.OPT_APPEND_NEWLINE)
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream (some test harnesses)
+        sys.stdout.write(data.decode())
+        return
     sys.stdout.flush()
+    buffer.write(data)
+    buffer.flush()
+
+
+def print_json_stream(key: str, items: Iterable[Any], rest: dict[str, Any],
+                      chunk: int = 5000) -> None:
+    """`print_json({key: list(items), **rest})`, byte for byte, written a chunk of items at a
+    time: 100,000 queued orders as dicts at once cost ~150 MB (issue 11)."""
+    options = _JSON_OPTIONS
+    buffer = getattr(sys.stdout, "buffer", None)
+
+    def write(data: bytes) -> None:
+        if buffer is None:
+            sys.stdout.write(data.decode())
+        else:
+            buffer.write(data)
+
+    sys.stdout.flush()
+    write(b"{\n  " + orjson.dumps(key) + b": [")
+    iterator = iter(items)
+    first = True
+    while batch := list(itertools.islice(iterator, chunk)):
+        # "[\n  {...},\n  {...}\n]" -> its items, one level deeper (strings in JSON hold
+        # no raw newlines, so every newline is indentation).
+        inner = orjson.dumps(batch, default=str, option=options)[2:-2]
+        write((b"\n" if first else b",\n") + b"  " + inner.replace(b"\n", b"\n  "))
+        first = False
+    write(b"]" if first else b"\n  ]")
+    for name, value in rest.items():
+        write(b",\n  " + orjson.dumps(name) + b": " + orjson.dumps(
+            value, default=str, option=options).replace(b"\n", b"\n  "))
+    write(b"\n}\n")
+    if buffer is not None:
+        buffer.flush()
 
 
 def install_cancel(loop: asyncio.AbstractEventLoop, cancel: asyncio.Event) -> None:

@@ -26,6 +26,7 @@ from console.cli import (
     err,
     install_cancel,
     print_json,
+    print_json_stream,
 )
 from console.safe_text import safe
 from services.completion import NOT_RECORDED, BatchProgress, Outcome, SkipReason
@@ -173,7 +174,7 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
         workspace = Workspace.open(settings)
         try:
             await _recover_first(workspace)
-            reports = await workspace.refresh(args.merchant)
+            reports = await workspace.refresh(args.merchant, full=args.full)
             refreshed = {r.merchant_id for r in reports if r.refreshed}
             orders = [o for o in workspace.queue(include_ineligible=args.include_ineligible)
                       if not args.merchant or o.merchant_id in args.merchant]
@@ -195,14 +196,14 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
             # Exit 1: an unreachable or refused merchant is a failure, not a quiet success.
             code = EXIT_FAILURES if failed else EXIT_OK
             if args.json:
-                print_json({"orders": [o.to_json(o.merchant_id not in refreshed)
-                                       for o in orders],
-                            "merchants": [{"merchant_id": r.merchant_id,
-                                           "business_name": r.business_name,
-                                           "token_health": r.token_health,
-                                           "error": r.error, "open_orders": r.orders,
-                                           "eligible": r.eligible,
-                                           "stale": not r.refreshed} for r in reports]})
+                print_json_stream("orders", (o.to_json(o.merchant_id not in refreshed)
+                                             for o in orders),
+                                  {"merchants": [{"merchant_id": r.merchant_id,
+                                                  "business_name": r.business_name,
+                                                  "token_health": r.token_health,
+                                                  "error": r.error, "open_orders": r.orders,
+                                                  "eligible": r.eligible,
+                                                  "stale": not r.refreshed} for r in reports]})
                 return code
             stale = any(o.merchant_id not in refreshed for o in orders)
             full = args.output_format == "tsv"

@@ -222,6 +222,31 @@ class AuditTrail:
                      f"({', '.join('?' for _ in _ALL)})", [entry[k] for k in _ALL])
         return entry
 
+    def append_many(self, conn: sqlite3.Connection, entries: list[dict[str, Any]]) -> None:
+        """Append several entries, chained in order, inside the caller's open transaction:
+        one read of the head and one INSERT for all (the completion journal's group commits)."""
+        if not entries:
+            return
+        last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (0, GENESIS) if last is None else (last[0], last[1])
+        at = utc_text(self.clock() if self.clock else None)
+        rows = []
+        for fields in entries:
+            unknown = set(fields) - set(AUDIT_FIELDS)
+            if unknown:
+                raise ValueError(f"unknown audit fields: {sorted(unknown)}")
+            entry: dict[str, Any] = dict.fromkeys(AUDIT_FIELDS)
+            entry.update(fields)
+            seq += 1
+            entry["seq"] = seq
+            entry["prev_hash"] = prev
+            entry["at"] = entry["at"] or at
+            entry["action"] = str(entry["action"])
+            prev = entry["hash"] = entry_hash(entry)
+            rows.append([entry[k] for k in _ALL])
+        conn.executemany(f"INSERT INTO audit ({', '.join(_ALL)}) VALUES "
+                         f"({', '.join('?' for _ in _ALL)})", rows)
+
     # ------------------------------------------------------------------ reading
     def entries(self, *, merchant_id: str | None = None, operator: str | None = None,
                 order_id: str | None = None, outcome: str | None = None,

@@ -26,6 +26,7 @@ from services.emulator import (
     seed_square,
 )
 from services.emulator.seed import SeededMerchant, make_order
+from services.private_files import open_private
 from services.reminders.local_server import LocalSmtpServer
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy
@@ -189,3 +190,20 @@ def build_demo(seed: int = 7, operator: str = "demo-operator", directory: Path |
         # The demo can be tried at any hour of the day.
         workspace.settings.reminder_business_hours = "00:00-24:00"
     return DemoEnvironment(emulator, seeded, workspace, directory, server)
+
+
+def write_demo_files(directory: Path, merchants: list[SeededMerchant]) -> None:
+    """A credentials file (owner-only) and consent records for the seeded merchants, so a new
+    user can try the command line against `emulator serve` in three commands."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, merchant in enumerate(merchants):
+        lines.append(f"[merchants.{merchant.merchant.id}]\n"
+                     f"access_token = \"{merchant.token.token}\"\n"
+                     f"sync_time = \"{3 + index % 4:02d}:00\"\n")
+    with open_private(directory / "credentials.toml") as handle:
+        handle.write("\n".join(lines))
+    now = datetime.now(UTC)
+    # Every merchant but the last two consents; those two stay on the reminder list.
+    documents = [consent_for(m, now) for m in merchants[:max(1, len(merchants) - 2)]]
+    (directory / "consents.json").write_text(json.dumps(documents, indent=2))

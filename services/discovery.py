@@ -5,14 +5,25 @@ then SearchOrders over its ACTIVE locations in chunks of 10, every cursor follow
 recorded on that merchant and never stops the others; its cached orders stay (marked stale by
 the caller), except under a token that is another merchant's: those are dropped, because
 nothing seen through such a token may be filed under this merchant.
+
+Refresh by change (issue 11): a location read before keeps a mark, the moment that read began.
+The next refresh asks only for orders in every state updated since the mark (less
+`MARK_MARGIN`, for clock skew between us and Square and Square's indexing delay), sorted by
+UPDATED_AT as Square requires: OPEN ones are written anew, the others removed. A location with
+no mark, or whose last full read is older than `FULL_EVERY`, or every location under
+`full=True`, is read in full (OPEN orders) and its rows replaced. Stored rows whose verdict may
+have moved since (the merchant's consent view changed, or only time: TOO_RECENT) are classified
+again from their `order_json`. Everything a merchant's refresh writes goes in one transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 
@@ -26,15 +37,24 @@ from services.errors import (
     TokenMerchantMismatch,
 )
 from services.square_gateway import SquareGateway
-from services.square_models import Location, SquareOrder
-from services.store import Store, utc_text
+from services.square_models import Location, OrderLike, decode_order, encode_order
+from services.store import ORDER_COLUMNS, Store, utc_text
+from services.timestamps import parse_time
 
-__all__ = ["NEEDED_SCOPES", "MerchantDiscovery", "TokenHealth", "discover", "order_row"]
+__all__ = ["FULL_EVERY", "MARK_MARGIN", "NEEDED_SCOPES", "MerchantDiscovery", "TokenHealth",
+           "changes_query", "consent_signature", "discover", "order_row", "order_values"]
 
 NEEDED_SCOPES = ("ORDERS_READ", "ORDERS_WRITE", "PAYMENTS_READ", "MERCHANT_PROFILE_READ")
 TOKEN_EXPIRY_WARNING = timedelta(days=8)
 OPEN_ORDERS_QUERY = {"filter": {"state_filter": {"states": ["OPEN"]}},
                      "sort": {"sort_field": "CREATED_AT", "sort_order": "ASC"}}
+ALL_STATES = ["OPEN", "COMPLETED", "CANCELED", "DRAFT"]
+# A mark is our clock when a read began; Square stamps `updated_at` with its own. The margin
+# covers the two clocks disagreeing and Square indexing a change a little late.
+MARK_MARGIN = timedelta(minutes=5)
+# Past this, a location is read in full again: a safety net for anything the marks missed
+# (an order that reached Square late with an old `updated_at`, a skew beyond the margin).
+FULL_EVERY = timedelta(days=1)
 
 
 class TokenHealth:
@@ -60,31 +80,105 @@ class MerchantDiscovery:
     locations: list[Location] = field(default_factory=list)
 
 
-def _fulfillment_summary(order: SquareOrder) -> str:
+def _fulfillment_summary(order: OrderLike) -> str:
     return ",".join(f"{f.type}:{f.state}" for f in order.fulfillments)
 
 
-def order_row(order: SquareOrder, merchant_id: str, consents: Sequence[ConsentRecord],
+def order_values(order: OrderLike, merchant_id: str, consents: Sequence[ConsentRecord],
+                 now: datetime, seen_at: str, view: ConsentView | None = None
+                 ) -> tuple[Any, ...]:
+    """The `orders` row of one order, in `ORDER_COLUMNS` order."""
+    verdict = classify(order, consents, now, view)
+    return (order.id, merchant_id, order.location_id, order.version, order.state,
+            order.source_name, order.reference_id, order.total_amount, order.currency,
+            order.amount_due, order.created_at, order.updated_at, int(verdict.eligible),
+            verdict.reason.value if verdict.reason else None, verdict.detail,
+            verdict.consent.consent_id if verdict.consent else None,
+            _fulfillment_summary(order), encode_order(order), seen_at)
+
+
+def order_row(order: OrderLike, merchant_id: str, consents: Sequence[ConsentRecord],
               now: datetime, seen_at: str, view: ConsentView | None = None
               ) -> dict[str, object]:
-    verdict = classify(order, consents, now, view)
-    return {
-        "order_id": order.id, "merchant_id": merchant_id, "location_id": order.location_id,
-        "version": order.version, "state": order.state, "source": order.source_name,
-        "reference_id": order.reference_id, "total_amount": order.total_amount,
-        "currency": order.currency, "due_amount": order.amount_due,
-        "created_at": order.created_at, "updated_at": order.updated_at,
-        "eligible": int(verdict.eligible),
-        "reason": verdict.reason.value if verdict.reason else None, "detail": verdict.detail,
-        "consent_id": verdict.consent.consent_id if verdict.consent else None,
-        "fulfillments": _fulfillment_summary(order),
-        "order_json": order.model_dump_json(exclude_defaults=True),
-        "seen_at": seen_at,
-    }
+    return dict(zip(ORDER_COLUMNS, order_values(order, merchant_id, consents, now, seen_at,
+                                                view), strict=True))
+
+
+def changes_query(since: datetime) -> dict[str, Any]:
+    """SearchOrders' query for orders in every state changed since `since`."""
+    start = since.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {"filter": {"state_filter": {"states": ALL_STATES},
+                       "date_time_filter": {"updated_at": {"start_at": start}}},
+            "sort": {"sort_field": "UPDATED_AT", "sort_order": "ASC"}}
+
+
+def consent_signature(view: ConsentView) -> str:
+    """Changes whenever a verdict could change for a reason other than the order or time:
+    a consent added, changed, revoked, or moving into or out of force."""
+    parts = sorted((c.model_dump_json(), status.value)
+                   for c, status in zip(view.consents, view.statuses, strict=True))
+    return hashlib.sha256(orjson.dumps(parts)).hexdigest()
+
+
+
+async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
+                       active: list[str], consents: Sequence[ConsentRecord], now: datetime,
+                       full: bool, merchant_row: dict[str, object]) -> None:
+    """Read the merchant's orders from Square (in full or by change) and write them, with
+    the merchant's row, in one transaction."""
+    merchant_id = creds.merchant_id
+    seen_at = utc_text(now)
+    view = ConsentView.build(consents, now)
+    signature = consent_signature(view)
+    marks = store.order_marks(merchant_id)
+    sync = store.order_sync(merchant_id)
+    whole = [loc for loc in active
+             if full or sync is None or loc not in marks
+             or now - parse_time(marks[loc][1]) >= FULL_EVERY]
+    by_change = [loc for loc in active if loc not in whole]
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(whole), 10):
+        async for page in gateway.search_orders(creds, whole[start:start + 10],
+                                                OPEN_ORDERS_QUERY):
+            rows.extend(order_values(order, merchant_id, consents, now, seen_at, view)
+                        for order in page)
+    # Sorted by UPDATED_AT, an order changed while we page comes again later: the last wins.
+    changed: dict[str, tuple[Any, ...] | None] = {}
+    for start in range(0, len(by_change), 10):
+        chunk = by_change[start:start + 10]
+        since = min(parse_time(marks[loc][0]) for loc in chunk) - MARK_MARGIN
+        async for page in gateway.search_orders(creds, chunk, changes_query(since)):
+            for order in page:
+                changed[order.id] = (order_values(order, merchant_id, consents, now, seen_at,
+                                                  view) if order.state == "OPEN" else None)
+    rows.extend(row for row in changed.values() if row is not None)
+    with store.cache_transaction():
+        store.upsert_merchant(merchant_row)
+        store.drop_orders(merchant_id, keep_locations=active, at_locations=whole,
+                          order_ids=[oid for oid, row in changed.items() if row is None])
+        store.write_orders(rows)
+        if by_change:
+            # Unchanged rows were classified under the consents and moment of an earlier
+            # refresh: classify again those whose verdict may have moved since.
+            again = store.orders_json(merchant_id, None if sync is None or sync[1] != signature
+                                      else "TOO_RECENT")
+            verdicts = []
+            for order_id, document in again:
+                verdict = classify(decode_order(document), consents, now, view)
+                verdicts.append((int(verdict.eligible),
+                                 verdict.reason.value if verdict.reason else None,
+                                 verdict.detail,
+                                 verdict.consent.consent_id if verdict.consent else None,
+                                 order_id))
+            store.update_verdicts(verdicts)
+        store.save_order_marks(merchant_id, {
+            loc: (seen_at, seen_at if loc in whole else marks[loc][1]) for loc in active})
+        store.save_order_sync(merchant_id, seen_at, signature)
 
 
 async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
-                        consents: Sequence[ConsentRecord], now: datetime) -> MerchantDiscovery:
+                        consents: Sequence[ConsentRecord], now: datetime, full: bool = False
+                        ) -> MerchantDiscovery:
     report = MerchantDiscovery(creds.merchant_id)
     row: dict[str, object] = {"merchant_id": creds.merchant_id,
                               "sync_time": creds.sync_time.strftime("%H:%M")
@@ -98,8 +192,7 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
                 error.code, TokenHealth.INVALID)
             raise
         missing = [s for s in NEEDED_SCOPES if s not in status.scopes]
-        expires = (datetime.fromisoformat(status.expires_at.replace("Z", "+00:00"))
-                   if status.expires_at else None)
+        expires = parse_time(status.expires_at) if status.expires_at else None
         if missing:
             report.token_health = TokenHealth.MISSING_SCOPES
         elif expires is not None and expires - now <= TOKEN_EXPIRY_WARNING:
@@ -107,8 +200,15 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
         else:
             report.token_health = TokenHealth.VALID
         row.update(token_expires_at=status.expires_at, token_scopes=",".join(status.scopes))
-        merchant = await gateway.merchant(creds)
-        locations = await gateway.locations(creds)
+        # Both at once (the token's identity is settled by now): one round trip less.
+        merchant_or_error, locations_or_error = await asyncio.gather(
+            gateway.merchant(creds), gateway.locations(creds), return_exceptions=True)
+        for outcome in (merchant_or_error, locations_or_error):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert not isinstance(merchant_or_error, BaseException)
+        assert not isinstance(locations_or_error, BaseException)
+        merchant, locations = merchant_or_error, locations_or_error
         report.business_name = merchant.business_name
         report.locations = locations
         active = [loc.id for loc in locations if loc.status == "ACTIVE"]
@@ -120,32 +220,29 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
         if "ORDERS_READ" in missing:
             raise SquareScopeError(status=403, code="INSUFFICIENT_SCOPES",
                                    detail="ORDERS_READ missing")
-        seen_at = utc_text(now)
-        view = ConsentView.build(consents, now)
-        rows: list[dict[str, object]] = []
-        for start in range(0, len(active), 10):
-            async for page in gateway.search_orders(creds, active[start:start + 10],
-                                                    OPEN_ORDERS_QUERY):
-                rows.extend(order_row(order, creds.merchant_id, consents, now, seen_at, view)
-                            for order in page)
-        store.replace_orders(creds.merchant_id, rows)
-        report.refreshed = True
-        report.orders = len(rows)
-        report.eligible = sum(1 for r in rows if r["eligible"])
         if missing:
             report.error = (f"Token lacks {', '.join(missing)}: orders are shown but cannot be "
                             "completed until the merchant re-authorizes.")
+        row.update(token_health=report.token_health, discovery_error=report.error,
+                   discovered_at=utc_text(now))
+        await _read_orders(gateway, store, creds, active, consents, now, full, row)
+        report.refreshed = True
+        report.orders, report.eligible = store.merchant_order_counts(creds.merchant_id)
+        return report
     except TokenMerchantMismatch as error:
         report.token_health = TokenHealth.MERCHANT_MISMATCH
         report.error = str(error)
         # Whatever is stored under this id may have come through that token: none of it may
-        # stay a candidate.
+        # stay a candidate, and the next good refresh reads everything again.
         store.replace_orders(creds.merchant_id, [])
+        with store.transaction():
+            store.save_order_marks(creds.merchant_id, {})
     except ReconError as error:
         report.error = str(error)
     row.update(token_health=report.token_health, discovery_error=report.error,
                discovered_at=utc_text(now))
-    store.upsert_merchant(row)
+    with store.cache_transaction():
+        store.upsert_merchant(row)
     return report
 
 
@@ -153,15 +250,16 @@ async def discover(gateway: SquareGateway, store: Store,
                    credentials: dict[str, MerchantCredentials],
                    consents: dict[str, list[ConsentRecord]], now: datetime, *,
                    concurrency: int = 16, merchant_ids: Sequence[str] | None = None,
-                   on_merchant: Callable[[MerchantDiscovery], None] | None = None
-                   ) -> list[MerchantDiscovery]:
+                   on_merchant: Callable[[MerchantDiscovery], None] | None = None,
+                   full: bool = False) -> list[MerchantDiscovery]:
+    """`full`: read every order again instead of what changed since the last refresh."""
     wanted = list(merchant_ids) if merchant_ids is not None else sorted(credentials)
     gate = asyncio.Semaphore(concurrency)
 
     async def one(merchant_id: str) -> MerchantDiscovery:
         async with gate:
             report = await _discover_one(gateway, store, credentials[merchant_id],
-                                         consents.get(merchant_id, []), now)
+                                         consents.get(merchant_id, []), now, full)
         if on_merchant is not None:
             on_merchant(report)
         return report

@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from services.consent import DEFAULT_ORDER_SOURCES, ConsentRecord, ConsentStatus
-from services.square_models import SquareOrder
+from services.square_models import OrderLike
+from services.timestamps import parse_time
 
 __all__ = ["Classification", "ConsentView", "EligibilityReason", "apply_batch_limits",
            "classify", "dashboard_url"]
@@ -54,10 +55,6 @@ class Classification:
     consent: ConsentRecord | None = None
 
 
-def _parse(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 @dataclass(frozen=True)
 class ConsentView:
     """A merchant's consents evaluated once at `now`, for classifying many orders."""
@@ -74,7 +71,7 @@ class ConsentView:
                    sources or frozenset(DEFAULT_ORDER_SOURCES), now)
 
 
-def classify(order: SquareOrder, consents: Sequence[ConsentRecord], now: datetime,
+def classify(order: OrderLike, consents: Sequence[ConsentRecord], now: datetime,
              view: ConsentView | None = None) -> Classification:
     """Pass `view` (built once from the same consents and `now`) when classifying many."""
     def no(reason: EligibilityReason, detail: str,
@@ -119,7 +116,7 @@ def classify(order: SquareOrder, consents: Sequence[ConsentRecord], now: datetim
     consent = max(active, key=lambda c: c.effective_from)
     scope = consent.scope
     if scope.min_order_age_hours:
-        age = now - _parse(order.created_at)
+        age = now - parse_time(order.created_at)
         if age < timedelta(hours=scope.min_order_age_hours):
             return no(EligibilityReason.TOO_RECENT,
                       f"Younger than {scope.min_order_age_hours} h.", consent)

@@ -1,10 +1,12 @@
 """The one way to Square: a long-lived `httpx.AsyncClient`, per-merchant SDK clients on it, and
 a fast path for the high-volume calls.
 
-Low-volume calls (token status, merchant, locations) go through the official SDK. SearchOrders,
-BatchRetrieveOrders and UpdateOrder send the same requests (path, JSON body, Bearer token,
-Square-Version) straight over the shared client and decode with orjson + our slim models,
-because the SDK's decoding costs ~3.7 ms per order (square-api.md §15).
+Every call the product makes sends the SDK's requests (path, JSON body, Bearer token,
+Square-Version) straight over the shared client and decodes with our slim models: the SDK's
+decoding costs ~3.7 ms per order (square-api.md §15), and ~3 ms of CPU even for a token status,
+merchant or location list (a third of a 200-merchant discovery's CPU, issue 11). SearchOrders
+pages decode with msgspec. The SDK client stays for `merchants/me` when a token status does
+not name its merchant.
 
 Every request made with a merchant's token first needs Square's word on whose token it is
 (RetrieveTokenStatus, once per token per process): a token filed under another merchant's id
@@ -26,8 +28,9 @@ from functools import partial
 from typing import Any, TypeVar
 
 import httpx
+import msgspec
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from square import AsyncSquare
 from square.core.api_error import ApiError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
@@ -50,9 +53,10 @@ from services.square_models import (
     Merchant,
     OrderEnvelope,
     OrdersBatch,
-    SearchOrdersPage,
+    OrderStruct,
     SquareOrder,
     TokenStatus,
+    decode_search_page,
 )
 
 __all__ = ["SQUARE_VERSION", "RetryPolicy", "SquareGateway", "error_from_response"]
@@ -186,9 +190,9 @@ class SquareGateway:
         return response.merchant.id
 
     async def _fetch_token_status(self, creds: MerchantCredentials) -> TokenStatus:
-        response = await self._sdk_once(lambda: self._client(creds).o_auth.retrieve_token_status(
-            request_options=self._NO_SDK_RETRY))
-        return TokenStatus.model_validate(response.model_dump())
+        # The identity check itself: the one request sent before Square named the owner.
+        content = await self._send_unchecked(creds, "POST", "/oauth2/token/status")
+        return _validate(TokenStatus, content)
 
     # ------------------------------------------------------------------ SDK (low volume)
     def _client(self, creds: MerchantCredentials) -> AsyncSquare:
@@ -240,19 +244,16 @@ class SquareGateway:
         return await self.retry.run(once)
 
     async def merchant(self, creds: MerchantCredentials) -> Merchant:
-        response = await self._sdk_call(creds, lambda sdk: sdk.merchants.get(
-            "me", request_options=self._NO_SDK_RETRY))
-        assert response.merchant is not None
-        merchant = Merchant.model_validate(response.merchant.model_dump())
+        content = await self.retry.run(partial(self.send, creds, "GET", "/v2/merchants/me"))
+        merchant = _validate(_MerchantEnvelope, content).merchant
         if merchant.id != creds.merchant_id:  # Square's second word on it must agree too
             self._owners[_token_key(creds)] = merchant.id
             raise TokenMerchantMismatch(creds.merchant_id, merchant.id)
         return merchant
 
     async def locations(self, creds: MerchantCredentials) -> list[Location]:
-        response = await self._sdk_call(creds, lambda sdk: sdk.locations.list(
-            request_options=self._NO_SDK_RETRY))
-        return [Location.model_validate(loc.model_dump()) for loc in response.locations or []]
+        content = await self.retry.run(partial(self.send, creds, "GET", "/v2/locations"))
+        return list(_validate(_LocationList, content).locations or ())
 
     # ------------------------------------------------------------------ fast path
     def _headers(self, creds: MerchantCredentials) -> dict[str, str]:
@@ -265,6 +266,12 @@ class SquareGateway:
                    ) -> bytes:
         """One request, no retries: the body of a 2xx answer, or a typed error."""
         await self.ensure_identity(creds)
+        return await self._send_unchecked(creds, method, path, body, timeout_s=timeout_s)
+
+    async def _send_unchecked(self, creds: MerchantCredentials, method: str, path: str,
+                              body: dict[str, Any] | None = None, *,
+                              timeout_s: float | None = None) -> bytes:
+        """`send` without the identity check: only the check itself uses it."""
         limit = timeout_s or self.timeout_s
         try:
             # A total deadline as well as httpx's per-phase ones: a trickling or in-process
@@ -296,7 +303,7 @@ class SquareGateway:
 
     async def search_orders(self, creds: MerchantCredentials, location_ids: list[str],
                             query: dict[str, Any], limit: int = 1000
-                            ) -> AsyncIterator[list[SquareOrder]]:
+                            ) -> AsyncIterator[list[OrderStruct]]:
         """Every page of SearchOrders, resending the original query with each cursor."""
         cursor: str | None = None
         while True:
@@ -306,9 +313,14 @@ class SquareGateway:
                 body["cursor"] = cursor
             content = await self.retry.run(
                 partial(self.send, creds, "POST", "/v2/orders/search", body))
-            # Straight from bytes to slim models in pydantic-core: no dicts in between.
-            page = _validate(SearchOrdersPage, content)
-            yield list(page.orders)
+            # Straight from bytes to slim msgspec Structs: no dicts in between (issue 11).
+            try:
+                page = decode_search_page(content)
+            except (msgspec.ValidationError, msgspec.DecodeError) as error:
+                raise SquareApiError(status=200, code="UNEXPECTED_RESPONSE",
+                                     detail="Square's answer did not have the expected shape: "
+                                            f"{str(error)[:200]}") from None
+            yield page.orders
             cursor = page.cursor
             if not cursor:
                 return
@@ -330,6 +342,16 @@ class SquareGateway:
         content = await self.send(creds, "PUT", f"/v2/orders/{order_id}", body,
                                   timeout_s=timeout_s)
         return _validate(OrderEnvelope, content).order
+
+
+class _MerchantEnvelope(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    merchant: Merchant
+
+
+class _LocationList(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    locations: tuple[Location, ...] | None = None
 
 
 def _token_key(creds: MerchantCredentials) -> str:

@@ -48,8 +48,9 @@ from services.eligibility import (
 from services.errors import AuditChainError, ConfigurationError, ConsentFileError
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
-from services.square_models import SquareOrder
+from services.square_models import decode_order
 from services.store import QueuedOrder, Store, StoredConsent
+from services.timestamps import parse_time
 
 __all__ = ["MerchantOverview", "Preview", "Workspace"]
 
@@ -318,14 +319,15 @@ class Workspace:
         rows = []
         for row in self.store.conn.execute(
                 "SELECT order_json, seen_at FROM orders WHERE merchant_id = ?", [merchant_id]):
-            order = SquareOrder.model_validate_json(row[0])
+            order = decode_order(row[0])
             rows.append(order_row(order, merchant_id, consents, now, row[1], view))
         self.store.replace_orders(merchant_id, rows)
 
     # ------------------------------------------------------------------ discovery and queue
     async def refresh(self, merchant_ids: Sequence[str] | None = None,
-                      on_merchant: Callable[[MerchantDiscovery], None] | None = None
-                      ) -> list[MerchantDiscovery]:
+                      on_merchant: Callable[[MerchantDiscovery], None] | None = None,
+                      full: bool = False) -> list[MerchantDiscovery]:
+        """By change since the last refresh; `full` re-reads every order."""
         credentials = self.credentials()
         if merchant_ids is not None:
             unknown = [m for m in merchant_ids if m not in credentials]
@@ -335,7 +337,7 @@ class Workspace:
         return await discover(self.gateway, self.store, credentials,
                               self.consents_by_merchant(), self.clock(),
                               concurrency=self.settings.max_concurrent_merchants,
-                              merchant_ids=merchant_ids, on_merchant=on_merchant)
+                              merchant_ids=merchant_ids, on_merchant=on_merchant, full=full)
 
     def queue(self, merchant_id: str | None = None, include_ineligible: bool = True,
               ordered: bool = True) -> list[QueuedOrder]:
@@ -371,7 +373,7 @@ class Workspace:
             buckets = [0, 0, 0, 0, 0]
             for order in candidates:
                 totals[order.currency] = totals.get(order.currency, 0) + order.total_amount
-                age = now - datetime.fromisoformat(order.created_at.replace("Z", "+00:00"))
+                age = now - parse_time(order.created_at)
                 days = age.total_seconds() / 86400
                 buckets[0 if days < 1 else 1 if days < 3 else 2 if days < 7 else
                         3 if days < 14 else 4] += 1

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from services.completion import ApprovedItem
 from services.credentials import load_credentials
-from services.demo import consent_for
+from services.demo import consent_for, write_demo_files
 from services.emulator import FaultPlan, SeedConfig
-from services.emulator.serve import write_demo_files
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy
 from services.workspace import Workspace

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from console.cli import main
+from services.demo import write_demo_files
 from services.emulator import SeedConfig
-from services.emulator.serve import write_demo_files
 from services.private_files import PRIVATE_MODE
 from services.settings import ReconSettings
 from services.store import Store

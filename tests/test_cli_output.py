@@ -16,8 +16,8 @@ import jsonschema
 import pytest
 
 from console.cli import EXIT_CODES_EPILOG, build_parser, main
+from services.demo import write_demo_files
 from services.emulator import SeedConfig
-from services.emulator.serve import write_demo_files
 from tests.conftest import DATA, LoopbackServer, make_emulator
 from tools.example_consents import EXAMPLES, example_documents, readme_merchants
 

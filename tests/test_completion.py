@@ -526,3 +526,61 @@ async def test_a_token_filed_under_another_merchant_shows_its_own_code(
         assert workspace.store.db["intents"].count == 0
     finally:
         await workspace.aclose()
+
+
+async def test_every_intent_is_committed_before_its_update_order_arrives(
+        emulator: Emulator, tmp_path: Path) -> None:
+    """Intents are group-committed on a writer thread: whenever Square receives an
+    UpdateOrder, another connection (what survives a crash) already sees its intent, and the
+    audit entry that says so."""
+    workspace = await ready_workspace(emulator, tmp_path, merchants=3)
+    missing: list[str] = []
+    seen: list[str] = []
+    square = emulator.square
+    update_order = square.update_order
+
+    def checked(merchant_id: str, order_id: str, body: dict[str, Any]) -> Any:
+        with sqlite3.connect(tmp_path / "recon.db") as other:
+            key = body["idempotency_key"]
+            intent = other.execute("SELECT 1 FROM intents WHERE idempotency_key = ?",
+                                   [key]).fetchone()
+            audited = other.execute("SELECT 1 FROM audit WHERE action = 'intent' AND "
+                                    "idempotency_key = ?", [key]).fetchone()
+        if intent is None or audited is None:
+            missing.append(order_id)
+        seen.append(order_id)
+        return update_order(merchant_id, order_id, body)
+
+    square.update_order = checked  # type: ignore[method-assign]
+    try:
+        preview = workspace.preview()
+        before = versions(emulator)
+        _, results = await workspace.complete(preview)
+        assert len(seen) == preview.count > 50
+        assert missing == []
+        assert {r.outcome for r in results} == {Outcome.COMPLETED}
+        assert_invariants(emulator, workspace, before, preview.items)
+    finally:
+        square.update_order = update_order  # type: ignore[method-assign]
+        await workspace.aclose()
+
+
+def test_per_merchant_concurrency_grows_only_while_answers_are_fast_and_unthrottled() -> None:
+    from services.completion.limits import AdaptiveLimit
+    limit = AdaptiveLimit(16, 4)
+    assert limit.limit == 4
+    for _ in range(4):
+        limit.succeeded(0.02)
+    assert limit.limit == 5
+    for _ in range(20):
+        limit.succeeded(AdaptiveLimit.FAST_S + 1)  # slow answers: no growth
+    assert limit.limit == 5
+    limit.rate_limited(60.0)
+    assert limit.limit == 2
+    for _ in range(20):
+        limit.succeeded(0.02)  # while backing off after a 429: no growth
+    assert limit.limit == 2
+    limit.backing_off_until = 0.0
+    for _ in range(200):
+        limit.succeeded(0.02)
+    assert limit.limit == 16  # never past the maximum

@@ -46,3 +46,15 @@ def test_import_contracts_hold() -> None:
     done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
     assert "broken" in done.stdout and " 0 broken" in done.stdout
+
+
+def test_the_emulator_contract_names_every_other_services_module() -> None:
+    """A new module under services/ must be added to the emulator's forbidden list."""
+    import tomllib
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    contract = next(c for c in config["contracts"] if c["source_modules"] == ["services.emulator"])
+    modules = {f"services.{p.stem if p.is_file() else p.name}"
+               for p in (ROOT / "services").iterdir()
+               if (p.suffix == ".py" and p.stem != "__init__")
+               or (p.is_dir() and (p / "__init__.py").exists())}
+    assert modules - {"services.emulator"} <= set(contract["forbidden_modules"])

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from console.cli import main
-from services.emulator.serve import write_demo_files
+from services.demo import write_demo_files
 from services.reminders.local_server import LocalSmtpServer
 from tests.conftest import LoopbackServer
 

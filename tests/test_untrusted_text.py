@@ -549,8 +549,8 @@ def assert_cli_inert(output: bytes) -> str:
 @pytest.mark.loopback
 @pytest.mark.parametrize("terminal", [False, True], ids=["piped", "terminal"])
 def test_cli_output_is_inert_and_literal(tmp_path: Path, terminal: bool) -> None:
+    from services.demo import write_demo_files
     from services.emulator import SeedConfig
-    from services.emulator.serve import write_demo_files
     from tests.conftest import LoopbackServer, make_emulator
 
     emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=3))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 
 from textual import work
 from textual.app import ComposeResult
@@ -12,7 +14,14 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from console.messages import describe
 from console.safe_text import SafeText, safe, safe_join
-from services.completion import ApprovedItem, BatchProgress, OrderResult, Outcome
+from console.widgets.order_table import OrderTable
+from services.completion import (
+    ApprovedItem,
+    BatchProgress,
+    OrderResult,
+    Outcome,
+    SkipReason,
+)
 from services.workspace import Preview
 
 
@@ -31,6 +40,8 @@ class ProgressScreen(Screen[None]):
         self.latest: BatchProgress | None = None
         self.results: list[OrderResult] = []
         self.finished = False
+        self.cancelled_at: float | None = None  # monotonic, when `x` was handled
+        self.paints: deque[tuple[float, int]] = deque(maxlen=1000)  # (monotonic, done)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -64,6 +75,7 @@ class ProgressScreen(Screen[None]):
         workspace = self.app.workspace  # type: ignore[attr-defined]
         self.finished = False
         self.cancel_event = asyncio.Event()
+        self.cancelled_at = None
         self.refresh_bindings()
         try:
             # Through the workspace, which anchors the audit with a signed checkpoint after.
@@ -90,14 +102,18 @@ class ProgressScreen(Screen[None]):
         event = self.latest
         if event is None:
             return
+        self.paints.append((time.monotonic(), event.done))
         width = 60
         filled = round(width * event.done / event.total) if event.total else width
         percent = round(100 * event.done / event.total) if event.total else 100
         self.query_one("#bar", Static).update(
             safe_join(("█" * filled, "green"), ("░" * (width - filled), "dim"), f" {percent}%"))
         eta = f"{event.eta_s:.0f}s" if event.eta_s is not None else "—"
-        state = "finished" if self.finished else ("cancelling: waiting for calls in flight"
-                                                  if event.cancelled else "running")
+        if self.finished:
+            state = "cancelled" if self.cancel_event.is_set() else "finished"
+        else:
+            state = ("cancelling: waiting for calls in flight" if event.cancelled
+                     else "running")
         backing = "  ⚠ backing off: Square is rate limiting" if event.backing_off else ""
         self.query_one("#progress-stats", Static).update(safe(
             f"{event.done}/{event.total} done   completed {event.completed}   skipped "
@@ -114,12 +130,23 @@ class ProgressScreen(Screen[None]):
                           safe(result.order_id), safe(result.version), safe(result.outcome.value),
                           safe(result.reason), safe(result.detail[:60]))
         failed = sum(1 for r in self.results if r.outcome is Outcome.FAILED)
-        title = f"Finished: {len(self.results)} results"
+        if self.cancel_event.is_set():
+            completed = sum(1 for r in self.results if r.outcome is Outcome.COMPLETED)
+            title = (f"Cancelled: {completed} completed, {len(self.unsent())} not sent "
+                     "(still selected in the queue)")
+        else:
+            title = f"Finished: {len(self.results)} results"
         if failed:
             title += f", {failed} failed: press f to retry only those"
         self.query_one("#progress-title", Static).update(safe(title))
 
+    def unsent(self) -> set[str]:
+        """The orders a cancel kept from being sent: they go back to the queue selected."""
+        return {r.order_id for r in self.results if r.reason == SkipReason.CANCELLED}
+
     def action_cancel(self) -> None:
+        if not self.cancel_event.is_set():
+            self.cancelled_at = time.monotonic()
         self.cancel_event.set()
         self.notify("Cancelling: no new orders will be sent; calls in flight finish and are "
                     "recorded.")
@@ -145,7 +172,13 @@ class ProgressScreen(Screen[None]):
     def action_close(self) -> None:
         self.app.pop_screen()
         app = self.app
+        unsent = self.unsent() if self.cancel_event.is_set() else None
         for screen in app.screen_stack:
             reload = getattr(screen, "reload", None)
             if reload is not None:
                 reload()
+            if unsent is not None:
+                # Ready for another run: exactly what the cancel kept back is selected.
+                for table in screen.query(OrderTable):
+                    table.clear_selection()
+                    table.select_keys(unsent)

@@ -1,8 +1,10 @@
 """Completing approved orders at Square, one narrow facade over its parts:
 
 - `model`: approved items, outcomes, skip reasons, results, idempotency keys;
-- `limits`: concurrency, back-off and the per-merchant circuit breaker;
-- `journal`: the intent journal (batches, one intent per attempt, outcomes; SQL in the store);
+- `limits`: concurrency (overall, and per merchant growing while answers are fast), back-off,
+  the per-merchant circuit breaker, and how long a batch may hold the event loop;
+- `journal`: the intent journal (batches, one intent per attempt, outcomes; SQL in the store),
+  group-committed on a writer thread;
 - `leases`: one holder per merchant across processes;
 - `sending`: the last look and UpdateOrder with retries;
 - `recovery`: settling open intents whose lease holder is gone;

@@ -63,7 +63,8 @@ class CompletionEngine:
                  credentials: dict[str, MerchantCredentials],
                  consents_for: Callable[[str], list[tuple[ConsentRecord, str]]],
                  clock: Callable[[], datetime], operator: str, *,
-                 per_merchant: int = 4, overall: int = 32, max_attempts: int = 5,
+                 per_merchant: int = 4, max_per_merchant: int = 16, overall: int = 64,
+                 max_attempts: int = 5,
                  max_rate_limit_waits: int = 12, attempt_timeout_s: float = 15.0,
                  base_backoff_s: float = 0.2, breaker_threshold: int = 3,
                  lease_ttl_s: float = 30.0, heartbeat_s: float = 5.0,
@@ -81,7 +82,8 @@ class CompletionEngine:
         self.leases = LeaseKeeper(store, operator, ttl_s=lease_ttl_s, heartbeat_s=heartbeat_s)
         self.sender = Sender(gateway, self.journal, self.leases, consents_for, clock,
                              limit=self.limit, backoff=Backoff(base_backoff_s, rng=rng),
-                             breaker=self.breaker, max_attempts=max_attempts,
+                             breaker=self.breaker, per_merchant=per_merchant,
+                             max_per_merchant=max_per_merchant, max_attempts=max_attempts,
                              max_rate_limit_waits=max_rate_limit_waits,
                              attempt_timeout_s=attempt_timeout_s, on_change=self._progress)
         self.recovery = Recovery(gateway, self.journal, self.leases, self.sender, credentials,
@@ -104,13 +106,18 @@ class CompletionEngine:
                 await asyncio.gather(*(self._run_merchant(run, merchant_id, merchant_items)
                                        for merchant_id, merchant_items in by_merchant.items()))
         finally:
-            self.journal.flush()
+            await self.journal.drain()
+            self.journal.close()
         self.journal.finish_batch(run)
         self._progress(run)
         return run.batch_id, run.results
 
     async def recover(self) -> list[OrderResult]:
-        return await self.recovery.recover()
+        try:
+            return await self.recovery.recover()
+        finally:
+            await self.journal.drain()
+            self.journal.close()
 
     def _skip_all(self, run: Run, items: Sequence[ApprovedItem], reason: str,
                   detail: str, outcome: Outcome = Outcome.SKIPPED) -> None:
@@ -146,8 +153,9 @@ class CompletionEngine:
             for start in range(0, len(items), 100):
                 await self._run_chunk(run, merchant_id, creds, items[start:start + 100],
                                       unsettled)
+                await self.sender.budget.turn()  # let the console paint and take keys
         finally:
-            self.journal.flush()  # outcomes are durable before the lease lets anyone in
+            await self.journal.drain()  # outcomes are durable before the lease lets anyone in
             self.leases.release(merchant_id)
 
     async def _run_chunk(self, run: Run, merchant_id: str, creds: MerchantCredentials,
@@ -181,15 +189,12 @@ class CompletionEngine:
             return
         if not intents:
             return
-        if not self.journal.write_intents(run, intents):
+        if not await self.journal.commit_intents(run, intents):
             self._skip_all(run, [i.item for i in intents], SkipReason.DATABASE_UNWRITABLE,
                            f"Not sent: {self.journal.broken}.")
             return
-        gate = asyncio.Semaphore(self.per_merchant)
-
         async def send(intent: Intent) -> None:
-            async with gate:
-                result = await self.sender.send(run, creds, intent)
+            result = await self.sender.send(run, creds, intent)
             self.journal.outcome(run, intent, result)
 
         await asyncio.gather(*(send(intent) for intent in intents))

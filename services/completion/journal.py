@@ -12,7 +12,10 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import orjson
 
@@ -67,14 +70,30 @@ class Run:
 
 @dataclass
 class _Pending:
+    """An outcome (with its intent) or a skip decided before any intent (intent None)."""
+
     run: Run
     index: int
-    intent: Intent
+    intent: Intent | None
     result: OrderResult
     action: AuditAction
 
 
+@dataclass
+class _IntentJob:
+    run: Run
+    intents: list[Intent]
+    done: asyncio.Future[BaseException | None]
+
+
 class IntentJournal:
+    """Writes go through one writer: each group commit takes every intent batch and every
+    outcome queued since the last one into one transaction (one fsync), on its own connection
+    in a thread, so the event loop keeps sending (and the console keeps painting) while SQLite
+    syncs. A group is as large as the queue grew during the previous commit: under load the
+    commits get bigger, not more frequent. Intents still commit before their requests leave:
+    `commit_intents` returns only after the COMMIT."""
+
     def __init__(self, store: Store, audit: AuditTrail, operator: str,
                  on_change: Callable[[Run], None]) -> None:
         self.store = store
@@ -83,9 +102,12 @@ class IntentJournal:
         self.on_change = on_change
         self.broken: str | None = None  # why the database refused a write
         self._pending: list[_Pending] = []
-        self._flush_timer: asyncio.TimerHandle | None = None
+        self._intent_jobs: list[_IntentJob] = []
+        self._writing: asyncio.Task[None] | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
 
-    def _refused(self, error: sqlite3.Error) -> None:
+    def _refused(self, error: BaseException) -> None:
         self.broken = self.broken or f"the database refused a write ({error})"
 
     # ------------------------------------------------------------------ batches
@@ -119,118 +141,240 @@ class IntentJournal:
             self._refused(error)
 
     # ------------------------------------------------------------------ intents
+    def _write_intents(self, conn: sqlite3.Connection, run: Run, intents: list[Intent]) -> None:
+        """Inside an open transaction: each intent gets the next attempt number for its
+        (order, version), that attempt's key, its row and its audit entry."""
+        now = utc_text()
+        attempts = self.store.next_attempts(
+            [(i.item.order_id, i.item.version) for i in intents], conn)
+        rows = []
+        entries: list[dict[str, Any]] = []
+        for intent in intents:
+            item = intent.item
+            intent.attempt = attempts[item.order_id, item.version]
+            intent.key = idempotency_key(item.order_id, item.version, intent.attempt)
+            intent.body["idempotency_key"] = intent.key
+            intent.intent_id = f"{run.batch_id}:{item.order_id}:{intent.attempt}"
+            rows.append({
+                "intent_id": intent.intent_id, "attempt": intent.attempt,
+                "idempotency_key": intent.key, "batch_id": run.batch_id,
+                "merchant_id": item.merchant_id, "order_id": item.order_id,
+                "location_id": intent.location_id, "version": item.version,
+                "amount": intent.amount, "currency": intent.currency,
+                "consent_id": intent.consent_id, "consent_sha256": intent.consent_sha256,
+                "operator": self.operator, "created_at": now,
+                "body_json": orjson.dumps(intent.body).decode()})
+            entries.append({
+                "operator": self.operator, "action": AuditAction.INTENT,
+                "merchant_id": item.merchant_id, "order_id": item.order_id,
+                "version": item.version, "amount": intent.amount, "currency": intent.currency,
+                "consent_id": intent.consent_id, "consent_sha256": intent.consent_sha256,
+                "batch_id": run.batch_id, "approved_set_sha256": run.approved_sha,
+                "idempotency_key": intent.key, "detail": f"attempt {intent.attempt}"})
+        self.store.insert_intents(rows, conn)
+        self.audit.append_many(conn, entries)
+
     def write_intents(self, run: Run, intents: list[Intent]) -> bool:
-        """Committed (fsync) before any of these requests leaves; each gets the next attempt
-        number for its (order, version) and that attempt's key. False if not written."""
+        """Committed (fsync) on the main connection before returning; False if not written.
+        (The engine uses `commit_intents`, which joins the group commit.)"""
         self.flush()
         if self.broken:
             return False
-        now = utc_text()
         try:
             with self.store.transaction() as conn:
-                for intent in intents:
-                    item = intent.item
-                    intent.attempt = self.store.next_attempt(item.order_id, item.version)
-                    intent.key = idempotency_key(item.order_id, item.version, intent.attempt)
-                    intent.body["idempotency_key"] = intent.key
-                    intent.intent_id = f"{run.batch_id}:{item.order_id}:{intent.attempt}"
-                    self.store.insert_intent({
-                        "intent_id": intent.intent_id, "attempt": intent.attempt,
-                        "idempotency_key": intent.key, "batch_id": run.batch_id,
-                        "merchant_id": item.merchant_id, "order_id": item.order_id,
-                        "location_id": intent.location_id, "version": item.version,
-                        "amount": intent.amount, "currency": intent.currency,
-                        "consent_id": intent.consent_id,
-                        "consent_sha256": intent.consent_sha256, "operator": self.operator,
-                        "created_at": now, "body_json": orjson.dumps(intent.body).decode()})
-                    self.audit.append(conn, operator=self.operator, action=AuditAction.INTENT,
-                                      merchant_id=item.merchant_id, order_id=item.order_id,
-                                      version=item.version, amount=intent.amount,
-                                      currency=intent.currency, consent_id=intent.consent_id,
-                                      consent_sha256=intent.consent_sha256,
-                                      batch_id=run.batch_id,
-                                      approved_set_sha256=run.approved_sha,
-                                      idempotency_key=intent.key,
-                                      detail=f"attempt {intent.attempt}")
+                self._write_intents(conn, intents=intents, run=run)
         except sqlite3.Error as error:
             self._refused(error)
             return False
         return True
 
+    async def commit_intents(self, run: Run, intents: list[Intent]) -> bool:
+        """Committed (fsync) before any of these requests leaves, in the next group commit
+        with whatever else is queued (other merchants' intents, outcomes). False if not
+        written."""
+        if self.broken:
+            return False
+        done: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        self._intent_jobs.append(_IntentJob(run, intents, done))
+        self._kick()
+        error = await done
+        if error is not None:
+            self._refused(error)
+            return False
+        return not self.broken
+
     # ------------------------------------------------------------------ outcomes
     def outcome(self, run: Run, intent: Intent, result: OrderResult | None,
                 action: AuditAction = AuditAction.OUTCOME) -> None:
-        """Outcomes are group-committed (every 50, or 25 ms): one fsync for many. One lost
-        in a crash leaves its intent open, which is exactly what `recover` settles."""
+        """Queued for the next group commit. One lost in a crash leaves its intent open,
+        which is exactly what `recover` settles."""
         if result is None:  # outcome unknown: the intent stays open for `recover`
             run.add(OrderResult.of(intent.item, Outcome.FAILED, "OUTCOME_UNKNOWN",
                                    "Square did not answer; `recover` will settle it."))
             self.on_change(run)
             return
         self._pending.append(_Pending(run, run.add(result), intent, result, action))
-        if len(self._pending) >= 50:
-            self.flush()
-        elif self._flush_timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-            else:
-                self._flush_timer = loop.call_later(0.025, self.flush)
+        self._kick()
         self.on_change(run)
-
-    def flush(self) -> None:
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        try:
-            with self.store.transaction() as conn:
-                for p in pending:
-                    self._settle(conn, p)
-        except sqlite3.Error as error:
-            self._refused(error)
-            for p in pending:
-                if p.result.outcome is Outcome.SKIPPED:
-                    continue  # not sent (or refused by Square): nothing to claim either way
-                # Square's answer is known only to this process now: never say completed.
-                p.run.replace(p.index, OrderResult.of(
-                    p.intent.item, Outcome.FAILED, NOT_RECORDED,
-                    f"Square's answer ({p.result.outcome.value}) could not be written to the "
-                    f"database ({error}): run `recon-console recover`."))
-                self.on_change(p.run)
-
-    def _settle(self, conn: sqlite3.Connection, p: _Pending) -> None:
-        result, intent = p.result, p.intent
-        square_code = result.reason if result.outcome is Outcome.FAILED else None
-        self.store.settle_intent(intent.intent_id, result.outcome.value, result.reason,
-                                 square_code, result.detail)
-        self.audit.append(conn, operator=self.operator, action=p.action,
-                          merchant_id=result.merchant_id, order_id=result.order_id,
-                          version=result.version, amount=intent.amount,
-                          currency=intent.currency, consent_id=intent.consent_id,
-                          consent_sha256=intent.consent_sha256, batch_id=p.run.batch_id,
-                          approved_set_sha256=p.run.approved_sha,
-                          idempotency_key=intent.key, outcome=result.outcome.value,
-                          square_code=square_code, detail=result.detail[:500])
-        if result.outcome is Outcome.COMPLETED:
-            self.store.drop_completed_order(result.order_id)
 
     def without_intent(self, run: Run, item: ApprovedItem, reason: str, detail: str,
                        outcome: Outcome = Outcome.SKIPPED) -> None:
-        """Decided before any intent: no call is made, but the audit says why."""
-        self.flush()
+        """Decided before any intent: no call is made, but the audit says why (in the next
+        group commit)."""
+        result = OrderResult.of(item, outcome, str(reason), detail)
+        index = run.add(result)
         if not self.broken:
-            try:
-                self.audit.append(operator=self.operator, action=AuditAction.OUTCOME,
-                                  merchant_id=item.merchant_id, order_id=item.order_id,
-                                  version=item.version, batch_id=run.batch_id,
-                                  approved_set_sha256=run.approved_sha,
-                                  outcome=outcome.value,
-                                  detail=f"{reason}: {detail}"[:500])
-            except sqlite3.Error as error:
-                self._refused(error)
-        run.add(OrderResult.of(item, outcome, str(reason), detail))
+            self._pending.append(_Pending(run, index, None, result, AuditAction.OUTCOME))
+            self._kick()
         self.on_change(run)
+
+    def _entry(self, p: _Pending) -> dict[str, Any]:
+        result, intent = p.result, p.intent
+        if intent is None:
+            return {"operator": self.operator, "action": p.action,
+                    "merchant_id": result.merchant_id, "order_id": result.order_id,
+                    "version": result.version, "batch_id": p.run.batch_id,
+                    "approved_set_sha256": p.run.approved_sha,
+                    "outcome": result.outcome.value,
+                    "detail": f"{result.reason}: {result.detail}"[:500]}
+        square_code = result.reason if result.outcome is Outcome.FAILED else None
+        return {"operator": self.operator, "action": p.action,
+                "merchant_id": result.merchant_id, "order_id": result.order_id,
+                "version": result.version, "amount": intent.amount,
+                "currency": intent.currency, "consent_id": intent.consent_id,
+                "consent_sha256": intent.consent_sha256, "batch_id": p.run.batch_id,
+                "approved_set_sha256": p.run.approved_sha, "idempotency_key": intent.key,
+                "outcome": result.outcome.value, "square_code": square_code,
+                "detail": result.detail[:500]}
+
+    def _write_outcomes(self, conn: sqlite3.Connection, pending: list[_Pending],
+                        entries: list[dict[str, Any]]) -> None:
+        for p in pending:
+            if p.intent is not None:
+                result = p.result
+                square_code = result.reason if result.outcome is Outcome.FAILED else None
+                self.store.settle_intent(p.intent.intent_id, result.outcome.value,
+                                         result.reason, square_code, result.detail, conn)
+        self.audit.append_many(conn, entries)
+        self.store.drop_completed_orders(
+            [p.result.order_id for p in pending
+             if p.intent is not None and p.result.outcome is Outcome.COMPLETED], conn)
+
+    def _outcomes_refused(self, pending: list[_Pending], error: BaseException) -> None:
+        self._refused(error)
+        for p in pending:
+            if p.intent is None or p.result.outcome is Outcome.SKIPPED:
+                continue  # not sent (or refused by Square): nothing to claim either way
+            # Square's answer is known only to this process now: never say completed.
+            p.run.replace(p.index, OrderResult.of(
+                p.intent.item, Outcome.FAILED, NOT_RECORDED,
+                f"Square's answer ({p.result.outcome.value}) could not be written to the "
+                f"database ({error}): run `recon-console recover`."))
+            self.on_change(p.run)
+
+    # ------------------------------------------------------------------ the writer
+    def _kick(self) -> None:
+        if self._writing is not None:
+            return  # the running writer takes it in its next group
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._writing = loop.create_task(self._write_groups())
+
+    async def _write_groups(self) -> None:
+        try:
+            while self._pending or self._intent_jobs:
+                jobs, self._intent_jobs = self._intent_jobs, []
+                pending, self._pending = self._pending, []
+                if self.broken:
+                    for job in jobs:
+                        job.done.set_result(None)  # commit_intents reads `broken`
+                    if pending:
+                        self._outcomes_refused(pending, RuntimeError(self.broken))
+                    continue
+                entries = [self._entry(p) for p in pending]
+                work: list[Callable[[sqlite3.Connection], None]] = [
+                    partial(self._write_intents, run=job.run, intents=job.intents)
+                    for job in jobs]
+                if pending:
+                    work.append(partial(self._write_outcomes, pending=pending,
+                                        entries=entries))
+                errors = await self._commit(work)
+                for job, error in zip(jobs, errors, strict=False):
+                    if not job.done.done():
+                        job.done.set_result(error)
+                if pending and errors[-1] is not None:
+                    self._outcomes_refused(pending, errors[-1])
+        finally:
+            self._writing = None
+
+    async def _commit(self, work: list[Callable[[sqlite3.Connection], None]]
+                      ) -> list[BaseException | None]:
+        if self._thread is None:
+            self._conn = self.store.journal_connection()
+            if self._conn is None:  # in-memory: the one connection, on the loop
+                return self._commit_on(self.store.conn, work)
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="journal")
+        if self._conn is None:
+            return self._commit_on(self.store.conn, work)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._commit_on, self._conn, work)
+
+    @staticmethod
+    def _commit_on(conn: sqlite3.Connection, work: list[Callable[[sqlite3.Connection], None]]
+                   ) -> list[BaseException | None]:
+        """One transaction for the whole group; each part in its own savepoint, so a part
+        the database refuses does not take the others with it."""
+        errors: list[BaseException | None] = [None] * len(work)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for index, part in enumerate(work):
+                    conn.execute("SAVEPOINT part")
+                    try:
+                        part(conn)
+                    except sqlite3.Error as error:
+                        conn.execute("ROLLBACK TO part")
+                        errors[index] = error
+                    conn.execute("RELEASE part")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except Exception as error:  # the commit itself failed: none of it is durable
+            return [error] * len(work)
+        return errors
+
+    async def drain(self) -> None:
+        """Return when everything queued so far is committed (or refused)."""
+        while self._writing is not None:
+            await asyncio.shield(self._writing)
+
+    def flush(self) -> None:
+        """Commit what is queued now, on the main connection (outside the event loop's group
+        commits: at the end of a batch, or where no loop runs)."""
+        if self._writing is not None:
+            return  # the writer commits it
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        if self.broken:
+            self._outcomes_refused(pending, RuntimeError(self.broken))
+            return
+        entries = [self._entry(p) for p in pending]
+        errors = self._commit_on(self.store.conn, [partial(
+            self._write_outcomes, pending=pending, entries=entries)])
+        if errors[0] is not None:
+            self._outcomes_refused(pending, errors[0])
+
+    def close(self) -> None:
+        """Stop the writer thread and close its connection (after `drain`)."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

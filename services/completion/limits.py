@@ -10,15 +10,19 @@ import time
 from services.errors import SquareRateLimited
 from services.square_gateway import RetryPolicy
 
-__all__ = ["AdaptiveLimit", "Backoff", "CircuitBreaker"]
+__all__ = ["AdaptiveLimit", "Backoff", "CircuitBreaker", "LoopBudget"]
 
 
 class AdaptiveLimit:
-    """Concurrency that halves on 429 and grows back by one after a window of successes."""
+    """Concurrency that halves on 429 and grows by one after a window of successes, up to
+    `maximum`, from `initial` (default: the maximum). Only fast answers count towards
+    growing: a Square that slows down under our load does not get more of it."""
 
-    def __init__(self, maximum: int) -> None:
+    FAST_S = 1.0  # an answer slower than this does not count as a reason to grow
+
+    def __init__(self, maximum: int, initial: int | None = None) -> None:
         self.maximum = maximum
-        self.limit = maximum
+        self.limit = max(1, min(maximum, initial if initial is not None else maximum))
         self.in_flight = 0
         self._successes = 0
         self._changed = asyncio.Condition()
@@ -42,7 +46,10 @@ class AdaptiveLimit:
         self._successes = 0
         self.backing_off_until = max(self.backing_off_until, time.monotonic() + wait_s)
 
-    def succeeded(self) -> None:
+    def succeeded(self, latency_s: float = 0.0) -> None:
+        if latency_s > self.FAST_S or self.backing_off:
+            self._successes = 0
+            return
         self._successes += 1
         if self._successes >= self.limit and self.limit < self.maximum:
             self.limit += 1
@@ -91,3 +98,31 @@ class CircuitBreaker:
 
     def trip(self, merchant_id: str, why: str) -> None:
         self.open.setdefault(merchant_id, why)
+
+
+class LoopBudget:
+    """How long the batch may hold the event loop before it lets others run. An in-process
+    Square answers without ever suspending, so one turn of the loop could otherwise run
+    dozens of whole calls, and the console could neither paint nor take the cancel key.
+    Past `budget_s` in one turn, a sender waits `pause_s` (a timer, not the ready queue, so
+    everything else that is ready runs first)."""
+
+    def __init__(self, budget_s: float = 0.02, pause_s: float = 0.002) -> None:
+        self.budget_s = budget_s
+        self.pause_s = pause_s
+        self._since: float | None = None  # when the engine first ran in this loop turn
+
+    async def turn(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = time.monotonic()
+            if self._since is None:
+                self._since = now
+                loop.call_soon(self._next_turn)  # runs in the loop's next turn
+                return
+            if now - self._since < self.budget_s:
+                return
+            await asyncio.sleep(self.pause_s)
+
+    def _next_turn(self) -> None:
+        self._since = None

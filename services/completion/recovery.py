@@ -50,7 +50,7 @@ class Recovery:
         async with self.leases:
             for merchant_id in merchants:
                 await self.settle_merchant(run, merchant_id)
-        self.journal.flush()
+        await self.journal.drain()
         return [r for r in run.results if r.reason != "OUTCOME_UNKNOWN"]
 
     async def settle_merchant(self, run: Run, merchant_id: str) -> None:
@@ -86,7 +86,7 @@ class Recovery:
             if result is not None and result.outcome is Outcome.COMPLETED:
                 completed.add(intent.item.order_id)
             self.journal.outcome(run, intent, result, action=AuditAction.RECOVERY)
-        self.journal.flush()
+        await self.journal.drain()
 
     async def _settle(self, run: Run, creds: MerchantCredentials, intent: Intent,
                       order: SquareOrder | None) -> OrderResult | None:

@@ -8,12 +8,13 @@ of None means the outcome is unknown: the intent stays open for `recover`."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from datetime import datetime
 
 from services.completion.journal import IntentJournal, Run
 from services.completion.leases import LeaseKeeper
-from services.completion.limits import AdaptiveLimit, Backoff, CircuitBreaker
+from services.completion.limits import AdaptiveLimit, Backoff, CircuitBreaker, LoopBudget
 from services.completion.model import Intent, OrderResult, Outcome, SkipReason, token_skip
 from services.consent import ConsentRecord
 from services.credentials import MerchantCredentials
@@ -34,7 +35,8 @@ class Sender:
     def __init__(self, gateway: SquareGateway, journal: IntentJournal, leases: LeaseKeeper,
                  consents_for: Callable[[str], list[tuple[ConsentRecord, str]]],
                  clock: Callable[[], datetime], *, limit: AdaptiveLimit, backoff: Backoff,
-                 breaker: CircuitBreaker, max_attempts: int, max_rate_limit_waits: int,
+                 breaker: CircuitBreaker, per_merchant: int, max_per_merchant: int,
+                 max_attempts: int, max_rate_limit_waits: int,
                  attempt_timeout_s: float, on_change: Callable[[Run], None]) -> None:
         self.gateway = gateway
         self.journal = journal
@@ -49,6 +51,19 @@ class Sender:
         self.attempt_timeout_s = attempt_timeout_s
         self.on_change = on_change
         self.rejected_tokens: dict[str, tuple[SkipReason, str]] = {}
+        # Per merchant: starts at `per_merchant` and grows while answers are fast and no
+        # 429 comes (halves on one), within the overall `limit`.
+        self.per_merchant = per_merchant
+        self.max_per_merchant = max(per_merchant, max_per_merchant)
+        self.merchant_limits: dict[str, AdaptiveLimit] = {}
+        self.budget = LoopBudget()
+
+    def merchant_limit(self, merchant_id: str) -> AdaptiveLimit:
+        limit = self.merchant_limits.get(merchant_id)
+        if limit is None:
+            limit = self.merchant_limits[merchant_id] = AdaptiveLimit(
+                self.max_per_merchant, self.per_merchant)
+        return limit
 
     def reject_token(self, merchant_id: str, error: SquareApiError) -> None:
         self.rejected_tokens.setdefault(merchant_id, (token_skip(error.code), str(error)))
@@ -90,17 +105,24 @@ class Sender:
         def result(outcome: Outcome, reason: str | None, detail: str) -> OrderResult:
             return OrderResult.of(item, outcome, reason, detail)
 
-        # The last look before the call.
-        stop = self.stop_reason(run, item.merchant_id) or self.consent_problem(intent)
-        if stop is not None:
-            return result(Outcome.SKIPPED, stop[0], stop[1])
+        merchant_limit = self.merchant_limit(item.merchant_id)
         attempts = 0
         rate_waits = 0
         uncertain = False  # a request may have reached Square without us seeing the answer
         while True:
             attempts += 1
             try:
-                async with self.limit:
+                async with merchant_limit, self.limit:
+                    if not uncertain:  # nothing of this intent can have reached Square
+                        # Let the console paint and take keys (see LoopBudget).
+                        await self.budget.turn()
+                        # The last look, right before the call (after any wait for a slot):
+                        # a cancel, a revocation or a lost lease stops it here.
+                        stop = (self.stop_reason(run, item.merchant_id)
+                                or self.consent_problem(intent))
+                        if stop is not None:
+                            return result(Outcome.SKIPPED, stop[0], stop[1])
+                    started = time.monotonic()
                     order = await self.gateway.update_order(creds, item.order_id, intent.body,
                                                             timeout_s=self.attempt_timeout_s)
             except SquareRateLimited as error:
@@ -108,6 +130,7 @@ class Sender:
                 rate_waits += 1
                 wait = self.backoff.rate_limit_wait(rate_waits, error)
                 self.limit.rate_limited(wait)
+                merchant_limit.rate_limited(wait)
                 self.on_change(run)
                 if rate_waits > self.max_rate_limit_waits:
                     if uncertain:
@@ -143,7 +166,9 @@ class Sender:
                     return None
                 return result(Outcome.FAILED, error.code, error.detail)
             self.breaker.answered(item.merchant_id)
-            self.limit.succeeded()
+            latency = time.monotonic() - started
+            self.limit.succeeded(latency)
+            merchant_limit.succeeded(latency)
             if order is not None and order.state == "COMPLETED":
                 return result(Outcome.COMPLETED, None,
                               f"COMPLETED at version {order.version}.")

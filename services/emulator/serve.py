@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,40 +33,19 @@ def write_manifest(path: Path, document: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def write_demo_files(directory: Path, merchants: list[SeededMerchant]) -> None:
-    """A credentials file (owner-only) and consent records for the seeded merchants, so a new
-    user can try the command line against `emulator serve` in three commands."""
-    from datetime import UTC, datetime
-
-    from services.demo import consent_for
-
-    directory.mkdir(parents=True, exist_ok=True)
-    credentials = directory / "credentials.toml"
-    lines = []
-    for index, merchant in enumerate(merchants):
-        lines.append(f"[merchants.{merchant.merchant.id}]\n"
-                     f"access_token = \"{merchant.token.token}\"\n"
-                     f"sync_time = \"{3 + index % 4:02d}:00\"\n")
-    fd = os.open(credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write("\n".join(lines))
-    os.chmod(credentials, 0o600)
-    now = datetime.now(UTC)
-    # Every merchant but the last two consents; those two stay on the reminder list.
-    documents = [consent_for(m, now) for m in merchants[:max(1, len(merchants) - 2)]]
-    (directory / "consents.json").write_text(json.dumps(documents, indent=2))
-
-
 def serve(host: str, port: int, config: SeedConfig, faults: FaultPlan,
           manifest_path: Path | None = None, log_level: str = "warning",
-          demo_files: Path | None = None, *, steering: bool = False,
-          strict: bool = False) -> None:
+          on_seeded: Callable[[list[SeededMerchant]], None] | None = None, *,
+          steering: bool = False, strict: bool = False) -> None:
+    """Seed, then serve until interrupted. `on_seeded` sees the seeded merchants before the
+    server starts (the product's demo writes its files from them: the emulator knows nothing
+    of the product)."""
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError("the emulator only serves on loopback (127.0.0.1, localhost or ::1)")
     square, merchants = seed_square(config)
     emulator: EmulatorApp = build_app(square, faults, strict=strict, steering=steering)
-    if demo_files is not None:
-        write_demo_files(demo_files, merchants)
+    if on_seeded is not None:
+        on_seeded(merchants)
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on such sockets, and without it
     # Nagle plus delayed ACKs cost every answer ~40 ms.
     sock = socket.socket(socket.AF_INET6 if host == "::1" else socket.AF_INET,

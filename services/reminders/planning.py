@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo
 
 from services.consent import EMAIL_PATTERN, ConsentRecord, ConsentStatus
 from services.eligibility import EligibilityReason
+from services.timestamps import parse_time
 
 __all__ = ["AGE_STEPS", "LastReminder", "MerchantFacts", "ReminderKind", "ReminderPlan",
            "ReminderPolicy", "SkipCode", "WaitingOrder", "age_step", "business_hours_open",
@@ -296,4 +297,4 @@ def _decide(merchant: MerchantFacts, recipients: tuple[str, ...], rejected: list
 
 
 def utc(moment: str) -> datetime:
-    return datetime.fromisoformat(moment.replace("Z", "+00:00")).astimezone(UTC)
+    return parse_time(moment).astimezone(UTC)

@@ -1,0 +1,128 @@
+"""Refresh by change at scale (issue 11): the 100,000-order queue of bench/discovery.py after 1%
+of its orders were completed and 1% edited in Square (UpdateOrder, 20 ms latency, loopback).
+
+Each run: change 2% of the orders in the emulator (not timed), then time, from process start to
+exit, `recon-console queue --json --include-ineligible` (a refresh by change) and then, as the
+baseline, `queue --json --include-ineligible --full` (a full discovery) on the same database.
+The refresh must drop every completed order and show every edited one at its new version. The
+medians of `--runs` runs are printed side by side, with the machine's load average.
+
+    .venv/bin/python -m bench.refresh [--merchants 200] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from bench._support import loopback_emulator
+from bench.discovery import cli, emulator_args, fresh_db, median, prepare, timed_process
+
+
+async def change_orders(manifest: dict[str, Any], queue: list[dict[str, Any]], share: float,
+                        rng: random.Random) -> tuple[set[str], dict[str, int]]:
+    """Complete `share` of the queued orders and edit (reference_id) as many others, through
+    UpdateOrder as a merchant would. Returns (completed ids, edited id -> new version)."""
+    import httpx
+    tokens = {m["merchant_id"]: m["access_token"] for m in manifest["merchants"]}
+    count = int(len(queue) * share)
+    chosen = rng.sample(queue, 2 * count)
+    to_complete, to_edit = chosen[:count], chosen[count:]
+    gate = asyncio.Semaphore(32)
+    base = manifest["base_url"]
+    completed: set[str] = set()
+    edited: dict[str, int] = {}
+
+    async def one(client: httpx.AsyncClient, order: dict[str, Any], complete: bool) -> None:
+        headers = {"Authorization": f"Bearer {tokens[order['merchant_id']]}",
+                   "Square-Version": "2026-09-16"}
+        async with gate:
+            doc = (await client.get(f"{base}/v2/orders/{order['order_id']}",
+                                    headers=headers)).json()["order"]
+            sparse: dict[str, Any] = {"location_id": doc["location_id"],
+                                      "version": doc["version"]}
+            if complete:
+                sparse.update(state="COMPLETED", fulfillments=[
+                    {"uid": f["uid"], "state": "COMPLETED"} for f in doc.get("fulfillments", [])
+                    if f["state"] not in ("COMPLETED", "CANCELED", "FAILED")])
+            else:
+                sparse["reference_id"] = f"edited-{rng.randint(0, 10**9)}"
+            response = await client.put(
+                f"{base}/v2/orders/{order['order_id']}", headers=headers,
+                json={"idempotency_key": f"bench-{order['order_id']}-{doc['version']}",
+                      "order": sparse})
+            response.raise_for_status()
+            if complete:
+                completed.add(order["order_id"])
+            else:
+                edited[order["order_id"]] = response.json()["order"]["version"]
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        await asyncio.gather(*(one(client, o, True) for o in to_complete),
+                             *(one(client, o, False) for o in to_edit))
+    return completed, edited
+
+
+def queue_json(env: dict[str, str], *extra: str) -> tuple[tuple[float, float, float],
+                                                          dict[str, Any]]:
+    out_path = Path(env["RECON_DB"]).with_suffix(".json")
+    with open(out_path, "wb") as out:
+        figures = timed_process(cli("queue", "--json", "--include-ineligible", *extra), env,
+                                out)
+    return figures, json.loads(out_path.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--merchants", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--share", type=float, default=0.01)
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="merchants at once (max_concurrent_merchants)")
+    args = parser.parse_args()
+    rng = random.Random(11)
+    with loopback_emulator(*emulator_args(args.merchants)) as manifest:
+        consents, env = prepare(manifest, args.concurrency)
+        env = fresh_db(env, consents, "refresh")
+        _, document = queue_json(env)  # the first discovery (not timed)
+        refreshes: list[tuple[float, float, float]] = []
+        fulls: list[tuple[float, float, float]] = []
+        loads = [os.getloadavg()[0]]
+        for _ in range(args.runs):
+            completed, edited = asyncio.run(change_orders(manifest, document["orders"],
+                                                          args.share, rng))
+            figures, document = queue_json(env)
+            refreshes.append(figures)
+            versions = {o["order_id"]: o["version"] for o in document["orders"]}
+            assert not completed & set(versions), "a completed order is still queued"
+            assert all(versions[o] == v for o, v in edited.items()), "an edit was missed"
+            figures, full = queue_json(env, "--full")
+            fulls.append(figures)
+            # Versions, not verdicts: an order can pass the consent's minimum age between
+            # the two runs (tests/test_refresh_by_change.py compares everything).
+            assert versions == {o["order_id"]: o["version"] for o in full["orders"]}, \
+                "refresh and full discovery disagree"
+            document = full
+            loads.append(os.getloadavg()[0])
+    wall = median([r[0] for r in refreshes])
+    full_wall = median([r[0] for r in fulls])
+    print(f"{len(document['orders']):,} queued orders, {args.share:.0%} completed and "
+          f"{args.share:.0%} edited before each refresh, {args.concurrency} merchants at once; "
+          f"median of {args.runs} runs; load "
+          f"average (1 min) {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs "
+          "(shared machine)")
+    print(f"{'':38}{'wall s':>8}{'CPU s':>8}{'peak MB':>9}")
+    for name, rows in (("queue --json (refresh by change)", refreshes),
+                       ("baseline: queue --json --full", fulls)):
+        print(f"{name:38}{median([r[0] for r in rows]):8.2f}{median([r[1] for r in rows]):8.2f}"
+              f"{median([r[2] for r in rows]):9.0f}")
+    print(f"refresh / full discovery: {wall / full_wall:.0%} (targets: <= 1 s and <= 15%)")
+
+
+if __name__ == "__main__":
+    main()
