@@ -167,6 +167,18 @@ def m005_reminders(db: Database) -> None:
             reason TEXT NOT NULL, at TEXT NOT NULL)""")
 
 
+@migrations()
+def m007_backlog_history(db: Database) -> None:
+    # One row per merchant per UTC day: the candidates by age at that day's last refresh, so
+    # the merchants screen can draw the last 30 days (the orders table only holds today).
+    db.execute("""
+        CREATE TABLE backlog_history (
+            day TEXT NOT NULL, merchant_id TEXT NOT NULL, under_1d INTEGER NOT NULL,
+            d1_3 INTEGER NOT NULL, d3_7 INTEGER NOT NULL, d7_14 INTEGER NOT NULL,
+            d14_plus INTEGER NOT NULL, recorded_at TEXT NOT NULL,
+            PRIMARY KEY (day, merchant_id))""")
+
+
 @dataclass(frozen=True)
 class StoredConsent:
     record: ConsentRecord
@@ -459,6 +471,36 @@ class Store:
     def open_intent_count(self) -> int:
         row = self.conn.execute("SELECT COUNT(*) FROM intents WHERE outcome IS NULL")
         return int(row.fetchone()[0])
+
+    def recent_batches(self, merchant_id: str, limit: int = 5) -> list[dict[str, Any]]:
+        """The merchant's last batches, newest first, with each outcome's count."""
+        cursor = self.conn.execute(
+            "SELECT i.batch_id, b.created_at, b.operator, b.status, "
+            "SUM(i.outcome = 'COMPLETED'), SUM(i.outcome = 'SKIPPED'), "
+            "SUM(i.outcome = 'FAILED'), SUM(i.outcome IS NULL) "
+            "FROM intents i JOIN batches b ON b.batch_id = i.batch_id "
+            "WHERE i.merchant_id = ? GROUP BY i.batch_id ORDER BY b.created_at DESC LIMIT ?",
+            [merchant_id, limit])
+        names = ("batch_id", "created_at", "operator", "status", "completed", "skipped",
+                 "failed", "open")
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    # ------------------------------------------------------------------ backlog history
+    def record_backlog(self, day: str, recorded_at: str,
+                       buckets: dict[str, tuple[int, int, int, int, int]]) -> None:
+        """Today's snapshot per merchant; a later refresh the same day replaces it."""
+        with self.transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO backlog_history VALUES "
+                             "(?, ?, ?, ?, ?, ?, ?, ?)",
+                             [[day, merchant_id, *counts, recorded_at]
+                              for merchant_id, counts in buckets.items()])
+
+    def backlog_history(self, merchant_id: str, since_day: str
+                        ) -> dict[str, tuple[int, int, int, int, int]]:
+        rows = self.conn.execute(
+            "SELECT day, under_1d, d1_3, d3_7, d7_14, d14_plus FROM backlog_history "
+            "WHERE merchant_id = ? AND day >= ? ORDER BY day", [merchant_id, since_day])
+        return {row[0]: tuple(row[1:]) for row in rows.fetchall()}
 
     # ------------------------------------------------------------------ leases
     def take_lease(self, lease: Lease, free: Callable[[Lease], bool]) -> Lease:
