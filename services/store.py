@@ -176,6 +176,7 @@ def m007_backlog_history(db: Database) -> None:
             day TEXT NOT NULL, merchant_id TEXT NOT NULL, under_1d INTEGER NOT NULL,
             d1_3 INTEGER NOT NULL, d3_7 INTEGER NOT NULL, d7_14 INTEGER NOT NULL,
             d14_plus INTEGER NOT NULL, recorded_at TEXT NOT NULL,
+            rebuilt INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (day, merchant_id))""")
 
 
@@ -486,21 +487,28 @@ class Store:
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     # ------------------------------------------------------------------ backlog history
-    def record_backlog(self, day: str, recorded_at: str,
-                       buckets: dict[str, tuple[int, int, int, int, int]]) -> None:
-        """Today's snapshot per merchant; a later refresh the same day replaces it."""
+    def record_backlog(self, rows: list[tuple[str, str, tuple[int, int, int, int, int]]],
+                       recorded_at: str, rebuilt: bool = False) -> None:
+        """(day, merchant, counts) snapshots. A refresh replaces that day's row; a rebuilt
+        day never replaces a recorded one."""
+        verb = "INSERT OR IGNORE" if rebuilt else "INSERT OR REPLACE"
         with self.transaction() as conn:
-            conn.executemany("INSERT OR REPLACE INTO backlog_history VALUES "
-                             "(?, ?, ?, ?, ?, ?, ?, ?)",
-                             [[day, merchant_id, *counts, recorded_at]
-                              for merchant_id, counts in buckets.items()])
+            conn.executemany(f"{verb} INTO backlog_history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             [[day, merchant_id, *counts, recorded_at, int(rebuilt)]
+                              for day, merchant_id, counts in rows])
+
+    def has_backlog_history(self, merchant_id: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM backlog_history WHERE merchant_id = ? LIMIT 1",
+                                 [merchant_id]).fetchone() is not None
 
     def backlog_history(self, merchant_id: str, since_day: str
-                        ) -> dict[str, tuple[int, int, int, int, int]]:
+                        ) -> dict[str, tuple[tuple[int, int, int, int, int], bool]]:
+        """Day -> (counts by age, whether the day was rebuilt rather than recorded)."""
         rows = self.conn.execute(
-            "SELECT day, under_1d, d1_3, d3_7, d7_14, d14_plus FROM backlog_history "
+            "SELECT day, under_1d, d1_3, d3_7, d7_14, d14_plus, rebuilt FROM backlog_history "
             "WHERE merchant_id = ? AND day >= ? ORDER BY day", [merchant_id, since_day])
-        return {row[0]: tuple(row[1:]) for row in rows.fetchall()}
+        return {row[0]: ((row[1], row[2], row[3], row[4], row[5]), bool(row[6]))
+                for row in rows.fetchall()}
 
     # ------------------------------------------------------------------ leases
     def take_lease(self, lease: Lease, free: Callable[[Lease], bool]) -> Lease:

@@ -138,7 +138,8 @@ class MerchantDetail:
     error: str | None
     consents: tuple[ConsentLine, ...]
     batches: tuple[dict[str, Any], ...]           # newest first, with outcome counts
-    history: tuple[tuple[date, tuple[int, int, int, int, int] | None], ...]  # None: no record
+    # (day, counts by age or None when nothing was recorded, rebuilt from open orders?)
+    history: tuple[tuple[date, tuple[int, int, int, int, int] | None, bool], ...]
 
 
 @dataclass
@@ -371,15 +372,29 @@ class Workspace:
         self.record_backlog([r.merchant_id for r in reports if r.refreshed])
         return reports
 
-    def record_backlog(self, merchant_ids: Sequence[str]) -> None:
-        """Today's candidates by age, per merchant just refreshed: the chart's history."""
+    def record_backlog(self, merchant_ids: Sequence[str], days: int = 30) -> None:
+        """Today's candidates by age, per merchant just refreshed: the chart's history.
+
+        A merchant's first snapshot also rebuilds the days before it from the candidates open
+        now (each day counts those created by then, at their age then). Orders completed
+        since are missing from those days, so they are marked rebuilt and a later refresh's
+        record always wins."""
         now = self.clock()
-        buckets = {m: age_buckets(self.store.queued_orders(m, eligible_only=True,
-                                                           ordered=False), now)
-                   for m in merchant_ids}
-        if buckets:
-            self.store.record_backlog(now.astimezone(UTC).date().isoformat(), utc_text(now),
-                                      buckets)
+        today = now.astimezone(UTC).date()
+        recorded, rebuilt = [], []
+        for merchant_id in merchant_ids:
+            candidates = self.store.queued_orders(merchant_id, eligible_only=True,
+                                                  ordered=False)
+            if not self.store.has_backlog_history(merchant_id):
+                for back in range(1, days):
+                    moment = now - timedelta(days=back)
+                    existing = [o for o in candidates
+                                if _instant(o.created_at) <= moment]  # type: ignore[operator]
+                    rebuilt.append(((today - timedelta(days=back)).isoformat(), merchant_id,
+                                    age_buckets(existing, moment)))
+            recorded.append((today.isoformat(), merchant_id, age_buckets(candidates, now)))
+        self.store.record_backlog(recorded, utc_text(now))
+        self.store.record_backlog(rebuilt, utc_text(now), rebuilt=True)
 
     def merchant_detail(self, merchant_id: str, days: int = 30) -> MerchantDetail | None:
         """What the merchants screen's detail pane shows for one merchant."""
@@ -398,7 +413,7 @@ class Workspace:
         today = now.astimezone(UTC).date()
         first = today - timedelta(days=days - 1)
         stored = self.store.backlog_history(merchant_id, first.isoformat())
-        history = [(day, stored.get(day.isoformat()))
+        history = [(day, *stored.get(day.isoformat(), (None, False)))
                    for day in (first + timedelta(days=n) for n in range(days))]
         refreshed = _instant(merchant.get("discovered_at"))
         return MerchantDetail(
