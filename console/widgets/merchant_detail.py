@@ -155,12 +155,21 @@ class MerchantPane(Horizontal):
                          classes="pane-title")
             yield Static("", id="backlog-chart")
 
-    def show(self, detail: MerchantDetail | None) -> None:
-        text = self.query_one("#merchant-facts-text", Static)
+    detail: MerchantDetail | None = None
+
+    def on_resize(self) -> None:
+        self._draw_chart()
+
+    def _draw_chart(self) -> None:
+        """The chart takes the pane's height: title, axis, legend and note take 5 lines."""
         chart = self.query_one("#backlog-chart", Static)
-        if detail is None:
-            text.update("No merchant highlighted.")
+        if self.detail is None:
             chart.update("")
             return
-        text.update(facts(detail))
-        chart.update(backlog_chart(detail.history))
+        chart.update(backlog_chart(self.detail.history, max(6, self.size.height - 6)))
+
+    def show(self, detail: MerchantDetail | None) -> None:
+        self.detail = detail
+        text = self.query_one("#merchant-facts-text", Static)
+        text.update("No merchant highlighted." if detail is None else facts(detail))
+        self._draw_chart()
