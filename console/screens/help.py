@@ -11,7 +11,6 @@ from textual.widgets import Static
 
 from console.safe_text import safe
 
-
 # The same on every screen (tests/test_console_keys.py holds each screen to them).
 KEYS_EVERYWHERE = """\
 space     selects (or unselects) the highlighted order AND moves to the next row,
