@@ -90,10 +90,11 @@ class QueueScreen(ConsoleScreen):
     BINDINGS = [
         Binding("slash", "filter", "Filter", id="queue.filter"),
         Binding("escape", "back", "Back", id="queue.back"),
-        Binding("1", "kind('1')", "Candidates", id="queue.candidates"),
-        Binding("2", "kind('2')", "Blocked", id="queue.blocked"),
-        Binding("3", "kind('3')", "Manual", id="queue.manual"),
-        Binding("4", "kind('4')", "All", id="queue.all"),
+        # Off the footer: the tabs line above the table shows them, and `c` must fit at 160.
+        Binding("1", "kind('1')", "Candidates", show=False, id="queue.candidates"),
+        Binding("2", "kind('2')", "Blocked", show=False, id="queue.blocked"),
+        Binding("3", "kind('3')", "Manual", show=False, id="queue.manual"),
+        Binding("4", "kind('4')", "All", show=False, id="queue.all"),
         Binding("a", "select_all", "Select all matching", id="queue.select_all"),
         Binding("i", "invert", "Invert", id="queue.invert"),
         Binding("x", "clear", "Clear", id="queue.clear"),
