@@ -187,6 +187,16 @@ async def test_keys_typed_in_a_burst_after_slash_land_in_the_filter(tmp_path: Pa
         assert not table.selected and isinstance(app.screen, QueueScreen)
         await pilot.press("escape")
         await pilot.pause()
+        # As the terminal delivers a burst: every key queued before the first is handled
+        # (pilot.press waits for each key to settle; tmux send-keys does not).
+        for key, char in [("slash", "/"), *((c, c) for c in "cash1ox")]:
+            app.post_message(events.Key(key, char))
+        await pilot.pause()
+        await pilot.pause()
+        assert queue.query_one("#filter", Input).value == "cash1ox"
+        assert not table.selected and isinstance(app.screen, QueueScreen)
+        await pilot.press("escape")
+        await pilot.pause()
         # A paste right after `/`, before the screen has had a tick.
         await pilot.press("slash")
         app.screen.query_one("#filter", Input).post_message(events.Paste("fern cash"))

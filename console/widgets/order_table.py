@@ -21,6 +21,7 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from console.widgets.row_table import FollowFocus
 from services.text_safety import printable
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def _fit(text: str, width: int, right: bool) -> str:
     return text.rjust(width) if right else text.ljust(width)
 
 
-class OrderTable(ScrollView, can_focus=True):
+class OrderTable(FollowFocus, ScrollView, can_focus=True):
     """Rows, a filtered and sorted view of them, a cursor and a selection set."""
 
     COMPONENT_CLASSES = {"ordertable--header", "ordertable--cursor", "ordertable--selected",
