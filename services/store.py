@@ -477,8 +477,8 @@ class Store:
         """The merchant's last batches, newest first, with each outcome's count."""
         cursor = self.conn.execute(
             "SELECT i.batch_id, b.created_at, b.operator, b.status, "
-            "SUM(i.outcome = 'COMPLETED'), SUM(i.outcome = 'SKIPPED'), "
-            "SUM(i.outcome = 'FAILED'), SUM(i.outcome IS NULL) "
+            "SUM(i.outcome = 'completed'), SUM(i.outcome = 'skipped'), "
+            "SUM(i.outcome = 'failed'), SUM(i.outcome IS NULL) "
             "FROM intents i JOIN batches b ON b.batch_id = i.batch_id "
             "WHERE i.merchant_id = ? GROUP BY i.batch_id ORDER BY b.created_at DESC LIMIT ?",
             [merchant_id, limit])

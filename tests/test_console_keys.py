@@ -238,3 +238,91 @@ async def test_retry_with_nothing_failed_says_why(tmp_path: Path) -> None:
         await pilot.pause()
         assert any("Nothing to retry" in str(n.message) for n in app._notifications), \
             [n.message for n in app._notifications]
+
+
+# ---------------------------------------------------------------------- item 6: merchants
+def pane_text(app: ReconApp) -> str:
+    return str(app.screen.query_one("#merchant-facts-text", Static).render())
+
+
+def chart_text(app: ReconApp) -> str:
+    return str(app.screen.query_one("#backlog-chart", Static).render())
+
+
+async def test_merchants_screen_uses_its_space_with_a_detail_pane(tmp_path: Path) -> None:
+    environment = demo(tmp_path)
+    app = app_for(environment)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        table = app.screen.query_one("#merchants", DataTable)
+        # The table takes the lines its merchants need, and no column runs off the screen.
+        assert table.size.height <= table.row_count + 2
+        assert table.virtual_size.width <= table.size.width, "the Note column is cut off"
+        pane = app.screen.query_one(MerchantPane)
+        assert pane.display and pane.size.height >= 20
+        first = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        assert first is not None
+        detail = environment.workspace.merchant_detail(first)
+        assert detail is not None
+        text = pane_text(app)
+        assert detail.business_name in text
+        consent = detail.consents[0]
+        assert f"from {consent.effective_from:%Y-%m-%d}" in text
+        if consent.expires_at:
+            assert f"to {consent.expires_at:%Y-%m-%d}" in text
+        assert "per batch: " in text
+        assert "Token" in text and "expires 20" in text
+        for name, _ in detail.locations:
+            assert name in text
+        assert "Last refresh" in text and "0m ago" in text
+        assert "Last batches" in text and "none yet" in text
+        chart = chart_text(app)
+        assert "██" in chart and "1 day recorded at a refresh" in chart
+        assert "29 rebuilt from orders still open" in chart
+
+        # The pane follows the highlight.
+        await pilot.press("down")
+        await pilot.pause()
+        second = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        assert second is not None
+        second_detail = environment.workspace.merchant_detail(second)
+        assert second_detail is not None and second_detail.business_name in pane_text(app)
+
+        # A batch shows with its outcomes once it ran.
+        await pilot.press("up")
+        await open_queue(pilot, app)
+        await pilot.press("space", "space", "c")
+        await wait_until(pilot, lambda: not isinstance(app.screen, QueueScreen))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: isinstance(app.screen, ProgressScreen)
+                         and app.screen.finished)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: isinstance(app.screen, MerchantsScreen))
+        await pilot.pause()
+        assert "2 completed" in pane_text(app), pane_text(app)
+
+
+async def test_backlog_history_is_recorded_at_each_refresh(tmp_path: Path) -> None:
+    environment = demo(tmp_path)
+    workspace = environment.workspace
+    merchant = environment.merchants[0].merchant.id
+    assert not workspace.store.has_backlog_history(merchant)
+    await workspace.refresh()
+    detail = workspace.merchant_detail(merchant)
+    assert detail is not None and len(detail.history) == 30
+    today, counts, rebuilt = detail.history[-1]
+    assert counts is not None and not rebuilt
+    overview = next(r for r in workspace.overview() if r.merchant_id == merchant)
+    assert counts == overview.age_buckets  # the same bands as the Ages column
+    # Earlier days were rebuilt from the orders open now: never more than today.
+    assert all(c is not None and r and sum(c) <= sum(counts) for _, c, r in detail.history[:-1])
+    # A later refresh the same day replaces today's row, and never a rebuilt day's record.
+    workspace.store.record_backlog([(today.isoformat(), merchant, (1, 2, 3, 4, 5))], "x",
+                                   rebuilt=True)
+    assert workspace.merchant_detail(merchant).history[-1][1] == counts  # type: ignore[union-attr]
+    await workspace.refresh()
+    assert workspace.store.conn.execute(
+        "SELECT COUNT(*) FROM backlog_history WHERE merchant_id = ?", [merchant]
+    ).fetchone()[0] == 30
