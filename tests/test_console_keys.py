@@ -277,7 +277,7 @@ async def test_merchants_screen_uses_its_space_with_a_detail_pane(tmp_path: Path
         assert "Last refresh" in text and "0m ago" in text
         assert "Last batches" in text and "none yet" in text
         chart = chart_text(app)
-        assert "██" in chart and "1 day recorded at a refresh" in chart
+        assert "█" in chart and "1 day recorded at a refresh" in chart
         assert "29 rebuilt from orders still open" in chart
 
         # The pane follows the highlight.
@@ -326,3 +326,18 @@ async def test_backlog_history_is_recorded_at_each_refresh(tmp_path: Path) -> No
     assert workspace.store.conn.execute(
         "SELECT COUNT(*) FROM backlog_history WHERE merchant_id = ?", [merchant]
     ).fetchone()[0] == 30
+
+
+def test_backlog_chart_heights_follow_the_totals_and_gaps_are_not_zeros() -> None:
+    from datetime import date
+
+    from console.widgets.merchant_detail import backlog_chart
+    history = [(date(2026, 11, day), None if day == 3 else (day, 0, 0, 0, 10 * day),
+                day < 5) for day in range(1, 7)]
+    lines = backlog_chart(history, height=12).plain.split("\n")[:12]
+    heights = [sum(1 for line in lines if line[7 + 2 * n] in "█▓") for n in range(6)]
+    assert heights[2] == 0 and lines[11][7 + 2 * 2] == "·"  # no snapshot: a dot, no bar
+    known = [h for n, h in enumerate(heights) if n != 2]
+    assert known == sorted(known) and known[-1] == 12  # a larger total is never shorter
+    assert lines[0][7 + 2 * 5] == "█" and lines[0][7 + 2 * 3] != "▓"
+    assert all(line[7 + 2 * n] == "▓" for n in (0, 1, 3) for line in lines[11:])

@@ -40,7 +40,7 @@ def _when(moment: datetime | None) -> str:
 
 def backlog_chart(history: Sequence[tuple[date, Snapshot | None, bool]],
                   height: int = 12) -> SafeText:
-    """Stacked columns, two cells per day (oldest day left), each split by age with the oldest
+    """Stacked columns, one per day with a gap (oldest day left), split by age with the oldest
     orders on top in red. A recorded day is solid (█), a day rebuilt from the orders still open
     is shaded (▓), and a day with neither is a dim `·` on the baseline, not a zero."""
     top = max((sum(s) for _, s, _ in history if s), default=0)
@@ -48,13 +48,16 @@ def backlog_chart(history: Sequence[tuple[date, Snapshot | None, bool]],
     for _, snapshot, _ in history:
         cells: list[int | None] = [None] * height
         if snapshot and top:
-            filled = 0
+            # Cumulative boundaries: the column's height follows the day's total exactly
+            # (a larger backlog is never a shorter column); at least one cell for any orders.
+            below = 0
+            running = 0
             for bucket, count in enumerate(snapshot):
-                # Each bucket's share of the column, at least one cell when it has orders.
-                share = max(1, round(count / top * height)) if count else 0
-                for row in range(filled, min(height, filled + share)):
+                running += count
+                edge = max(1, round(running / top * height)) if running else 0
+                for row in range(below, edge):
                     cells[row] = bucket
-                filled += share
+                below = max(below, edge)
         columns.append(cells)
     chart = SafeText()
     for row in range(height - 1, -1, -1):
@@ -63,7 +66,7 @@ def backlog_chart(history: Sequence[tuple[date, Snapshot | None, bool]],
         for (_, snapshot, rebuilt), cells in zip(history, columns, strict=True):
             cell = cells[row]
             if cell is not None:
-                chart.append("▓▓" if rebuilt else "██", AGE_STYLES[cell])
+                chart.append("▓ " if rebuilt else "█ ", AGE_STYLES[cell])
             elif row == 0 and snapshot is None:
                 chart.append("· ", "dim")
             else:
@@ -75,14 +78,14 @@ def backlog_chart(history: Sequence[tuple[date, Snapshot | None, bool]],
         chart.append(f"       {first:%b %d}{' ' * gap}{last:%b %d}\n", "dim")
     chart.append("       ")
     for label, style in zip(AGE_LABELS, AGE_STYLES, strict=True):
-        chart.append("██", style)
+        chart.append("█", style)
         chart.append(f" {label}  ")
     recorded = sum(1 for _, s, rebuilt in history if s is not None and not rebuilt)
     rebuilt_days = sum(1 for _, s, rebuilt in history if s is not None and rebuilt)
     chart.append(f"\n       {recorded} day{'' if recorded == 1 else 's'} recorded at a "
-                 "refresh (██)", "dim")
+                 "refresh (█)", "dim")
     if rebuilt_days:
-        chart.append(f", {rebuilt_days} rebuilt from orders still open (▓▓)", "dim")
+        chart.append(f", {rebuilt_days} rebuilt from orders still open (▓)", "dim")
     return chart
 
 
