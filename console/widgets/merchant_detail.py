@@ -169,10 +169,15 @@ class MerchantPane(Horizontal):
         if self.detail is None:
             chart.update("")
             return
-        chart.update(backlog_chart(self.detail.history, max(6, self.size.height - 6)))
+        picture = backlog_chart(self.detail.history, max(6, self.size.height - 6))
+        chart.update(picture)
 
     def show(self, detail: MerchantDetail | None) -> None:
         self.detail = detail
         text = self.query_one("#merchant-facts-text", Static)
-        text.update("No merchant highlighted." if detail is None else facts(detail))
+        if detail is None:
+            text.update("No merchant highlighted.")
+        else:
+            lines = facts(detail)
+            text.update(lines)
         self._draw_chart()
