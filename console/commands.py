@@ -36,6 +36,7 @@ from services.private_files import open_private
 from services.settings import ReconSettings
 from services.store import utc_text
 from services.text_safety import printable
+from services.timestamps import parse_time
 from services.workspace import Workspace, format_money
 
 stderr = Console(stderr=True, highlight=False)
@@ -161,7 +162,7 @@ def _age(now: datetime, moment: str | None) -> str:
     """'45s', '12m', '2h', '3d': how long ago `moment` (RFC 3339) was."""
     if not moment:
         return "?"
-    seconds = max(0, int((now - datetime.fromisoformat(moment.replace("Z", "+00:00")))
+    seconds = max(0, int((now - parse_time(moment))
                          .total_seconds()))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:

@@ -300,7 +300,7 @@ async def test_every_screen_shows_hostile_text_literally(tmp_path: Path) -> None
         assert DISMISS in str(app.screen.query_one("#tabs", Static).content)
         table = app.screen.query_one(OrderTable)
         table.apply_filter("")
-        hostile_orders = [key for key in table.keys_in_view()
+        hostile_orders = [key for key in (table.rows[i].key for i in table.view)
                           if any(printable(s[:40]) == (app.screen.orders[key].reference_id or "")
                                  or s[:40] == app.screen.orders[key].reference_id
                                  for s in HOSTILE)]

@@ -15,6 +15,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from console.messages import describe
 from console.safe_text import SafeText, safe
+from console.widgets.row_table import RowTable
 
 FILTER_KEYS = {"merchant": "merchant_id", "operator": "operator", "order": "order_id",
                "outcome": "outcome", "since": "since", "until": "until", "action": "action"}
@@ -60,7 +61,7 @@ class AuditScreen(Screen[None]):
         field.display = False
         field.cursor_blink = False  # steady cursor: calmer, and stable snapshots
         yield field
-        table: DataTable[SafeText] = DataTable(id="entries", cursor_type="row", zebra_stripes=True)
+        table: DataTable[SafeText] = RowTable(id="entries", cursor_type="row", zebra_stripes=True)
         table.add_columns("#", "At (UTC)", "Operator", "Action", "Merchant", "Order", "v",
                           "Outcome", "Detail")
         yield table
