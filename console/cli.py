@@ -107,13 +107,53 @@ def merge_global_options(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+# Every parser's --help ends with these (scripts branch on them; interfaces.md has the contract).
+EXIT_CODES_EPILOG = """exit codes:
+  0    done
+  1    done, but some orders failed, a merchant could not be reached, some outcomes could
+       not be recorded (run `recon-console recover`), or `audit verify` found a break
+  2    usage or configuration error (one line on stderr says what is wrong and what to do)
+  130  cancelled by the operator"""
+
+# Listings: a table on a terminal; off one (a pipe, a file) tab-separated lines with every
+# value in full, since a table cut to 80 columns loses the ids that --merchant and revoke need.
+OUTPUT_FORMATS = ("table", "tsv", "json")
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", EXIT_CODES_EPILOG)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
         _common(self)  # every subcommand, however nested, takes the global options
 
     def error(self, message: str) -> Any:  # one line, exit 2
         raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _listing(parser: argparse.ArgumentParser) -> None:
+    """--format table|tsv|json, and --json (the contract's spelling of --format json)."""
+    parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS,
+                        help="table (the default on a terminal), tsv (the default off one: "
+                             "a header line, then one line per row, values in full, tabs and "
+                             "newlines in them shown as ␉ ␊), or json")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON document on stdout (the same as --format json)")
+
+
+def resolve_output_format(args: argparse.Namespace) -> None:
+    """Set `args.output_format` (table on a terminal, tsv off it) and `args.json` to match."""
+    if not hasattr(args, "output_format"):
+        return
+    if args.json and args.output_format not in (None, "json"):
+        raise UsageError(f"recon-console: --json and --format {args.output_format} disagree: "
+                         "give one of them")
+    chosen = "json" if args.json else args.output_format
+    if chosen is None:
+        # Rich's own test: a tty, or TTY_COMPATIBLE=1 / FORCE_COLOR set by whoever runs us.
+        from rich.console import Console
+        chosen = "table" if Console().is_terminal else "tsv"
+    args.output_format, args.json = chosen, chosen == "json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,23 +163,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="the console on the local emulator with demo data")
-    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--seed", type=int, default=7,
+                      help="seed of the emulator's merchants and orders (default: 7)")
 
     emulator = sub.add_parser("emulator", help="the local Square emulator")
     emulator_sub = emulator.add_subparsers(dest="emulator_command", parser_class=_Parser,
                                            required=True)
     serve = emulator_sub.add_parser("serve", help="serve the emulator on loopback")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--seed", type=int, default=7)
-    serve.add_argument("--merchants", type=int, default=12)
-    serve.add_argument("--locations-per-merchant", type=int, default=2)
-    serve.add_argument("--orders-per-location", type=int, default=60)
-    serve.add_argument("--latency-ms", type=float, default=0.0)
-    serve.add_argument("--jitter-ms", type=float, default=0.0)
-    serve.add_argument("--rate-limit", type=float, default=None, help="requests/s per token")
-    serve.add_argument("--fault-rate", type=float, default=0.0, help="fraction answered 503")
-    serve.add_argument("--manifest", type=Path, default=None)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="loopback address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8765,
+                       help="port to listen on; 0 picks a free one (default: 8765)")
+    serve.add_argument("--seed", type=int, default=7,
+                       help="seed of the merchants and orders; with the counts below it "
+                            "decides the merchant ids (default: 7)")
+    serve.add_argument("--merchants", type=int, default=12,
+                       help="how many merchants (default: 12)")
+    serve.add_argument("--locations-per-merchant", type=int, default=2,
+                       help="active locations per merchant (default: 2)")
+    serve.add_argument("--orders-per-location", type=int, default=60,
+                       help="orders seeded per location (default: 60)")
+    serve.add_argument("--latency-ms", type=float, default=0.0,
+                       help="added to every answer, in milliseconds (default: 0)")
+    serve.add_argument("--jitter-ms", type=float, default=0.0,
+                       help="random extra latency up to this, in milliseconds (default: 0)")
+    serve.add_argument("--rate-limit", type=float, default=None,
+                       help="requests/s per token before 429 (default: no limit)")
+    serve.add_argument("--fault-rate", type=float, default=0.0,
+                       help="fraction of requests answered 503 (default: 0)")
+    serve.add_argument("--manifest", type=Path, default=None, metavar="PATH",
+                       help="write the base URL and each merchant's id, token and locations "
+                            "here (JSON, owner-only) once listening")
     serve.add_argument("--kinds", default=None, metavar="KIND=W,...",
                        help="order mix, e.g. online_paid_open=9,online_unpaid=1 "
                             "(default: the realistic mix)")
@@ -157,42 +211,55 @@ def build_parser() -> argparse.ArgumentParser:
                                          required=True)
     c_import = consent_sub.add_parser("import", help="validate and store consent files")
     _common(c_import)
-    c_import.add_argument("files", nargs="+", type=Path)
+    c_import.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                          help="JSON file holding one consent record or an array of them "
+                               "(consent.schema.json); all or nothing")
     c_list = consent_sub.add_parser("list", help="consents and their status now")
     _common(c_list)
-    c_list.add_argument("--json", action="store_true")
+    _listing(c_list)
     c_revoke = consent_sub.add_parser("revoke", help="revoke a consent from now on; a revoked "
                                       "consent id stays revoked whatever is imported later")
     _common(c_revoke)
     which = c_revoke.add_mutually_exclusive_group(required=True)
-    which.add_argument("consent_id", nargs="?")
+    which.add_argument("consent_id", nargs="?", metavar="CONSENT_ID",
+                       help="the consent to revoke (see `consent list`)")
     which.add_argument("--all-for-merchant", metavar="MERCHANT_ID",
                        help="revoke every consent of this merchant not yet revoked")
-    c_revoke.add_argument("--by", required=True)
-    c_revoke.add_argument("--reason", required=True)
+    c_revoke.add_argument("--by", required=True, metavar="NAME",
+                          help="who asked for the revocation (recorded in the audit)")
+    c_revoke.add_argument("--reason", required=True, metavar="TEXT",
+                          help="why (recorded in the audit)")
 
     queue = sub.add_parser("queue", help="discover open orders and classify them")
     _common(queue)
-    queue.add_argument("--merchant", action="append")
-    queue.add_argument("--include-ineligible", action="store_true")
+    queue.add_argument("--merchant", action="append", metavar="MERCHANT_ID",
+                       help="only this merchant (repeatable; default: all)")
+    queue.add_argument("--include-ineligible", action="store_true",
+                       help="also list the open orders that are not eligible, with the reason")
     queue.add_argument("--full", action="store_true",
                        help="re-read every order instead of what changed since the last refresh")
-    queue.add_argument("--json", action="store_true")
+    _listing(queue)
 
     complete = sub.add_parser("complete", help="bulk-complete eligible orders")
     _common(complete)
     who = complete.add_mutually_exclusive_group(required=True)
-    who.add_argument("--merchant", action="append")
-    who.add_argument("--all-merchants", action="store_true")
-    complete.add_argument("--order", action="append")
-    complete.add_argument("--dry-run", action="store_true")
-    complete.add_argument("--yes", action="store_true")
-    complete.add_argument("--max-orders", type=int)
-    complete.add_argument("--json", action="store_true")
+    who.add_argument("--merchant", action="append", metavar="MERCHANT_ID",
+                     help="complete this merchant's eligible orders (repeatable)")
+    who.add_argument("--all-merchants", action="store_true",
+                     help="complete the eligible orders of every merchant")
+    complete.add_argument("--order", action="append", metavar="ORDER_ID",
+                          help="only this order (repeatable)")
+    complete.add_argument("--dry-run", action="store_true",
+                          help="show what would be completed; send nothing")
+    complete.add_argument("--yes", action="store_true",
+                          help="approve the preview without typing the count (for scripts)")
+    complete.add_argument("--max-orders", type=int, metavar="N",
+                          help="complete at most N orders in this batch")
+    _listing(complete)
 
     recover = sub.add_parser("recover", help="settle every intent that has no outcome")
     _common(recover)
-    recover.add_argument("--json", action="store_true")
+    _listing(recover)
 
     # `remind` alone sends (as `remind send` does); history, opt-out and opt-in are
     # sub-commands. Options go after the last command word they belong to.
@@ -202,39 +269,54 @@ def build_parser() -> argparse.ArgumentParser:
     for parser_ in (remind, remind_sub.add_parser("send", help="send the reminders that are "
                                                                "due (the default)")):
         _common(parser_)
-        parser_.add_argument("--merchant", action="append", help="only this merchant "
-                                                                 "(repeatable)")
-        parser_.add_argument("--dry-run", action="store_true")
-        parser_.add_argument("--yes", action="store_true")
-        parser_.add_argument("--json", action="store_true")
+        parser_.add_argument("--merchant", action="append", metavar="MERCHANT_ID",
+                             help="only this merchant (repeatable)")
+        parser_.add_argument("--dry-run", action="store_true",
+                             help="show who is due and why the others are not; send nothing")
+        parser_.add_argument("--yes", action="store_true",
+                             help="send without typing the count (for scripts)")
+        _listing(parser_)
     r_history = remind_sub.add_parser("history", help="reminders sent, deferred and failed")
     _common(r_history)
-    r_history.add_argument("--merchant", action="append")
-    r_history.add_argument("--json", action="store_true")
+    r_history.add_argument("--merchant", action="append", metavar="MERCHANT_ID",
+                           help="only this merchant (repeatable)")
+    _listing(r_history)
     for name, what in (("opt-out", "stop reminders for a merchant"),
                        ("opt-in", "resume reminders for a merchant")):
         r_opt = remind_sub.add_parser(name, help=what)
         _common(r_opt)
-        r_opt.add_argument("merchant_id")
-        r_opt.add_argument("--by", required=True)
-        r_opt.add_argument("--reason", required=True)
+        r_opt.add_argument("merchant_id", metavar="MERCHANT_ID", help="the merchant")
+        r_opt.add_argument("--by", required=True, metavar="NAME",
+                           help="who asked (recorded in the audit)")
+        r_opt.add_argument("--reason", required=True, metavar="TEXT",
+                           help="why (recorded in the audit)")
 
     audit = sub.add_parser("audit", help="verify, checkpoint and export the audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", parser_class=_Parser, required=True)
     verify = audit_sub.add_parser("verify", help="check the whole chain against the latest "
                                                  "signed checkpoint")
     _common(verify)
-    verify.add_argument("--checkpoint", type=Path)
-    verify.add_argument("--json", action="store_true")
+    verify.add_argument("--checkpoint", type=Path, metavar="FILE",
+                        help="check against this signed checkpoint instead of the latest")
+    verify.add_argument("--json", action="store_true",
+                        help="the report as one JSON document on stdout (default: one "
+                             "sentence on stderr)")
     checkpoint = audit_sub.add_parser("checkpoint", help="write a signed size and head hash")
     _common(checkpoint)
-    checkpoint.add_argument("--output", type=Path)
+    checkpoint.add_argument("--output", type=Path, metavar="FILE",
+                            help="write it here (default: into the checkpoint directory)")
     export = audit_sub.add_parser("export", help="export entries")
     _common(export)
-    export.add_argument("--format", choices=["csv", "jsonl"], required=True)
-    export.add_argument("--output", type=Path)
-    export.add_argument("--merchant")
-    export.add_argument("--since")
+    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
+                        help="jsonl: one JSON object a line, every character kept (the "
+                             "default); csv: cells never start a formula")
+    export.add_argument("--output", type=Path, metavar="FILE",
+                        help="write to this file, owner-only (default: stdout)")
+    export.add_argument("--merchant", metavar="MERCHANT_ID",
+                        help="only this merchant's entries")
+    export.add_argument("--since", metavar="TIME",
+                        help="only entries at or after this RFC 3339 time with a zone, e.g. "
+                             "2026-11-01T00:00:00Z")
     return parser
 
 
@@ -268,6 +350,7 @@ def err(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = merge_global_options(build_parser().parse_args(argv))
+        resolve_output_format(args)
         return _dispatch(args)
     except UsageError as error:
         err(str(error))
@@ -344,6 +427,12 @@ def _emulator_serve(args: argparse.Namespace) -> int:
     faults = FaultPlan(latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
                        rate_limit_rps=args.rate_limit, server_error_rate=args.fault_rate,
                        seed=args.seed)
+    # A newcomer starting it with `&` otherwise sees nothing: say where, and how to stop it.
+    where = f"port {args.port}" if args.port else "a free port (its base_url: the manifest)"
+    err(f"emulator: {args.merchants} merchant{'s' if args.merchants != 1 else ''} "
+        f"(seed {args.seed}) on {args.host}, {where}"
+        f"{f'; manifest {args.manifest}' if args.manifest else ''}; stop it with Ctrl-C "
+        f"or `kill {os.getpid()}`")
     try:
         on_seeded = None
         if args.write_demo_files is not None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -35,9 +36,36 @@ from services.errors import ConfigurationError, ConsentFileError, ReconError
 from services.private_files import open_private
 from services.settings import ReconSettings
 from services.store import utc_text
+from services.text_safety import printable
+from services.timestamps import parse_time
 from services.workspace import Workspace
 
 stderr = Console(stderr=True, highlight=False)
+
+# A listing's columns: (tsv header, table heading); a heading of None is tsv only (an id
+# the table leaves out for room, which a script needs).
+Columns = Sequence[tuple[str, str | None]]
+
+
+def print_listing(args: argparse.Namespace, columns: Columns,
+                  rows: Iterable[Sequence[Any]]) -> None:
+    """A listing on stdout as `--format` says (json is printed by the caller): a Rich table,
+    or tab-separated lines with every value in full, each cell through `printable` so outside
+    text stays inert and on its own line (a tab or newline in a value shows as ␉ or ␊)."""
+    if args.output_format == "tsv":
+        lines = ["\t".join(key for key, _ in columns)]
+        lines.extend("\t".join(printable("" if value is None else str(value))
+                               for value in row) for row in rows)
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+        return
+    shown = [index for index, (_, heading) in enumerate(columns) if heading is not None]
+    table = Table(*(columns[index][1] or "" for index in shown))
+    for row in rows:
+        table.add_row(*(safe(row[index]) for index in shown))
+    # Off a terminal (`--format table > file`) Rich would cut the table to 80 columns.
+    sized = sys.stdout.isatty() or "COLUMNS" in os.environ
+    Console(width=None if sized else 10_000).print(table)
 
 
 def consent(args: argparse.Namespace, settings: ReconSettings) -> int:
@@ -69,13 +97,15 @@ def consent(args: argparse.Namespace, settings: ReconSettings) -> int:
             if args.json:
                 print_json({"consents": rows})
             else:
-                table = Table("consent", "merchant", "status", "expires", "grantor")
-                table.columns[0].no_wrap = True
-                for row in rows:
-                    table.add_row(safe(row["consent_id"]), safe(row["merchant_id"]),
-                                  safe(row["status"]), safe(row["expires_at"] or "—"),
-                                  safe(row["grantor"]))
-                Console().print(table)
+                print_listing(args, [("consent_id", "consent"), ("merchant_id", "merchant"),
+                                     ("status", "status"), ("effective_from", None),
+                                     ("expires_at", "expires"), ("revoked_at", None),
+                                     ("grantor", "grantor")],
+                              [(row["consent_id"], row["merchant_id"], row["status"],
+                                row["effective_from"],
+                                row["expires_at"] or ("—" if args.output_format == "table"
+                                                      else ""),
+                                row["revoked_at"], row["grantor"]) for row in rows])
             return EXIT_OK
         if args.all_for_merchant is not None:
             revoked = workspace.revoke_all_for_merchant(args.all_for_merchant, args.by,
@@ -133,7 +163,7 @@ def _age(now: datetime, moment: str | None) -> str:
     """'45s', '12m', '2h', '3d': how long ago `moment` (RFC 3339) was."""
     if not moment:
         return "?"
-    seconds = max(0, int((now - datetime.fromisoformat(moment.replace("Z", "+00:00")))
+    seconds = max(0, int((now - parse_time(moment))
                          .total_seconds()))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -178,18 +208,21 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
                                                   "stale": not r.refreshed} for r in reports]})
                 return code
             stale = any(o.merchant_id not in refreshed for o in orders)
-            table = Table("merchant", "order", "ref", "created", "total", "eligible", "reason",
-                          *(["fetched"] if stale else []))
-            for order in orders:
-                note = ([f"stale {_age(now, order.fetched_at)}"
-                         if order.merchant_id not in refreshed else ""] if stale else [])
-                table.add_row(safe(names.get(order.merchant_id, order.merchant_id)),
-                              safe(order.order_id), safe(order.reference_id),
-                              safe(order.created_at[:16]),
-                              safe(format_money(order.total_amount, order.currency)),
-                              safe("yes" if order.eligible else "no"), safe(order.reason),
-                              *(safe(n) for n in note))
-            Console().print(table)
+            full = args.output_format == "tsv"
+            print_listing(args, [("merchant", "merchant"), ("merchant_id", None),
+                                 ("order_id", "order"), ("location_id", None),
+                                 ("reference_id", "ref"), ("created_at", "created"),
+                                 ("total", "total"), ("eligible", "eligible"),
+                                 ("reason", "reason"),
+                                 *([("fetched", "fetched")] if stale else [])],
+                          [(names.get(order.merchant_id, order.merchant_id), order.merchant_id,
+                            order.order_id, order.location_id, order.reference_id,
+                            order.created_at if full else order.created_at[:16],
+                            format_money(order.total_amount, order.currency),
+                            "yes" if order.eligible else "no", order.reason,
+                            *([f"stale {_age(now, order.fetched_at)}"
+                               if order.merchant_id not in refreshed else ""] if stale else []))
+                           for order in orders])
             err(f"{sum(o.eligible for o in orders)} eligible of {len(orders)} shown.")
             if failed:
                 err(f"{len(failed)} merchant(s) could not be refreshed: their orders are as last "
@@ -281,11 +314,12 @@ def _print_results(args: argparse.Namespace, batch_id: str | None, sha: str,
             document["dry_run"] = True
         print_json(document)
         return
-    table = Table("order", "version", "outcome", "reason", "detail")
-    for r in results:
-        table.add_row(safe(r["order_id"]), safe(r["version"]), safe(r["outcome"]),
-                      safe(r["reason"]), safe(r["detail"][:60]))
-    Console().print(table)
+    full = args.output_format == "tsv"
+    print_listing(args, [("merchant_id", "merchant"), ("order_id", "order"),
+                         ("version", "version"),
+                         ("outcome", "outcome"), ("reason", "reason"), ("detail", "detail")],
+                  [(r["merchant_id"], r["order_id"], r["version"], r["outcome"], r["reason"],
+                    r["detail"] if full else r["detail"][:60]) for r in results])
     err(f"completed {summary['completed']}, skipped {summary['skipped']}, "
         f"failed {summary['failed']}" + (f" (batch {batch_id})" if batch_id else ""))
 
@@ -302,6 +336,13 @@ def recover(args: argparse.Namespace, settings: ReconSettings) -> int:
                 print_json({"open_before": before, "open_after": left,
                             "results": [r.to_json() for r in results], "left_alone": held})
             else:
+                settled = [r.to_json() for r in results]
+                if settled:
+                    print_listing(args, [("merchant_id", "merchant"), ("order_id", "order"),
+                                         ("version", "version"), ("outcome", "outcome"),
+                                         ("reason", "reason"), ("detail", "detail")],
+                                  [(r["merchant_id"], r["order_id"], r["version"],
+                                    r["outcome"], r["reason"], r["detail"]) for r in settled])
                 err(f"{before} open intent(s); settled {len(results)}; {left} still open.")
             for line in held:
                 err(f"left alone, another run is live: {line}")
@@ -428,13 +469,16 @@ def remind(args: argparse.Namespace, settings: ReconSettings) -> int:
                 if args.json:
                     print_json({"reminders": rows})
                     return EXIT_OK
-                table = Table("sent", "merchant", "kind", "to", "orders", "status", "reason")
-                for row in rows:
-                    table.add_row(safe(str(row["settled_at"] or row["created_at"])[:16]),
-                                  safe(row["business_name"]), safe(row["kind"]),
-                                  safe(", ".join(row["to"])), safe(row["orders"]),
-                                  safe(row["status"]), safe(row["reason"]))
-                Console().print(table)
+                full = args.output_format == "tsv"
+                print_listing(args, [("sent", "sent"), ("merchant", "merchant"),
+                                     ("merchant_id", None), ("kind", "kind"), ("to", "to"),
+                                     ("orders", "orders"), ("status", "status"),
+                                     ("reason", "reason")],
+                              [(str(row["settled_at"] or row["created_at"])[:None if full
+                                                                            else 16],
+                                row["business_name"], row["merchant_id"], row["kind"],
+                                ", ".join(row["to"]), row["orders"], row["status"],
+                                row["reason"]) for row in rows])
                 return EXIT_OK
             if sending and service.open_rows():
                 err(f"re-sending {len(service.open_rows())} reminder(s) left in doubt first…")
@@ -487,12 +531,13 @@ def _print_reminders(args: argparse.Namespace, results: list[Any]) -> None:
     if args.json:
         print_json({"reminders": [r.to_json() for r in results]})
         return
-    table = Table("merchant", "kind", "to", "orders", "status", "reason")
-    for r in results:
-        table.add_row(safe(f"{r.business_name} ({r.merchant_id})"), safe(r.kind),
-                      safe(", ".join(r.to) or "no address"), safe(r.orders), safe(r.status),
-                      safe(r.reason))
-    Console().print(table)
+    full = args.output_format == "tsv"
+    print_listing(args, [("merchant", "merchant"), ("merchant_id", None), ("kind", "kind"),
+                         ("to", "to"), ("orders", "orders"), ("status", "status"),
+                         ("reason", "reason")],
+                  [(r.business_name if full else f"{r.business_name} ({r.merchant_id})",
+                    r.merchant_id, r.kind, ", ".join(r.to) or ("" if full else "no address"),
+                    r.orders, r.status, r.reason) for r in results])
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1

@@ -111,6 +111,15 @@ class ReconSettings(BaseSettings):
             return check_db_path(Path(value).expanduser())
         return value
 
+    @field_validator("operator")
+    @classmethod
+    def _someone(cls, value: str) -> str:
+        # The audit names the operator on every action: "" (an unset $USER) names no one.
+        if not value.strip():
+            raise ValueError("the operator is empty: set RECON_OPERATOR or --operator to your "
+                             "name (the audit records it on every action)")
+        return value
+
     @field_validator("square_base_url")
     @classmethod
     def _https_or_loopback(cls, value: str | None) -> str | None:

@@ -182,6 +182,19 @@ def m006_refresh_marks(db: Database) -> None:
             merchant_id TEXT PRIMARY KEY, fetched_at TEXT NOT NULL, consent_sig TEXT)""")
 
 
+@migrations()
+def m007_backlog_history(db: Database) -> None:
+    # One row per merchant per UTC day: the candidates by age at that day's last refresh, so
+    # the merchants screen can draw the last 30 days (the orders table only holds today).
+    db.execute("""
+        CREATE TABLE backlog_history (
+            day TEXT NOT NULL, merchant_id TEXT NOT NULL, under_1d INTEGER NOT NULL,
+            d1_3 INTEGER NOT NULL, d3_7 INTEGER NOT NULL, d7_14 INTEGER NOT NULL,
+            d14_plus INTEGER NOT NULL, recorded_at TEXT NOT NULL,
+            rebuilt INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, merchant_id))""")
+
+
 @dataclass(frozen=True)
 class StoredConsent:
     record: ConsentRecord
@@ -611,6 +624,43 @@ class Store:
     def open_intent_count(self) -> int:
         row = self.conn.execute("SELECT COUNT(*) FROM intents WHERE outcome IS NULL")
         return int(row.fetchone()[0])
+
+    def recent_batches(self, merchant_id: str, limit: int = 5) -> list[dict[str, Any]]:
+        """The merchant's last batches, newest first, with each outcome's count."""
+        cursor = self.conn.execute(
+            "SELECT i.batch_id, b.created_at, b.operator, b.status, "
+            "SUM(i.outcome = 'completed'), SUM(i.outcome = 'skipped'), "
+            "SUM(i.outcome = 'failed'), SUM(i.outcome IS NULL) "
+            "FROM intents i JOIN batches b ON b.batch_id = i.batch_id "
+            "WHERE i.merchant_id = ? GROUP BY i.batch_id ORDER BY b.created_at DESC LIMIT ?",
+            [merchant_id, limit])
+        names = ("batch_id", "created_at", "operator", "status", "completed", "skipped",
+                 "failed", "open")
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    # ------------------------------------------------------------------ backlog history
+    def record_backlog(self, rows: list[tuple[str, str, tuple[int, int, int, int, int]]],
+                       recorded_at: str, rebuilt: bool = False) -> None:
+        """(day, merchant, counts) snapshots. A refresh replaces that day's row; a rebuilt
+        day never replaces a recorded one."""
+        verb = "INSERT OR IGNORE" if rebuilt else "INSERT OR REPLACE"
+        with self.transaction() as conn:
+            conn.executemany(f"{verb} INTO backlog_history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             [[day, merchant_id, *counts, recorded_at, int(rebuilt)]
+                              for day, merchant_id, counts in rows])
+
+    def has_backlog_history(self, merchant_id: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM backlog_history WHERE merchant_id = ? LIMIT 1",
+                                 [merchant_id]).fetchone() is not None
+
+    def backlog_history(self, merchant_id: str, since_day: str
+                        ) -> dict[str, tuple[tuple[int, int, int, int, int], bool]]:
+        """Day -> (counts by age, whether the day was rebuilt rather than recorded)."""
+        rows = self.conn.execute(
+            "SELECT day, under_1d, d1_3, d3_7, d7_14, d14_plus, rebuilt FROM backlog_history "
+            "WHERE merchant_id = ? AND day >= ? ORDER BY day", [merchant_id, since_day])
+        return {row[0]: ((row[1], row[2], row[3], row[4], row[5]), bool(row[6]))
+                for row in rows.fetchall()}
 
     # ------------------------------------------------------------------ leases
     def take_lease(self, lease: Lease, free: Callable[[Lease], bool]) -> Lease:

@@ -12,12 +12,13 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
+import orjson
 
 from services.audit import AuditAction, AuditTrail, VerifyReport
 from services.checkpoints import CheckpointAnchor, default_checkpoint_dir
@@ -56,10 +57,12 @@ from services.money import totals_by_currency
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
 from services.square_models import decode_order
-from services.store import QueuedOrder, Store, StoredConsent
+from services.store import QueuedOrder, Store, StoredConsent, utc_text
 from services.timestamps import parse_time
 
-__all__ = ["Hold", "MerchantOverview", "Preview", "Workspace"]
+__all__ = ["ConsentLine", "Hold", "MerchantDetail", "MerchantOverview", "Preview",
+           "Workspace"]
+
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,38 @@ class MerchantOverview:
     def urgency(self) -> tuple[int, float]:
         sync = self.next_sync_in.total_seconds() if self.next_sync_in else 1e9
         return (0 if self.candidates else 1, sync)
+
+
+@dataclass(frozen=True)
+class ConsentLine:
+    consent_id: str
+    status: str
+    effective_from: datetime
+    expires_at: datetime | None
+    max_orders_per_batch: int | None
+    max_amount_per_batch: tuple[int, str] | None
+    location_ids: str | tuple[str, ...]
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class MerchantDetail:
+    """One merchant, in full, for the merchants screen's detail pane."""
+
+    merchant_id: str
+    business_name: str
+    token_health: str
+    token_expires_at: datetime | None
+    token_scopes: tuple[str, ...]
+    timezone: str | None
+    locations: tuple[tuple[str, str], ...]         # (name, status)
+    refreshed_at: datetime | None
+    refreshed_age: timedelta | None
+    error: str | None
+    consents: tuple[ConsentLine, ...]
+    batches: tuple[dict[str, Any], ...]           # newest first, with outcome counts
+    # (day, counts by age or None when nothing was recorded, rebuilt from open orders?)
+    history: tuple[tuple[date, tuple[int, int, int, int, int] | None, bool], ...]
 
 
 @dataclass
@@ -344,10 +379,70 @@ class Workspace:
             if unknown:
                 raise ConfigurationError(f"Unknown merchant {unknown[0]}: it has no entry in "
                                          f"{self.settings.credentials}.")
-        return await discover(self.gateway, self.store, credentials,
-                              self.consents_by_merchant(), self.clock(),
-                              concurrency=self.settings.max_concurrent_merchants,
-                              merchant_ids=merchant_ids, on_merchant=on_merchant, full=full)
+        reports = await discover(self.gateway, self.store, credentials,
+                                 self.consents_by_merchant(), self.clock(),
+                                 concurrency=self.settings.max_concurrent_merchants,
+                                 merchant_ids=merchant_ids, on_merchant=on_merchant, full=full)
+        self.record_backlog([r.merchant_id for r in reports if r.refreshed])
+        return reports
+
+    def record_backlog(self, merchant_ids: Sequence[str], days: int = 30) -> None:
+        """Today's candidates by age, per merchant just refreshed: the chart's history.
+
+        A merchant's first snapshot also rebuilds the days before it from the candidates open
+        now (each day counts those created by then, at their age then). Orders completed
+        since are missing from those days, so they are marked rebuilt and a later refresh's
+        record always wins."""
+        now = self.clock()
+        today = now.astimezone(UTC).date()
+        recorded, rebuilt = [], []
+        for merchant_id in merchant_ids:
+            candidates = self.store.queued_orders(merchant_id, eligible_only=True,
+                                                  ordered=False)
+            if not self.store.has_backlog_history(merchant_id):
+                for back in range(1, days):
+                    moment = now - timedelta(days=back)
+                    existing = [o for o in candidates
+                                if _instant(o.created_at) <= moment]  # type: ignore[operator]
+                    rebuilt.append(((today - timedelta(days=back)).isoformat(), merchant_id,
+                                    age_buckets(existing, moment)))
+            recorded.append((today.isoformat(), merchant_id, age_buckets(candidates, now)))
+        self.store.record_backlog(recorded, utc_text(now))
+        self.store.record_backlog(rebuilt, utc_text(now), rebuilt=True)
+
+    def merchant_detail(self, merchant_id: str, days: int = 30) -> MerchantDetail | None:
+        """What the merchants screen's detail pane shows for one merchant."""
+        merchant = self.store.merchant(merchant_id)
+        if merchant is None:
+            return None
+        now = self.clock()
+        consents = [ConsentLine(r.consent_id, r.status_at(now).value, r.effective_from,
+                                r.expires_at, r.scope.max_orders_per_batch,
+                                (r.scope.max_amount_per_batch.amount,
+                                 r.scope.max_amount_per_batch.currency)
+                                if r.scope.max_amount_per_batch else None,
+                                r.location_ids, r.revocation.revoked_at if r.revocation
+                                else None)
+                    for r, _ in self.consents_for(merchant_id)]
+        today = now.astimezone(UTC).date()
+        first = today - timedelta(days=days - 1)
+        stored = self.store.backlog_history(merchant_id, first.isoformat())
+        history = [(day, *stored.get(day.isoformat(), (None, False)))
+                   for day in (first + timedelta(days=n) for n in range(days))]
+        refreshed = _instant(merchant.get("discovered_at"))
+        return MerchantDetail(
+            merchant_id=merchant_id,
+            business_name=merchant.get("business_name") or merchant_id,
+            token_health=merchant.get("token_health") or "unknown",
+            token_expires_at=_instant(merchant.get("token_expires_at")),
+            token_scopes=tuple(s for s in (merchant.get("token_scopes") or "").split(",") if s),
+            timezone=merchant.get("timezone"),
+            locations=tuple((loc.get("name") or loc["id"], loc.get("status") or "")
+                            for loc in orjson.loads(merchant.get("locations_json") or "[]")),
+            refreshed_at=refreshed, refreshed_age=now - refreshed if refreshed else None,
+            error=merchant.get("discovery_error"),
+            consents=tuple(consents), batches=tuple(self.store.recent_batches(merchant_id)),
+            history=tuple(history))
 
     def queue(self, merchant_id: str | None = None, include_ineligible: bool = True,
               ordered: bool = True) -> list[QueuedOrder]:
@@ -382,12 +477,7 @@ class Workspace:
             orders = orders_by_merchant.get(merchant_id, [])
             candidates = [o for o in orders if o.eligible and o.order_id not in held]
             totals = totals_by_currency(candidates)
-            buckets = [0, 0, 0, 0, 0]
-            for order in candidates:
-                age = now - parse_time(order.created_at)
-                days = age.total_seconds() / 86400
-                buckets[0 if days < 1 else 1 if days < 3 else 2 if days < 7 else
-                        3 if days < 14 else 4] += 1
+            buckets = age_buckets(candidates, now)
             rows.append(MerchantOverview(
                 merchant_id=merchant_id,
                 business_name=merchant.get("business_name") or merchant_id,
@@ -609,6 +699,24 @@ def _not_yet_effective_from(records: list[ConsentRecord], now: datetime) -> str 
     starts = [r.effective_from for r in records
               if r.status_at(now) is ConsentStatus.NOT_YET_EFFECTIVE]
     return min(starts).isoformat() if starts else None
+
+
+def age_bucket(created_at: str, now: datetime) -> int:
+    """The Ages column's bucket: <1d, 1-3d, 3-7d, 7-14d, >=14d."""
+    days = (now - parse_time(created_at)).total_seconds() \
+        / 86400
+    return 0 if days < 1 else 1 if days < 3 else 2 if days < 7 else 3 if days < 14 else 4
+
+
+def age_buckets(orders: Sequence[QueuedOrder], now: datetime) -> tuple[int, int, int, int, int]:
+    counts = [0, 0, 0, 0, 0]
+    for order in orders:
+        counts[age_bucket(order.created_at, now)] += 1
+    return (counts[0], counts[1], counts[2], counts[3], counts[4])
+
+
+def _instant(text: str | None) -> datetime | None:
+    return parse_time(text) if text else None
 
 
 def _consent_summary(records: list[ConsentRecord], now: datetime) -> tuple[str, str | None]:

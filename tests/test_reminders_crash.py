@@ -38,23 +38,28 @@ def child(db: str, url: str, now: str) -> None:
     service.send(service.plan())
 
 
+def kill_mid_run(db: Path, url: str, handler: ScriptedMailbox) -> None:
+    """Run `child` in a process and SIGKILL it while the server holds its 7th message."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.test_reminders_crash", str(db), url, NOW.isoformat()],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert handler.held.wait(60), "the child never reached the 7th message"
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(10) == -signal.SIGKILL
+    finally:
+        handler.release.set()
+        if process.poll() is None:
+            process.kill()
+
+
 def test_sigkill_mid_run_then_recover(tmp_path: Path) -> None:
     db = tmp_path / "recon.db"
     store = Store(db)
     merchants = fill(store, 12, NOW)
     handler = ScriptedMailbox({7: "hold"})        # the 7th message: received, never answered
     with LocalSmtpServer(handler) as server:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.test_reminders_crash", str(db), server.url(),
-             NOW.isoformat()], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        try:
-            assert handler.held.wait(60), "the child never reached the 7th message"
-            os.kill(process.pid, signal.SIGKILL)
-            assert process.wait(10) == -signal.SIGKILL
-        finally:
-            handler.release.set()
-            if process.poll() is None:
-                process.kill()
+        kill_mid_run(db, server.url(), handler)
         service = service_for(store, server.url(), NOW)
         in_doubt = service.open_rows()
         assert len(in_doubt) == 5            # the second group: intents without outcomes
@@ -91,17 +96,7 @@ def test_recover_command_resends_reminders_in_doubt(tmp_path: Path, monkeypatch:
     credentials.chmod(0o600)
     handler = ScriptedMailbox({7: "hold"})
     with LocalSmtpServer(handler) as server:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.test_reminders_crash", str(db), server.url(),
-             NOW.isoformat()], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        try:
-            assert handler.held.wait(60), "the child never reached the 7th message"
-            os.kill(process.pid, signal.SIGKILL)
-            assert process.wait(10) == -signal.SIGKILL
-        finally:
-            handler.release.set()
-            if process.poll() is None:
-                process.kill()
+        kill_mid_run(db, server.url(), handler)
         in_doubt = {r["message_id"] for r in service_for(store, server.url(), NOW).open_rows()}
         assert len(in_doubt) == 5
         common = ["recover", "--db", str(db), "--credentials", str(credentials),

@@ -1,6 +1,7 @@
-"""Render one example reminder (text and HTML) for the README: `python -m tools.render_reminder_example
-docs/`. The HTML is what the merchant's mail client shows; docs/reminder-example.png is a
-headless-Chromium screenshot of it (`chromium --headless --screenshot=... file.html`)."""
+"""Render one example reminder (text and HTML) for the README:
+`python -m tools.render_reminder_example docs/`. The HTML is what the merchant's mail client
+shows; docs/reminder-example.png is a headless-Chromium screenshot of it
+(`chromium --headless --screenshot=... docs/reminder-example.html`)."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 from console.messages import describe
 from console.safe_text import SafeText, safe
 from console.screens.base import ConsoleScreen
+from console.widgets.row_table import RowTable
 from console.wording import plural
 from services.store import utc_text
 
@@ -142,7 +143,7 @@ class AuditScreen(ConsoleScreen):
         field.display = False
         field.cursor_blink = False  # steady cursor: calmer, and stable snapshots
         yield field
-        table: DataTable[SafeText] = DataTable(id="entries", cursor_type="row", zebra_stripes=True)
+        table: DataTable[SafeText] = RowTable(id="entries", cursor_type="row", zebra_stripes=True)
         table.add_columns("#", "At (UTC)", "Operator", "Action", "Merchant", "Order", "v",
                           "Outcome", "Detail")
         yield table

@@ -13,8 +13,11 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from console.safe_text import SafeText, clip, safe
 from console.screens.base import ConsoleScreen
+from console.widgets.merchant_detail import MerchantPane
+from console.widgets.row_table import RowTable
 from console.wording import format_money
 from services.text_safety import csv_cell
+from services.timestamps import parse_time
 from services.workspace import MerchantOverview
 
 _SPARK = " ▁▂▃▄▅▆▇█"
@@ -41,13 +44,21 @@ def duration(delta: timedelta | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
 
 
+class MerchantTable(RowTable[SafeText]):
+    # The table has focus and its enter shadows the screen's: shown, as the key that matters.
+    BINDINGS = [Binding("enter", "select_cursor", "Open queue", id="merchants.open")]
+
+
 class MerchantsScreen(ConsoleScreen):
     BINDINGS = [
-        Binding("enter", "open_queue", "Open queue", id="merchants.open"),
         Binding("Q", "all_queues", "All queues", id="merchants.all"),
         Binding("n", "toggle_reminders", "Reminder list", id="merchants.reminders"),
         Binding("e", "export_reminders", "Export reminders", id="merchants.export"),
         Binding("r", "app.refresh", "Refresh", id="merchants.refresh"),
+        # Innermost first: the reminder list's filter, then the detail pane; the merchants
+        # screen is the first screen, so there is nothing to go back to.
+        Binding("escape", "close", "Close", show=False, id="merchants.close"),
+        Binding("d", "toggle_detail", "Detail", id="merchants.detail"),
     ]
 
     def __init__(self) -> None:
@@ -61,11 +72,11 @@ class MerchantsScreen(ConsoleScreen):
             yield Static("READ-ONLY: this console offers no write actions.", id="read-only")
         yield Static("", id="banner")
         yield Static("Merchants", id="title", classes="title")
-        table: DataTable[SafeText] = DataTable(id="merchants", cursor_type="row",
-                                                 zebra_stripes=True)
+        table = MerchantTable(id="merchants", cursor_type="row", zebra_stripes=True)
         table.add_columns("Merchant", "Consent", "Token", "Eligible", "Total", "Oldest",
                           "Ages <1d…2w+", "Next sync", "Note")
         yield table
+        yield MerchantPane(id="merchant-detail")
         yield Static(safe(self.recon.status), id="status")
         yield Footer()
 
@@ -84,6 +95,7 @@ class MerchantsScreen(ConsoleScreen):
             banner.add_class("error")
         self.rows = workspace.overview()
         self._fill()
+        self._show_detail(self._current_merchant())
 
     def _fill(self) -> None:
         table = self.query_one("#merchants", DataTable)
@@ -106,8 +118,7 @@ class MerchantsScreen(ConsoleScreen):
             total = ", ".join(format_money(a, c) for c, a in sorted(row.totals.items())) or "—"
             oldest = "—"
             if row.oldest_candidate_at:
-                from datetime import datetime
-                age = now - datetime.fromisoformat(row.oldest_candidate_at.replace("Z", "+00:00"))
+                age = now - parse_time(row.oldest_candidate_at)
                 oldest = f"{age.days}d" if age.days else f"{age.seconds // 3600}h"
             note = row.error or (f"{row.waiting_without_consent} waiting: send a reminder"
                                  if row.waiting_without_consent else "")
@@ -125,7 +136,7 @@ class MerchantsScreen(ConsoleScreen):
                 safe(row.token_health.replace("_", " "), _TOKEN_STYLE.get(row.token_health, "")),
                 safe(row.candidates if row.candidates else "—"), safe(total), safe(oldest),
                 safe(sparkline(row.age_buckets)), safe(duration(row.next_sync_in)),
-                safe(note[:56] + ("…" if len(note) > 56 else ""),
+                safe(clip(note, 36),  # in full in the detail pane
                      "red" if row.error else "yellow"),
                 key=row.merchant_id)
         title = "Reminder list: merchants without usable consent who have waiting orders" \
@@ -146,10 +157,30 @@ class MerchantsScreen(ConsoleScreen):
         """The highlighted merchant's problem, in full, where the operator looks."""
         key = event.row_key.value if event.row_key is not None else None
         row = next((r for r in self.rows if r.merchant_id == key), None)
+        self._show_detail(key)
         if row is not None and row.error:
             self.show_status(f"{row.business_name}: {row.error}", error=True)
         else:
             self.show_status(self.recon.status)
+
+    def _show_detail(self, merchant_id: str | None) -> None:
+        pane = self.query_one(MerchantPane)
+        workspace = self.recon.workspace
+        if not pane.display or workspace is None:
+            return
+        pane.show(workspace.merchant_detail(merchant_id) if merchant_id else None)
+
+    def action_toggle_detail(self) -> None:
+        pane = self.query_one(MerchantPane)
+        pane.display = not pane.display
+        self.query_one("#merchants", DataTable).set_class(not pane.display, "alone")
+        self._show_detail(self._current_merchant())
+
+    def action_close(self) -> None:
+        if self.reminders_only:
+            self.action_toggle_reminders()
+        elif self.query_one(MerchantPane).display:
+            self.action_toggle_detail()
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_open_queue()

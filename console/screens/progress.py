@@ -16,6 +16,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 from console.messages import describe
 from console.safe_text import SafeText, safe, safe_join
 from console.widgets.order_table import OrderTable
+from console.widgets.row_table import RowTable
 from services.completion import (
     ApprovedItem,
     BatchProgress,
@@ -55,7 +56,7 @@ class ProgressScreen(Screen[None]):
                      id="progress-title")
         yield Static("", id="bar")
         yield Static("Starting…", id="progress-stats")
-        table: DataTable[SafeText] = DataTable(id="results", cursor_type="row", zebra_stripes=True)
+        table: DataTable[SafeText] = RowTable(id="results", cursor_type="row", zebra_stripes=True)
         table.add_columns("Merchant", "Order", "Version", "Outcome", "Reason", "Detail")
         yield table
         yield Footer()
@@ -70,8 +71,7 @@ class ProgressScreen(Screen[None]):
         if action == "cancel":
             return not self.finished
         if action == "retry_failed":
-            return self.finished and not self.app.read_only and any(  # type: ignore[attr-defined]
-                r.outcome is Outcome.FAILED for r in self.results)
+            return self.finished  # then `f` says why when there is nothing to retry
         if action == "close":
             return self.finished
         return True
@@ -166,7 +166,12 @@ class ProgressScreen(Screen[None]):
         from console.screens.confirm import ConfirmScreen
         failed = [ApprovedItem(r.merchant_id, r.order_id, r.version) for r in self.results
                   if r.outcome is Outcome.FAILED]
+        if self.app.read_only:  # type: ignore[attr-defined]
+            self.notify("Nothing to retry here: this console is read-only (--read-only).",
+                        severity="warning")
+            return
         if not failed:
+            self.notify("Nothing to retry: no order of this batch failed.")
             return
         retry = self.app.workspace.preview_of(failed)  # type: ignore[attr-defined]
 

@@ -21,6 +21,7 @@ from console.widgets.order_table import Column, OrderTable, TableRow
 from console.wording import format_money, hold_text, holds_summary, money_text, plural
 from services.money import totals_by_currency
 from services.store import QueuedOrder
+from services.timestamps import parse_time
 from services.workspace import Hold
 
 KINDS = {"1": ("candidate", "Candidates"), "2": ("blocked", "Blocked"),
@@ -37,7 +38,7 @@ def order_kind(order: QueuedOrder, held: bool = False) -> str:
 
 
 def age_text(created_at: str, now: datetime) -> str:
-    age = now - datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+    age = now - parse_time(created_at)
     if age.days:
         return f"{age.days}d{age.seconds // 3600:02d}h"
     return f"{age.seconds // 3600}h{age.seconds % 3600 // 60:02d}m"
@@ -102,10 +103,11 @@ class QueueScreen(ConsoleScreen):
     BINDINGS = [
         Binding("slash", "filter", "Filter", id="queue.filter"),
         Binding("escape", "back", "Back", id="queue.back"),
-        Binding("1", "kind('1')", "Candidates", id="queue.candidates"),
-        Binding("2", "kind('2')", "Blocked", id="queue.blocked"),
-        Binding("3", "kind('3')", "Manual", id="queue.manual"),
-        Binding("4", "kind('4')", "All", id="queue.all"),
+        # Off the footer: the tabs line above the table shows them, and `c` must fit at 160.
+        Binding("1", "kind('1')", "Candidates", show=False, id="queue.candidates"),
+        Binding("2", "kind('2')", "Blocked", show=False, id="queue.blocked"),
+        Binding("3", "kind('3')", "Manual", show=False, id="queue.manual"),
+        Binding("4", "kind('4')", "All", show=False, id="queue.all"),
         Binding("a", "select_all", "Select all matching", id="queue.select_all"),
         Binding("i", "invert", "Invert", id="queue.invert"),
         Binding("x", "clear", "Clear", id="queue.clear"),

@@ -18,6 +18,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from console.safe_text import SafeText, safe
 from console.screens.base import ConsoleScreen, Refreshed
+from console.widgets.row_table import RowTable
 from services.audit import AuditTrail
 from services.reminders import ReminderPlan, ReminderProgress, ReminderService
 from services.reminders.message import money, plain_text
@@ -112,7 +113,7 @@ class RemindersScreen(ConsoleScreen):
         yield Header()
         yield Static("Reminders", id="reminders-title", classes="title")
         with Horizontal(id="reminders-body"):
-            table: DataTable[SafeText] = DataTable(id="reminders", cursor_type="row",
+            table: DataTable[SafeText] = RowTable(id="reminders", cursor_type="row",
                                                      zebra_stripes=True)
             table.add_columns(" ", "Merchant", "Kind", "To", "Orders", "Totals", "Oldest",
                               "Status", "Last reminded")
@@ -334,7 +335,7 @@ class MailboxScreen(ConsoleScreen):
         yield Header()
         yield Static(safe(f"Demo mailbox: {self.folder}"), classes="title")
         with Horizontal(id="mailbox-body"):
-            table: DataTable[SafeText] = DataTable(id="mailbox", cursor_type="row")
+            table: DataTable[SafeText] = RowTable(id="mailbox", cursor_type="row")
             table.add_columns("#", "To", "Subject")
             yield table
             with VerticalScroll(id="mail-text"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rich.segment import Segment
 from rich.style import Style
@@ -21,7 +21,11 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from console.widgets.row_table import FollowFocus
 from services.text_safety import printable
+
+if TYPE_CHECKING:
+    from console.screens.base import ConsoleScreen
 
 __all__ = ["Column", "OrderTable", "TableRow"]
 
@@ -52,7 +56,7 @@ def _fit(text: str, width: int, right: bool) -> str:
     return text.rjust(width) if right else text.ljust(width)
 
 
-class OrderTable(ScrollView, can_focus=True):
+class OrderTable(FollowFocus, ScrollView, can_focus=True):
     """Rows, a filtered and sorted view of them, a cursor and a selection set."""
 
     COMPONENT_CLASSES = {"ordertable--header", "ordertable--cursor", "ordertable--selected",
@@ -68,7 +72,10 @@ class OrderTable(ScrollView, can_focus=True):
         Binding("shift+down", "extend(1)", "Extend selection", show=False, id="queue.extend"),
         Binding("shift+up", "extend(-1)", "Extend selection up", show=False,
                 id="queue.extend_up"),
-        Binding("v", "range", "Range", id="queue.range"),
+        Binding("v", "range", "Range", show=False, id="queue.range"),
+        # Read-only: the queue's `c Complete` is off, and `c` lands here to say why.
+        Binding("c", "explain_read_only", "Why no complete", show=False,
+                id="queue.read_only_complete"),
     ]
 
     cursor = reactive(0, always_update=True, repaint=True)
@@ -206,6 +213,7 @@ class OrderTable(ScrollView, can_focus=True):
         self._changed()
 
     def select_keys(self, keys: Iterable[str]) -> None:
+        """Select these rows (e.g. what a cancelled batch did not send)."""
         self.selected.update(k for k in keys if k in self.index)
         self._changed()
 
@@ -219,6 +227,23 @@ class OrderTable(ScrollView, can_focus=True):
             self.selected.add(key)
         self._changed()
         self.action_cursor(1)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "explain_read_only":
+            return self._console_screen() is not None and bool(
+                getattr(self.app, "read_only", False))
+        return True
+
+    def _console_screen(self) -> ConsoleScreen | None:
+        from console.screens.base import ConsoleScreen
+        return self.screen if isinstance(self.screen, ConsoleScreen) else None
+
+    def action_explain_read_only(self) -> None:
+        screen = self._console_screen()
+        if screen is not None:
+            screen.show_status("Read-only: this console was opened with --read-only and "
+                               "completes nothing. Quit (q) and open it without --read-only "
+                               "to complete orders.", error=True)
 
     def action_extend(self, delta: int) -> None:
         key = self.current_key
@@ -301,9 +326,6 @@ class OrderTable(ScrollView, can_focus=True):
             style = style + self.get_component_rich_style("ordertable--cursor")
         return Strip([Segment(text.ljust(width), style)]).crop(scroll_x,
                                                                scroll_x + self.size.width)
-
-    def keys_in_view(self) -> list[str]:
-        return [self.rows[i].key for i in self.view]
 
     def on_resize(self) -> None:
         self._scroll_to_cursor()
