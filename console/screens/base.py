@@ -35,7 +35,9 @@ class CompleteRequested(Message):
         self.order_ids = order_ids
 
 
-class ConsoleScreen(Screen[None]):
+class AppScreen(Screen[None]):
+    """Any screen of this app: typed access to the app and its workspace (typed once, here)."""
+
     @property
     def recon(self) -> ReconApp:
         return cast("ReconApp", self.app)
@@ -46,6 +48,9 @@ class ConsoleScreen(Screen[None]):
         workspace = self.recon.workspace
         assert workspace is not None
         return workspace
+
+
+class ConsoleScreen(AppScreen):
 
     def show_status(self, text: str, error: bool = False) -> None:
         """The app calls this on every screen when its status changes."""

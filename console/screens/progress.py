@@ -10,11 +10,11 @@ from collections.abc import Callable
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from console.messages import describe
 from console.safe_text import SafeText, safe, safe_join
+from console.screens.base import AppScreen, Refreshed
 from console.widgets.order_table import OrderTable
 from console.widgets.row_table import RowTable
 from services.completion import (
@@ -27,7 +27,7 @@ from services.completion import (
 from services.workspace import Preview
 
 
-class ProgressScreen(Screen[None]):
+class ProgressScreen(AppScreen):
     BINDINGS = [
         Binding("x", "cancel", "Cancel batch", id="progress.cancel"),
         Binding("f", "retry_failed", "Retry failed", id="progress.retry"),
@@ -78,7 +78,7 @@ class ProgressScreen(Screen[None]):
 
     @work(exclusive=True, group="batch")
     async def run_batch(self, items: list[ApprovedItem]) -> None:
-        workspace = self.app.workspace  # type: ignore[attr-defined]
+        workspace = self.workspace
         self.finished = False
         self.started, self.ended = self.clock(), None
         self.cancel_event = asyncio.Event()
@@ -134,7 +134,7 @@ class ProgressScreen(Screen[None]):
     def show_results(self) -> None:
         table = self.query_one("#results", DataTable)
         table.clear()
-        names = self.app.workspace.merchant_names()  # type: ignore[attr-defined]
+        names = self.workspace.merchant_names()
         order = {Outcome.FAILED: 0, Outcome.SKIPPED: 1, Outcome.COMPLETED: 2}
         for result in sorted(self.results, key=lambda r: (order[r.outcome], r.order_id)):
             table.add_row(safe(names.get(result.merchant_id, result.merchant_id)[:20]),
@@ -166,14 +166,14 @@ class ProgressScreen(Screen[None]):
         from console.screens.confirm import ConfirmScreen
         failed = [ApprovedItem(r.merchant_id, r.order_id, r.version) for r in self.results
                   if r.outcome is Outcome.FAILED]
-        if self.app.read_only:  # type: ignore[attr-defined]
+        if self.recon.read_only:
             self.notify("Nothing to retry here: this console is read-only (--read-only).",
                         severity="warning")
             return
         if not failed:
             self.notify("Nothing to retry: no order of this batch failed.")
             return
-        retry = self.app.workspace.preview_of(failed)  # type: ignore[attr-defined]
+        retry = self.workspace.preview_of(failed)
 
         def confirmed(approved: bool | None) -> None:
             if approved:
@@ -189,10 +189,8 @@ class ProgressScreen(Screen[None]):
         self.app.pop_screen()
         app = self.app
         unsent = self.unsent() if self.cancel_event.is_set() else None
+        app.post_message(Refreshed())  # the app has every screen show the new state
         for screen in app.screen_stack:
-            reload = getattr(screen, "reload", None)
-            if reload is not None:
-                reload()
             if unsent is not None:
                 # Ready for another run: exactly what the cancel kept back is selected.
                 for table in screen.query(OrderTable):

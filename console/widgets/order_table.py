@@ -230,8 +230,8 @@ class OrderTable(FollowFocus, ScrollView, can_focus=True):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "explain_read_only":
-            return self._console_screen() is not None and bool(
-                getattr(self.app, "read_only", False))
+            screen = self._console_screen()
+            return screen is not None and screen.recon.read_only
         return True
 
     def _console_screen(self) -> ConsoleScreen | None:
