@@ -83,6 +83,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
                        help="the console (or demo) offers no write actions at all")
 
 
+def _said(value: str) -> str:
+    """--by/--reason go into the audit: a blank one would record a revocation by nobody."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is blank: say who asked and why")
+    return value
+
+
 def _place(prog: str) -> str:
     _, _, command = prog.partition(" ")
     return f"after `{command}`" if command else "before the subcommand"
@@ -225,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the consent to revoke (see `consent list`)")
     which.add_argument("--all-for-merchant", metavar="MERCHANT_ID",
                        help="revoke every consent of this merchant not yet revoked")
-    c_revoke.add_argument("--by", required=True, metavar="NAME",
+    c_revoke.add_argument("--by", required=True, type=_said, metavar="NAME",
                           help="who asked for the revocation (recorded in the audit)")
-    c_revoke.add_argument("--reason", required=True, metavar="TEXT",
+    c_revoke.add_argument("--reason", required=True, type=_said, metavar="TEXT",
                           help="why (recorded in the audit)")
 
     queue = sub.add_parser("queue", help="discover open orders and classify them")
@@ -286,9 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         r_opt = remind_sub.add_parser(name, help=what)
         _common(r_opt)
         r_opt.add_argument("merchant_id", metavar="MERCHANT_ID", help="the merchant")
-        r_opt.add_argument("--by", required=True, metavar="NAME",
+        r_opt.add_argument("--by", required=True, type=_said, metavar="NAME",
                            help="who asked (recorded in the audit)")
-        r_opt.add_argument("--reason", required=True, metavar="TEXT",
+        r_opt.add_argument("--reason", required=True, type=_said, metavar="TEXT",
                            help="why (recorded in the audit)")
 
     audit = sub.add_parser("audit", help="verify, checkpoint and export the audit trail")

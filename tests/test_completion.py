@@ -204,6 +204,38 @@ async def test_consent_revoked_mid_batch_stops_that_merchant_only(emulator: Emul
         await workspace.aclose()
 
 
+async def test_consent_narrowed_mid_batch_is_not_relied_on(emulator: Emulator,
+                                                           tmp_path: Path) -> None:
+    """A new version of the consent (here: no longer covering Square Online) stops the
+    orders of that merchant not yet sent, as a revocation does."""
+    workspace = await ready_workspace(emulator, tmp_path)
+    target = emulator.merchants[0].merchant.id
+    record = workspace.consents_for(target)[0][0]
+    document = record.to_document()
+    document["scope"] = {**document["scope"], "order_sources": ["Some Other Channel"]}
+    narrowed = tmp_path / "narrowed.json"
+    narrowed.write_text(json.dumps(document))
+    done = asyncio.Event()
+
+    def progress(event: BatchProgress) -> None:
+        if event.completed >= 3 and not done.is_set():
+            done.set()
+            workspace.import_consent_files([narrowed])
+
+    try:
+        preview = workspace.preview()
+        mine_approved = [i for i in preview.items if i.merchant_id == target]
+        assert len(mine_approved) > 6
+        emulator.app.set_faults(FaultPlan(latency_ms=2))
+        _, results = await workspace.complete(preview, on_progress=progress)
+        assert done.is_set()
+        mine = [r for r in results if r.merchant_id == target]
+        assert any(r.reason == "NO_LONGER_ELIGIBLE" for r in mine)
+        assert sum(r.outcome is Outcome.COMPLETED for r in mine) < len(mine_approved)
+    finally:
+        await workspace.aclose()
+
+
 async def test_token_revoked_mid_batch_skips_that_merchant(emulator: Emulator,
                                                            tmp_path: Path) -> None:
     workspace = await ready_workspace(emulator, tmp_path)

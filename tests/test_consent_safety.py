@@ -355,3 +355,15 @@ def test_hole1_a_consent_id_never_moves_to_another_merchant(cli: Cli) -> None:
     assert cli.consents()[first["consent_id"]]["merchant_id"] == cli.merchant(0)
     assert not cli.candidates().get(m1)
     assert cli.complete_all()[m1] == set()
+
+
+@pytest.mark.parametrize("blank", [["--by", "  "], ["--reason", " \t"]])
+def test_revoke_refuses_a_blank_by_or_reason(cli: Cli, blank: list[str]) -> None:
+    consent = cli.consent(0)
+    assert cli.run("consent", "import", str(cli.write("c.json", [consent])))[0] == 0
+    options = {"--by": "Owner", "--reason": "asked by phone"}
+    options[blank[0]] = blank[1]
+    code, _, _ = cli.run("consent", "revoke", consent["consent_id"],
+                         *[x for pair in options.items() for x in pair])
+    assert code == 2
+    assert "consent_revoked" not in cli.audit_actions()

@@ -85,7 +85,8 @@ class Sender:
 
     def consent_problem(self, intent: Intent) -> tuple[SkipReason, str] | None:
         consents = self.consents_for(intent.item.merchant_id)
-        relied = next((c for c, _ in consents if c.consent_id == intent.consent_id), None)
+        relied, sha = next(((c, sha) for c, sha in consents
+                            if c.consent_id == intent.consent_id), (None, None))
         if relied is None:
             return SkipReason.NO_CONSENT, "The consent relied on is gone."
         status = relied.status_at(self.clock()).value
@@ -95,6 +96,12 @@ class Sender:
             return reason, f"Consent {relied.consent_id} is {status}."
         if not relied.covers_location(intent.location_id):
             return SkipReason.OUTSIDE_CONSENT_SCOPE, "Consent no longer covers the location."
+        if intent.consent_sha256 is not None and sha != intent.consent_sha256:
+            # A new version (narrower sources, a higher minimum age, lower limits...) means a
+            # new decision: this order was checked against the old one only.
+            return SkipReason.NO_LONGER_ELIGIBLE, (
+                f"Consent {relied.consent_id} changed since this order was checked: back to "
+                "the queue for a new decision.")
         return None
 
     async def send(self, run: Run, creds: MerchantCredentials, intent: Intent
