@@ -250,12 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     complete = sub.add_parser("complete", help="bulk-complete eligible orders")
     _common(complete)
     who = complete.add_mutually_exclusive_group(required=True)
-    who.add_argument("--merchant", action="append", metavar="MERCHANT_ID",
-                     help="complete this merchant's eligible orders (repeatable)")
+    who.add_argument("--merchant", action="extend", nargs="+", metavar="MERCHANT_ID",
+                     help="complete these merchants' eligible orders (several ids, or "
+                          "repeat the option)")
     who.add_argument("--all-merchants", action="store_true",
                      help="complete the eligible orders of every merchant")
-    complete.add_argument("--order", action="append", metavar="ORDER_ID",
-                          help="only this order (repeatable)")
+    complete.add_argument("--order", action="extend", nargs="+", metavar="ORDER_ID",
+                          help="only these orders (several ids, or repeat the option)")
     complete.add_argument("--dry-run", action="store_true",
                           help="show what would be completed; send nothing")
     complete.add_argument("--yes", action="store_true",

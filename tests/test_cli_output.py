@@ -319,3 +319,15 @@ def test_emulator_serve_says_where_and_how_to_stop_it(tmp_path: Path) -> None:
     assert line.startswith("emulator: 1 merchant (seed 7) on 127.0.0.1")
     assert f"manifest {manifest}" in line and f"kill {process.pid}" in line
     assert json.loads(manifest.read_text())["base_url"].startswith("http://127.0.0.1:")
+
+
+def test_complete_takes_several_ids_after_one_option_as_interfaces_md_says() -> None:
+    """`complete (--merchant ID... | --all-merchants) [--order ID...]`: both spellings work."""
+    from console.cli import build_parser, merge_global_options
+    args = merge_global_options(build_parser().parse_args(
+        ["complete", "--merchant", "M1", "M2", "--order", "A", "B", "--order", "C",
+         "--dry-run"]))
+    assert args.merchant == ["M1", "M2"] and args.order == ["A", "B", "C"]
+    args = merge_global_options(build_parser().parse_args(
+        ["complete", "--merchant", "M1", "--merchant", "M2", "--dry-run"]))
+    assert args.merchant == ["M1", "M2"]
