@@ -149,6 +149,7 @@ async def test_item4_audit_filter_by_name_bad_since_export_and_entry(tmp_path: P
         exported = [json.loads(line) for line in path.read_text().splitlines()]
         assert [e["seq"] for e in exported] == sorted(e["seq"] for e in audit.shown)
         assert f"Exported {len(exported)} entr" in said
+        assert path.stat().st_mode & 0o777 == 0o600  # audit data: readable by its owner only
         # enter shows every field of an entry, the detail in full.
         field.value = ""
         await pilot.press("slash", *"action:preview", "enter")

@@ -21,6 +21,7 @@ from console.safe_text import SafeText, safe
 from console.screens.base import ConsoleScreen
 from console.widgets.row_table import RowTable
 from console.wording import plural
+from services.private_files import open_private
 from services.store import utc_text
 
 FILTER_KEYS = {"merchant": "merchant_id", "operator": "operator", "order": "order_id",
@@ -244,7 +245,7 @@ class AuditScreen(ConsoleScreen):
         stamp = workspace.clock().strftime("%Y%m%dT%H%M%S")
         path = Path(str(workspace.settings.db)).parent / f"audit-{stamp}.{fmt}"
         try:
-            with path.open("w", newline="") as handle:
+            with open_private(path, newline="") as handle:
                 count = workspace.audit.export(handle, fmt, **self.filters)
         except OSError as error:  # a message, not a crash
             self.say(f"Audit export not written: {path}: {error.strerror or error}; check the "

@@ -16,6 +16,7 @@ from console.screens.base import ConsoleScreen
 from console.widgets.merchant_detail import MerchantPane
 from console.widgets.row_table import RowTable
 from console.wording import format_money
+from services.private_files import open_private
 from services.text_safety import csv_cell
 from services.timestamps import parse_time
 from services.workspace import MerchantOverview
@@ -207,7 +208,7 @@ class MerchantsScreen(ConsoleScreen):
         rows = [r for r in self.rows if r.waiting_without_consent]
         path = Path(str(workspace.settings.db)).parent / "reminders.csv"
         try:
-            with path.open("w", newline="") as handle:
+            with open_private(path, newline="") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["merchant_id", "business_name", "consent_status",
                                  "orders_waiting"])
