@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from console.cli import (
+from console.output import (
     EXIT_CANCELLED,
     EXIT_FAILURES,
     EXIT_OK,

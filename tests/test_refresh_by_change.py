@@ -299,7 +299,7 @@ def test_streamed_queue_json_is_print_json_byte_for_byte(
         count: int, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     """`queue --json` writes its orders a chunk at a time (memory), and still writes exactly
     what `print_json` of the whole document would."""
-    from console.cli import print_json, print_json_stream
+    from console.output import print_json, print_json_stream
     orders = [{"order_id": f"O{i}", "reference_id": f"ref\n\"{i}\" ✓", "total_money":
                {"amount": i, "currency": "USD"}, "eligible": i % 2 == 0, "reason": None,
                "when": BASE, "lines": [1, {"a": []}]} for i in range(count)]

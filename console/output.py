@@ -1,0 +1,87 @@
+"""What every command writes: exit codes, one-line messages on stderr, JSON on stdout, and the
+Ctrl-C that cancels. Its own module so the command line and the commands both use it without
+importing each other."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+__all__ = ["EXIT_CANCELLED", "EXIT_FAILURES", "EXIT_OK", "EXIT_USAGE", "err", "install_cancel",
+           "print_json", "print_json_stream"]
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+def err(message: str) -> None:
+    # Messages carry names, ids and Square's error text: no escape reaches the terminal.
+    from services.text_safety import printable
+    print(printable(message), file=sys.stderr, flush=True)
+
+
+_JSON_OPTIONS = (orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+                 | orjson.OPT_PASSTHROUGH_DATACLASS)
+
+
+def print_json(document: Any) -> None:
+    # orjson: `queue --json` of 100,000 orders is ~50 MB, 7x faster than json.dumps (issue 11),
+    # written as bytes (no second 50 MB copy as text). Datetimes and dataclasses still go
+    # through str(), as json.dumps(default=str) wrote them.
+    data = orjson.dumps(document, default=str,
+                        option=_JSON_OPTIONS | orjson.OPT_APPEND_NEWLINE)
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream (some test harnesses)
+        sys.stdout.write(data.decode())
+        return
+    sys.stdout.flush()
+    buffer.write(data)
+    buffer.flush()
+
+
+def print_json_stream(key: str, items: Iterable[Any], rest: dict[str, Any],
+                      chunk: int = 5000) -> None:
+    """`print_json({key: list(items), **rest})`, byte for byte, written a chunk of items at a
+    time: 100,000 queued orders as dicts at once cost ~150 MB (issue 11)."""
+    options = _JSON_OPTIONS
+    buffer = getattr(sys.stdout, "buffer", None)
+
+    def write(data: bytes) -> None:
+        if buffer is None:
+            sys.stdout.write(data.decode())
+        else:
+            buffer.write(data)
+
+    sys.stdout.flush()
+    write(b"{\n  " + orjson.dumps(key) + b": [")
+    iterator = iter(items)
+    first = True
+    while batch := list(itertools.islice(iterator, chunk)):
+        # "[\n  {...},\n  {...}\n]" -> its items, one level deeper (strings in JSON hold
+        # no raw newlines, so every newline is indentation).
+        inner = orjson.dumps(batch, default=str, option=options)[2:-2]
+        write((b"\n" if first else b",\n") + b"  " + inner.replace(b"\n", b"\n  "))
+        first = False
+    write(b"]" if first else b"\n  ]")
+    for name, value in rest.items():
+        write(b",\n  " + orjson.dumps(name) + b": " + orjson.dumps(
+            value, default=str, option=options).replace(b"\n", b"\n  "))
+    write(b"\n}\n")
+    if buffer is not None:
+        buffer.flush()
+
+
+def install_cancel(loop: asyncio.AbstractEventLoop, cancel: asyncio.Event) -> None:
+    def on_sigint() -> None:
+        if cancel.is_set():
+            return
+        err("cancelling: no new orders will be sent; waiting for calls in flight…")
+        cancel.set()
+    if os.name == "posix":
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
