@@ -259,15 +259,10 @@ def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
                      "version": i.version, "outcome": "skipped", "reason": "DRY_RUN",
                      "detail": "dry run: not sent"} for i in preview.items], dry_run=True)
                 return EXIT_OK
-            if not args.yes:
-                if not sys.stdin.isatty():
-                    err("Confirmation needed: run in a terminal to type the count, or pass "
-                        "--yes to approve this exact preview.")
-                    return EXIT_USAGE
-                typed = input(f"Type the number of orders ({preview.count}) to complete them: ")
-                if typed.strip() != str(preview.count):
-                    err("Not confirmed: nothing was sent.")
-                    return EXIT_CANCELLED
+            refused = _typed_count_refused(args.yes, preview.count, "orders", "complete them",
+                                           "approve this exact preview")
+            if refused is not None:
+                return refused
             cancel = asyncio.Event()
             install_cancel(asyncio.get_running_loop(), cancel)
             last = [0.0]
@@ -302,6 +297,23 @@ def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
         finally:
             await workspace.aclose()
     return asyncio.run(run())
+
+
+def _typed_count_refused(yes: bool, count: int, noun: str, action: str, approval: str
+                         ) -> int | None:
+    """The CLI's confirmation: the operator types the count (or passed --yes). None when
+    approved, else the exit code (2 off a terminal without --yes, 130 on a wrong count)."""
+    if yes:
+        return None
+    if not sys.stdin.isatty():
+        err(f"Confirmation needed: run in a terminal to type the count, or pass --yes to "
+            f"{approval}.")
+        return EXIT_USAGE
+    typed = input(f"Type the number of {noun} ({count}) to {action}: ")
+    if typed.strip() != str(count):
+        err("Not confirmed: nothing was sent.")
+        return EXIT_CANCELLED
+    return None
 
 
 def _print_results(args: argparse.Namespace, batch_id: str | None, sha: str,
@@ -504,15 +516,10 @@ def remind(args: argparse.Namespace, settings: ReconSettings) -> int:
                     if args.dry_run else "No reminder is due.")
                 _print_reminders(args, results)
                 return EXIT_OK
-            if not args.yes:
-                if not sys.stdin.isatty():
-                    err("Confirmation needed: run in a terminal to type the count, or pass "
-                        "--yes to send exactly these reminders.")
-                    return EXIT_USAGE
-                typed = input(f"Type the number of reminders ({len(due)}) to send them: ")
-                if typed.strip() != str(len(due)):
-                    err("Not confirmed: nothing was sent.")
-                    return EXIT_CANCELLED
+            refused = _typed_count_refused(args.yes, len(due), "reminders", "send them",
+                                           "send exactly these reminders")
+            if refused is not None:
+                return refused
 
             def progress(event: ReminderProgress) -> None:
                 err(f"{event.done}/{event.total} done, {event.sent} sent, "

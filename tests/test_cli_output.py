@@ -331,3 +331,19 @@ def test_complete_takes_several_ids_after_one_option_as_interfaces_md_says() -> 
     args = merge_global_options(build_parser().parse_args(
         ["complete", "--merchant", "M1", "--merchant", "M2", "--dry-run"]))
     assert args.merchant == ["M1", "M2"]
+
+
+@pytest.mark.parametrize(("isatty", "typed", "code"), [
+    (False, None, 2), (True, "4", 130), (True, " 3 ", None), (False, "yes-flag", None)])
+def test_the_typed_count_approves_only_the_exact_count(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], isatty: bool,
+        typed: str | None, code: int | None) -> None:
+    """`complete` and `remind` share one confirmation: off a terminal it needs --yes (exit 2);
+    a wrong count sends nothing (130); the exact count, or --yes, approves."""
+    from console.commands import _typed_count_refused
+    monkeypatch.setattr("sys.stdin.isatty", lambda: isatty)
+    monkeypatch.setattr("builtins.input", lambda prompt: typed)
+    yes = typed == "yes-flag"
+    assert _typed_count_refused(yes, 3, "orders", "complete them", "approve it") == code
+    if code == 2:
+        assert "--yes" in capsys.readouterr().err
