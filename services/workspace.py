@@ -29,7 +29,7 @@ from services.completion import (
     OrderResult,
     approved_set_sha256,
 )
-from services.completion.leases import HOST, holder_gone
+from services.completion.leases import holder_gone
 from services.consent import (
     ConsentRecord,
     ConsentStatus,
@@ -54,6 +54,7 @@ from services.eligibility import (
 )
 from services.errors import AuditChainError, ConfigurationError, ConsentFileError
 from services.money import totals_by_currency
+from services.processes import HOST
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
 from services.square_models import decode_order

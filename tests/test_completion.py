@@ -17,11 +17,11 @@ import pytest
 
 from services.completion import ApprovedItem, BatchProgress, Outcome, idempotency_key
 from services.completion.journal import Run
-from services.completion.leases import HOST
 from services.completion.model import Intent
 from services.demo import consent_for, workspace_on_emulator
 from services.emulator import FaultPlan, SeedConfig
 from services.errors import SquareAuthError
+from services.processes import HOST
 from services.square_gateway import RetryPolicy
 from services.square_models import SquareOrder
 from services.store import Lease, utc_text

@@ -9,35 +9,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import sqlite3
 import time
 import uuid
 from datetime import datetime, timedelta
 
+from services.processes import HOST, pid_alive
 from services.store import Lease, Store, now_utc, utc_text
+from services.timestamps import parse_time
 
 __all__ = ["LeaseKeeper", "holder_gone"]
 
-HOST = socket.gethostname()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
 def holder_gone(lease: Lease, now: datetime | None = None) -> bool:
     """Expired, or held by a process of this host that no longer exists."""
-    expires = datetime.fromisoformat(lease.expires_at)
+    expires = parse_time(lease.expires_at)
     if expires <= (now or now_utc()):
         return True
-    return lease.host == HOST and not _pid_alive(lease.pid)
+    return lease.host == HOST and not pid_alive(lease.pid)
 
 
 class LeaseKeeper:

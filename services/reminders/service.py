@@ -9,7 +9,6 @@ new id. Rows are written and settled in small groups, so a run of thousands stay
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -23,6 +22,7 @@ import orjson
 from services.audit import AuditAction, AuditTrail
 from services.consent import ConsentRecord
 from services.errors import ConfigurationError
+from services.processes import HOST, pid_alive
 from services.reminders.message import MessageBuilder, RenderedReminder, sender_domain
 from services.reminders.planning import (
     LastReminder,
@@ -92,22 +92,16 @@ def _clock_time(text: str) -> dt_time:
 
 
 def _holder() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{HOST}:{os.getpid()}"
 
 
 def _holder_gone(holder: str, created_at: datetime, now: datetime) -> bool:
     host, _, pid = holder.rpartition(":")
-    if host != socket.gethostname():
+    if host != HOST:
         return now - created_at > _FOREIGN_HOLDER_AFTER
-    if pid == str(os.getpid()):
+    if pid == str(os.getpid()) or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
+    return not pid_alive(int(pid))
 
 
 class ReminderService:
