@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -58,7 +57,14 @@ from services.processes import HOST
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
 from services.square_models import decode_order
-from services.store import QueuedOrder, Store, StoredConsent, utc_text
+from services.store import (
+    DATABASE_ERRORS,
+    QueuedOrder,
+    Store,
+    StoredConsent,
+    open_store,
+    utc_text,
+)
 from services.timestamps import parse_time
 
 __all__ = ["ConsentLine", "Hold", "MerchantDetail", "MerchantOverview", "Preview",
@@ -175,7 +181,7 @@ class Workspace:
     def open(cls, settings: ReconSettings, http: httpx.AsyncClient | None = None,
              credentials: dict[str, MerchantCredentials] | None = None,
              retry: RetryPolicy | None = None) -> Workspace:
-        store = Store(settings.db)
+        store = open_store(settings.db)
         gateway = SquareGateway(settings.base_url, http, timeout_s=settings.request_timeout_s,
                                 retry=retry or RetryPolicy(attempts=settings.read_retries + 1))
         return cls(settings=settings, store=store, gateway=gateway, _credentials=credentials)
@@ -228,7 +234,7 @@ class Workspace:
                 problems.append(f"{where}: consent {record.consent_id} is also in {seen[0]} "
                                 "with different content; import one version of it.")
         results = []
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             # Checked under the write lock, so a revoke cannot slip in between.
             revoked = self.store.revocations()
             for _, where, record, _, digest in found:
@@ -255,7 +261,7 @@ class Workspace:
                 if state != "unchanged":
                     if record.revocation is not None:
                         self.store.record_revocation(record, self.operator, str(path))
-                    self.audit.append(conn, operator=self.operator,
+                    self.audit.append(operator=self.operator,
                                       action=AuditAction.CONSENT_IMPORTED,
                                       merchant_id=record.merchant_id,
                                       consent_id=record.consent_id, consent_sha256=digest,
@@ -316,7 +322,7 @@ class Workspace:
         now = self.clock()
         revocation = {"revoked_at": now.isoformat().replace("+00:00", "Z"),
                       "revoked_by": by, "reason": reason}
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             targets = [c for c in self.store.consents() if chosen(c)]
             if not targets:
                 raise ConfigurationError(unknown)
@@ -337,7 +343,7 @@ class Workspace:
                 revoked_ids.add(record.consent_id)
                 self.store.save_consent(record, document, self.operator, "revoke")
                 self.store.record_revocation(record, self.operator, "revoke")
-                self.audit.append(conn, operator=self.operator,
+                self.audit.append(operator=self.operator,
                                   action=AuditAction.CONSENT_REVOKED,
                                   merchant_id=record.merchant_id,
                                   consent_id=record.consent_id,
@@ -363,10 +369,9 @@ class Workspace:
         now = self.clock()
         view = ConsentView.build(consents, now)
         rows = []
-        for row in self.store.conn.execute(
-                "SELECT order_json, seen_at FROM orders WHERE merchant_id = ?", [merchant_id]):
-            order = decode_order(row[0])
-            rows.append(order_row(order, merchant_id, consents, now, row[1], view))
+        for document, seen_at in self.store.order_documents(merchant_id):
+            order = decode_order(document)
+            rows.append(order_row(order, merchant_id, consents, now, seen_at, view))
         self.store.replace_orders(merchant_id, rows)
 
     # ------------------------------------------------------------------ discovery and queue
@@ -605,9 +610,9 @@ class Workspace:
         unknown = [r for r in results if r.reason == "OUTCOME_UNKNOWN"]
         if not unknown:
             return
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             for result in unknown:
-                self.audit.append(conn, operator=self.operator, action=AuditAction.OUTCOME,
+                self.audit.append(operator=self.operator, action=AuditAction.OUTCOME,
                                   merchant_id=result.merchant_id, order_id=result.order_id,
                                   version=result.version, batch_id=batch_id,
                                   outcome=result.outcome.value,
@@ -654,7 +659,7 @@ class Workspace:
         self.checkpoint_problem = None
         try:
             return self.checkpoints.write(self.audit, output, skip_if_unchanged=True)
-        except (AuditChainError, ConfigurationError, OSError, sqlite3.Error) as error:
+        except _CHECKPOINT_FAILURES as error:
             self.checkpoint_problem = str(error)
             return None
 
@@ -664,13 +669,16 @@ class Workspace:
         own_connection, on a connection of its own, to run in a worker thread."""
         if not own_connection:
             return self.checkpoints.verify(self.audit, checkpoint_file)
-        store = Store(self.settings.db)
+        store = self.store.for_thread()
         try:
             return self.checkpoints.verify(AuditTrail(store), checkpoint_file)
         finally:
             store.close()
 
 
+# Why an automatic checkpoint may not be written (reported, never raised).
+_CHECKPOINT_FAILURES: tuple[type[BaseException], ...] = (
+    AuditChainError, ConfigurationError, OSError, *DATABASE_ERRORS)
 _UNHEALTHY_TOKENS = {TokenHealth.EXPIRED, TokenHealth.REVOKED, TokenHealth.INVALID,
                      TokenHealth.MISSING_SCOPES, TokenHealth.MERCHANT_MISMATCH}
 # Orders that would be candidates but for consent: their merchants get friendly reminders.
