@@ -62,8 +62,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     def scoped(name: str) -> dict[str, Any]:
         return {"dest": f"{_SCOPED}{name}@{parser.prog}", "default": argparse.SUPPRESS}
 
-    group.add_argument("--db", action=_Once, metavar="PATH", **scoped("db"),
-                       help="SQLite file (RECON_DB; default under the user data dir)")
+    group.add_argument("--db", action=_Once, metavar="PATH|URL", **scoped("db"),
+                       help="SQLite file, or a postgresql:// URL without a password (RECON_DB; "
+                            "default: a file under the user data dir)")
     group.add_argument("--square-base-url", action=_Once, metavar="URL",
                        **scoped("square_base_url"),
                        help="Square base URL: https, or http to loopback "
@@ -339,7 +340,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         if value is not None:
             overrides[name] = value
     try:
-        return ReconSettings(**overrides)
+        settings = ReconSettings(**overrides)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -348,6 +349,10 @@ def settings_from(args: argparse.Namespace) -> Any:
                                  ) from None
     except Exception as error:
         raise ConfigurationError(f"invalid settings: {str(error).splitlines()[0]}") from None
+    from services.database_url import is_database_url, provide_password
+    if is_database_url(settings.db):  # its password, if the credentials file holds one
+        provide_password(settings.db, settings.credentials)
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -403,6 +408,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_demo(settings, read_only=args.read_only, seed=args.seed)
     if command in TALKS_TO_SQUARE:
         err(f"Square: {settings.target}")  # before anything else: which Square, always
+    from services.database_url import display_url, is_database_url
+    if is_database_url(settings.db):  # a team database: say which one (never its password)
+        err(f"Database: {display_url(settings.db)}")
     if command is None:
         from console.app import run_console
         return run_console(settings, read_only=args.read_only)
