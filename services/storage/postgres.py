@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import psycopg
@@ -26,6 +25,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from services.consent import ConsentRecord, Revocation, record_sha256
+from services.database_url import connect_kwargs, display_url
 from services.errors import ConfigurationError
 from services.storage.base import (
     AUDIT_COLUMNS,
@@ -40,7 +40,7 @@ from services.storage.base import (
     utc_text,
 )
 
-__all__ = ["MIGRATIONS", "ROLES_SQL", "PostgresStore", "redacted"]
+__all__ = ["MIGRATIONS", "ROLES_SQL", "PostgresStore"]
 
 ROLES_SQL = Path(__file__).with_name("postgres_roles.sql")
 
@@ -152,16 +152,6 @@ _UPSERT_ORDER = (f"INSERT INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
                  "SET " + ", ".join(f"{c} = excluded.{c}" for c in ORDER_COLUMNS[1:]))
 
 
-def redacted(url: str) -> str:
-    """The URL as it may be shown: never a password, even one typed into it."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 class PostgresStore(Store):
     """One PostgreSQL database, shared by every thread of the process (and by the team)."""
 
@@ -170,8 +160,9 @@ class PostgresStore(Store):
         self.location = url
         self._local = threading.local()
         # The password travels as a connection keyword, never in the URL (a process list, a
-        # log line, a traceback show the URL).
-        kwargs: dict[str, Any] = {"autocommit": True}
+        # log line, a traceback show the URL): the credentials file's (services/database_url)
+        # or libpq's own pgpass/service file.
+        kwargs: dict[str, Any] = {"autocommit": True, **connect_kwargs(url)}
         if password is not None:
             kwargs["password"] = password
         self._kwargs = kwargs
@@ -183,7 +174,7 @@ class PostgresStore(Store):
                     _check_migrated(conn)
         except psycopg.OperationalError as error:
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else "no answer"
-            raise ConfigurationError(f"cannot connect to PostgreSQL at {redacted(url)}: "
+            raise ConfigurationError(f"cannot connect to PostgreSQL at {display_url(url)}: "
                                      f"{reason}") from None
         self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, kwargs=kwargs,
                                    open=True, name="recon-console")
