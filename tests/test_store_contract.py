@@ -29,8 +29,17 @@ from services.storage.base import ORDER_COLUMNS, Lease, Store
 from services.storage.sqlite import SQLiteStore
 from services.store import utc_text
 from tests.conftest import consent_document as base_consent
+from tests.pg_support import set_template_setup
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def _migrate(url: str) -> None:
+    open_store(url).close()
+
+
+# Every test database starts migrated (copied from a migrated template): ~1 s less per test.
+set_template_setup(_migrate)
 
 
 @dataclass
