@@ -22,7 +22,8 @@ from services.emulator import SeedConfig
 from services.errors import ConfigurationError
 from services.storage import open_store
 from services.storage.postgres import MIGRATIONS, ROLES_SQL, PostgresStore
-from tests.conftest import LoopbackServer, make_emulator
+from tests.conftest import NOW, LoopbackServer, make_emulator
+from tests.test_store_contract import intent_row, lease, order_values
 
 
 def owner(url: str, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
@@ -81,12 +82,6 @@ def test_the_console_role_cannot_change_history(pg_url: str, console_url: str) -
 def test_the_console_role_does_its_work(console_url: str) -> None:
     """Everything the console does day to day works under the role (a missing GRANT shows
     here, not in front of an operator)."""
-    from tests.test_store_contract import (
-        intent_row,
-        lease,
-        order_values,
-    )
-    from tests.test_store_contract import NOW as T
     store = open_store(console_url)
     try:
         with store.transaction():
@@ -99,7 +94,7 @@ def test_the_console_role_does_its_work(console_url: str) -> None:
         store.settle_intent("B1:A:1", "completed", None, None, "ok")
         store.drop_completed_orders(["A"])
         store.record_backlog([("2026-11-25", "M1", (1, 1, 1, 1, 1))], "t")
-        assert store.take_lease(lease("t1", T), lambda found: False).token == "t1"
+        assert store.take_lease(lease("t1", NOW), lambda found: False).token == "t1"
         store.release_lease("M1", "t1")
         store.save_reminder_opt_out("M1", True, "Ann", "asked", "t")
         fill(store, 3)
