@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the console on the local emulator with demo data")
     demo.add_argument("--seed", type=int, default=7,
                       help="seed of the emulator's merchants and orders (default: 7)")
+    demo.add_argument("--team", action="store_true",
+                      help="on a throwaway local PostgreSQL cluster, and print the command "
+                           "that opens a second console on it as another operator")
 
     emulator = sub.add_parser("emulator", help="the local Square emulator")
     emulator_sub = emulator.add_subparsers(dest="emulator_command", parser_class=_Parser,
@@ -422,6 +425,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         _refuse_unused(args, ("read_only",), "only the console (`recon-console --read-only` "
                        "or `recon-console demo --read-only`) has a read-only mode.")
     settings = settings_from(args)
+    if command == "demo" and args.team:
+        err("Square: local emulator (team demo, on loopback)")
+        from console.app import run_team_demo
+        return run_team_demo(settings, read_only=args.read_only, seed=args.seed)
     if command == "demo":
         err("Square: local emulator (demo, in-process)")
         from console.app import run_demo
