@@ -155,3 +155,39 @@ def test_libpq_pgpass_file_is_used_when_the_credentials_file_has_none(
     monkeypatch.setenv("PGPASSFILE", str(passfile))
     with psycopg.connect(url, **connect_kwargs(url)) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_the_same_option_twice_never_echoes_a_password(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    first, second = WITH_PASSWORDS[0], WITH_PASSWORDS[2]
+    for argv in (["consent", "list", "--db", first, "--db", second],   # twice after
+                 ["--db", first, "consent", "list", "--db", second]):  # before and after
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert "given twice" in err and SECRET not in out + err
+
+
+def test_the_command_line_says_which_database(pg_url: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["consent", "list", "--db", pg_url, "--credentials",
+                 str(tmp_path / "none.toml"), "--json"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.splitlines()[0] == f"Database: {pg_url}"
+
+
+def test_the_console_logs_in_with_the_credentials_file_password(
+        password_cluster: LocalCluster, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert password_cluster.password
+    url = password_cluster.url()
+    good = credentials_file(tmp_path, password_cluster.password)
+    assert main(["consent", "list", "--db", url, "--credentials", str(good), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert password_cluster.password not in out + err
+
+    bad = credentials_file(tmp_path, SECRET)
+    assert main(["consent", "list", "--db", url, "--credentials", str(bad), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert "password authentication failed" in err and err.count("\n") == 2  # Database + error
+    assert SECRET not in out + err
