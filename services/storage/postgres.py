@@ -165,9 +165,6 @@ class PostgresStore(Store):
         kwargs: dict[str, Any] = {"autocommit": True, **connect_kwargs(url)}
         if password is not None:
             kwargs["password"] = password
-        else:  # [database] password from the credentials file, if the CLI found one
-            from services.database_url import connect_kwargs
-            kwargs.update(connect_kwargs(url))
         self._kwargs = kwargs
         try:
             with psycopg.connect(url, **kwargs) as conn:
