@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 import psycopg
+import psycopg.sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -40,7 +41,7 @@ from services.storage.base import (
     utc_text,
 )
 
-__all__ = ["MIGRATIONS", "ROLES_SQL", "PostgresStore"]
+__all__ = ["MIGRATIONS", "ROLES_SQL", "PostgresStore", "create_database"]
 
 ROLES_SQL = Path(__file__).with_name("postgres_roles.sql")
 
@@ -749,6 +750,12 @@ class _Borrowed(PostgresStore):
 
     def close(self) -> None:
         return None
+
+
+def create_database(server_url: str, name: str) -> None:
+    """CREATE DATABASE `name` on the server `server_url` reaches (an administrator's URL)."""
+    with psycopg.connect(server_url, autocommit=True, **connect_kwargs(server_url)) as conn:
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
 
 
 def _applied(conn: psycopg.Connection[Any]) -> set[str] | None:
