@@ -145,6 +145,16 @@ class ReconSettings(BaseSettings):
         return self.square_base_url or SQUARE_BASE_URLS[self.square_environment]
 
     @property
+    def local_dir(self) -> Path:
+        """Where the console writes files of its own (exports): beside a SQLite file; with a
+        team database (a URL), the user data directory, made owner-only if missing."""
+        if isinstance(self.db, Path):
+            return self.db.parent
+        directory = default_db_path().parent
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return directory
+
+    @property
     def target(self) -> str:
         """Which Square, as the operator is told it: production, sandbox, or the base URL."""
         return self.square_base_url or self.square_environment
