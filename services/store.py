@@ -772,11 +772,16 @@ class Store:
         return cursor.rowcount == 1
 
     def order_amounts(self, order_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
-        """order id -> (total amount, currency) of the queued orders among `order_ids`."""
+        """order id -> (total amount, currency) among `order_ids`: from the queue, else from
+        the order's latest intent (an order sent before, e.g. a retry of the failed)."""
         found: dict[str, tuple[int, str]] = {}
         for start in range(0, len(order_ids), 500):
             chunk = list(order_ids[start:start + 500])
+            marks = ", ".join("?" for _ in chunk)
             found.update({str(r[0]): (int(r[1]), str(r[2])) for r in self.conn.execute(
-                "SELECT order_id, total_amount, currency FROM orders WHERE order_id IN "
-                f"({', '.join('?' for _ in chunk)})", chunk)})
+                "SELECT order_id, amount, currency FROM intents WHERE amount IS NOT NULL "
+                f"AND order_id IN ({marks}) ORDER BY created_at, attempt", chunk)})
+            found.update({str(r[0]): (int(r[1]), str(r[2])) for r in self.conn.execute(
+                f"SELECT order_id, total_amount, currency FROM orders WHERE order_id IN "
+                f"({marks})", chunk)})
         return found
