@@ -136,8 +136,7 @@ class AuditChainError(ReconError):
 class ApprovalRefused(ReconError):
     """Four-eyes (issue 14): this batch may not run, or this decision may not be taken.
     `code` is one of APPROVAL_MISSING, APPROVAL_PENDING, APPROVAL_REJECTED, APPROVAL_EXPIRED,
-    APPROVAL_SELF_GIVEN, APPROVAL_OTHER_SET, APPROVAL_USED, APPROVAL_UNKNOWN,
-    APPROVAL_DECIDED."""
+    APPROVAL_SELF_GIVEN, APPROVAL_OTHER_SET, APPROVAL_USED, APPROVAL_DECIDED."""
 
     def __init__(self, code: str, detail: str) -> None:
         super().__init__(f"{code}: {detail}")

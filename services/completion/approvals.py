@@ -25,7 +25,7 @@ import orjson
 
 from services.audit import AuditAction, AuditTrail
 from services.completion.model import ApprovedItem, approved_set_sha256
-from services.errors import ApprovalRefused
+from services.errors import ApprovalRefused, ConfigurationError
 from services.money import minor_units
 from services.store import Approval, Store, utc_text
 from services.timestamps import parse_time
@@ -118,9 +118,9 @@ class Approvals:
 
     def get(self, batch_id: str) -> Approval:
         approval = self.store.approval(batch_id)
-        if approval is None:
-            raise ApprovalRefused("APPROVAL_UNKNOWN", f"no prepared batch {batch_id}: see "
-                                  "`recon-console approve` for the pending ones.")
+        if approval is None:  # a typo, like an unknown merchant: a usage error
+            raise ConfigurationError(f"Unknown batch {batch_id}: `recon-console approve` "
+                                     "lists the prepared ones.")
         return approval
 
     def decide(self, batch_id: str, operator: str, approve: bool, reason: str | None
