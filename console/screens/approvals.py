@@ -59,7 +59,9 @@ class ApprovalDecision(ModalScreen[str | None]):
         verb = "Approve" if self.approve else "Reject"
         with Vertical(id="approval-decision-box"):
             yield Static(safe(f"{verb} this batch?"), classes="title")
-            with VerticalScroll(id="approval-decision-batch"):
+            batch = VerticalScroll(id="approval-decision-batch")
+            batch.can_focus = False  # a click on the names must not take the typing away
+            with batch:
                 yield Static(batch_text(self.approval, self.preview))
             if self.approve:
                 yield Static(safe(f"Type {self.preview.count} to approve; the reason is "
