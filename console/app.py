@@ -41,7 +41,8 @@ class ReconApp(App[int]):
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("A", "audit", "Audit", id="app.audit"),
         Binding("M", "reminders", "Reminders", id="app.reminders"),
-        Binding("P", "approvals", "Approvals", id="app.approvals"),
+        # Off the footer (its snapshots stay as they are); in the palette, help and README.
+        Binding("P", "approvals", "Approvals", id="app.approvals", show=False),
         # Off the footer (the status line says "press R" when intents are open); in the
         # palette and help.
         Binding("R", "recover", "Recover", id="app.recover", show=False),

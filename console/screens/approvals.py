@@ -61,8 +61,9 @@ class ApprovalDecision(ModalScreen[str | None]):
             yield Static(safe(f"{verb} this batch?"), classes="title")
             batch = VerticalScroll(id="approval-decision-batch")
             batch.can_focus = False  # a click on the names must not take the typing away
+            shown: SafeText = batch_text(self.approval, self.preview)
             with batch:
-                yield Static(batch_text(self.approval, self.preview))
+                yield Static(shown)
             if self.approve:
                 yield Static(safe(f"Type {self.preview.count} to approve; the reason is "
                                   "optional. Enter confirms, Escape cancels."))
@@ -179,7 +180,8 @@ class ApprovalsScreen(ConsoleScreen):
             detail.update("No batch waits for a second operator.")
             return
         _, preview = self.workspace.prepared_batch(approval.batch_id)
-        detail.update(batch_text(approval, preview))
+        shown: SafeText = batch_text(approval, preview)
+        detail.update(shown)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._show_current()
