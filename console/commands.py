@@ -276,8 +276,9 @@ def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
                     f"{approval.batch_id}; nothing was sent. Another operator approves it "
                     f"with `recon-console approve {approval.batch_id}`, then run "
                     f"`recon-console complete --batch {approval.batch_id}`.")
-                _print_results(args, approval.batch_id, preview.sha256, [],
-                               extra={"approval": approval_json(workspace, approval)})
+                if args.json:  # (a table of no results would only say "0 completed")
+                    _print_results(args, approval.batch_id, preview.sha256, [],
+                                   extra={"approval": approval_json(workspace, approval)})
                 return EXIT_REFUSED
             return await _run_batch(args, workspace, preview, None)
         finally:
@@ -334,8 +335,9 @@ async def _run_batch(args: argparse.Namespace, workspace: Workspace, preview: Pr
                                                      on_progress=progress, batch_id=batch_id)
     except ApprovalRefused as error:  # the engine's four-eyes gate: nothing was sent
         err(f"refused: {error}")
-        _print_results(args, batch_id, preview.sha256, [],
-                       extra={"refused": {"reason": error.code, "detail": error.detail}})
+        if args.json:
+            _print_results(args, batch_id, preview.sha256, [],
+                           extra={"refused": {"reason": error.code, "detail": error.detail}})
         return EXIT_REFUSED
     _print_results(args, batch_id, preview.sha256, [r.to_json() for r in results])
     unrecorded = sum(1 for r in results if r.reason == NOT_RECORDED)
