@@ -413,6 +413,11 @@ def approve(args: argparse.Namespace, settings: ReconSettings) -> int:
             err(line)
         err(f"Approved set {approval.approved_set_sha256}: each order is re-checked at send "
             "time.")
+        if not args.json:  # the orders themselves, as the preparer approved them
+            print_listing(args, [("merchant", "merchant"), ("merchant_id", None),
+                                 ("order_id", "order"), ("version", "version")],
+                          [(preview.names.get(i.merchant_id, i.merchant_id), i.merchant_id,
+                            i.order_id, i.version) for i in preview.items])
         approving = not args.reject
         if (approving and approval.status == "pending"
                 and approval.prepared_by != workspace.operator):

@@ -22,6 +22,8 @@ from services.workspace import Preview
 
 __all__ = ["ApprovalDecision", "ApprovalsScreen"]
 
+SHOWN_ORDERS = 200  # in the detail pane; the rest are counted
+
 
 def batch_text(approval: Approval, preview: Preview) -> SafeText:
     """The batch as its preparer saw it: per merchant, the count and totals per currency."""
@@ -39,7 +41,12 @@ def batch_text(approval: Approval, preview: Preview) -> SafeText:
         text.append(clip(preview.names.get(merchant_id, merchant_id), 60))
         text.append(f" ({merchant_id}): {plural(count, 'order')}, {money_text(totals)}\n")
     text.append(f"\nApproved set {approval.approved_set_sha256}\nEach order is re-checked at "
-                "send time; anything changed since is skipped, not completed.")
+                "send time; anything changed since is skipped, not completed.\n\nOrders:\n")
+    for item in preview.items[:SHOWN_ORDERS]:
+        text.append(f"  {item.merchant_id}  {item.order_id}  version {item.version}\n")
+    if preview.count > SHOWN_ORDERS:
+        text.append(f"  …and {preview.count - SHOWN_ORDERS:,} more "
+                    f"(`recon-console approve {approval.batch_id} --json` lists them all)\n")
     return text
 
 
