@@ -137,8 +137,12 @@ class Approvals:
                                       f"{batch_id}: another operator must approve or reject it.")
             status = "approved" if approve else "rejected"
             expires = utc_text(now + self.policy.ttl) if approve else None
-            self.store.decide_approval(batch_id, status, operator, utc_text(now), reason,
-                                       expires)
+            if not self.store.decide_approval(batch_id, status, operator, utc_text(now),
+                                              reason, expires):
+                # Decided by someone else since the read (a store without one writer at a
+                # time, e.g. PostgreSQL, relies on this conditional UPDATE).
+                raise ApprovalRefused("APPROVAL_DECIDED", f"batch {batch_id} was decided "
+                                      "meanwhile by another operator.")
             self.audit.append(conn, operator=operator,
                               action=AuditAction.APPROVAL_GRANTED if approve
                               else AuditAction.APPROVAL_REJECTED,
