@@ -97,6 +97,11 @@ def test_the_console_role_does_its_work(console_url: str) -> None:
         assert store.take_lease(lease("t1", NOW), lambda found: False).token == "t1"
         store.release_lease("M1", "t1")
         store.save_reminder_opt_out("M1", True, "Ann", "asked", "t")
+        from services.store import Approval
+        store.insert_approval(Approval("B9", "sha", "[]", "{}", 0, "orders", "ann", "t",
+                                       "pending"))
+        assert store.decide_approval("B9", "approved", "ben", "t", None, "u")
+        assert store.use_approval("B9", "ann", "t")
         fill(store, 3)
         assert AuditTrail(store).verify().ok
     finally:
