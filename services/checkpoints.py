@@ -27,6 +27,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -60,6 +61,8 @@ def default_checkpoint_dir(credentials: Path, db: Path | str) -> Path:
     """`checkpoints/` beside the credentials file, one folder per database: two databases that
     share a credentials file must not anchor each other (the second would look rewritten)."""
     name = Path(str(db)).name or "db"
+    if isinstance(db, str) and "://" in db:  # a URL: its database name, not its query string
+        name = urlsplit(db).path.strip("/") or "db"
     resolved = str(Path(db).resolve()) if isinstance(db, Path) else str(db)
     digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
     return credentials.parent / "checkpoints" / f"{name}-{digest}"

@@ -191,3 +191,13 @@ def test_the_console_logs_in_with_the_credentials_file_password(
     out, err = capsys.readouterr()
     assert "password authentication failed" in err and err.count("\n") == 2  # Database + error
     assert SECRET not in out + err
+
+
+def test_a_team_database_gets_a_checkpoint_folder_named_after_it(tmp_path: Path) -> None:
+    from services.checkpoints import default_checkpoint_dir
+    url = "postgresql://recon@/recon?host=/tmp/recon-pg-x&port=5432"
+    folder = default_checkpoint_dir(tmp_path / "credentials.toml", url)
+    assert folder.parent == tmp_path / "checkpoints"
+    assert folder.name.startswith("recon-") and "&" not in folder.name and "?" not in folder.name
+    other = default_checkpoint_dir(tmp_path / "credentials.toml", url.replace("/recon?", "/b?"))
+    assert other != folder
