@@ -24,15 +24,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import uvicorn
 
-from services.database_url import connect_kwargs, provide_password
+from services.database_url import provide_password
 from services.db_migrate import migrate_to_postgres
 from services.demo import build_demo, write_demo_files
 from services.emulator import EmulatorApp
 from services.postgres_cluster import LocalCluster, start_cluster
 from services.settings import ReconSettings
+from services.storage.postgres import create_database
 
 __all__ = ["DATABASE", "SECOND_OPERATOR", "TeamDemo", "team_demo"]
 
@@ -107,9 +107,7 @@ def team_demo(seed: int = 7, operator: str = "demo-operator") -> Iterator[TeamDe
             with open(credentials, "a") as handle:  # already owner-only (write_demo_files)
                 handle.write(f'\n[database]\npassword = "{cluster.password}"\n')
             provide_password(cluster.url(), credentials)
-            with psycopg.connect(cluster.url(), autocommit=True,
-                                 **connect_kwargs(cluster.url())) as conn:
-                conn.execute(f"CREATE DATABASE {DATABASE}")
+            create_database(cluster.url(), DATABASE)
             source = env.workspace.settings.db
         finally:
             asyncio.run(env.workspace.aclose())

@@ -18,14 +18,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import psycopg
+import psycopg.sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from services.consent import ConsentRecord, Revocation, record_sha256
+from services.database_url import connect_kwargs, display_url
 from services.errors import ConfigurationError
 from services.storage.base import (
     AUDIT_COLUMNS,
@@ -40,7 +41,7 @@ from services.storage.base import (
     utc_text,
 )
 
-__all__ = ["MIGRATIONS", "ROLES_SQL", "PostgresStore", "redacted"]
+__all__ = ["MIGRATIONS", "ROLES_SQL", "PostgresStore", "create_database"]
 
 ROLES_SQL = Path(__file__).with_name("postgres_roles.sql")
 
@@ -152,16 +153,6 @@ _UPSERT_ORDER = (f"INSERT INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
                  "SET " + ", ".join(f"{c} = excluded.{c}" for c in ORDER_COLUMNS[1:]))
 
 
-def redacted(url: str) -> str:
-    """The URL as it may be shown: never a password, even one typed into it."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 class PostgresStore(Store):
     """One PostgreSQL database, shared by every thread of the process (and by the team)."""
 
@@ -170,13 +161,11 @@ class PostgresStore(Store):
         self.location = url
         self._local = threading.local()
         # The password travels as a connection keyword, never in the URL (a process list, a
-        # log line, a traceback show the URL).
-        kwargs: dict[str, Any] = {"autocommit": True}
+        # log line, a traceback show the URL): the credentials file's (services/database_url)
+        # or libpq's own pgpass/service file.
+        kwargs: dict[str, Any] = {"autocommit": True, **connect_kwargs(url)}
         if password is not None:
             kwargs["password"] = password
-        else:  # [database] password from the credentials file, if the CLI found one
-            from services.database_url import connect_kwargs
-            kwargs.update(connect_kwargs(url))
         self._kwargs = kwargs
         try:
             with psycopg.connect(url, **kwargs) as conn:
@@ -186,7 +175,7 @@ class PostgresStore(Store):
                     _check_migrated(conn)
         except psycopg.OperationalError as error:
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else "no answer"
-            raise ConfigurationError(f"cannot connect to PostgreSQL at {redacted(url)}: "
+            raise ConfigurationError(f"cannot connect to PostgreSQL at {display_url(url)}: "
                                      f"{reason}") from None
         self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, kwargs=kwargs,
                                    open=True, name="recon-console")
@@ -761,6 +750,12 @@ class _Borrowed(PostgresStore):
 
     def close(self) -> None:
         return None
+
+
+def create_database(server_url: str, name: str) -> None:
+    """CREATE DATABASE `name` on the server `server_url` reaches (an administrator's URL)."""
+    with psycopg.connect(server_url, autocommit=True, **connect_kwargs(server_url)) as conn:
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
 
 
 def _applied(conn: psycopg.Connection[Any]) -> set[str] | None:
