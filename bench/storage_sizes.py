@@ -13,18 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sqlite3
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psycopg
-
 from services.demo import consent_for, workspace_on_emulator
 from services.emulator import SeedConfig, build_app, seed_square
 from services.postgres_cluster import local_cluster
-from services.storage.postgres import PostgresStore
+from services.storage.postgres import PostgresStore, create_database
+from services.storage.sizes import postgres_table_sizes, sqlite_table_sizes
 from services.storage.sqlite import SQLiteStore
 from services.storage.transfer import MOVED_TABLES, copy_tables
 
@@ -52,39 +50,21 @@ async def build(directory: Path, merchants: int, per_location: int) -> Path:
     return db
 
 
-def sqlite_sizes(db: Path) -> dict[str, tuple[int, int]]:
-    conn = sqlite3.connect(db)
-    owner = dict(conn.execute("SELECT name, tbl_name FROM sqlite_master "
-                              "WHERE type IN ('table', 'index')").fetchall())
-    sizes: dict[str, int] = {}
-    for name, size in conn.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name"):
-        table = owner.get(name, name)
-        sizes[table] = sizes.get(table, 0) + int(size)
-    result = {table: (sizes.get(table, 0),
-                      conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-              for table in TABLES}
-    conn.close()
-    return result
-
-
-def postgres_sizes(db: Path) -> dict[str, tuple[int, int]]:
-    with local_cluster(for_tests=True) as cluster:
-        with psycopg.connect(cluster.url(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE sizes")
-        url = cluster.url("sizes")
-        source, target = SQLiteStore(db, migrate=False), PostgresStore(url)
-        try:
-            copy_tables(source, target, tables=[*MOVED_TABLES, "orders"])
-        finally:
-            source.close()
-            target.close()
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("VACUUM ANALYZE")
-            return {table: (int(conn.execute("SELECT pg_total_relation_size(%s)",
-                                             [table]).fetchone()[0]),  # type: ignore[index]
-                            int(conn.execute(f"SELECT count(*) FROM {table}"
-                                             ).fetchone()[0]))  # type: ignore[index]
-                    for table in TABLES}
+def measure(db: Path) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """(SQLite sizes, PostgreSQL sizes) of the same rows."""
+    source = SQLiteStore(db, migrate=False)
+    try:
+        lite = sqlite_table_sizes(source, TABLES)
+        with local_cluster(for_tests=True) as cluster:
+            create_database(cluster.url(), "sizes")
+            target = PostgresStore(cluster.url("sizes"))
+            try:
+                copy_tables(source, target, tables=[*MOVED_TABLES, "orders"])
+                return lite, postgres_table_sizes(target, TABLES)
+            finally:
+                target.close()
+    finally:
+        source.close()
 
 
 def main() -> None:
@@ -95,7 +75,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as directory:
         db = asyncio.run(build(Path(directory), args.merchants, args.orders_per_location))
-        lite, pg = sqlite_sizes(db), postgres_sizes(db)
+        lite, pg = measure(db)
     print(f"{'table':<10} {'rows':>7} {'SQLite B/row':>13} {'PostgreSQL B/row':>17}")
     for table in TABLES:
         rows = lite[table][1]
