@@ -214,6 +214,7 @@ def test_the_password_never_reaches_the_drivers_logs(
     url = password_cluster.url()
     database_url.provide_password(url, credentials_file(tmp_path, password_cluster.password))
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="psycopg")  # psycopg sets its own WARNING level
     store = PostgresStore(url)
     try:
         store.consents()
