@@ -1,4 +1,7 @@
-"""Where the rest of the tree imports the store from (services/storage holds it)."""
+"""Where the rest of the tree imports the store from (services/storage holds it).
+
+`migrations` are the SQLite store's (services/storage/sqlite.py); PostgreSQL's are in
+services/storage/postgres.py."""
 
 from services.storage import (
     DATABASE_ERRORS,
@@ -11,6 +14,7 @@ from services.storage import (
     open_store,
     utc_text,
 )
+from services.storage.sqlite import SQLiteStore, migrations
 
-__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Lease", "QueuedOrder", "Store", "StoredConsent",
-           "now_utc", "open_store", "utc_text"]
+__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Lease", "QueuedOrder", "SQLiteStore", "Store",
+           "StoredConsent", "migrations", "now_utc", "open_store", "utc_text"]

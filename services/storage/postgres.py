@@ -591,9 +591,11 @@ class PostgresStore(Store):
             assert row is not None, "audit_head has lost its row"
             entries = build(int(row[0]), row[1])
             if entries:
-                self._many(f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) VALUES "
-                           f"({', '.join('%s' for _ in AUDIT_COLUMNS)})",
-                           [[entry[k] for k in AUDIT_COLUMNS] for entry in entries])
+                # COPY: one statement for a whole group commit's entries.
+                with self._conn() as conn, conn.cursor() as cursor, cursor.copy(
+                        f"COPY audit ({', '.join(AUDIT_COLUMNS)}) FROM STDIN") as copy:
+                    for entry in entries:
+                        copy.write_row([entry[k] for k in AUDIT_COLUMNS])
                 self._run("UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1",
                           [entries[-1]["seq"], entries[-1]["hash"]])
         return entries
