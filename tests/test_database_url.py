@@ -3,7 +3,9 @@ it), the password from the credentials file or libpq's own files, and never in a
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +193,59 @@ def test_the_console_logs_in_with_the_credentials_file_password(
     out, err = capsys.readouterr()
     assert "password authentication failed" in err and err.count("\n") == 2  # Database + error
     assert SECRET not in out + err
+
+
+def test_a_team_database_gets_a_checkpoint_folder_named_after_it(tmp_path: Path) -> None:
+    from services.checkpoints import default_checkpoint_dir
+    url = "postgresql://recon@/recon?host=/tmp/recon-pg-x&port=5432"
+    folder = default_checkpoint_dir(tmp_path / "credentials.toml", url)
+    assert folder.parent == tmp_path / "checkpoints"
+    assert folder.name.startswith("recon-") and "&" not in folder.name and "?" not in folder.name
+    other = default_checkpoint_dir(tmp_path / "credentials.toml", url.replace("/recon?", "/b?"))
+    assert other != folder
+
+
+def test_the_password_never_reaches_the_drivers_logs(
+        password_cluster: LocalCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The pool logs every failed reconnection (a changed password, a restarted server): the
+    lines name the socket and the user, never the password."""
+    from services.storage.postgres import PostgresStore
+    assert password_cluster.password
+    url = password_cluster.url()
+    database_url.provide_password(url, credentials_file(tmp_path, password_cluster.password))
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="psycopg")  # psycopg sets its own WARNING level
+    store = PostgresStore(url)
+    try:
+        store.consents()
+        with psycopg.connect(url, autocommit=True, **connect_kwargs(url)) as admin:
+            admin.execute(psycopg.sql.SQL("ALTER ROLE recon PASSWORD {}").format(
+                psycopg.sql.Literal(SECRET)))
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE pid <> pg_backend_pid() AND datname = current_database()")
+        store.pool.check()  # finds its connections dead, reconnects with the old password
+        deadline = time.monotonic() + 20
+        while not any("error connecting" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the pool never logged its failed reconnect"
+            time.sleep(0.05)
+    finally:
+        store.pool.close(timeout=1)
+        with psycopg.connect(url, autocommit=True, password=SECRET) as admin:
+            admin.execute(psycopg.sql.SQL("ALTER ROLE recon PASSWORD {}").format(
+                psycopg.sql.Literal(password_cluster.password)))
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "password authentication failed" in logged
+    assert password_cluster.password not in logged
+
+
+def test_demo_team_without_postgresql_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    from services import postgres_cluster
+    monkeypatch.setenv("RECON_PG_BINDIR", str(tmp_path))  # holds no initdb
+    monkeypatch.setattr(postgres_cluster.shutil, "which", lambda name: None)
+    monkeypatch.setattr(postgres_cluster.glob, "glob", lambda pattern: [])
+    assert main(["demo", "--team"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no PostgreSQL server binaries")
+    assert "apt-get install postgresql" in err[-1]

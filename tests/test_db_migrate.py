@@ -7,6 +7,7 @@ import asyncio
 import functools
 import json
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from console.cli import main
 from services import db_migrate
+from services.demo import consent_for
 from services.emulator import FaultPlan
 from services.storage import transfer
 from tests.conftest import Emulator
@@ -75,6 +77,14 @@ async def build_book(emulator: Emulator, tmp_path: Path, *, leave_open: bool = F
         workspace.settings.checkpoint_dir = book.checkpoints
         items = workspace.preview().items
         await workspace.complete(workspace.preview_of(items[:4]))
+        # A second version of the first merchant's consent (a narrower scope, same id).
+        first = emulator.merchants[0]
+        now = datetime.now(UTC)
+        original = consent_for(first, now)
+        changed = tmp_path / "consent-v2.json"
+        changed.write_text(json.dumps([consent_for(first, now, consent_id=original[
+            "consent_id"], limits={"max_orders_per_batch": 50})]))
+        workspace.import_consent_files([changed])
         consents = workspace.store.consents()
         workspace.revoke_consent(consents[-1].record.consent_id, by="Owner",
                                  reason="in-house again")
@@ -115,6 +125,8 @@ def test_migrate_copies_the_history_and_the_chain_to_the_same_head(
         assert copied == source, table
         assert report["rows"][table] == len(source)
     assert report["rows"]["audit"] > 10 and report["rows"]["consent_revocations"] == 1
+    versions = pg_rows(pg_url, "consents", ["consent_id", "version"])
+    assert max(version for _, version in versions) >= 2  # every version came along
     assert report["rows"]["intents"] >= 4 and report["rows"]["reminder_opt_outs"] == 1
     for table in transfer.NOT_MOVED:
         assert pg_count(pg_url, table) == 0, table
