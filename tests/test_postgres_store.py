@@ -171,6 +171,13 @@ def test_verify_streams_from_a_server_side_cursor(pg_url: str) -> None:
         thread.join()
         assert seen and seen[0][0].startswith("FETCH FORWARD 20000 FROM")
         assert sum(1 for _ in rows) == 45_000 - 1
+        # Left after one row (a broken link found early): the read-ahead thread stops and
+        # gives its connection back.
+        threads = threading.active_count()
+        partial = store.audit_rows(1, None)
+        next(partial)
+        partial.close()  # type: ignore[attr-defined]
+        assert threading.active_count() == threads and store.audit_extent() == (45_000, 45_000)
     finally:
         store.close()
 

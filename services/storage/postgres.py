@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -647,7 +648,7 @@ class PostgresStore(Store):
         if end is not None:
             sql += " AND seq < %s"
             params.append(end)
-        return self._stream(sql + " ORDER BY seq", params, 20000)
+        return _read_ahead(self._stream(sql + " ORDER BY seq", params, 20000), 20000)
 
     def audit_extent(self) -> tuple[int, int]:
         row = self._one("SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM audit")
@@ -804,6 +805,53 @@ class _Borrowed(PostgresStore):
 
     def close(self) -> None:
         return None
+
+
+def _read_ahead(rows: Iterator[tuple[Any, ...]], page: int) -> Iterator[tuple[Any, ...]]:
+    """`rows`, read a page ahead in a thread of their own: the server fills the next page
+    while the caller works through this one (verify hashes as the next page arrives)."""
+    pages: queue.Queue[list[tuple[Any, ...]] | BaseException | None] = queue.Queue(2)
+    stop = threading.Event()
+
+    def put(item: list[tuple[Any, ...]] | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                pages.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            batch: list[tuple[Any, ...]] = []
+            for row in rows:
+                batch.append(row)
+                if len(batch) == page:
+                    if not put(batch):
+                        return
+                    batch = []
+            if batch and not put(batch):
+                return
+            put(None)
+        except BaseException as error:  # handed to the reader, raised there
+            put(error)
+        finally:
+            rows.close()  # type: ignore[attr-defined]  # a generator: its cursor and connection
+
+    reader = threading.Thread(target=read, name="audit-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = pages.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+    finally:
+        stop.set()
+        reader.join()
 
 
 def create_database(server_url: str, name: str) -> None:
