@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -246,3 +247,80 @@ def test_exports_of_a_team_console_go_to_the_user_data_dir(tmp_path: Path,
     assert settings.local_dir == tmp_path / "data" / "recon-console"
     assert settings.local_dir.is_dir() and settings.local_dir.stat().st_mode & 0o077 == 0
     assert ReconSettings(db=tmp_path / "x.db").local_dir == tmp_path
+
+
+@pytest.mark.loopback
+def test_three_operators_in_processes_on_one_postgres(pg_url: str, tmp_path: Path) -> None:
+    """Three `complete` processes on overlapping merchants at once, the emulator slow and
+    failing now and then, then `recover`: every order Square completed has exactly one
+    `completed` outcome, nothing is left open, and the team's one chain verifies."""
+    from collections import Counter
+    from datetime import UTC, datetime
+
+    from services.demo import consent_for
+    from services.emulator import FaultPlan
+    from services.settings import ReconSettings
+    from services.workspace import Workspace
+    from tests.crash_harness import start_cli
+
+    # Slow enough that a batch outlasts a process start-up: the runs overlap.
+    emulator = make_emulator(SeedConfig(seed=7, merchants=3, orders_per_location=30),
+                             FaultPlan(latency_ms=300, server_error_rate=0.05,
+                                       lost_response_rate=0.05, operations=["UpdateOrder"],
+                                       seed=7))
+    write_demo_files(tmp_path, emulator.merchants)
+    consents = tmp_path / "all-consents.json"
+    consents.write_text(json.dumps([consent_for(m, datetime.now(UTC))
+                                    for m in emulator.merchants]))
+    before = {r.id: r.state for r in emulator.square.orders.values()}
+    with LoopbackServer(emulator) as server:
+        settings = ReconSettings(db=pg_url, square_base_url=server.base_url,
+                                 credentials=tmp_path / "credentials.toml", operator="setup")
+        workspace = Workspace.open(settings)
+        workspace.import_consent_files([consents])
+        workspace.store.close()
+        env = dict(os.environ, RECON_DB=pg_url, RECON_SQUARE_BASE_URL=server.base_url,
+                   RECON_CREDENTIALS=str(tmp_path / "credentials.toml"),
+                   RECON_READ_RETRIES="1", XDG_DATA_HOME=str(tmp_path / "data"))
+        runs = [start_cli(env, "complete", "--all-merchants", "--yes", "--json",
+                          operator=name) for name in ("alice", "bob", "carol")]
+        outputs = [p.communicate(timeout=240) for p in runs]
+        assert all(p.returncode in (0, 1) for p in runs), [err for _, err in outputs]
+        recovered = start_cli(env, "recover", "--json", operator="dave").communicate(
+            timeout=240)
+        assert json.loads(recovered[0])["open_after"] == 0, recovered[1]
+    # The runs met: one found another's lease at send time, or held a leased merchant back.
+    leased = [r for out, _ in outputs for r in json.loads(out)["results"]
+              if r["reason"] == "LEASED"]
+    assert leased or any("(MERCHANT_LEASED)" in err for _, err in outputs), \
+        "the three runs did not overlap"
+    newly = {r.id for r in emulator.square.orders.values()
+             if r.state == "COMPLETED" and before[r.id] != "COMPLETED"}
+    assert newly
+    store = open_store(pg_url)
+    try:
+        trail = AuditTrail(store)
+        completed = Counter(e["order_id"] for e in trail.entries(outcome="completed"))
+        assert set(completed) == newly, "an order completed in Square without its outcome"
+        assert max(completed.values()) == 1, completed.most_common(3)
+        assert store.open_intent_count() == 0 and store.leases() == []
+        report = trail.verify()
+        assert report.ok, report.sentence()
+        # Each merchant was sent for under one lease at a time: per merchant, the spans of
+        # different operators' batches (first intent to last outcome) never overlap.
+        spans: dict[tuple[str, str], list[str]] = {}
+        for entry in trail.entries():
+            if entry["action"] in ("intent", "outcome") and entry["batch_id"] and \
+                    entry["operator"] in ("alice", "bob", "carol"):
+                spans.setdefault((entry["merchant_id"], entry["batch_id"]), []).append(
+                    entry["at"])
+        by_merchant: dict[str, list[tuple[str, str]]] = {}
+        for (merchant_id, _), moments in spans.items():
+            by_merchant.setdefault(merchant_id, []).append((min(moments), max(moments)))
+        assert len(spans) >= 3, spans.keys()
+        for merchant_id, intervals in by_merchant.items():
+            intervals.sort()
+            for (_, end), (start, _) in pairwise(intervals):
+                assert end <= start, f"two runs worked on {merchant_id} at once"
+    finally:
+        store.close()
