@@ -458,3 +458,12 @@ def test_order_amounts_from_the_queue_else_the_last_intent(store: Store) -> None
     store.insert_batch("B1", "op", "sha", "[]")
     store.insert_intents([{**intent_row("Z", 1), "amount": 999, "currency": "EUR"}])
     assert store.order_amounts(["A", "Z", "nope"]) == {"A": (1250, "USD"), "Z": (999, "EUR")}
+
+
+def test_verify_inside_a_transaction_sees_its_own_entries(store: Store) -> None:
+    """`db migrate` checks the copied chain before it commits: verify reads through the open
+    transaction, uncommitted entries included."""
+    trail = AuditTrail(store)
+    with store.transaction():
+        fill(trail, 3)
+        assert trail.verify().entries == 3

@@ -648,7 +648,10 @@ class PostgresStore(Store):
         if end is not None:
             sql += " AND seq < %s"
             params.append(end)
-        return _read_ahead(self._stream(sql + " ORDER BY seq", params, 20000), 20000)
+        rows = self._stream(sql + " ORDER BY seq", params, 20000)
+        if getattr(self._local, "conn", None) is not None:
+            return rows  # inside this thread's transaction: read on it (what it wrote too)
+        return _read_ahead(rows, 20000)
 
     def audit_extent(self) -> tuple[int, int]:
         row = self._one("SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM audit")
