@@ -6,6 +6,7 @@ services/storage/postgres.py."""
 from services.storage import (
     DATABASE_ERRORS,
     ORDER_COLUMNS,
+    Approval,
     Lease,
     QueuedOrder,
     Store,
@@ -16,5 +17,5 @@ from services.storage import (
 )
 from services.storage.sqlite import SQLiteStore, migrations
 
-__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Lease", "QueuedOrder", "SQLiteStore", "Store",
-           "StoredConsent", "migrations", "now_utc", "open_store", "utc_text"]
+__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Approval", "Lease", "QueuedOrder", "SQLiteStore",
+           "Store", "StoredConsent", "migrations", "now_utc", "open_store", "utc_text"]

@@ -97,6 +97,11 @@ def test_the_console_role_does_its_work(console_url: str) -> None:
         assert store.take_lease(lease("t1", NOW), lambda found: False).token == "t1"
         store.release_lease("M1", "t1")
         store.save_reminder_opt_out("M1", True, "Ann", "asked", "t")
+        from services.store import Approval
+        store.insert_approval(Approval("B9", "sha", "[]", "{}", 0, "orders", "ann", "t",
+                                       "pending"))
+        assert store.decide_approval("B9", "approved", "ben", "t", None, "u")
+        assert store.use_approval("B9", "ann", "t")
         fill(store, 3)
         assert AuditTrail(store).verify().ok
     finally:
@@ -221,3 +226,16 @@ def test_cli_completes_a_batch_on_postgres(pg_url: str, tmp_path: Path,
         assert store.open_intent_count() == 0 and store.leases() == []
     finally:
         store.close()
+
+
+def test_exports_of_a_team_console_go_to_the_user_data_dir(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """The audit and reminder-list exports are written beside a SQLite file; a URL has no
+    "beside", so they go to the user's own data directory (made owner-only)."""
+    from services.settings import ReconSettings
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    settings = ReconSettings(db="postgresql://ana@db.example.com/recon")
+    assert settings.local_dir == tmp_path / "data" / "recon-console"
+    assert settings.local_dir.is_dir() and settings.local_dir.stat().st_mode & 0o077 == 0
+    assert ReconSettings(db=tmp_path / "x.db").local_dir == tmp_path

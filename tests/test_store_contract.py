@@ -426,3 +426,35 @@ def test_concurrent_writers_never_fork_the_chain(backend: Backend) -> None:
     report = trail.verify()
     assert report.ok and report.entries == 9 * 40
     assert len({e["order_id"] for e in trail.entries()}) == 9 * 40
+
+
+# ---------------------------------------------------------------------- four-eyes approvals
+def test_approvals_decided_once_used_once(store: Store) -> None:
+    from services.store import Approval
+    prepared = Approval("B1", "sha", '[["M1", "A", 3]]', '{"M1": {"USD": 1250}}', 1,
+                        "orders", "ann", utc_text(NOW), "pending")
+    with store.transaction():
+        store.insert_approval(prepared)
+        store.insert_approval(prepared._replace(batch_id="B2", prepared_at=utc_text(
+            NOW + timedelta(seconds=1))))
+    assert store.approval("B1") == prepared and store.approval("nope") is None
+    assert [a.batch_id for a in store.approvals()] == ["B1", "B2"]
+    expires = utc_text(NOW + timedelta(minutes=30))
+    assert store.decide_approval("B1", "approved", "bob", utc_text(NOW), "ok", expires)
+    # A decision taken is final: a second one finds no pending row.
+    assert not store.decide_approval("B1", "rejected", "carl", utc_text(NOW), "no", None)
+    assert store.decide_approval("B2", "rejected", "bob", utc_text(NOW), "no", None)
+    assert [a.batch_id for a in store.approvals(["approved"])] == ["B1"]
+    # Expired approvals cannot be used; a good one is used by one run only.
+    assert not store.use_approval("B1", "ann", utc_text(NOW + timedelta(minutes=31)))
+    assert store.use_approval("B1", "ann", utc_text(NOW + timedelta(minutes=1)))
+    assert not store.use_approval("B1", "ann", utc_text(NOW + timedelta(minutes=2)))
+    used = store.approval("B1")
+    assert used is not None and (used.status, used.used_by) == ("used", "ann")
+
+
+def test_order_amounts_from_the_queue_else_the_last_intent(store: Store) -> None:
+    store.write_orders([order_values("A")])
+    store.insert_batch("B1", "op", "sha", "[]")
+    store.insert_intents([{**intent_row("Z", 1), "amount": 999, "currency": "EUR"}])
+    assert store.order_amounts(["A", "Z", "nope"]) == {"A": (1250, "USD"), "Z": (999, "EUR")}

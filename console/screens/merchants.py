@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterable
 from datetime import timedelta
-from pathlib import Path
 
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -206,7 +205,7 @@ class MerchantsScreen(ConsoleScreen):
         if workspace is None:
             return
         rows = [r for r in self.rows if r.waiting_without_consent]
-        path = Path(str(workspace.settings.db)).parent / "reminders.csv"
+        path = workspace.settings.local_dir / "reminders.csv"
         try:
             with open_private(path, newline="") as handle:
                 writer = csv.writer(handle)

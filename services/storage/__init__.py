@@ -11,6 +11,7 @@ from pathlib import Path
 from services.storage.base import (
     DATABASE_ERRORS,
     ORDER_COLUMNS,
+    Approval,
     Lease,
     QueuedOrder,
     Store,
@@ -20,8 +21,9 @@ from services.storage.base import (
     utc_text,
 )
 
-__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Lease", "QueuedOrder", "Store", "StoredConsent",
-           "implementation_for", "is_postgres_url", "now_utc", "open_store", "utc_text"]
+__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Approval", "Lease", "QueuedOrder", "Store",
+           "StoredConsent", "implementation_for", "is_postgres_url", "now_utc", "open_store",
+           "utc_text"]
 
 
 def implementation_for(db: Path | str) -> type[Store]:

@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 
 from services.consent import ConsentRecord, Revocation
 
-__all__ = ["AUDIT_COLUMNS", "AUDIT_VERIFY_COLUMNS", "DATABASE_ERRORS", "ORDER_COLUMNS", "Lease",
+__all__ = ["AUDIT_COLUMNS", "AUDIT_VERIFY_COLUMNS", "DATABASE_ERRORS", "ORDER_COLUMNS", "Approval",
+           "Lease",
            "QueuedOrder", "Store", "StoredConsent", "is_postgres_url", "now_utc", "utc_text"]
 
 
@@ -129,6 +130,28 @@ class Lease(NamedTuple):
     def describe(self) -> str:
         return (f"{self.operator} on {self.host} (pid {self.pid}) since {self.started_at}, "
                 f"last heartbeat {self.heartbeat_at}")
+
+
+class Approval(NamedTuple):
+    """A prepared batch and its four-eyes decision (a row of `approvals`). `items_json` is
+    [[merchant_id, order_id, version], ...] sorted; `totals_json` {merchant: {currency:
+    minor units}} as the preparer saw them. status: pending, approved, rejected, used."""
+
+    batch_id: str
+    approved_set_sha256: str
+    items_json: str
+    totals_json: str
+    orders: int
+    why: str
+    prepared_by: str
+    prepared_at: str
+    status: str
+    decided_by: str | None = None
+    decided_at: str | None = None
+    reason: str | None = None
+    expires_at: str | None = None
+    used_by: str | None = None
+    used_at: str | None = None
 
 
 # Given the chain's last (seq, hash), or (0, None) when it is empty: the complete entries to
@@ -429,3 +452,30 @@ class Store(ABC):
     def reminder_history(self, merchant_id: str | None) -> list[tuple[Any, ...]]:
         """(message_id, merchant_id, business name, kind, recipients_json, orders, status,
         reason, detail, attempts, created_at, settled_at, operator), newest first."""
+
+    # ------------------------------------------------------------------ four-eyes approvals
+    # Writers are called inside the caller's `transaction()`, so each change commits with
+    # its audit entry (services/completion/approvals.py).
+    @abstractmethod
+    def insert_approval(self, approval: Approval) -> None: ...
+
+    @abstractmethod
+    def approval(self, batch_id: str) -> Approval | None: ...
+
+    @abstractmethod
+    def approvals(self, statuses: Sequence[str] | None = None) -> list[Approval]:
+        """Prepared batches, oldest first; only those in `statuses` if given."""
+
+    @abstractmethod
+    def decide_approval(self, batch_id: str, status: str, decided_by: str, decided_at: str,
+                        reason: str | None, expires_at: str | None) -> bool:
+        """Approve or reject a pending batch; False when it is no longer pending."""
+
+    @abstractmethod
+    def use_approval(self, batch_id: str, used_by: str, used_at: str) -> bool:
+        """Claim an approved, unexpired batch for one run; False if it is not (any more)."""
+
+    @abstractmethod
+    def order_amounts(self, order_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """order id -> (total amount, currency) among `order_ids`: from the queue, else from
+        the order's latest intent (an order sent before, e.g. a retry of the failed)."""

@@ -33,6 +33,7 @@ from services.storage.base import (
     AUDIT_VERIFY_COLUMNS,
     INTENT_COLUMNS,
     ORDER_COLUMNS,
+    Approval,
     AuditBuilder,
     Lease,
     QueuedOrder,
@@ -138,8 +139,18 @@ MIGRATIONS: list[tuple[str, str]] = [
         INSERT INTO audit_head VALUES (1, 0, NULL);
     """.replace("TEXT", 'TEXT COLLATE "C"')
         + _APPEND_ONLY.format(name="audit", what="audit entries are append-only")),
+    ("m003_approvals", """
+        CREATE TABLE approvals (
+            batch_id TEXT PRIMARY KEY, approved_set_sha256 TEXT NOT NULL,
+            items_json TEXT NOT NULL, totals_json TEXT NOT NULL, orders INTEGER NOT NULL,
+            why TEXT NOT NULL, prepared_by TEXT NOT NULL, prepared_at TEXT NOT NULL,
+            status TEXT NOT NULL, decided_by TEXT, decided_at TEXT, reason TEXT,
+            expires_at TEXT, used_by TEXT, used_at TEXT);
+        CREATE INDEX approvals_status ON approvals(status);
+    """.replace("TEXT", 'TEXT COLLATE "C"')),
 ]
 
+_APPROVAL = ", ".join(Approval._fields)
 _CURSOR_NAMES = itertools.count(1)
 _MIGRATION_LOCK = 0x7265636F6E  # pg_advisory_xact_lock key: one migrating process at a time
 _INTENTS = ", ".join(INTENT_COLUMNS)
@@ -739,6 +750,47 @@ class PostgresStore(Store):
             sql += " WHERE o.merchant_id = %s"
             params.append(merchant_id)
         return self._all(sql + " ORDER BY o.created_at DESC", params)
+
+    # ------------------------------------------------------------------ four-eyes approvals
+    def insert_approval(self, approval: Approval) -> None:
+        self._run(f"INSERT INTO approvals VALUES ({', '.join('%s' for _ in approval)})",
+                  list(approval))
+
+    def approval(self, batch_id: str) -> Approval | None:
+        row = self._one(f"SELECT {_APPROVAL} FROM approvals WHERE batch_id = %s", [batch_id])
+        return Approval(*row) if row else None
+
+    def approvals(self, statuses: Sequence[str] | None = None) -> list[Approval]:
+        sql = f"SELECT {_APPROVAL} FROM approvals"
+        params: list[Any] = []
+        if statuses:
+            sql += " WHERE status = ANY(%s)"
+            params.append(list(statuses))
+        return [Approval(*row) for row in self._all(sql + " ORDER BY prepared_at, batch_id",
+                                                    params)]
+
+    def decide_approval(self, batch_id: str, status: str, decided_by: str, decided_at: str,
+                        reason: str | None, expires_at: str | None) -> bool:
+        return self._run(
+            "UPDATE approvals SET status = %s, decided_by = %s, decided_at = %s, reason = %s, "
+            "expires_at = %s WHERE batch_id = %s AND status = 'pending'",
+            [status, decided_by, decided_at, reason, expires_at, batch_id]) == 1
+
+    def use_approval(self, batch_id: str, used_by: str, used_at: str) -> bool:
+        return self._run(
+            "UPDATE approvals SET status = 'used', used_by = %s, used_at = %s "
+            "WHERE batch_id = %s AND status = 'approved' AND expires_at > %s",
+            [used_by, used_at, batch_id, used_at]) == 1
+
+    def order_amounts(self, order_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        ids = list(order_ids)
+        found = {str(r[0]): (int(r[1]), str(r[2])) for r in self._all(
+            "SELECT order_id, amount, currency FROM intents WHERE amount IS NOT NULL "
+            "AND order_id = ANY(%s) ORDER BY created_at, attempt", [ids])}
+        found.update({str(r[0]): (int(r[1]), str(r[2])) for r in self._all(
+            "SELECT order_id, total_amount, currency FROM orders WHERE order_id = ANY(%s)",
+            [ids])})
+        return found
 
 
 class _Borrowed(PostgresStore):
