@@ -353,10 +353,11 @@ def run_team_demo(settings: ReconSettings, read_only: bool = False, seed: int = 
         program = "recon-console"
         if shutil.which(program) is None and Path(sys.argv[0]).name == program:
             program = str(Path(sys.argv[0]).resolve())
-        print(f"Team demo: PostgreSQL at {demo.url}, Square emulator at {demo.base_url}.\n"
-              "Open a second console on it, as another operator, with:\n\n"
-              f"  {demo.second_console_command(program)}\n\n"
-              "Everything is deleted when this console closes.")
+        for line in (f"Team demo: PostgreSQL at {demo.url}, Square emulator at {demo.base_url}.",
+                     "Open a second console on it, as another operator, with:", "",
+                     f"  {demo.second_console_command(program)}", "",
+                     "Everything is deleted when this console closes."):
+            print(printable(line))
         if sys.stdin.isatty():
             input("Press Enter to open your console... ")
         return run_console(demo.settings(settings.operator), read_only=read_only)

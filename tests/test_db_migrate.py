@@ -19,6 +19,7 @@ from services import db_migrate
 from services.demo import consent_for
 from services.emulator import FaultPlan
 from services.storage import transfer
+from services.storage.sqlite import SQLiteStore
 from tests.conftest import Emulator
 from tests.test_completion import ready_workspace
 
@@ -146,6 +147,17 @@ def test_migrate_copies_the_history_and_the_chain_to_the_same_head(
     # A new entry on PostgreSQL chains onto the copied head (the head row moved with it).
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT seq, hash FROM audit_head").fetchone() == (last[0], last[-1])
+
+
+def test_every_table_is_either_moved_or_left_on_purpose(tmp_path: Path) -> None:
+    """A table added later must be sorted into one list or the other, never forgotten."""
+    SQLiteStore(tmp_path / "recon.db").close()
+    conn = sqlite3.connect(tmp_path / "recon.db")
+    tables = {row[0] for row in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "AND name != '_sqlite_migrations'")}
+    conn.close()
+    assert tables == set(transfer.MOVED_TABLES) | set(transfer.NOT_MOVED)
 
 
 def test_migrate_refuses_while_intents_are_open(

@@ -4,7 +4,8 @@
 What moves is what cannot be read from Square again: consents (every version) and their
 revocations, merchants, batches and intents (the attempt numbers behind idempotency keys), the
 audit chain byte for byte (same seq, times and hashes, so it verifies to the same head), the
-reminder outbox (one reminder per merchant per window) and opt-outs, and the backlog history.
+reminder outbox (one reminder per merchant per window) and opt-outs, four-eyes approvals (an
+approval used stays used), and the backlog history.
 Discovered orders, refresh marks and leases are caches or live state: the first refresh on
 PostgreSQL reads the orders again.
 
@@ -27,8 +28,8 @@ __all__ = ["MOVED_TABLES", "NOT_MOVED", "OpenIntents", "TargetNotEmpty", "copy_t
            "source_snapshot"]
 
 # In this order (rows in each by their order in SQLite: rowid, which is seq for the audit).
-MOVED_TABLES = ("consents", "consent_revocations", "merchants", "batches", "intents", "audit",
-                "reminder_outbox", "reminder_opt_outs", "backlog_history")
+MOVED_TABLES = ("consents", "consent_revocations", "merchants", "batches", "approvals", "intents",
+                "audit", "reminder_outbox", "reminder_opt_outs", "backlog_history")
 # Read from Square again, or only meaningful to a running process.
 NOT_MOVED = ("orders", "order_marks", "order_sync", "leases")
 # Serial columns copied with their values: their sequences move on past the copied rows.
