@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
+from pydantic import ValidationError
 
 from services.consent import (
     ConsentRecord,
@@ -64,7 +65,6 @@ def test_valid_examples_pass_schema_and_model(path: Path) -> None:
 
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: p.name)
 def test_invalid_examples_are_refused_by_schema_and_by_model(path: Path) -> None:
-    from pydantic import ValidationError
     document = json.loads(path.read_text())
     validator = Draft202012Validator(consent_schema(),
                                      format_checker=Draft202012Validator.FORMAT_CHECKER)
@@ -223,3 +223,30 @@ def test_a_record_the_schema_passes_but_the_model_refuses_is_still_refused_by_fi
     assert record is None
     assert problems == [InvalidConsent(
         "$", "scope.min_order_age_hours: Input should be a valid integer")]
+
+
+def test_the_model_alone_refuses_repeated_locations_and_sources() -> None:
+    """Records loaded back from the database skip the schema: the model itself refuses a listed
+    location or source twice, and says so."""
+    for changes in ({"location_ids": ["LMAIN123", "LMAIN123"]},
+                    {"scope": {"action": "complete_fully_paid_orders",
+                               "order_sources": ["Square Online", "Square Online"]}}):
+        with pytest.raises(ValidationError) as error:
+            ConsentRecord.model_validate(_document("full.json", **changes))
+        assert "Value error, items must be unique" in {e["msg"] for e in error.value.errors()}
+
+
+def test_an_import_refused_for_one_date_problem_says_just_that(workspace: Workspace,
+                                                               tmp_path: Path) -> None:
+    path = tmp_path / "future.json"
+    path.write_text(json.dumps(_document("full.json", evidence={
+        "method": "e_signature", "reference": "DocuSign envelope 4F2A-11",
+        "captured_at": "2099-01-01T00:00:00Z", "captured_by": "onboarding@ledgerline.example"})))
+    with pytest.raises(ConsentFileError) as error:
+        workspace.import_consent_files([path])
+    [line] = str(error.value).splitlines()
+    assert line.startswith(f"{path}: $.evidence.captured_at: 2099-01-01T00:00:00+00:00 is in the "
+                           "future (now ")
+    assert line.endswith("); fix the record and import it again.")
+    assert "(and" not in line
+    assert workspace.consents() == []
