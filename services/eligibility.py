@@ -42,7 +42,8 @@ _CONSENT_REASON = {
     ConsentStatus.EXPIRED: EligibilityReason.CONSENT_EXPIRED,
     ConsentStatus.REVOKED: EligibilityReason.CONSENT_REVOKED,
 }
-# When several consents fail to cover an order, report the one closest to being usable.
+# When several consents fail to cover an order, report the most final state first: a
+# revocation (never coming back), then an expiry, then a consent not yet effective.
 _CONSENT_PRIORITY = [ConsentStatus.REVOKED, ConsentStatus.EXPIRED,
                      ConsentStatus.NOT_YET_EFFECTIVE]
 
