@@ -29,7 +29,7 @@ from services.settings import ReconSettings
 from services.store import Store, now_utc
 from services.workspace import Workspace
 from tests.conftest import LoopbackServer, make_emulator
-from tests.console_harness import app_for, demo, merchants_loaded, wait_until
+from tests.console_harness import DISMISS, app_for, demo, merchants_loaded, wait_until
 from tests.crash_harness import ROOT, cli_workdir, start_cli
 
 LIVE_S = 2.0  # the issue's bound: another console shows a change within 2 s
@@ -269,3 +269,22 @@ async def test_the_change_counter_moves_for_what_consoles_show_and_not_for_heart
     finally:
         other.close()
     await workspace.aclose()
+
+
+async def test_operator_names_are_shown_literally(tmp_path: Path) -> None:
+    """Another operator's name is their own text: markup, escapes and bidi overrides in it
+    are shown as text on the merchants screen, never interpreted."""
+    environment = demo(tmp_path)
+    store = environment.workspace.store
+    names = [DISMISS, "[b]bold[/b] \x1b[2J\u202eeve"]  # as other processes registered them
+    for index, name in enumerate(names):
+        Presence(store, name, "console", heartbeat_s=60).start()
+        assert len(online(store)) == index + 1
+    app = app_for(environment)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        line = presence_line(app)
+        assert "[@click=screen.dismiss(… (console)" in line  # clipped to 24
+        assert "[b]bold[/b] ␛[2J<U+202E… (console)" in line
+        assert "\x1b" not in line and "\u202e" not in line
+        assert isinstance(app.screen, MerchantsScreen)

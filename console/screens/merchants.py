@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
@@ -40,16 +39,16 @@ def sparkline(buckets: Iterable[int]) -> str:
     return "".join(_SPARK[round(v / top * (len(_SPARK) - 1))] if v else "·" for v in values)
 
 
-def online_line(sessions: list[OperatorSession], limit: int = 8) -> SafeText:
-    """"Online: ann (you) · bob (console on laptop-2) · cat (complete)". Names are the
-    operators' own text: each is shown literally and clipped."""
+def online_line(sessions: list[OperatorSession], me: str | None, limit: int = 8) -> SafeText:
+    """"Online: ann (you) · bob (console on laptop-2) · cat (complete)"; `me` is this
+    console's session id. Names are the operators' own text: shown literally, clipped."""
     if not sessions:
         return safe("Online: nobody (presence could not be recorded)", "dim")
     parts: list[object | tuple[object, str]] = [("Online: ", "bold")]
     for index, session in enumerate(sessions[:limit]):
         if index:
             parts.append(" · ")
-        where = "you" if (session.host, session.pid) == (HOST, os.getpid()) else \
+        where = "you" if session.session_id == me else \
             session.kind + ("" if session.host == HOST else f" on {clip(session.host, 24)}")
         parts += [(clip(session.operator, 24), "bold"), f" ({where})"]
     if len(sessions) > limit:
@@ -174,7 +173,8 @@ class MerchantsScreen(ConsoleScreen):
         workspace = self.recon.workspace
         if workspace is not None:
             sessions = workspace.online(self.recon.presence_expiry_s)
-            self.query_one("#presence", Static).update(online_line(sessions))
+            me = workspace.presence.session.session_id if workspace.presence else None
+            self.query_one("#presence", Static).update(online_line(sessions, me))
 
     def tick(self) -> None:
         """Who is online now; and a lease whose holder died (no release, so no change for
