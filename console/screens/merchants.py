@@ -174,7 +174,8 @@ class MerchantsScreen(ConsoleScreen):
         if workspace is not None:
             sessions = workspace.online(self.recon.presence_expiry_s)
             me = workspace.presence.session.session_id if workspace.presence else None
-            self.query_one("#presence", Static).update(online_line(sessions, me))
+            line: SafeText = online_line(sessions, me)
+            self.query_one("#presence", Static).update(line)
 
     def tick(self) -> None:
         """Who is online now; and a lease whose holder died (no release, so no change for
