@@ -85,6 +85,7 @@ class MerchantsScreen(ConsoleScreen):
         super().__init__()
         self.reminders_only = False
         self.rows: list[MerchantOverview] = []
+        self._online = SafeText()
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -175,7 +176,9 @@ class MerchantsScreen(ConsoleScreen):
             sessions = workspace.online(self.recon.presence_expiry_s)
             me = workspace.presence.session.session_id if workspace.presence else None
             line: SafeText = online_line(sessions, me)
-            self.query_one("#presence", Static).update(line)
+            if line != self._online:  # once a second: repaint only a change
+                self._online = line
+                self.query_one("#presence", Static).update(line)
 
     def tick(self) -> None:
         """Who is online now; and a lease whose holder died (no release, so no change for
