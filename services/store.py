@@ -225,6 +225,7 @@ _CHANGE_TRIGGERS = {
     "consent_revocations": ("INSERT",),
     "leases": ("INSERT", "DELETE", "UPDATE OF token"),
     "reminder_outbox": ("INSERT", "UPDATE OF status"),
+    "approvals": ("INSERT", "UPDATE OF status"),
 }
 
 

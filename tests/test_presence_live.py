@@ -19,6 +19,8 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
 from console.app import ReconApp
+from console.output import EXIT_REFUSED
+from console.screens.approvals import ApprovalsScreen
 from console.screens.merchants import MerchantsScreen
 from console.screens.queue import QueueScreen
 from services.changes import PolledChangeFeed
@@ -63,11 +65,12 @@ async def committed(pilot: Pilot[object], db: Path, sql: str, params: list[objec
     return time.monotonic()
 
 
-async def finished(pilot: Pilot[object], process: subprocess.Popen[str]) -> None:
+async def finished(pilot: Pilot[object], process: subprocess.Popen[str], code: int = 0
+                   ) -> None:
     while process.poll() is None:
         await pilot.pause(0.02)
     _, err = process.communicate()
-    assert process.returncode == 0, err
+    assert process.returncode == code, err
 
 
 def note_of(app: ReconApp, merchant_id: str, column: int = -1) -> str:
@@ -102,6 +105,7 @@ BOB_LEASED = "SELECT operator = 'bob' FROM leases WHERE merchant_id = ?"
 DONE = ("SELECT NOT EXISTS (SELECT 1 FROM orders WHERE merchant_id = ?1 AND eligible = 1) "
         "AND NOT EXISTS (SELECT 1 FROM leases WHERE merchant_id = ?1)")
 NO_CANDIDATE = "SELECT NOT EXISTS (SELECT 1 FROM orders WHERE merchant_id = ? AND eligible = 1)"
+PREPARED = "SELECT EXISTS (SELECT 1 FROM approvals WHERE prepared_by = 'eve')"
 REVOKED = ("SELECT EXISTS (SELECT 1 FROM consent_revocations WHERE merchant_id = ?1) AND "
            "NOT EXISTS (SELECT 1 FROM orders WHERE merchant_id = ?1 AND eligible = 1)")
 
@@ -162,6 +166,21 @@ async def test_another_process_completing_revoking_and_leasing_shows_within_2s(
                 "queue", since=done)
             assert queue._kind_counts["candidate"] == 0
             await finished(pilot, cat)
+
+            # ann opens the Approvals screen; eve prepares a batch above the four-eyes
+            # threshold (nothing is sent): it is listed for ann's decision.
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: isinstance(app.screen, MerchantsScreen))
+            await pilot.press("P")
+            await wait_until(pilot, lambda: isinstance(app.screen, ApprovalsScreen))
+            approvals = app.screen.query_one("#approvals", DataTable)
+            assert approvals.row_count == 0
+            eve = start_cli(dict(env, RECON_FOUR_EYES_ORDERS="0"), "complete", "--merchant",
+                            third, "--yes", operator="eve")
+            done = await committed(pilot, db, PREPARED, [], eve)
+            await within(pilot, LIVE_S, lambda: approvals.row_count == 1,
+                         "eve's prepared batch", since=done)
+            await finished(pilot, eve, EXIT_REFUSED)
 
             # Back on the merchants screen (it reloads as it comes back), dan revokes the
             # third merchant's consent from the command line.
