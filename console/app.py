@@ -5,6 +5,7 @@ thread, as the demo does); everything it does to Square or the database goes thr
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from console.screens.merchants import MerchantsScreen
 from console.screens.progress import ProgressScreen
 from console.screens.reminders import RemindersScreen
 from console.wording import plural
+from services.changes import ChangeFeed
 from services.completion import OrderResult, Outcome
+from services.presence import EXPIRY_S, HEARTBEAT_S
 from services.settings import ReconSettings
 from services.workspace import Workspace
 
@@ -66,6 +69,14 @@ class ReconApp(App[int]):
         self.busy = False
         self.sub_title = printable(subtitle) + ("  READ-ONLY" if read_only else "")
         self.crash_message: str | None = None
+        # Presence and live updates (issue 14); tests shorten them.
+        self.presence_heartbeat_s = HEARTBEAT_S
+        self.presence_expiry_s = EXPIRY_S
+        self.tick_s = 1.0                 # the longest `watch_changes` waits between ticks
+        self.changes: ChangeFeed | None = None
+        self.changes_loaded = 0           # the feed's version the screens last reloaded at
+        self._live_pending = False
+        self._reload_s = 0.0              # how long the last reload took
 
     def on_mount(self) -> None:
         self.push_screen(MerchantsScreen())
@@ -87,6 +98,11 @@ class ReconApp(App[int]):
                 return
         if self.workspace is None:
             return
+        self.workspace.go_online("read-only console" if self.read_only else "console",
+                                 self.presence_heartbeat_s)
+        self.changes = self.workspace.changes()
+        self.changes_loaded = self.changes.version()
+        self.watch_changes()
         recovered = ""
         if not self.read_only and self.workspace.open_intent_count():
             self.set_status("Settling unfinished completions from last time…")
@@ -186,10 +202,52 @@ class ReconApp(App[int]):
         if self.status_owner is not None and self.status_owner is not screen:
             self.set_status(*self.app_status)  # back to the app's own latest line
 
+    @work(exclusive=True, group="changes")
+    async def watch_changes(self) -> None:
+        """Another process's writes (orders completed, a consent revoked, a lease taken)
+        reach this console within a second, without a refresh: the change feed moves, and
+        the screens reload (a Refreshed). Once a second, the screen in view ticks."""
+        assert self.changes is not None
+        while True:
+            try:
+                version = await self.changes.wait(self.changes_loaded, self.tick_s)
+                # While this console refreshes, its own Refreshed follows and covers it.
+                if version != self.changes_loaded and not self.busy \
+                        and not self._live_pending:
+                    self._live_pending = True
+                    self.post_message(Refreshed(live=True))
+                    # Another operator's batch moves the feed all the time: a 50,000-order
+                    # queue reloads at most about half the time, and still within a second.
+                    await asyncio.sleep(min(self.tick_s, self._reload_s))
+                elif version != self.changes_loaded:
+                    await asyncio.sleep(self.tick_s / 4)
+                if isinstance(self.screen, ConsoleScreen):
+                    self.screen.tick()
+            except Exception as error:  # shown, never fatal; tried again
+                self.set_status(f"Live updates paused: {describe(error)}", error=True)
+                await asyncio.sleep(5)
+
     def on_refreshed(self, message: Refreshed) -> None:
+        try:
+            version = self.changes.version() if self.changes is not None else None
+        except Exception:
+            version = None  # reload anyway; the feed is asked again on its next poll
+        if message.live:
+            self._live_pending = False
+            if version == self.changes_loaded:
+                return  # a reload since the change was seen already shows it
+        if version is not None:
+            # Read before reloading: a change committed meanwhile is seen again, not missed.
+            self.changes_loaded = version
+        began = time.monotonic()
         for screen in self.screen_stack:
-            if isinstance(screen, ConsoleScreen):
+            if not isinstance(screen, ConsoleScreen):
+                continue
+            if message.live and screen is not self.screen:
+                screen.stale = True  # reloads when it comes back into view
+            else:
                 screen.reload()
+        self._reload_s = time.monotonic() - began
 
     def on_complete_requested(self, message: CompleteRequested) -> None:
         self.start_completion(message.order_ids)

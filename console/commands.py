@@ -237,6 +237,7 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
 def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
     async def run() -> int:
         workspace = Workspace.open(settings)
+        workspace.go_online("complete")  # other consoles list the operator as online
         try:
             await _recover_first(workspace)
             if args.batch is not None:
@@ -486,6 +487,7 @@ def _print_results(args: argparse.Namespace, batch_id: str | None, sha: str,
 def recover(args: argparse.Namespace, settings: ReconSettings) -> int:
     async def run() -> int:
         workspace = Workspace.open(settings)
+        workspace.go_online("recover")
         try:
             before = workspace.open_intent_count()
             results = await workspace.recover()

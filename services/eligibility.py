@@ -42,7 +42,8 @@ _CONSENT_REASON = {
     ConsentStatus.EXPIRED: EligibilityReason.CONSENT_EXPIRED,
     ConsentStatus.REVOKED: EligibilityReason.CONSENT_REVOKED,
 }
-# When several consents fail to cover an order, report the one closest to being usable.
+# When several consents fail to cover an order, report the most final state first: a
+# revocation (never coming back), then an expiry, then a consent not yet effective.
 _CONSENT_PRIORITY = [ConsentStatus.REVOKED, ConsentStatus.EXPIRED,
                      ConsentStatus.NOT_YET_EFFECTIVE]
 
@@ -107,8 +108,9 @@ def classify(order: OrderLike, consents: Sequence[ConsentRecord], now: datetime,
     if not order.tenders:
         return no(EligibilityReason.NOT_FULLY_PAID, "No payment has been taken.")
     if order.amount_due > 0:
+        # Minor units, labelled: the detail panel shows "due 1.50 USD" beside this sentence.
         return no(EligibilityReason.NOT_FULLY_PAID,
-                  f"{order.amount_due} {order.currency} still due.")
+                  f"Still due: {order.amount_due} in minor units of {order.currency}.")
     if order.version is None:
         return no(EligibilityReason.MANUAL_ONLY,
                   "No version: complete it in the Square Dashboard.")
@@ -141,7 +143,8 @@ def classify(order: OrderLike, consents: Sequence[ConsentRecord], now: datetime,
                       f"{order.currency}.", consent)
         if order.total_amount > limit.amount:
             return no(EligibilityReason.OVER_AMOUNT_LIMIT,
-                      f"Total exceeds the consent's batch limit of {limit.amount}.", consent)
+                      f"Total {order.total_amount} exceeds the consent's batch limit of "
+                      f"{limit.amount} (minor units of {limit.currency}).", consent)
     return Classification(True, None, "Fully paid, open, consented.", consent)
 
 

@@ -8,6 +8,7 @@ from services.storage import (
     ORDER_COLUMNS,
     Approval,
     Lease,
+    OperatorSession,
     QueuedOrder,
     Store,
     StoredConsent,
@@ -17,5 +18,6 @@ from services.storage import (
 )
 from services.storage.sqlite import SQLiteStore, migrations
 
-__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Approval", "Lease", "QueuedOrder", "SQLiteStore",
+__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Approval", "Lease", "OperatorSession",
+           "QueuedOrder", "SQLiteStore",
            "Store", "StoredConsent", "migrations", "now_utc", "open_store", "utc_text"]

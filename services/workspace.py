@@ -21,6 +21,7 @@ import httpx
 import orjson
 
 from services.audit import AuditAction, AuditTrail, VerifyReport
+from services.changes import ChangeFeed, PolledChangeFeed
 from services.checkpoints import CheckpointAnchor, default_checkpoint_dir
 from services.completion import (
     ApprovedItem,
@@ -60,6 +61,7 @@ from services.eligibility import (
 )
 from services.errors import AuditChainError, ConfigurationError, ConsentFileError
 from services.money import totals_by_currency
+from services.presence import EXPIRY_S, HEARTBEAT_S, Presence, online
 from services.processes import HOST
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
@@ -67,6 +69,7 @@ from services.square_models import decode_order
 from services.store import (
     DATABASE_ERRORS,
     Approval,
+    OperatorSession,
     QueuedOrder,
     Store,
     StoredConsent,
@@ -184,6 +187,7 @@ class Workspace:
         default_factory=dict)
     # Why the last automatic checkpoint was not written (a batch never fails for it).
     checkpoint_problem: str | None = None
+    presence: Presence | None = None  # this process's operator session, once online
 
     @classmethod
     def open(cls, settings: ReconSettings, http: httpx.AsyncClient | None = None,
@@ -203,6 +207,8 @@ class Workspace:
         return self.settings.operator
 
     async def aclose(self) -> None:
+        if self.presence is not None:
+            self.presence.stop()
         await self.gateway.aclose()
         self.store.close()
 
@@ -687,6 +693,26 @@ class Workspace:
         """Merchants another live holder is working on: merchant id -> who and since when."""
         return {lease.merchant_id: lease.describe() for lease in self.store.leases()
                 if not holder_gone(lease) and (lease.host, lease.pid) != (HOST, os.getpid())}
+
+    # ------------------------------------------------------------------ presence and changes
+    def go_online(self, kind: str, heartbeat_s: float = HEARTBEAT_S) -> Presence:
+        """Register this process as an operator session (a console, a batch command), heart-
+        beaten while the event loop runs and ended by `aclose`."""
+        if self.presence is None:
+            self.presence = Presence(self.store, self.operator, kind, heartbeat_s=heartbeat_s)
+            self.presence.start()
+        return self.presence
+
+    def online(self, expiry_s: float = EXPIRY_S) -> list[OperatorSession]:
+        """Operator sessions heard from within the expiry (real time, not `clock`: other
+        processes heart-beat in real time)."""
+        return online(self.store, expiry_s=expiry_s)
+
+    def changes(self) -> ChangeFeed:
+        """What tells an open console that another process changed what it shows:
+        LISTEN/NOTIFY on PostgreSQL, a poll of the change counter on SQLite."""
+        feed: ChangeFeed | None = self.store.change_feed()
+        return feed if feed is not None else PolledChangeFeed(self.store)
 
     # ------------------------------------------------------------------ audit
     @property

@@ -324,3 +324,25 @@ def test_three_operators_in_processes_on_one_postgres(pg_url: str, tmp_path: Pat
                 assert end <= start, f"two runs worked on {merchant_id} at once"
     finally:
         store.close()
+
+
+async def test_a_change_elsewhere_wakes_the_feed_at_once(pg_url: str) -> None:
+    """LISTEN/NOTIFY: the console's wait ends when another console's write commits, not at
+    its timeout."""
+    import asyncio
+    import time
+    watcher, writer = open_store(pg_url), open_store(pg_url)
+    try:
+        feed = watcher.change_feed()
+        assert feed is not None
+        since = feed.version()
+        started = time.monotonic()
+        waiting = asyncio.ensure_future(feed.wait(since, timeout=20))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(writer.upsert_merchant, {"merchant_id": "M9"})
+        assert await waiting > since
+        assert time.monotonic() - started < 2
+        assert await feed.wait(feed.version(), timeout=0.2) == feed.version()  # no change
+    finally:
+        writer.close()
+        watcher.close()

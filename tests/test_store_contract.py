@@ -467,3 +467,34 @@ def test_verify_inside_a_transaction_sees_its_own_entries(store: Store) -> None:
     with store.transaction():
         fill(trail, 3)
         assert trail.verify().entries == 3
+
+
+# ---------------------------------------------------------------------- presence and changes
+def test_change_counter_moves_for_changes_not_heartbeats(store: Store) -> None:
+    start = store.change_version()
+    store.upsert_merchant({"merchant_id": "M1", "business_name": "Shop"})
+    after_merchant = store.change_version()
+    assert after_merchant > start
+    taken = lease("t1", NOW + timedelta(seconds=30))
+    store.take_lease(taken, lambda found: False)
+    after_lease = store.change_version()
+    assert after_lease > after_merchant
+    store.heartbeat_leases("t1", utc_text(NOW), utc_text(NOW + timedelta(seconds=60)))
+    assert store.change_version() == after_lease          # a heartbeat is not a change
+    store.release_lease("M1", "t1")
+    assert store.change_version() > after_lease
+
+
+def test_operator_sessions(store: Store) -> None:
+    from services.store import OperatorSession
+    ana = OperatorSession("s1", "ana", "host", 1, "console", utc_text(NOW), utc_text(NOW))
+    old = OperatorSession("s0", "old", "host", 2, "console", utc_text(NOW - timedelta(days=2)),
+                          utc_text(NOW - timedelta(days=2)))
+    store.register_session(old, utc_text(NOW - timedelta(days=3)))
+    store.register_session(ana, utc_text(NOW - timedelta(days=1)))   # forgets `old`
+    assert store.sessions(utc_text(NOW - timedelta(days=5))) == [ana]
+    later = utc_text(NOW + timedelta(seconds=5))
+    assert store.touch_session("s1", later)
+    assert store.sessions(later) == [ana._replace(last_seen=later)]
+    store.end_session("s1")
+    assert not store.touch_session("s1", later) and store.sessions(utc_text(NOW)) == []

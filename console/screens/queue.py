@@ -127,6 +127,7 @@ class QueueScreen(ConsoleScreen):
         self.kinds: dict[str, str] = {}
         self._kind_counts: Counter[str] = Counter()
         self._now = datetime.now(UTC)
+        self._leased: set[str] = set()  # merchants another run held at the last reload
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -172,6 +173,7 @@ class QueueScreen(ConsoleScreen):
         locations = workspace.location_names()
         orders = workspace.queue(self.merchant_id, ordered=False)
         self.orders = {o.order_id: o for o in orders}
+        self._leased = set(workspace.leased_merchants())
         self.holds = workspace.holds(orders)
         # "Blue Fern Bakery — Main Street" -> "Main Street": the merchant has its own column.
         short = {k: v.split(" — ")[-1] for k, v in locations.items()}
@@ -194,6 +196,13 @@ class QueueScreen(ConsoleScreen):
         gc.freeze()
         self._update_tabs()
         self._update_selection()
+
+    def tick(self) -> None:
+        """A lease whose holder died expires without a write the change feed would see: its
+        orders stop being held back once it has."""
+        workspace = self.recon.workspace
+        if workspace is not None and set(workspace.leased_merchants()) != self._leased:
+            self.reload()
 
     def _update_tabs(self) -> None:
         counts = self._kind_counts

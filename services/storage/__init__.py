@@ -13,6 +13,7 @@ from services.storage.base import (
     ORDER_COLUMNS,
     Approval,
     Lease,
+    OperatorSession,
     QueuedOrder,
     Store,
     StoredConsent,
@@ -21,7 +22,8 @@ from services.storage.base import (
     utc_text,
 )
 
-__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Approval", "Lease", "QueuedOrder", "Store",
+__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Approval", "Lease", "OperatorSession",
+           "QueuedOrder", "Store",
            "StoredConsent", "implementation_for", "is_postgres_url", "now_utc", "open_store",
            "utc_text"]
 

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from services.consent import ConsentRecord, Revocation
 
 __all__ = ["AUDIT_COLUMNS", "AUDIT_VERIFY_COLUMNS", "DATABASE_ERRORS", "ORDER_COLUMNS", "Approval",
-           "Lease",
+           "Lease", "OperatorSession",
            "QueuedOrder", "Store", "StoredConsent", "is_postgres_url", "now_utc", "utc_text"]
 
 
@@ -154,6 +154,18 @@ class Approval(NamedTuple):
     used_at: str | None = None
 
 
+class OperatorSession(NamedTuple):
+    """An open console or a running command (a row of `operator_sessions`)."""
+
+    session_id: str
+    operator: str
+    host: str
+    pid: int
+    kind: str        # "console", "read-only console", "complete", "recover"
+    started_at: str
+    last_seen: str
+
+
 # Given the chain's last (seq, hash), or (0, None) when it is empty: the complete entries to
 # append after it (every AUDIT_COLUMNS key), chained in order.
 AuditBuilder = Callable[[int, str | None], list[dict[str, Any]]]
@@ -200,6 +212,11 @@ class Store(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def change_feed(self) -> Any | None:
+        """A feed that is told of changes (services/changes.ChangeFeed), or None: then the
+        console polls `change_version` (SQLite)."""
+        return None
 
     # ------------------------------------------------------------------ consents
     @abstractmethod
@@ -479,3 +496,25 @@ class Store(ABC):
     def order_amounts(self, order_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
         """order id -> (total amount, currency) among `order_ids`: from the queue, else from
         the order's latest intent (an order sent before, e.g. a retry of the failed)."""
+
+    # ------------------------------------------------------------------ presence and changes
+    @abstractmethod
+    def change_version(self) -> int:
+        """The change counter: it moves whenever something an open console shows changes
+        (orders, outcomes, consents, revocations, leases taken or released)."""
+
+    @abstractmethod
+    def register_session(self, session: OperatorSession, forget_before: str) -> None:
+        """Add (or replace) an operator session, and forget those unseen since
+        `forget_before` (the table stays the size of the team)."""
+
+    @abstractmethod
+    def touch_session(self, session_id: str, last_seen: str) -> bool:
+        """The session's heartbeat; False when its row is gone (forgotten: register again)."""
+
+    @abstractmethod
+    def end_session(self, session_id: str) -> None: ...
+
+    @abstractmethod
+    def sessions(self, seen_since: str) -> list[OperatorSession]:
+        """Sessions whose last heartbeat is at or after `seen_since`, by operator."""

@@ -11,6 +11,8 @@ Text columns compare bytewise (COLLATE "C"), as SQLite does, so ids and timestam
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import itertools
 import queue
@@ -37,6 +39,7 @@ from services.storage.base import (
     Approval,
     AuditBuilder,
     Lease,
+    OperatorSession,
     QueuedOrder,
     Store,
     StoredConsent,
@@ -46,6 +49,19 @@ from services.storage.base import (
 __all__ = ["MIGRATIONS", "ROLES_SQL", "PostgresStore", "create_database"]
 
 ROLES_SQL = Path(__file__).with_name("postgres_roles.sql")
+
+# The writes other consoles must see without a refresh (as SQLite's m009_presence): each
+# statement bumps the change counter and NOTIFYs recon_changes. Heartbeats do not.
+CHANGE_TRIGGERS = {
+    "orders": ("DELETE", "UPDATE"),
+    "merchants": ("INSERT", "UPDATE"),
+    "intents": ("UPDATE OF outcome",),
+    "batches": ("INSERT", "UPDATE OF status"),
+    "consents": ("INSERT",),
+    "consent_revocations": ("INSERT",),
+    "leases": ("INSERT", "DELETE", "UPDATE OF token"),
+    "reminder_outbox": ("INSERT", "UPDATE OF status"),
+}
 
 _APPEND_ONLY = """
     CREATE FUNCTION {name}_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -149,6 +165,28 @@ MIGRATIONS: list[tuple[str, str]] = [
             expires_at TEXT, used_by TEXT, used_at TEXT);
         CREATE INDEX approvals_status ON approvals(status);
     """.replace("TEXT", 'TEXT COLLATE "C"')),
+    ("m004_presence", """
+        CREATE TABLE operator_sessions (
+            session_id TEXT PRIMARY KEY, operator TEXT NOT NULL, host TEXT NOT NULL,
+            pid INTEGER NOT NULL, kind TEXT NOT NULL, started_at TEXT NOT NULL,
+            last_seen TEXT NOT NULL);
+        CREATE INDEX operator_sessions_seen ON operator_sessions(last_seen);
+        CREATE TABLE change_counter (
+            id INTEGER PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL);
+        INSERT INTO change_counter VALUES (1, 0);
+    """.replace("TEXT", 'TEXT COLLATE "C"') + """
+        -- Bumped in the writer's own transaction, once per statement (not per row: a refresh
+        -- writes thousands), and announced to every listening console.
+        CREATE FUNCTION recon_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE change_counter SET version = version + 1 WHERE id = 1;
+            PERFORM pg_notify('recon_changes', '');
+            RETURN NULL;
+        END $$;
+    """ + "".join(
+        f"CREATE TRIGGER {table}_changed_{event.split()[0].lower()} AFTER {event} ON {table} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION recon_changed();\n"
+        for table, events in CHANGE_TRIGGERS.items() for event in events)),
 ]
 
 _APPROVAL = ", ".join(Approval._fields)
@@ -191,6 +229,7 @@ class PostgresStore(Store):
                                      f"{reason}") from None
         self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, kwargs=kwargs,
                                    open=True, name="recon-console")
+        self._feeds: list[ListenChangeFeed] = []  # closed with the store
 
     # ------------------------------------------------------------------ connections
     @contextmanager
@@ -265,6 +304,8 @@ class PostgresStore(Store):
         return _Borrowed(self)
 
     def close(self) -> None:
+        for feed in self._feeds:
+            feed.close()
         self.pool.close()
 
     # ------------------------------------------------------------------ consents
@@ -796,6 +837,69 @@ class PostgresStore(Store):
             [ids])})
         return found
 
+    # ------------------------------------------------------------------ presence and changes
+    def change_version(self) -> int:
+        row = self._one("SELECT version FROM change_counter WHERE id = 1")
+        return int(row[0]) if row else 0
+
+    def register_session(self, session: OperatorSession, forget_before: str) -> None:
+        with self.transaction():
+            self._run("DELETE FROM operator_sessions WHERE last_seen < %s", [forget_before])
+            self._run("INSERT INTO operator_sessions VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                      "ON CONFLICT (session_id) DO UPDATE SET operator = excluded.operator, "
+                      "host = excluded.host, pid = excluded.pid, kind = excluded.kind, "
+                      "started_at = excluded.started_at, last_seen = excluded.last_seen",
+                      list(session))
+
+    def touch_session(self, session_id: str, last_seen: str) -> bool:
+        return self._one("UPDATE operator_sessions SET last_seen = %s WHERE session_id = %s "
+                         "RETURNING 1", [last_seen, session_id]) is not None
+
+    def end_session(self, session_id: str) -> None:
+        self._run("DELETE FROM operator_sessions WHERE session_id = %s", [session_id])
+
+    def sessions(self, seen_since: str) -> list[OperatorSession]:
+        return [OperatorSession(*row) for row in self._all(
+            "SELECT session_id, operator, host, pid, kind, started_at, last_seen "
+            "FROM operator_sessions WHERE last_seen >= %s "
+            "ORDER BY operator, started_at, session_id", [seen_since])]
+
+    def change_feed(self) -> ListenChangeFeed:
+        """Live updates by LISTEN/NOTIFY (the change triggers notify recon_changes)."""
+        feed = ListenChangeFeed(self)
+        self._feeds.append(feed)
+        return feed
+
+
+class ListenChangeFeed:
+    """PostgreSQL's change feed: the triggers that bump `change_counter` also NOTIFY
+    recon_changes, and `wait` blocks on this connection's socket until one arrives (in a
+    worker thread, so the event loop keeps painting) instead of polling."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        self._conn = psycopg.connect(str(store.location), **store._kwargs)
+        # Its own connection: LISTEN holds it, and `wait` blocks on it in a worker thread.
+        self._conn.execute("LISTEN recon_changes")
+
+    def version(self) -> int:
+        return self.store.change_version()
+
+    async def wait(self, since: int, timeout: float) -> int:
+        current = self.version()
+        if current != since or timeout <= 0:
+            return current
+        await asyncio.to_thread(self._block, timeout)
+        return self.version()
+
+    def _block(self, timeout: float) -> None:
+        with contextlib.suppress(psycopg.Error):  # closed meanwhile: the console is closing
+            for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+                pass
+
+    def close(self) -> None:
+        self._conn.close()
+
 
 class _Borrowed(PostgresStore):
     """The same pool for another thread; closing it leaves the pool open for its owner."""
@@ -805,6 +909,7 @@ class _Borrowed(PostgresStore):
         self._local = owner._local
         self._kwargs = owner._kwargs
         self.pool = owner.pool
+        self._feeds = owner._feeds
 
     def close(self) -> None:
         return None

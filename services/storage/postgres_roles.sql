@@ -23,7 +23,9 @@ GRANT SELECT, INSERT ON audit, consent_revocations, consents TO recon_console;
 GRANT SELECT, UPDATE ON audit_head TO recon_console;
 -- Working state: discovered orders, batches, intents, leases, reminders.
 GRANT SELECT, INSERT, UPDATE, DELETE ON merchants, orders, order_marks, order_sync,
-    backlog_history, batches, intents, leases, reminder_outbox, reminder_opt_outs, approvals
-    TO recon_console;
+    backlog_history, batches, intents, leases, reminder_outbox, reminder_opt_outs, approvals,
+    operator_sessions TO recon_console;
+-- The change counter other consoles watch: bumped by triggers in the writer's transaction.
+GRANT SELECT, UPDATE ON change_counter TO recon_console;
 GRANT SELECT ON schema_migrations TO recon_console;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO recon_console;

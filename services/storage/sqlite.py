@@ -27,6 +27,7 @@ from services.storage.base import (
     Approval,
     AuditBuilder,
     Lease,
+    OperatorSession,
     QueuedOrder,
     Store,
     StoredConsent,
@@ -209,6 +210,50 @@ def m008_approvals(db: Database) -> None:
             status TEXT NOT NULL, decided_by TEXT, decided_at TEXT, reason TEXT,
             expires_at TEXT, used_by TEXT, used_at TEXT)""")
     db.execute("CREATE INDEX approvals_status ON approvals(status)")
+
+
+# What other consoles must show without a refresh (issue 14): these tables' writes bump one
+# counter that every open console polls. Heartbeats (a lease's or a session's) do not bump it.
+# A row trigger costs ~5-20 us per row, so the bulk paths bump once through a companion row:
+# a refresh writes its orders in the transaction that updates the merchant's row, and a batch
+# inserts its intents after its `batches` row. An order deleted or re-classified bumps itself
+# (completions, revocations, a token found to be another merchant's).
+_CHANGE_TRIGGERS = {
+    "orders": ("DELETE", "UPDATE"),
+    "merchants": ("INSERT", "UPDATE"),
+    "intents": ("UPDATE OF outcome",),
+    "batches": ("INSERT", "UPDATE OF status"),
+    "consents": ("INSERT",),
+    "consent_revocations": ("INSERT",),
+    "leases": ("INSERT", "DELETE", "UPDATE OF token"),
+    "reminder_outbox": ("INSERT", "UPDATE OF status"),
+    "approvals": ("INSERT", "UPDATE OF status"),
+}
+
+
+@migrations()
+def m009_presence(db: Database) -> None:
+    """Who is online (one row per open console or running batch, heart-beaten), and the
+    change counter: one row, bumped by triggers in the writer's own transaction, so a poll
+    of one indexed row tells a console whether anything it shows changed. Triggers rather
+    than PRAGMA data_version: that moves on every commit of any connection, heartbeats
+    included (every 5 s per lease and per session), which would reload every console all
+    the time; and a counter row carries over to PostgreSQL (NOTIFY from the same triggers)."""
+    db.execute("""
+        CREATE TABLE operator_sessions (
+            session_id TEXT PRIMARY KEY, operator TEXT NOT NULL, host TEXT NOT NULL,
+            pid INTEGER NOT NULL, kind TEXT NOT NULL, started_at TEXT NOT NULL,
+            last_seen TEXT NOT NULL)""")
+    db.execute("CREATE INDEX operator_sessions_seen ON operator_sessions(last_seen)")
+    db.execute("""
+        CREATE TABLE change_counter (
+            id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)""")
+    db.execute("INSERT INTO change_counter VALUES (1, 0)")
+    for table, events in _CHANGE_TRIGGERS.items():
+        for event in events:
+            name = f"{table}_changed_{event.split()[0].lower()}"
+            db.execute(f"CREATE TRIGGER {name} AFTER {event} ON {table} BEGIN "
+                       "UPDATE change_counter SET version = version + 1 WHERE id = 1; END")
 
 
 _INTENT_COLUMNS = ", ".join(INTENT_COLUMNS)
@@ -881,3 +926,35 @@ class SQLiteStore(Store):
                 f"SELECT order_id, total_amount, currency FROM orders WHERE order_id IN "
                 f"({marks})", chunk)})
         return found
+
+    # ------------------------------------------------------------------ presence and changes
+    def change_version(self) -> int:
+        """The change counter: it moves whenever something an open console shows changes
+        (orders, outcomes, consents, revocations, leases taken or released)."""
+        row = self.conn.execute("SELECT version FROM change_counter WHERE id = 1").fetchone()
+        return int(row[0])
+
+    def register_session(self, session: OperatorSession, forget_before: str) -> None:
+        """Add (or replace) an operator session, and forget those unseen since
+        `forget_before` (the table stays the size of the team)."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM operator_sessions WHERE last_seen < ?", [forget_before])
+            conn.execute("INSERT OR REPLACE INTO operator_sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         list(session))
+
+    def touch_session(self, session_id: str, last_seen: str) -> bool:
+        """The session's heartbeat; False when its row is gone (forgotten: register again)."""
+        with self.transaction() as conn:
+            row = conn.execute("UPDATE operator_sessions SET last_seen = ? WHERE session_id = ? "
+                               "RETURNING 1", [last_seen, session_id]).fetchone()
+        return row is not None
+
+    def end_session(self, session_id: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM operator_sessions WHERE session_id = ?", [session_id])
+
+    def sessions(self, seen_since: str) -> list[OperatorSession]:
+        """Sessions whose last heartbeat is at or after `seen_since`, by operator."""
+        return [OperatorSession(*row) for row in self.conn.execute(
+            "SELECT * FROM operator_sessions WHERE last_seen >= ? "
+            "ORDER BY operator, started_at, session_id", [seen_since]).fetchall()]
