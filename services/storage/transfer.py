@@ -30,8 +30,10 @@ __all__ = ["MOVED_TABLES", "NOT_MOVED", "OpenIntents", "TargetNotEmpty", "copy_t
 # In this order (rows in each by their order in SQLite: rowid, which is seq for the audit).
 MOVED_TABLES = ("consents", "consent_revocations", "merchants", "batches", "approvals", "intents",
                 "audit", "reminder_outbox", "reminder_opt_outs", "backlog_history")
-# Read from Square again, or only meaningful to a running process.
-NOT_MOVED = ("orders", "order_marks", "order_sync", "leases")
+# Read from Square again, or only meaningful to a running process (sessions, the change
+# counter each database keeps for its own consoles).
+NOT_MOVED = ("orders", "order_marks", "order_sync", "leases", "operator_sessions",
+             "change_counter")
 # Serial columns copied with their values: their sequences move on past the copied rows.
 _SERIALS = (("consent_revocations", "seq"),)
 
