@@ -130,7 +130,8 @@ def test_migrate_copies_the_history_and_the_chain_to_the_same_head(
     assert max(version for _, version in versions) >= 2  # every version came along
     assert report["rows"]["intents"] >= 4 and report["rows"]["reminder_opt_outs"] == 1
     for table in transfer.NOT_MOVED:
-        assert pg_count(pg_url, table) == 0, table
+        # The change counter's one row is made by the migrations, not copied.
+        assert pg_count(pg_url, table) == (table == "change_counter"), table
 
     # The team's console verifies the copy: same entries, same head, anchored by the new
     # database's own signed checkpoint.
