@@ -519,6 +519,12 @@ class Store:
                                 "WHERE merchant_id = ?", [merchant_id]).fetchone()
         return int(row[0]), int(row[1])
 
+    def candidate_created_at(self, merchant_id: str) -> list[str]:
+        """`created_at` of the merchant's eligible orders (the backlog chart counts them)."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT created_at FROM orders WHERE merchant_id = ? AND eligible = 1",
+            [merchant_id])]
+
     def queued_orders(self, merchant_id: str | None = None, eligible_only: bool = False,
                       ordered: bool = True) -> list[QueuedOrder]:
         sql = f"SELECT {_QUEUED_COLUMNS} FROM {_QUEUED_FROM} WHERE 1=1"
