@@ -153,7 +153,7 @@ class OrderEnvelope(_Slim):
 # Square leaves empty lists out, but a `null` must not fail a whole page: list fields are
 # decoded as `X | None` under their Square name and read through a property that gives `()`.
 
-class _S(msgspec.Struct, omit_defaults=True):
+class _S(msgspec.Struct, omit_defaults=True, gc=False):
     pass
 
 
