@@ -51,11 +51,10 @@ from services.http_transport import AiohttpWire, HttpxWire, ShardedTransport, Wi
 from services.square_models import (
     Location,
     Merchant,
-    OrderEnvelope,
-    OrdersBatch,
     OrderStruct,
-    SquareOrder,
     TokenStatus,
+    decode_order_envelope,
+    decode_orders_batch,
     decode_search_page,
 )
 
@@ -329,34 +328,29 @@ class SquareGateway:
             content = await self.retry.run(
                 partial(self.send, creds, "POST", "/v2/orders/search", body))
             # Straight from bytes to slim msgspec Structs: no dicts in between (issue 11).
-            try:
-                page = decode_search_page(content)
-            except (msgspec.ValidationError, msgspec.DecodeError) as error:
-                raise SquareApiError(status=200, code="UNEXPECTED_RESPONSE",
-                                     detail="Square's answer did not have the expected shape: "
-                                            f"{str(error)[:200]}") from None
+            page = _decode(decode_search_page, content)
             yield page.orders
             cursor = page.cursor
             if not cursor:
                 return
 
     async def batch_retrieve(self, creds: MerchantCredentials, order_ids: list[str]
-                             ) -> list[SquareOrder]:
-        found: list[SquareOrder] = []
+                             ) -> list[OrderStruct]:
+        found: list[OrderStruct] = []
         for start in range(0, len(order_ids), 100):
             chunk = order_ids[start:start + 100]
             content = await self.retry.run(partial(
                 self.send, creds, "POST", "/v2/orders/batch-retrieve", {"order_ids": chunk}))
-            found.extend(_validate(OrdersBatch, content).orders)
+            found.extend(_decode(decode_orders_batch, content))
         return found
 
     async def update_order(self, creds: MerchantCredentials, order_id: str,
                            body: dict[str, Any], timeout_s: float | None = None
-                           ) -> SquareOrder | None:
+                           ) -> OrderStruct | None:
         """One UpdateOrder attempt; the caller retries with the same idempotency key."""
         content = await self.send(creds, "PUT", f"/v2/orders/{order_id}", body,
                                   timeout_s=timeout_s)
-        return _validate(OrderEnvelope, content).order
+        return _decode(decode_order_envelope, content)
 
 
 class _MerchantEnvelope(BaseModel):
@@ -371,6 +365,16 @@ class _LocationList(BaseModel):
 
 def _token_key(creds: MerchantCredentials) -> str:
     return hashlib.sha256(creds.access_token.get_secret_value().encode()).hexdigest()
+
+
+def _decode(decoder: Callable[[bytes], T], data: bytes) -> T:
+    """A msgspec decoder's answer, or Square's answer named as the wrong shape."""
+    try:
+        return decoder(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as error:
+        raise SquareApiError(status=200, code="UNEXPECTED_RESPONSE",
+                             detail="Square's answer did not have the expected shape: "
+                                    f"{str(error)[:200]}") from None
 
 
 def _validate(model: type[T], data: Any) -> T:
