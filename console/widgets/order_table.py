@@ -27,7 +27,7 @@ from services.text_safety import printable
 if TYPE_CHECKING:
     from console.screens.base import ConsoleScreen
 
-__all__ = ["Column", "OrderTable", "TableRow"]
+__all__ = ["Column", "OrderTable", "TableData", "TableRow"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,27 @@ class TableRow(NamedTuple):
 
 Formatter = Callable[[Any], tuple[str, ...]]
 SortKey = Callable[[Any, int], Any]
+
+
+class TableData(NamedTuple):
+    """Rows made ready for the table off the UI thread (`OrderTable.prepare`): the table
+    then only swaps them in, so a 100,000-row load costs the UI thread one filter pass."""
+
+    rows: list[TableRow]
+    index: dict[str, int]           # key -> position in rows
+    order: list[int]                # positions in the sort order below
+    sort: tuple[int | None, bool]   # (column, reverse) that order is for
+
+
+def sorted_positions(rows: Sequence[TableRow], sort_key: SortKey, column: int | None,
+                     reverse: bool) -> list[int]:
+    """Row positions in sort order; ties go by key, so a first page read from the database
+    in the same order is exactly the top of the full table (nothing moves when it lands)."""
+    order = list(range(len(rows)))
+    if column is not None:
+        order.sort(key=lambda i: (sort_key(rows[i].payload, column), rows[i].key),
+                   reverse=reverse)
+    return order
 
 
 def _fit(text: str, width: int, right: bool) -> str:
@@ -119,11 +140,26 @@ class OrderTable(FollowFocus, ScrollView, can_focus=True):
     def set_rows(self, rows: Iterable[TableRow]) -> None:
         """Replace the data, keeping the selection (of keys still present) and the cursor's
         row when it is still there."""
+        self.set_data(self.prepare(rows))
+
+    def prepare(self, rows: Iterable[TableRow]) -> TableData:
+        """Index and sort rows for `set_data`; touches no widget state, so a worker thread
+        can call it."""
+        rows = list(rows)
+        sort = (self.sort_column, self.sort_reverse)
+        return TableData(rows, {row.key: i for i, row in enumerate(rows)},
+                         sorted_positions(rows, self.sort_key, *sort), sort)
+
+    def set_data(self, data: TableData) -> None:
+        """Swap in prepared rows, keeping the selection (of keys still present) and the
+        cursor's row when it is still there."""
         current = self.current_key
-        self.rows = list(rows)
+        self.rows = data.rows
         self._cells = {}
-        self._order = None
-        self.index = {row.key: i for i, row in enumerate(self.rows)}
+        # Sorted for another column (the sort changed while it was prepared): sort again.
+        self._order = data.order if data.sort == (self.sort_column, self.sort_reverse) \
+            else None
+        self.index = data.index
         self.selected &= self.index.keys()
         self._rebuild_view(keep=current)
 
@@ -131,14 +167,8 @@ class OrderTable(FollowFocus, ScrollView, can_focus=True):
         """All rows in the current sort order, computed once per data and sort; filters then
         keep that order in one pass instead of sorting again."""
         if self._order is None:
-            order = list(range(len(self.rows)))
-            if self.sort_column is not None:
-                column = self.sort_column
-                sort_key = self.sort_key
-                rows = self.rows
-                order.sort(key=lambda i: sort_key(rows[i].payload, column),
-                           reverse=self.sort_reverse)
-            self._order = order
+            self._order = sorted_positions(self.rows, self.sort_key, self.sort_column,
+                                           self.sort_reverse)
         return self._order
 
     def _rebuild_view(self, keep: str | None = None) -> None:
