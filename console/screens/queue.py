@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from textual import work
 from textual.app import ComposeResult, SystemCommand
@@ -45,9 +46,10 @@ def age_text(created_at: str, now: datetime) -> str:
     return f"{age.seconds // 3600}h{age.seconds % 3600 // 60:02d}m"
 
 
-@dataclass(frozen=True, slots=True)
-class QueueLine:
-    """What a queue row needs to be drawn: the order and its names."""
+class QueueLine(NamedTuple):
+    """What a queue row needs to be drawn: the order and its names. A tuple of plain values,
+    as its order is, so the cyclic collector stops tracking 100,000 of them (no cycles here:
+    it has nothing to find, and every full collection would scan them again)."""
 
     order: QueuedOrder
     merchant: str
@@ -108,6 +110,8 @@ class QueueData:
 # Orders read first, oldest first, so the screen shows before the rest has loaded: a few
 # screenfuls, enough for the Candidates tab to fill the table when some are held back.
 FIRST_PAGE = 300
+# bench/console_queue.py --gc-on measures the load without the pause.
+PAUSE_GC_WHILE_READING = True
 # Above this many selected orders the selection's totals are added up in a worker thread.
 SELECTION_IN_WORKER = 5_000
 
@@ -214,6 +218,21 @@ class QueueScreen(ConsoleScreen):
 
     def _read(self, workspace: Workspace, table: OrderTable, limit: int | None) -> QueueData:
         """Runs in a worker thread: reads the database and builds rows, touches no widget."""
+        if not PAUSE_GC_WHILE_READING:
+            return self._read_rows(workspace, table, limit)
+        # The collector is paused while 300,000 objects are made (3 per order; none forms
+        # a cycle). Left on, it runs a full collection each time they grow by a quarter:
+        # each holds the GIL, stalling the UI thread as long (bench/console_queue.py).
+        # Paused, one full collection follows. Not gc.freeze(): what it freezes (popped
+        # screens among it) is never collected.
+        gc.disable()
+        try:
+            return self._read_rows(workspace, table, limit)
+        finally:
+            gc.enable()
+
+    def _read_rows(self, workspace: Workspace, table: OrderTable, limit: int | None
+                   ) -> QueueData:
         with workspace.own_connection() as own:
             now = own.clock()
             names = own.merchant_names()
