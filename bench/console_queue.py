@@ -324,7 +324,7 @@ def demo_first_screen(tree: Path) -> float | None:
 
 # ---------------------------------------------------------------------- driver
 def run_side(tree: Path, db: Path, args: argparse.Namespace, stock: bool = False,
-             gc_on: bool = False) -> dict[str, Any]:
+             gc_paused: bool = False) -> dict[str, Any]:
     """This file's probe in a fresh process, importing the console from `tree`."""
     command = [sys.executable, str(Path(__file__).resolve()), "--probe", str(db),
                "--orders", str(args.orders), "--runs", str(args.runs),
@@ -333,8 +333,8 @@ def run_side(tree: Path, db: Path, args: argparse.Namespace, stock: bool = False
         command.append("--cycle-all")
     if stock:
         command.append("--stock-probe")
-    if gc_on:
-        command.append("--gc-on")
+    if gc_paused:
+        command.append("--gc-paused")
     done = subprocess.run(command, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
                           capture_output=True, text=True)
     if done.returncode:
@@ -428,16 +428,17 @@ def main() -> None:
     parser.add_argument("--stock", action="store_true",
                         help="also load the rows into Textual's stock DataTable (slow)")
     parser.add_argument("--no-demo", action="store_true")
-    parser.add_argument("--gc-on", action="store_true",
-                        help="also measure this branch without pausing the collector")
+    parser.add_argument("--gc-paused", action="store_true",
+                        help="also measure this branch with the collector paused while a "
+                             "queue is read")
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--stock-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe is not None:  # one side, in this process (run by run_side)
         sys.path.insert(0, os.getcwd())
-        if args.gc_on:
+        if args.gc_paused:
             import console.screens.queue as queue_module
-            queue_module.PAUSE_GC_WHILE_READING = False  # type: ignore[attr-defined]
+            queue_module.PAUSE_GC_WHILE_READING = True  # type: ignore[attr-defined]
         if args.stock_probe:
             result: dict[str, Any] = asyncio.run(stock_first_screen(args.probe))
         else:
@@ -453,9 +454,9 @@ def main() -> None:
         shutil.copy(directory / "seed.db", directory / side / "recon.db")
         dbs[side] = directory / side / "recon.db"
     sides = [("this branch", run_side(ROOT, dbs["mine"], args))]
-    if args.gc_on:
+    if args.gc_paused:
         shutil.copy(directory / "seed.db", dbs["stock"])
-        sides.append(("gc on", run_side(ROOT, dbs["stock"], args, gc_on=True)))
+        sides.append(("gc paused", run_side(ROOT, dbs["stock"], args, gc_paused=True)))
     tree = None if args.no_main else main_worktree()
     demo: list[tuple[str, list[float]]] = []
     try:

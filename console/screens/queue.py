@@ -110,8 +110,11 @@ class QueueData:
 # Orders read first, oldest first, so the screen shows before the rest has loaded: a few
 # screenfuls, enough for the Candidates tab to fill the table when some are held back.
 FIRST_PAGE = 300
-# bench/console_queue.py --gc-on measures the load without the pause.
-PAUSE_GC_WHILE_READING = True
+# Off: the collector stays on while a queue is read. Paused (gc.disable) the load took as
+# long, and the one full collection after it stalled the UI thread 3x longer than any of the
+# several smaller ones it makes when left on (bench/console_queue.py --gc-paused measures
+# both). No gc.freeze() either: what it freezes (popped screens among it) is never freed.
+PAUSE_GC_WHILE_READING = False
 # Above this many selected orders the selection's totals are added up in a worker thread.
 SELECTION_IN_WORKER = 5_000
 
@@ -220,11 +223,6 @@ class QueueScreen(ConsoleScreen):
         """Runs in a worker thread: reads the database and builds rows, touches no widget."""
         if not PAUSE_GC_WHILE_READING:
             return self._read_rows(workspace, table, limit)
-        # The collector is paused while 300,000 objects are made (3 per order; none forms
-        # a cycle). Left on, it runs a full collection each time they grow by a quarter:
-        # each holds the GIL, stalling the UI thread as long (bench/console_queue.py).
-        # Paused, one full collection follows. Not gc.freeze(): what it freezes (popped
-        # screens among it) is never collected.
         gc.disable()
         try:
             return self._read_rows(workspace, table, limit)
