@@ -248,11 +248,12 @@ class OrderTable(FollowFocus, ScrollView, can_focus=True):
         self.post_message(self.SelectionChanged(len(self.selected)))
 
     def select_all_matching(self) -> None:
-        self.selected.update(map(self._keys.__getitem__, self.view))
+        keys = self._keys
+        self.selected.update([keys[i] for i in self.view])
         self._changed()
 
     def invert_selection(self) -> None:
-        keys = set(map(self._keys.__getitem__, self.view))
+        keys = {self._keys[i] for i in self.view}
         self.selected ^= keys
         self._changed()
 
