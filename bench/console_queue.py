@@ -305,15 +305,21 @@ def demo_first_screen(tree: Path) -> tuple[float, float | None] | None:
     on display, and to its merchants listed (the refresh from the emulator done)."""
     if shutil.which("tmux") is None:
         return None
-    session = f"bench{os.getpid()}"
+    # A tmux server of our own (-L): others' sessions on this machine are left alone, and
+    # one session's end does not race the next one's start.
+    tmux = ["tmux", "-L", f"bench{os.getpid()}"]
+    session = "demo"
     start = time.perf_counter()
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "50",
-                    f"cd {tree} && PYTHONPATH={tree} {sys.executable} -m console.cli demo"],
-                   check=True)
+    started = subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "160", "-y",
+                              "50", f"cd {tree} && PYTHONPATH={tree} {sys.executable} -m "
+                              "console.cli demo"], capture_output=True, text=True)
+    if started.returncode:
+        print(f"bench: tmux did not start: {started.stderr.strip()}", file=sys.stderr)
+        return None
     first = None
     try:
         while time.perf_counter() - start < 30:
-            screen = subprocess.run(["tmux", "capture-pane", "-t", session, "-p"],
+            screen = subprocess.run([*tmux, "capture-pane", "-t", session, "-p"],
                                     capture_output=True, text=True).stdout
             if first is None and "Merchant" in screen and "Next sync" in screen:
                 first = time.perf_counter() - start
@@ -322,7 +328,7 @@ def demo_first_screen(tree: Path) -> tuple[float, float | None] | None:
             time.sleep(0.02)
         return (first, None) if first is not None else None
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+        subprocess.run([*tmux, "kill-server"], check=False, capture_output=True)
 
 
 # ---------------------------------------------------------------------- driver
