@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 from textual import work
 from textual.app import ComposeResult, SystemCommand
@@ -46,10 +46,9 @@ def age_text(created_at: str, now: datetime) -> str:
     return f"{age.seconds // 3600}h{age.seconds % 3600 // 60:02d}m"
 
 
-class QueueLine(NamedTuple):
-    """What a queue row needs to be drawn: the order and its names. A tuple of plain values,
-    as its order is, so the cyclic collector stops tracking 100,000 of them (no cycles here:
-    it has nothing to find, and every full collection would scan them again)."""
+@dataclass(frozen=True, slots=True)
+class QueueLine:
+    """What a queue row needs to be drawn: the order and its names."""
 
     order: QueuedOrder
     merchant: str
@@ -110,10 +109,10 @@ class QueueData:
 # Orders read first, oldest first, so the screen shows before the rest has loaded: a few
 # screenfuls, enough for the Candidates tab to fill the table when some are held back.
 FIRST_PAGE = 300
-# Off: the collector stays on while a queue is read. Paused (gc.disable) the load took as
-# long, and the one full collection after it stalled the UI thread 3x longer than any of the
-# several smaller ones it makes when left on (bench/console_queue.py --gc-paused measures
-# both). No gc.freeze() either: what it freezes (popped screens among it) is never freed.
+# Off: the collector stays on while a queue is read. Paused (gc.disable), the big collection
+# that follows fell on the UI thread: up to 0.8 s of its CPU at 100,000 orders, against under
+# 0.1 s left on (bench/console_queue.py --gc-paused measures both). No gc.freeze() either:
+# what it freezes (popped screens among it) is never freed.
 PAUSE_GC_WHILE_READING = False
 # Above this many selected orders the selection's totals are added up in a worker thread.
 SELECTION_IN_WORKER = 5_000
@@ -317,6 +316,8 @@ class QueueScreen(ConsoleScreen):
             self._selection_money = None  # shown as "…" until the worker has added them up
             self._add_up_selection(frozenset(selected))
         else:
+            # A larger selection's totals still being added up would land over these.
+            self.workers.cancel_group(self, "selection")
             self._selection_money = selection_totals(selected, self.orders, self.kinds)
         self._show_selection()
 
