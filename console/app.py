@@ -18,6 +18,7 @@ from textual.screen import Screen
 from console.crash import crash_line, write_crash_log
 from console.messages import describe
 from console.safe_text import printable, safe
+from console.screens.approvals import ApprovalsScreen
 from console.screens.audit import AuditScreen
 from console.screens.base import CompleteRequested, ConsoleScreen, Refreshed
 from console.screens.confirm import ConfirmScreen
@@ -40,6 +41,8 @@ class ReconApp(App[int]):
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("A", "audit", "Audit", id="app.audit"),
         Binding("M", "reminders", "Reminders", id="app.reminders"),
+        # Off the footer (its snapshots stay as they are); in the palette, help and README.
+        Binding("P", "approvals", "Approvals", id="app.approvals", show=False),
         # Off the footer (the status line says "press R" when intents are open); in the
         # palette and help.
         Binding("R", "recover", "Recover", id="app.recover", show=False),
@@ -205,8 +208,16 @@ class ReconApp(App[int]):
                         severity="warning")
             return
 
+        why = self.workspace.needs_second_operator(preview)
+
         def confirmed(approved: bool | None) -> None:
-            if approved:
+            if approved and why and self.workspace is not None:
+                # Four-eyes: kept for another operator (Approvals, P); nothing is sent.
+                batch = self.workspace.prepare_batch(preview)
+                self.notify(f"This batch needs a second operator ({why}): prepared as batch "
+                            f"{batch.batch_id[:8]}; nothing was sent. Another operator "
+                            "approves it on the Approvals screen (P).", timeout=15)
+            elif approved:
                 self.push_screen(ProgressScreen(preview))
             else:
                 self.notify(f"Not confirmed: nothing was sent ({plural(preview.count, 'order')} "
@@ -260,6 +271,10 @@ class ReconApp(App[int]):
         if self.workspace is not None and not isinstance(self.screen, AuditScreen):
             self.push_screen(AuditScreen())
 
+    def action_approvals(self) -> None:
+        if self.workspace is not None and not isinstance(self.screen, ApprovalsScreen):
+            self.push_screen(ApprovalsScreen())
+
     def action_reminders(self) -> None:
         if self.workspace is not None and not isinstance(self.screen, RemindersScreen):
             self.push_screen(RemindersScreen())
@@ -272,6 +287,8 @@ class ReconApp(App[int]):
                             self.action_audit)
         yield SystemCommand("Reminders", "Friendly reminders: due, preview, send, history",
                             self.action_reminders)
+        yield SystemCommand("Approvals", "Four-eyes: batches waiting for a second operator",
+                            self.action_approvals)
         if not self.read_only:
             yield SystemCommand("Recover", "Settle unfinished completions against Square",
                                 self.action_recover)

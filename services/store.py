@@ -21,7 +21,7 @@ from services.consent import ConsentRecord, Revocation, record_sha256
 from services.private_files import create_private
 from services.settings import default_db_path
 
-__all__ = ["ORDER_COLUMNS", "Lease", "QueuedOrder", "Store", "StoredConsent", "now_utc",
+__all__ = ["ORDER_COLUMNS", "Approval", "Lease", "QueuedOrder", "Store", "StoredConsent", "now_utc",
            "utc_text"]
 
 migrations = Migrations("recon-console")
@@ -194,6 +194,21 @@ def m007_backlog_history(db: Database) -> None:
             PRIMARY KEY (day, merchant_id))""")
 
 
+@migrations()
+def m008_approvals(db: Database) -> None:
+    # Four-eyes (issue 14): a batch over the threshold is stored as prepared (the exact set
+    # and its hash, the totals the preparer saw), decided once by another operator (approved
+    # with an expiry, or rejected), and used by at most one run.
+    db.execute("""
+        CREATE TABLE approvals (
+            batch_id TEXT PRIMARY KEY, approved_set_sha256 TEXT NOT NULL,
+            items_json TEXT NOT NULL, totals_json TEXT NOT NULL, orders INTEGER NOT NULL,
+            why TEXT NOT NULL, prepared_by TEXT NOT NULL, prepared_at TEXT NOT NULL,
+            status TEXT NOT NULL, decided_by TEXT, decided_at TEXT, reason TEXT,
+            expires_at TEXT, used_by TEXT, used_at TEXT)""")
+    db.execute("CREATE INDEX approvals_status ON approvals(status)")
+
+
 @dataclass(frozen=True)
 class StoredConsent:
     record: ConsentRecord
@@ -254,6 +269,28 @@ class Lease(NamedTuple):
     def describe(self) -> str:
         return (f"{self.operator} on {self.host} (pid {self.pid}) since {self.started_at}, "
                 f"last heartbeat {self.heartbeat_at}")
+
+
+class Approval(NamedTuple):
+    """A prepared batch and its four-eyes decision (a row of `approvals`). `items_json` is
+    [[merchant_id, order_id, version], ...] sorted; `totals_json` {merchant: {currency:
+    minor units}} as the preparer saw them. status: pending, approved, rejected, used."""
+
+    batch_id: str
+    approved_set_sha256: str
+    items_json: str
+    totals_json: str
+    orders: int
+    why: str
+    prepared_by: str
+    prepared_at: str
+    status: str
+    decided_by: str | None = None
+    decided_at: str | None = None
+    reason: str | None = None
+    expires_at: str | None = None
+    used_by: str | None = None
+    used_at: str | None = None
 
 
 _INTENT_COLUMNS = ("intent_id, attempt, idempotency_key, batch_id, merchant_id, order_id, "
@@ -701,3 +738,57 @@ class Store:
     def leases(self) -> list[Lease]:
         return [Lease(*row) for row in self.conn.execute(
             "SELECT * FROM leases ORDER BY merchant_id").fetchall()]
+
+    # ------------------------------------------------------------------ four-eyes approvals
+    # Writers are called inside the caller's `transaction()`, so each change commits with
+    # its audit entry (services/completion/approvals.py).
+    def insert_approval(self, approval: Approval) -> None:
+        self.conn.execute(f"INSERT INTO approvals VALUES ({', '.join('?' * len(approval))})",
+                          list(approval))
+
+    def approval(self, batch_id: str) -> Approval | None:
+        row = self.conn.execute("SELECT * FROM approvals WHERE batch_id = ?",
+                                [batch_id]).fetchone()
+        return Approval(*row) if row else None
+
+    def approvals(self, statuses: Sequence[str] | None = None) -> list[Approval]:
+        """Prepared batches, oldest first; only those in `statuses` if given."""
+        sql = "SELECT * FROM approvals"
+        params: list[Any] = []
+        if statuses:
+            sql += f" WHERE status IN ({', '.join('?' for _ in statuses)})"
+            params += list(statuses)
+        return [Approval(*row) for row in self.conn.execute(
+            sql + " ORDER BY prepared_at, batch_id", params).fetchall()]
+
+    def decide_approval(self, batch_id: str, status: str, decided_by: str, decided_at: str,
+                        reason: str | None, expires_at: str | None) -> bool:
+        """Approve or reject a pending batch; False when it is no longer pending."""
+        cursor = self.conn.execute(
+            "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, reason = ?, "
+            "expires_at = ? WHERE batch_id = ? AND status = 'pending'",
+            [status, decided_by, decided_at, reason, expires_at, batch_id])
+        return cursor.rowcount == 1
+
+    def use_approval(self, batch_id: str, used_by: str, used_at: str) -> bool:
+        """Claim an approved, unexpired batch for one run; False if it is not (any more)."""
+        cursor = self.conn.execute(
+            "UPDATE approvals SET status = 'used', used_by = ?, used_at = ? "
+            "WHERE batch_id = ? AND status = 'approved' AND expires_at > ?",
+            [used_by, used_at, batch_id, used_at])
+        return cursor.rowcount == 1
+
+    def order_amounts(self, order_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """order id -> (total amount, currency) among `order_ids`: from the queue, else from
+        the order's latest intent (an order sent before, e.g. a retry of the failed)."""
+        found: dict[str, tuple[int, str]] = {}
+        for start in range(0, len(order_ids), 500):
+            chunk = list(order_ids[start:start + 500])
+            marks = ", ".join("?" for _ in chunk)
+            found.update({str(r[0]): (int(r[1]), str(r[2])) for r in self.conn.execute(
+                "SELECT order_id, amount, currency FROM intents WHERE amount IS NOT NULL "
+                f"AND order_id IN ({marks}) ORDER BY created_at, attempt", chunk)})
+            found.update({str(r[0]): (int(r[1]), str(r[2])) for r in self.conn.execute(
+                f"SELECT order_id, total_amount, currency FROM orders WHERE order_id IN "
+                f"({marks})", chunk)})
+        return found

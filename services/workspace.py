@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,12 @@ from services.completion import (
     CompletionEngine,
     OrderResult,
     approved_set_sha256,
+)
+from services.completion.approvals import (
+    Approvals,
+    FourEyesPolicy,
+    approval_items,
+    approval_totals,
 )
 from services.completion.leases import holder_gone
 from services.consent import (
@@ -59,7 +66,7 @@ from services.processes import HOST
 from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
 from services.square_models import decode_order
-from services.store import QueuedOrder, Store, StoredConsent, utc_text
+from services.store import Approval, QueuedOrder, Store, StoredConsent, utc_text
 from services.timestamps import parse_time
 
 __all__ = ["ConsentLine", "Hold", "MerchantDetail", "MerchantOverview", "Preview",
@@ -593,20 +600,58 @@ class Workspace:
                        approved_set_sha256(items))
 
     def engine(self) -> CompletionEngine:
+        options = {"four_eyes": self.four_eyes, **self.engine_options}
         return CompletionEngine(self.store, self.audit, self.gateway, self.credentials(),
-                                self.consents_for, self.clock, self.operator,
-                                **self.engine_options)
+                                self.consents_for, self.clock, self.operator, **options)
+
+    # ------------------------------------------------------------------ four-eyes
+    @property
+    def four_eyes(self) -> FourEyesPolicy:
+        return FourEyesPolicy(self.settings.four_eyes_orders, self.settings.four_eyes_amount,
+                              timedelta(minutes=self.settings.approval_ttl_minutes))
+
+    @property
+    def approvals(self) -> Approvals:
+        return Approvals(self.store, self.audit, self.four_eyes, self.clock)
+
+    def needs_second_operator(self, preview: Preview) -> str | None:
+        """Why this preview may only run with another operator's approval, or None."""
+        return self.approvals.why_needed(preview.items)
+
+    def prepare_batch(self, preview: Preview) -> Approval:
+        """Store the preview (its exact set, hash and totals) for a second operator."""
+        why = self.needs_second_operator(preview) or "prepared for a second operator"
+        return self.approvals.prepare(str(uuid.uuid4()), preview.items, self.operator,
+                                      preview.totals, why)
+
+    def decide_batch(self, batch_id: str, approve: bool, reason: str | None) -> Approval:
+        """This operator approves or rejects another's prepared batch (ApprovalRefused for
+        one's own, or one already decided)."""
+        return self.approvals.decide(batch_id, self.operator, approve, reason)
+
+    def prepared_batch(self, batch_id: str) -> tuple[Approval, Preview]:
+        """A prepared batch and its preview with the totals its preparer saw."""
+        approval = self.approvals.get(batch_id)
+        items = approval_items(approval)
+        return approval, Preview(items, approval_totals(approval), self.merchant_names(), [],
+                                 approval.approved_set_sha256)
+
+    def pending_batches(self) -> list[Approval]:
+        """Waiting for a decision, or approved and not yet run nor expired."""
+        return self.approvals.listed()
 
     async def complete(self, preview: Preview | Sequence[ApprovedItem], *,
                        cancel: asyncio.Event | None = None,
-                       on_progress: Callable[[BatchProgress], None] | None = None
-                       ) -> tuple[str, list[OrderResult]]:
+                       on_progress: Callable[[BatchProgress], None] | None = None,
+                       batch_id: str | None = None) -> tuple[str, list[OrderResult]]:
         """Run a batch (a preview, or exactly these items, e.g. to retry the failed), then
-        anchor the audit outside the database, even if the batch stopped on an error."""
+        anchor the audit outside the database, even if the batch stopped on an error.
+        `batch_id`: a prepared batch, run under its four-eyes approval (the engine checks)."""
         items = preview.items if isinstance(preview, Preview) else list(preview)
         try:
             batch_id, results = await self.engine().run(items, cancel=cancel,
-                                                        on_progress=on_progress)
+                                                        on_progress=on_progress,
+                                                        batch_id=batch_id)
             self._record_unknown_outcomes(batch_id, results)
             return batch_id, results
         finally:
