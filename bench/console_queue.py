@@ -307,7 +307,7 @@ def demo_first_screen(tree: Path) -> tuple[float, float | None] | None:
         return None
     # A tmux server of our own (-L): others' sessions on this machine are left alone, and
     # one session's end does not race the next one's start.
-    tmux = ["tmux", "-L", f"bench{os.getpid()}"]
+    tmux = ["tmux", "-L", f"bench{os.getpid()}-{time.monotonic_ns()}"]
     session = "demo"
     start = time.perf_counter()
     started = subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "160", "-y",
@@ -460,6 +460,13 @@ def main() -> None:
         print(json.dumps(result))
         return
     directory = Path(tempfile.mkdtemp(prefix="bench-console-"))
+    try:
+        measure(directory, args)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def measure(directory: Path, args: argparse.Namespace) -> None:
     fill(directory / "seed.db", args.orders)
     dbs = {}
     for side in ("mine", "main", "stock"):
@@ -484,12 +491,12 @@ def main() -> None:
         if tree is not None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
                            check=False, capture_output=True)
+            shutil.rmtree(tree.parent, ignore_errors=True)
     stock = None
     if args.stock:
         shutil.copy(directory / "seed.db", dbs["stock"])
         stock = run_side(ROOT, dbs["stock"], args, stock=True)
     report(sides, stock, demo, args)
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":
