@@ -6,7 +6,6 @@ Tokens never come here: no table has a column for them.
 
 from __future__ import annotations
 
-import gc
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -623,11 +622,19 @@ class Store:
             sql += " AND o.eligible = 1"
         if ordered:  # the console sorts for itself
             sql += " ORDER BY o.merchant_id, o.created_at, o.order_id"
-        gc.disable()  # 50,000 tuples at once: see console/screens/queue.py
-        try:
-            return list(map(QueuedOrder._make, self.conn.execute(sql, params).fetchall()))
-        finally:
-            gc.enable()
+        return list(map(QueuedOrder._make, self.conn.execute(sql, params).fetchall()))
+
+    def oldest_orders(self, merchant_id: str | None = None, limit: int = 200
+                      ) -> list[QueuedOrder]:
+        """The `limit` oldest open orders (ties by id): the queue's first screenful, shown
+        before the rest has loaded, in the order the full queue sorts them by age."""
+        sql = f"SELECT {_QUEUED_COLUMNS} FROM {_QUEUED_FROM}"
+        params: list[Any] = []
+        if merchant_id is not None:
+            sql += " WHERE o.merchant_id = ?"
+            params.append(merchant_id)
+        sql += " ORDER BY o.created_at, o.order_id LIMIT ?"
+        return list(map(QueuedOrder._make, self.conn.execute(sql, [*params, limit])))
 
     def order_json(self, order_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",

@@ -12,8 +12,9 @@ import os
 import sqlite3
 import uuid
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,19 @@ class Workspace:
             self.presence.stop()
         await self.gateway.aclose()
         self.store.close()
+
+    @contextmanager
+    def own_connection(self) -> Iterator[Workspace]:
+        """This workspace on a database connection of its own, for a worker thread (SQLite
+        connections stay in their thread; the UI thread keeps using the first one)."""
+        if self.store.path == ":memory:":  # nothing else can open it: the one connection
+            yield self
+            return
+        store = Store(self.store.path)
+        try:
+            yield replace(self, store=store)
+        finally:
+            store.close()
 
     # ------------------------------------------------------------------ credentials
     def credentials(self, required: bool = True) -> dict[str, MerchantCredentials]:
