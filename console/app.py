@@ -32,7 +32,7 @@ from services.changes import ChangeFeed
 from services.completion import OrderResult, Outcome
 from services.presence import EXPIRY_S, HEARTBEAT_S
 from services.settings import ReconSettings
-from services.workspace import Workspace
+from services.workspace import Preview, Workspace
 
 __all__ = ["ReconApp", "run_console", "run_demo"]
 
@@ -252,11 +252,13 @@ class ReconApp(App[int]):
     def on_complete_requested(self, message: CompleteRequested) -> None:
         self.start_completion(message.order_ids)
 
-    def start_completion(self, order_ids: list[str]) -> None:
-        """Preview the chosen orders, confirm, then run the batch on the progress screen."""
+    @work(exclusive=True, group="preview")
+    async def start_completion(self, order_ids: list[str]) -> None:
+        """Preview the chosen orders, confirm, then run the batch on the progress screen.
+        The preview reads the whole queue: in a thread, on a connection of its own."""
         if self.read_only or self.workspace is None:
             return
-        preview = self.workspace.preview(order_ids=order_ids)
+        preview = await asyncio.to_thread(preview_of, self.workspace, order_ids)
         if preview.count == 0:
             reasons = sorted({r for _, r in preview.held_back})
             extra = f" (held back: {', '.join(reasons)})" if reasons else ""
@@ -350,6 +352,11 @@ class ReconApp(App[int]):
                                 self.action_recover)
         if isinstance(screen, ConsoleScreen):
             yield from screen.palette_commands()
+
+
+def preview_of(workspace: Workspace, order_ids: list[str]) -> Preview:
+    with workspace.own_connection() as own:
+        return own.preview(order_ids=order_ids)
 
 
 def recovery_text(results: list[OrderResult], still_open: int, left_alone: list[str]) -> str:

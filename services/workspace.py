@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,19 @@ class Workspace:
             self.presence.stop()
         await self.gateway.aclose()
         self.store.close()
+
+    @contextmanager
+    def own_connection(self) -> Iterator[Workspace]:
+        """This workspace on a database connection of its own, for a worker thread (SQLite
+        connections stay in their thread; the UI thread keeps using the first one)."""
+        if self.store.location == ":memory:":  # nothing else can open it: the one connection
+            yield self
+            return
+        store = self.store.for_thread()
+        try:
+            yield replace(self, store=store)
+        finally:
+            store.close()
 
     # ------------------------------------------------------------------ credentials
     def credentials(self, required: bool = True) -> dict[str, MerchantCredentials]:
@@ -417,16 +432,17 @@ class Workspace:
         today = now.astimezone(UTC).date()
         recorded, rebuilt = [], []
         for merchant_id in merchant_ids:
-            candidates = self.store.queued_orders(merchant_id, eligible_only=True,
-                                                  ordered=False)
+            # Each creation time parsed once and sorted: a day's counts are then five bisects,
+            # not a pass over every candidate per day (30 x 100,000 parses, issue 11).
+            created = sorted(_micros(parse_time(text)) for text in
+                             self.store.candidate_created_at(merchant_id))
             if not self.store.has_backlog_history(merchant_id):
                 for back in range(1, days):
                     moment = now - timedelta(days=back)
-                    existing = [o for o in candidates
-                                if _instant(o.created_at) <= moment]  # type: ignore[operator]
                     rebuilt.append(((today - timedelta(days=back)).isoformat(), merchant_id,
-                                    age_buckets(existing, moment)))
-            recorded.append((today.isoformat(), merchant_id, age_buckets(candidates, now)))
+                                    _sorted_age_buckets(created, _micros(moment), True)))
+            recorded.append((today.isoformat(), merchant_id,
+                             _sorted_age_buckets(created, _micros(now), False)))
         self.store.record_backlog(recorded, utc_text(now))
         self.store.record_backlog(rebuilt, utc_text(now), rebuilt=True)
 
@@ -794,6 +810,26 @@ def age_buckets(orders: Sequence[QueuedOrder], now: datetime) -> tuple[int, int,
     for order in orders:
         counts[age_bucket(order.created_at, now)] += 1
     return (counts[0], counts[1], counts[2], counts[3], counts[4])
+
+
+_DAY_MICROS = 86_400_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(moment: datetime) -> int:
+    """Exact microseconds since the epoch (floats would blur a bucket's edge)."""
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _sorted_age_buckets(created: Sequence[int], now: int, existing_only: bool
+                        ) -> tuple[int, int, int, int, int]:
+    """`age_buckets` over sorted creation times (microseconds) at `now`; `existing_only`
+    leaves out those created after `now` (otherwise they count as under a day, as there)."""
+    # An age of d days or more is a creation at or before now - d days.
+    edges = [bisect_right(created, now - days * _DAY_MICROS) for days in (14, 7, 3, 1)]
+    end = bisect_right(created, now) if existing_only else len(created)
+    return (end - edges[3], edges[3] - edges[2], edges[2] - edges[1], edges[1] - edges[0],
+            edges[0])
 
 
 def _instant(text: str | None) -> datetime | None:

@@ -498,3 +498,14 @@ def test_operator_sessions(store: Store) -> None:
     assert store.sessions(later) == [ana._replace(last_seen=later)]
     store.end_session("s1")
     assert not store.touch_session("s1", later) and store.sessions(utc_text(NOW)) == []
+
+
+def test_oldest_orders_and_candidate_ages(store: Store) -> None:
+    store.write_orders([order_values("B", created_at="2026-11-21T00:00:00.000000Z"),
+                        order_values("A"), order_values("C", merchant_id="M2"),
+                        order_values("D", eligible=0, reason="NO_CONSENT",
+                                     created_at="2026-11-19T00:00:00.000000Z")])
+    assert [o.order_id for o in store.oldest_orders(limit=3)] == ["D", "A", "C"]
+    assert [o.order_id for o in store.oldest_orders("M1", limit=5)] == ["D", "A", "B"]
+    assert sorted(store.candidate_created_at("M1")) == [
+        "2026-11-20T10:00:00.000000Z", "2026-11-21T00:00:00.000000Z"]

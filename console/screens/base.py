@@ -18,6 +18,10 @@ if TYPE_CHECKING:  # for the type only: console.app imports the screens, not the
     from console.app import ReconApp
 
 
+# The worker group of the workers that bring a screen's data in (tests wait for them).
+LOAD_GROUP = "load"
+
+
 class Refreshed(Message):
     """The workspace's data changed (a refresh, a batch, a recovery, reminders sent): the app
     has every screen reload. `live`: another process changed it (the change feed said so);

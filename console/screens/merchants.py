@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 from collections.abc import Iterable
 from datetime import timedelta
 
+from textual import work
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Header, Static
 
 from console.safe_text import SafeText, clip, safe, safe_join
-from console.screens.base import ConsoleScreen
+from console.screens.base import LOAD_GROUP, ConsoleScreen
 from console.widgets.merchant_detail import MerchantPane
 from console.widgets.row_table import RowTable
 from console.wording import format_money
@@ -20,7 +22,7 @@ from services.processes import HOST
 from services.store import OperatorSession
 from services.text_safety import csv_cell
 from services.timestamps import parse_time
-from services.workspace import MerchantOverview
+from services.workspace import MerchantOverview, Workspace
 
 _SPARK = " ▁▂▃▄▅▆▇█"
 _CONSENT_STYLE = {"active": "green", "expiring": "yellow", "expired": "red", "revoked": "red",
@@ -61,6 +63,11 @@ def duration(delta: timedelta | None) -> str:
     minutes = int(delta.total_seconds() // 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
+
+
+def overview_of(workspace: Workspace) -> list[MerchantOverview]:
+    with workspace.own_connection() as own:
+        return own.overview()
 
 
 class MerchantTable(RowTable[SafeText]):
@@ -114,7 +121,13 @@ class MerchantsScreen(ConsoleScreen):
         if workspace.credentials_error:
             banner.update(safe(workspace.credentials_error))
             banner.add_class("error")
-        self.rows = workspace.overview()
+        self.load_overview(workspace)
+
+    @work(exclusive=True, group=LOAD_GROUP)
+    async def load_overview(self, workspace: Workspace) -> None:
+        """The overview reads every open order: in a thread, on a connection of its own
+        (exclusive: a newer reload cancels this one before it lands)."""
+        self.rows = await asyncio.to_thread(overview_of, workspace)
         self._fill()
         self._show_online()
         self._show_detail(self._current_merchant())

@@ -51,7 +51,7 @@ from services.errors import (
     SquareUnavailable,
 )
 from services.square_gateway import SquareGateway
-from services.square_models import SquareOrder
+from services.square_models import OrderLike
 from services.store import Store
 
 __all__ = ["CompletionEngine"]
@@ -223,7 +223,7 @@ class CompletionEngine:
             code = error.code if isinstance(error, SquareApiError) else type(error).__name__
             self._skip_all(run, chunk, code, detail, Outcome.FAILED)
 
-    def _check(self, item: ApprovedItem, order: SquareOrder | None
+    def _check(self, item: ApprovedItem, order: OrderLike | None
                ) -> Intent | tuple[SkipReason, str]:
         if order is None:
             return SkipReason.NOT_FOUND, "Square no longer returns this order."

@@ -309,6 +309,16 @@ class Store(ABC):
                       ordered: bool = True) -> list[QueuedOrder]: ...
 
     @abstractmethod
+    def oldest_orders(self, merchant_id: str | None = None, limit: int = 200
+                      ) -> list[QueuedOrder]:
+        """The `limit` oldest open orders (ties by id): the queue's first screenful, shown
+        before the rest has loaded, in the order the full queue sorts them by age."""
+
+    @abstractmethod
+    def candidate_created_at(self, merchant_id: str) -> list[str]:
+        """`created_at` of the merchant's eligible orders (the backlog chart counts them)."""
+
+    @abstractmethod
     def waiting_orders(self, reasons: Sequence[str]) -> list[tuple[Any, ...]]:
         """Open ineligible orders with one of `reasons`: (merchant_id, order_id, location_id,
         reference_id, created_at, total_amount, currency, reason)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import queue
 import threading
@@ -501,11 +500,22 @@ class PostgresStore(Store):
             sql += " AND o.eligible = 1"
         if ordered:
             sql += " ORDER BY o.merchant_id, o.created_at, o.order_id"
-        gc.disable()  # 50,000 tuples at once: see console/screens/queue.py
-        try:
-            return list(map(QueuedOrder._make, self._all(sql, params)))
-        finally:
-            gc.enable()
+        return list(map(QueuedOrder._make, self._all(sql, params)))
+
+    def oldest_orders(self, merchant_id: str | None = None, limit: int = 200
+                      ) -> list[QueuedOrder]:
+        sql = _QUEUED
+        params: list[Any] = []
+        if merchant_id is not None:
+            sql += " AND o.merchant_id = %s"
+            params.append(merchant_id)
+        sql += " ORDER BY o.created_at, o.order_id LIMIT %s"
+        return list(map(QueuedOrder._make, self._all(sql, [*params, limit])))
+
+    def candidate_created_at(self, merchant_id: str) -> list[str]:
+        return [r[0] for r in self._all(
+            "SELECT created_at FROM orders WHERE merchant_id = %s AND eligible = 1",
+            [merchant_id])]
 
     def waiting_orders(self, reasons: Sequence[str]) -> list[tuple[Any, ...]]:
         return self._all(
