@@ -13,7 +13,6 @@ the medians are printed with the load average, since the machine may be shared. 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -27,10 +26,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import orjson
-
 from bench._support import ROOT, loopback_emulator
-from services.audit import AUDIT_FIELDS, GENESIS, AuditTrail
+from services.audit import AuditTrail
 from services.demo import consent_for
 from services.store import Store
 
@@ -95,31 +92,23 @@ def baseline_checkout(ref: str) -> Path:
     return path
 
 
-def build_audit(path: Path, entries: int) -> None:
-    store = Store(path)
-    prev = GENESIS
-    batch = []
-    columns = (*AUDIT_FIELDS, "hash")
-    sql = (f"INSERT INTO audit ({', '.join(columns)}) VALUES "
-           f"({', '.join('?' for _ in columns)})")
-    store.conn.execute("BEGIN")
+def build_audit(location: Path | str, entries: int) -> None:
+    """`entries` audit entries, chained, appended 50,000 to a transaction (any store)."""
+    store = Store(location)
+    trail = AuditTrail(store)
+    batch: list[dict[str, Any]] = []
     for seq in range(1, entries + 1):
-        entry = {"seq": seq, "at": "2026-11-26T08:00:00.000000Z", "operator": "bench",
-                 "action": "outcome", "merchant_id": f"M{seq % 50}", "order_id": f"O{seq}",
-                 "version": 2, "amount": 1234, "currency": "USD", "consent_id": "c",
-                 "consent_sha256": "s" * 64, "batch_id": "b", "approved_set_sha256": "a" * 64,
-                 "idempotency_key": f"recon-complete:O{seq}:2", "outcome": "completed",
-                 "square_code": None, "detail": "COMPLETED at version 3.", "prev_hash": prev}
-        prev = hashlib.sha256(orjson.dumps(
-            {k: entry[k] for k in AUDIT_FIELDS}, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        entry["hash"] = prev
-        batch.append([entry[k] for k in columns])
+        batch.append({"at": "2026-11-26T08:00:00.000000Z", "operator": "bench",
+                      "action": "outcome", "merchant_id": f"M{seq % 50}", "order_id": f"O{seq}",
+                      "version": 2, "amount": 1234, "currency": "USD", "consent_id": "c",
+                      "consent_sha256": "s" * 64, "batch_id": "b",
+                      "approved_set_sha256": "a" * 64,
+                      "idempotency_key": f"recon-complete:O{seq}:2", "outcome": "completed",
+                      "square_code": None, "detail": "COMPLETED at version 3."})
         if len(batch) == 50_000:
-            store.conn.executemany(sql, batch)
-            batch.clear()
-    if batch:
-        store.conn.executemany(sql, batch)
-    store.conn.execute("COMMIT")
+            trail.append_many(None, batch)
+            batch = []
+    trail.append_many(None, batch)
     store.close()
 
 

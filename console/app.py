@@ -402,6 +402,32 @@ def exit_code(app: ReconApp) -> int:
     return 1 if app.return_code else 0
 
 
+def run_team_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) -> int:
+    """`demo --team`: the demo on a throwaway PostgreSQL cluster; prints the command for a
+    second console as another operator, and deletes it all when this console closes."""
+    import shutil
+    import signal
+    import sys
+
+    from services.team_demo import team_demo
+    print("Starting a throwaway PostgreSQL cluster with the demo data...", file=sys.stderr)
+    # A `kill` must still delete the cluster: SIGTERM unwinds like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with team_demo(seed=seed, operator=settings.operator) as demo:
+        # `recon-console` if the shell finds it, else this very script (.venv/bin/...).
+        program = "recon-console"
+        if shutil.which(program) is None and Path(sys.argv[0]).name == program:
+            program = str(Path(sys.argv[0]).resolve())
+        for line in (f"Team demo: PostgreSQL at {demo.url}, Square emulator at {demo.base_url}.",
+                     "Open a second console on it, as another operator, with:", "",
+                     f"  {demo.second_console_command(program)}", "",
+                     "Everything is deleted when this console closes."):
+            print(printable(line))
+        if sys.stdin.isatty():
+            input("Press Enter to open your console... ")
+        return run_console(demo.settings(settings.operator), read_only=read_only)
+
+
 def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) -> int:
     from services.demo import build_demo
 

@@ -49,8 +49,8 @@ class _Once(argparse.Action):
                  values: Any, option_string: str | None = None) -> None:
         before = getattr(namespace, self.dest, None)
         if before is not None and before != values:
-            parser.error(f"{option_string} is given twice, {before!r} and {values!r}: "
-                         "give it once")
+            parser.error(f"{option_string} is given twice, {_shown(before)!r} and "
+                         f"{_shown(values)!r}: give it once")
         setattr(namespace, self.dest, values)
 
 
@@ -63,8 +63,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     def scoped(name: str) -> dict[str, Any]:
         return {"dest": f"{_SCOPED}{name}@{parser.prog}", "default": argparse.SUPPRESS}
 
-    group.add_argument("--db", action=_Once, metavar="PATH", **scoped("db"),
-                       help="SQLite file (RECON_DB; default under the user data dir)")
+    group.add_argument("--db", action=_Once, metavar="PATH|URL", **scoped("db"),
+                       help="SQLite file, or a postgresql:// URL without a password (RECON_DB; "
+                            "default: a file under the user data dir)")
     group.add_argument("--square-base-url", action=_Once, metavar="URL",
                        **scoped("square_base_url"),
                        help="Square base URL: https, or http to loopback "
@@ -83,6 +84,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
                             "checkpoints/ beside the credentials)")
     group.add_argument("--read-only", action="store_true", **scoped("read_only"),
                        help="the console (or demo) offers no write actions at all")
+
+
+def _shown(value: Any) -> Any:
+    """A value as an error may repeat it: a database URL without any password in it."""
+    from services.database_url import display_url, is_database_url
+    return display_url(value) if is_database_url(value) else value
 
 
 def _said(value: str) -> str:
@@ -109,7 +116,7 @@ def merge_global_options(args: argparse.Namespace) -> argparse.Namespace:
         values = {value for _, value in given}
         if len(values) > 1:
             flag = "--" + name.replace("_", "-")
-            where = " and ".join(f"{value!r} ({_place(prog)})" for prog, value in given)
+            where = " and ".join(f"{_shown(value)!r} ({_place(prog)})" for prog, value in given)
             raise UsageError(f"recon-console: {flag} is given twice with different values, "
                              f"{where}: give it once, before or after the subcommand")
         setattr(args, name, given[0][1] if given else (False if name == "read_only" else None))
@@ -176,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the console on the local emulator with demo data")
     demo.add_argument("--seed", type=int, default=7,
                       help="seed of the emulator's merchants and orders (default: 7)")
+    demo.add_argument("--team", action="store_true",
+                      help="on a throwaway local PostgreSQL cluster, and print the command "
+                           "that opens a second console on it as another operator")
 
     emulator = sub.add_parser("emulator", help="the local Square emulator")
     emulator_sub = emulator.add_subparsers(dest="emulator_command", parser_class=_Parser,
@@ -321,6 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
         r_opt.add_argument("--reason", required=True, type=_said, metavar="TEXT",
                            help="why (recorded in the audit)")
 
+    database = sub.add_parser("db", help="move a SQLite database onto PostgreSQL (team mode)")
+    db_sub = database.add_subparsers(dest="db_command", parser_class=_Parser, required=True)
+    migrate = db_sub.add_parser(
+        "migrate", help="copy the SQLite database (--db) into an empty PostgreSQL one: "
+                        "consents, revocations, merchants, batches, intents, reminders and "
+                        "the audit chain (verified before and after); refused while "
+                        "intents are open (run `recover` first)")
+    _common(migrate)
+    migrate.add_argument("--to", required=True, metavar="URL",
+                         help="postgresql://USER@HOST/DATABASE, without a password (that comes "
+                              "from [database] password in the credentials file, or ~/.pgpass)")
+    migrate.add_argument("--json", action="store_true",
+                         help="the report as one JSON document on stdout")
+
     audit = sub.add_parser("audit", help="verify, checkpoint and export the audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", parser_class=_Parser, required=True)
     verify = audit_sub.add_parser("verify", help="check the whole chain against the latest "
@@ -360,7 +384,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         if value is not None:
             overrides[name] = value
     try:
-        return ReconSettings(**overrides)
+        settings = ReconSettings(**overrides)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -369,6 +393,10 @@ def settings_from(args: argparse.Namespace) -> Any:
                                  ) from None
     except Exception as error:
         raise ConfigurationError(f"invalid settings: {str(error).splitlines()[0]}") from None
+    from services.database_url import is_database_url, provide_password
+    if is_database_url(settings.db):  # its password, if the credentials file holds one
+        provide_password(settings.db, settings.credentials)
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -421,12 +449,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         _refuse_unused(args, ("read_only",), "only the console (`recon-console --read-only` "
                        "or `recon-console demo --read-only`) has a read-only mode.")
     settings = settings_from(args)
+    if command == "demo" and args.team:
+        err("Square: local emulator (team demo, on loopback)")
+        from console.app import run_team_demo
+        return run_team_demo(settings, read_only=args.read_only, seed=args.seed)
     if command == "demo":
         err("Square: local emulator (demo, in-process)")
         from console.app import run_demo
         return run_demo(settings, read_only=args.read_only, seed=args.seed)
     if command in TALKS_TO_SQUARE:
         err(f"Square: {settings.target}")  # before anything else: which Square, always
+    from services.database_url import display_url, is_database_url
+    if is_database_url(settings.db):  # a team database: say which one (never its password)
+        err(f"Database: {display_url(settings.db)}")
     if command is None:
         from console.app import run_console
         return run_console(settings, read_only=args.read_only)
@@ -434,7 +469,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     handler = {"consent": commands.consent, "queue": commands.queue,
                "complete": commands.complete, "recover": commands.recover,
                "audit": commands.audit, "remind": commands.remind,
-               "approve": commands.approve}[command]
+               "db": commands.db, "approve": commands.approve}[command]
     return handler(args, settings)
 
 

@@ -519,6 +519,18 @@ def recover(args: argparse.Namespace, settings: ReconSettings) -> int:
     return asyncio.run(run())
 
 
+def db(args: argparse.Namespace, settings: ReconSettings) -> int:
+    """`db migrate --to URL`: the SQLite file (--db) onto an empty PostgreSQL database."""
+    from services.db_migrate import migrate_to_postgres
+    report = migrate_to_postgres(settings, args.to)
+    if args.json:
+        print_json({"source": report.source, "target": report.target, "rows": report.rows,
+                    "audit_entries": report.entries, "head_hash": report.head_hash,
+                    "checkpoint": str(report.checkpoint) if report.checkpoint else None})
+    err(report.sentence())
+    return EXIT_OK
+
+
 def _recover_reminders(workspace: Workspace, settings: ReconSettings) -> int:
     """Re-send reminders left in doubt (same Message-ID and bytes). Returns how many could
     not be settled now (no SMTP set up, or the server unreachable), said in one line."""

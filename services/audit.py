@@ -13,8 +13,7 @@ import csv
 import io
 import multiprocessing
 import os
-import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -24,17 +23,16 @@ from pathlib import Path
 from typing import IO, Any
 
 from services.canonical_json import canonical_sha256
-from services.store import Store, utc_text
+from services.storage.base import AUDIT_COLUMNS, AUDIT_VERIFY_COLUMNS
+from services.store import Store, open_store, utc_text
 from services.text_safety import csv_cell, json_line
 
 __all__ = ["AUDIT_FIELDS", "AuditAction", "AuditTrail", "ChainProblem", "Checkpoint",
            "VerifyReport"]
 
 GENESIS = "0" * 64
-AUDIT_FIELDS = ("seq", "at", "operator", "action", "merchant_id", "order_id", "version", "amount",
-                "currency", "consent_id", "consent_sha256", "batch_id", "approved_set_sha256",
-                "idempotency_key", "outcome", "square_code", "detail", "prev_hash")
-_ALL = (*AUDIT_FIELDS, "hash")
+AUDIT_FIELDS = AUDIT_COLUMNS[:-1]   # all but `hash`, which is over these
+_ALL = AUDIT_COLUMNS
 
 
 class AuditAction(StrEnum):
@@ -59,7 +57,8 @@ class AuditAction(StrEnum):
     BATCH_REFUSED = "batch_refused"
 
 
-_SORTED_FIELDS = tuple(sorted(AUDIT_FIELDS))
+_SORTED_FIELDS = AUDIT_VERIFY_COLUMNS[:-1]
+assert tuple(sorted(AUDIT_FIELDS)) == _SORTED_FIELDS
 
 
 # From this many entries on, `verify` uses one process per core; below, starting the workers
@@ -91,59 +90,45 @@ class ChainProblem(StrEnum):
 _Problem = tuple[int, str, str]  # (seq, kind, what)
 
 
-def _stored_hash(conn: sqlite3.Connection, seq: int) -> str | None:
-    row = conn.execute("SELECT hash FROM audit WHERE seq = ?", [seq]).fetchone()
-    return str(row[0]) if row else None
-
-
-def _verify_range(conn: sqlite3.Connection, first: int, end: int | None, prev: str | None
-                  ) -> tuple[_Problem | None, int, str | None]:
-    """Check entries first..end-1 (to the last if end is None) starting from `prev`: returns
-    (first problem as (seq, kind, what) or None, entries checked, last hash)."""
+def _verify_range(rows: Iterable[tuple[Any, ...]], first: int, end: int | None,
+                  prev: str | None) -> tuple[_Problem | None, int, str | None]:
+    """Check entries first..end-1 (to the last if end is None), given as AUDIT_VERIFY_COLUMNS
+    rows by seq, starting from `prev`: returns (first problem as (seq, kind, what) or None,
+    entries checked, last hash)."""
     seq_at = _SORTED_FIELDS.index("seq")
     prev_at = _SORTED_FIELDS.index("prev_hash")
-    sql = f"SELECT {', '.join(_SORTED_FIELDS)}, hash FROM audit WHERE seq >= ?"
-    params: list[int] = [first]
-    if end is not None:
-        sql += " AND seq < ?"
-        params.append(end)
-    cursor = conn.execute(sql + " ORDER BY seq", params)
     expected = first
     count = 0
     digest_of = canonical_sha256
     fields = _SORTED_FIELDS
-    while True:
-        rows = cursor.fetchmany(10000)
-        if not rows:
-            break
-        for row in rows:
-            seq = row[seq_at]
-            if seq != expected:
-                return ((expected, ChainProblem.MISSING_ENTRY,
-                         f"entry {expected} is missing (next is {seq})."), count, prev)
-            if row[prev_at] != prev:
-                return ((seq, ChainProblem.BROKEN_LINK,
-                         "its prev_hash does not match the entry before it."), count, prev)
-            digest = digest_of(dict(zip(fields, row, strict=False)))
-            if digest != row[-1]:
-                return ((seq, ChainProblem.CHANGED_ENTRY,
-                         "its contents do not match its hash (changed)."), count, prev)
-            prev = digest
-            count += 1
-            expected += 1
+    for row in rows:
+        seq = row[seq_at]
+        if seq != expected:
+            return ((expected, ChainProblem.MISSING_ENTRY,
+                     f"entry {expected} is missing (next is {seq})."), count, prev)
+        if row[prev_at] != prev:
+            return ((seq, ChainProblem.BROKEN_LINK,
+                     "its prev_hash does not match the entry before it."), count, prev)
+        digest = digest_of(dict(zip(fields, row, strict=False)))
+        if digest != row[-1]:
+            return ((seq, ChainProblem.CHANGED_ENTRY,
+                     "its contents do not match its hash (changed)."), count, prev)
+        prev = digest
+        count += 1
+        expected += 1
     if end is not None and expected != end:
         return ((expected, ChainProblem.MISSING_ENTRY, f"entry {expected} is missing."),
                 count, prev)
     return None, count, prev
 
 
-def _verify_range_in_process(path: str, first: int, end: int | None, prev: str | None
-                             ) -> tuple[_Problem | None, int, str | None]:
-    conn = sqlite3.connect(path)
+def _verify_range_in_process(location: Path | str, first: int, end: int | None,
+                             prev: str | None) -> tuple[_Problem | None, int, str | None]:
+    store = open_store(location)
     try:
-        return _verify_range(conn, first, end, prev)
+        return _verify_range(store.audit_rows(first, end), first, end, prev)
     finally:
-        conn.close()
+        store.close()
 
 
 def entry_hash(entry: dict[str, Any]) -> str:
@@ -204,54 +189,48 @@ class AuditTrail:
         self.store = store
         self.clock = clock
 
-    def append(self, conn: sqlite3.Connection | None = None, **fields: Any) -> dict[str, Any]:
-        """Append one entry. Pass `conn` to join a transaction already open (BEGIN IMMEDIATE),
-        so the entry commits with the change it records."""
-        if conn is None:
-            with self.store.transaction() as own:
-                return self._append(own, fields)
-        return self._append(conn, fields)
+    def using(self, store: Store) -> AuditTrail:
+        """The same trail through another store of the same database (the journal's writer
+        thread appends through its own connection)."""
+        return AuditTrail(store, self.clock)
 
-    def _append(self, conn: sqlite3.Connection, fields: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(fields) - set(AUDIT_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown audit fields: {sorted(unknown)}")
-        last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        entry: dict[str, Any] = dict.fromkeys(AUDIT_FIELDS)
-        entry.update(fields)
-        entry["seq"] = 1 if last is None else last[0] + 1
-        entry["prev_hash"] = GENESIS if last is None else last[1]
-        entry["at"] = entry["at"] or utc_text(self.clock() if self.clock else None)
-        entry["action"] = str(entry["action"])
-        entry["hash"] = entry_hash(entry)
-        conn.execute(f"INSERT INTO audit ({', '.join(_ALL)}) VALUES "
-                     f"({', '.join('?' for _ in _ALL)})", [entry[k] for k in _ALL])
-        return entry
+    def append(self, conn: object = None, **fields: Any) -> dict[str, Any]:
+        """Append one entry. Inside the store's open transaction (`with store.transaction()`)
+        it joins it, so the entry commits with the change it records. (`conn`, the
+        transaction's connection, is accepted from older callers and not needed.)"""
+        return self.append_many(conn, [fields])[0]
 
-    def append_many(self, conn: sqlite3.Connection, entries: list[dict[str, Any]]) -> None:
-        """Append several entries, chained in order, inside the caller's open transaction:
-        one read of the head and one INSERT for all (the completion journal's group commits)."""
+    def append_many(self, conn: object, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Append several entries, chained in order: one read of the head and one INSERT for
+        all (the completion journal's group commits). Joins an open transaction as `append`."""
+        if conn is not None and getattr(self.store, "conn", conn) is not conn:
+            # Another connection's transaction: appending here would not join it.
+            raise ValueError("append through the store whose transaction is open "
+                             "(AuditTrail.using(store))")
         if not entries:
-            return
-        last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        seq, prev = (0, GENESIS) if last is None else (last[0], last[1])
-        at = utc_text(self.clock() if self.clock else None)
-        rows = []
+            return []
         for fields in entries:
             unknown = set(fields) - set(AUDIT_FIELDS)
             if unknown:
                 raise ValueError(f"unknown audit fields: {sorted(unknown)}")
-            entry: dict[str, Any] = dict.fromkeys(AUDIT_FIELDS)
-            entry.update(fields)
-            seq += 1
-            entry["seq"] = seq
-            entry["prev_hash"] = prev
-            entry["at"] = entry["at"] or at
-            entry["action"] = str(entry["action"])
-            prev = entry["hash"] = entry_hash(entry)
-            rows.append([entry[k] for k in _ALL])
-        conn.executemany(f"INSERT INTO audit ({', '.join(_ALL)}) VALUES "
-                         f"({', '.join('?' for _ in _ALL)})", rows)
+        at = utc_text(self.clock() if self.clock else None)
+
+        def chained(seq: int, prev: str | None) -> list[dict[str, Any]]:
+            prev = prev or GENESIS
+            made = []
+            for fields in entries:
+                entry: dict[str, Any] = dict.fromkeys(AUDIT_FIELDS)
+                entry.update(fields)
+                seq += 1
+                entry["seq"] = seq
+                entry["prev_hash"] = prev
+                entry["at"] = entry["at"] or at
+                entry["action"] = str(entry["action"])
+                prev = entry["hash"] = entry_hash(entry)
+                made.append(entry)
+            return made
+
+        return self.store.append_audit(chained)
 
     # ------------------------------------------------------------------ reading
     def entries(self, *, merchant_id: str | None = None, operator: str | None = None,
@@ -259,34 +238,13 @@ class AuditTrail:
                 since: str | None = None, until: str | None = None, action: str | None = None,
                 limit: int | None = None, newest_first: bool = False
                 ) -> Iterator[dict[str, Any]]:
-        sql = f"SELECT {', '.join(_ALL)} FROM audit WHERE 1=1"
-        params: list[Any] = []
-        for column, value in (("merchant_id", merchant_id), ("operator", operator),
-                              ("order_id", order_id), ("outcome", outcome),
-                              ("action", action)):
-            if value is not None:
-                sql += f" AND {column} = ?"
-                params.append(value)
-        if since is not None:
-            sql += " AND at >= ?"
-            params.append(since)
-        if until is not None:
-            sql += " AND at < ?"
-            params.append(until)
-        sql += " ORDER BY seq" + (" DESC" if newest_first else "")
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        cursor = self.store.conn.execute(sql, params)
-        while True:
-            rows = cursor.fetchmany(5000)
-            if not rows:
-                return
-            for row in rows:
-                yield dict(zip(_ALL, row, strict=True))
+        filters = {column: value for column, value in (
+            ("merchant_id", merchant_id), ("operator", operator), ("order_id", order_id),
+            ("outcome", outcome), ("action", action)) if value is not None}
+        return self.store.audit_entries(filters, since, until, limit, newest_first)
 
     def size(self) -> int:
-        row = self.store.conn.execute("SELECT COUNT(*) FROM audit").fetchone()
-        return int(row[0])
+        return self.store.audit_extent()[1]
 
     def verify(self, checkpoint: Checkpoint | None = None,
                parallel_from: int = _PARALLEL_FROM) -> VerifyReport:
@@ -294,26 +252,27 @@ class AuditTrail:
         checkpoint, a cut tail or history rewritten before it. Long chains are checked in
         ranges, one process per core; each range starts from the stored hash before it,
         which the range before recomputes, so together they check every link."""
-        conn = self.store.conn
-        last = conn.execute("SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM audit").fetchone()
+        store = self.store
+        last = store.audit_extent()
         ranges: list[tuple[int, int | None]] = [(1, None)]
-        path = self.store.path
-        if last[1] >= parallel_from and isinstance(path, Path):
+        location = store.location
+        if last[1] >= parallel_from and isinstance(location, Path):
             workers = max(1, min(os.cpu_count() or 1, 4))
             step = int(last[0]) // workers + 1
             ranges = [(1 + i * step, 1 + (i + 1) * step if i < workers - 1 else None)
                       for i in range(workers)]
         if len(ranges) == 1:
-            results = [_verify_range(conn, 1, None, GENESIS)]
+            results = [_verify_range(store.audit_rows(1, None), 1, None, GENESIS)]
         else:
-            starts = [GENESIS] + [_stored_hash(conn, a - 1) for a, _ in ranges[1:]]
+            starts = [GENESIS] + [store.audit_hash_at(a - 1) for a, _ in ranges[1:]]
             try:
                 with ProcessPoolExecutor(len(ranges), mp_context=_worker_context()) as pool:
                     results = list(pool.map(_verify_range_in_process,
-                                            [str(path)] * len(ranges), [a for a, _ in ranges],
+                                            [location] * len(ranges), [a for a, _ in ranges],
                                             [b for _, b in ranges], starts))
-            except BrokenProcessPool:  # workers could not start (e.g. a program read from
-                results = [_verify_range(conn, 1, None, GENESIS)]  # stdin): one process
+            except BrokenProcessPool:  # workers could not start
+                results = [_verify_range(store.audit_rows(1, None), 1, None,  # (e.g. a
+                                         GENESIS)]  # program read from stdin): one process
         count = 0
         prev = GENESIS
         for problem, range_count, range_last in results:
@@ -328,7 +287,7 @@ class AuditTrail:
                                     f"the chain has {count} entries but the checkpoint of "
                                     f"{checkpoint.created_at} saw {checkpoint.size}: entries "
                                     "were cut from the end.", ChainProblem.CUT_TAIL)
-            if checkpoint.size and _stored_hash(conn, checkpoint.size) != checkpoint.head_hash:
+            if checkpoint.size and store.audit_hash_at(checkpoint.size) != checkpoint.head_hash:
                 return VerifyReport(False, count, prev, checkpoint.size,
                                     f"entry {checkpoint.size} does not have the hash the "
                                     f"checkpoint of {checkpoint.created_at} saw: history "
@@ -336,11 +295,10 @@ class AuditTrail:
         return VerifyReport(True, count, prev)
 
     def hash_at(self, seq: int) -> str | None:
-        return _stored_hash(self.store.conn, seq)
+        return self.store.audit_hash_at(seq)
 
     def checkpoint(self) -> Checkpoint:
-        row = self.store.conn.execute(
-            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        row = self.store.audit_last()
         if row is None:
             return Checkpoint(0, GENESIS, utc_text(self.clock() if self.clock else None))
         return Checkpoint(int(row[0]), str(row[1]),

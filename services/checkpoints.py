@@ -27,6 +27,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -59,7 +60,9 @@ class CheckpointKey:
 def default_checkpoint_dir(credentials: Path, db: Path | str) -> Path:
     """`checkpoints/` beside the credentials file, one folder per database: two databases that
     share a credentials file must not anchor each other (the second would look rewritten)."""
-    name = Path(str(db)).name or "db"
+    # A URL (team mode) is named by its database; its digest keeps two servers apart.
+    name = (urlsplit(db).path.strip("/") if isinstance(db, str) and "://" in db
+            else Path(str(db)).name) or "db"
     resolved = str(Path(db).resolve()) if isinstance(db, Path) else str(db)
     digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
     return credentials.parent / "checkpoints" / f"{name}-{digest}"

@@ -92,14 +92,17 @@ def credentials_for(merchants: list[SeededMerchant], sync_times: bool = True
         for index, m in enumerate(merchants)}
 
 
-def workspace_on_emulator(emulator: EmulatorApp, merchants: list[SeededMerchant], db: Path,
-                          operator: str = "demo-operator", *, timeout_s: float = 10.0,
-                          retry: RetryPolicy | None = None,
-                          credentials: dict[str, MerchantCredentials] | None = None
-                          ) -> Workspace:
-    """A workspace whose Square is the in-process emulator (httpx.ASGITransport)."""
+def workspace_on_emulator(emulator: EmulatorApp, merchants: list[SeededMerchant],
+                          db: Path | str, operator: str = "demo-operator", *,
+                          timeout_s: float = 10.0, retry: RetryPolicy | None = None,
+                          credentials: dict[str, MerchantCredentials] | None = None,
+                          home: Path | None = None) -> Workspace:
+    """A workspace whose Square is the in-process emulator (httpx.ASGITransport). `home`:
+    where its (unwritten) credentials file and so its checkpoint key live; by default beside
+    the database file (a database URL needs one)."""
+    where = home or Path(db).parent
     settings = ReconSettings(db=db, square_base_url=EMULATOR_BASE_URL, operator=operator,
-                             credentials=db.parent / "in-memory-credentials.toml",
+                             credentials=where / "in-memory-credentials.toml",
                              request_timeout_s=timeout_s)
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.asgi()),
                              base_url=EMULATOR_BASE_URL, timeout=timeout_s)

@@ -77,9 +77,12 @@ def check_db_path(path: Path) -> Path:
 class ReconSettings(BaseSettings):
     """Where the database and credentials live, which Square to talk to, who is operating."""
 
-    model_config = SettingsConfigDict(env_prefix="RECON_", extra="ignore")
+    # hide_input_in_errors: a refused value may be a URL holding a password; no error repeats it.
+    model_config = SettingsConfigDict(env_prefix="RECON_", extra="ignore",
+                                      hide_input_in_errors=True)
 
-    db: Path = Field(default_factory=default_db_path)
+    # A SQLite file, or a `postgresql://` URL (team mode; services/database_url.py).
+    db: Path | str = Field(default_factory=default_db_path)
     square_base_url: str | None = None
     square_environment: Literal["production", "sandbox"] = "production"
     credentials: Path = Field(default_factory=default_credentials_path)
@@ -106,9 +109,11 @@ class ReconSettings(BaseSettings):
     @field_validator("db", mode="before")
     @classmethod
     def _db_where_asked(cls, value: Any) -> Any:
-        # Only explicit values get here (defaults are not validated). URLs (team mode) are
-        # someone else's to check.
-        if isinstance(value, str | Path) and "://" not in str(value):
+        # Only explicit values get here (defaults are not validated).
+        if isinstance(value, str) and "://" in value:
+            from services.database_url import check_database_url
+            return check_database_url(value)  # a URL stays a str: Path() would fold its //
+        if isinstance(value, str | Path):
             return check_db_path(Path(value).expanduser())
         return value
 
@@ -139,6 +144,16 @@ class ReconSettings(BaseSettings):
     @property
     def base_url(self) -> str:
         return self.square_base_url or SQUARE_BASE_URLS[self.square_environment]
+
+    @property
+    def local_dir(self) -> Path:
+        """Where the console writes files of its own (exports): beside a SQLite file; with a
+        team database (a URL), the user data directory, made owner-only if missing."""
+        if isinstance(self.db, Path):
+            return self.db.parent
+        directory = default_db_path().parent
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return directory
 
     @property
     def target(self) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import uuid
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -70,11 +69,13 @@ from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
 from services.square_models import decode_order
 from services.store import (
+    DATABASE_ERRORS,
     Approval,
     OperatorSession,
     QueuedOrder,
     Store,
     StoredConsent,
+    open_store,
     utc_text,
 )
 from services.timestamps import parse_time
@@ -194,7 +195,7 @@ class Workspace:
     def open(cls, settings: ReconSettings, http: httpx.AsyncClient | None = None,
              credentials: dict[str, MerchantCredentials] | None = None,
              retry: RetryPolicy | None = None) -> Workspace:
-        store = Store(settings.db)
+        store = open_store(settings.db)
         gateway = SquareGateway(settings.base_url, http, timeout_s=settings.request_timeout_s,
                                 retry=retry or RetryPolicy(attempts=settings.read_retries + 1))
         return cls(settings=settings, store=store, gateway=gateway, _credentials=credentials)
@@ -217,10 +218,10 @@ class Workspace:
     def own_connection(self) -> Iterator[Workspace]:
         """This workspace on a database connection of its own, for a worker thread (SQLite
         connections stay in their thread; the UI thread keeps using the first one)."""
-        if self.store.path == ":memory:":  # nothing else can open it: the one connection
+        if self.store.location == ":memory:":  # nothing else can open it: the one connection
             yield self
             return
-        store = Store(self.store.path)
+        store = self.store.for_thread()
         try:
             yield replace(self, store=store)
         finally:
@@ -262,7 +263,7 @@ class Workspace:
                 problems.append(f"{where}: consent {record.consent_id} is also in {seen[0]} "
                                 "with different content; import one version of it.")
         results = []
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             # Checked under the write lock, so a revoke cannot slip in between.
             revoked = self.store.revocations()
             for _, where, record, _, digest in found:
@@ -289,7 +290,7 @@ class Workspace:
                 if state != "unchanged":
                     if record.revocation is not None:
                         self.store.record_revocation(record, self.operator, str(path))
-                    self.audit.append(conn, operator=self.operator,
+                    self.audit.append(operator=self.operator,
                                       action=AuditAction.CONSENT_IMPORTED,
                                       merchant_id=record.merchant_id,
                                       consent_id=record.consent_id, consent_sha256=digest,
@@ -350,7 +351,7 @@ class Workspace:
         now = self.clock()
         revocation = {"revoked_at": now.isoformat().replace("+00:00", "Z"),
                       "revoked_by": by, "reason": reason}
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             targets = [c for c in self.store.consents() if chosen(c)]
             if not targets:
                 raise ConfigurationError(unknown)
@@ -371,7 +372,7 @@ class Workspace:
                 revoked_ids.add(record.consent_id)
                 self.store.save_consent(record, document, self.operator, "revoke")
                 self.store.record_revocation(record, self.operator, "revoke")
-                self.audit.append(conn, operator=self.operator,
+                self.audit.append(operator=self.operator,
                                   action=AuditAction.CONSENT_REVOKED,
                                   merchant_id=record.merchant_id,
                                   consent_id=record.consent_id,
@@ -397,10 +398,9 @@ class Workspace:
         now = self.clock()
         view = ConsentView.build(consents, now)
         rows = []
-        for row in self.store.conn.execute(
-                "SELECT order_json, seen_at FROM orders WHERE merchant_id = ?", [merchant_id]):
-            order = decode_order(row[0])
-            rows.append(order_row(order, merchant_id, consents, now, row[1], view))
+        for document, seen_at in self.store.order_documents(merchant_id):
+            order = decode_order(document)
+            rows.append(order_row(order, merchant_id, consents, now, seen_at, view))
         self.store.replace_orders(merchant_id, rows)
 
     # ------------------------------------------------------------------ discovery and queue
@@ -678,9 +678,9 @@ class Workspace:
         unknown = [r for r in results if r.reason == "OUTCOME_UNKNOWN"]
         if not unknown:
             return
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             for result in unknown:
-                self.audit.append(conn, operator=self.operator, action=AuditAction.OUTCOME,
+                self.audit.append(operator=self.operator, action=AuditAction.OUTCOME,
                                   merchant_id=result.merchant_id, order_id=result.order_id,
                                   version=result.version, batch_id=batch_id,
                                   outcome=result.outcome.value,
@@ -725,8 +725,10 @@ class Workspace:
         return online(self.store, expiry_s=expiry_s)
 
     def changes(self) -> ChangeFeed:
-        """What tells an open console that another process changed what it shows."""
-        return PolledChangeFeed(self.store)
+        """What tells an open console that another process changed what it shows:
+        LISTEN/NOTIFY on PostgreSQL, a poll of the change counter on SQLite."""
+        feed: ChangeFeed | None = self.store.change_feed()
+        return feed if feed is not None else PolledChangeFeed(self.store)
 
     # ------------------------------------------------------------------ audit
     @property
@@ -745,7 +747,7 @@ class Workspace:
         self.checkpoint_problem = None
         try:
             return self.checkpoints.write(self.audit, output, skip_if_unchanged=True)
-        except (AuditChainError, ConfigurationError, OSError, sqlite3.Error) as error:
+        except _CHECKPOINT_FAILURES as error:
             self.checkpoint_problem = str(error)
             return None
 
@@ -755,13 +757,16 @@ class Workspace:
         own_connection, on a connection of its own, to run in a worker thread."""
         if not own_connection:
             return self.checkpoints.verify(self.audit, checkpoint_file)
-        store = Store(self.settings.db)
+        store = self.store.for_thread()
         try:
             return self.checkpoints.verify(AuditTrail(store), checkpoint_file)
         finally:
             store.close()
 
 
+# Why an automatic checkpoint may not be written (reported, never raised).
+_CHECKPOINT_FAILURES: tuple[type[BaseException], ...] = (
+    AuditChainError, ConfigurationError, OSError, *DATABASE_ERRORS)
 _UNHEALTHY_TOKENS = {TokenHealth.EXPIRED, TokenHealth.REVOKED, TokenHealth.INVALID,
                      TokenHealth.MISSING_SCOPES, TokenHealth.MERCHANT_MISMATCH}
 # Orders that would be candidates but for consent: their merchants get friendly reminders.

@@ -19,6 +19,9 @@ from starlette.testclient import TestClient
 
 from services.emulator import EmulatorApp, FaultPlan, SeedConfig, build_app, seed_square
 from services.emulator.seed import SeededMerchant
+from tests.pg_support import SKIP_PREFIX, pg_cluster, pg_url
+
+__all__ = ["pg_cluster", "pg_url"]  # PostgreSQL fixtures (tests/pg_support.py), for every test
 
 DATA = Path(__file__).parent / "data"
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -151,3 +154,17 @@ def no_emulator_internal_errors(monkeypatch: pytest.MonkeyPatch) -> Iterator[Non
     yield
     errors = [error for app in built for error in app.internal_errors]
     assert not errors, f"{len(errors)} emulator internal error(s); the first:\n{errors[0]}"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """PostgreSQL tests skipped for lack of a server: say so where nobody can miss it."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        if SKIP_PREFIX in reason:
+            reason = reason[reason.index(SKIP_PREFIX):]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in reasons.items():
+        terminalreporter.write_line(f"{count} PostgreSQL test{'s' if count != 1 else ''} "
+                                    f"SKIPPED: {reason}", yellow=True, bold=True)

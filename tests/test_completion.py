@@ -432,7 +432,8 @@ async def test_hole5_an_outcome_the_database_refuses_is_never_reported_completed
         def locked(*args: object) -> None:
             raise sqlite3.OperationalError("database is locked")
 
-        monkeypatch.setattr(workspace.store, "settle_intent", locked)
+        # On the class: the journal writes through its own store (a second connection).
+        monkeypatch.setattr(type(workspace.store), "settle_intent", locked)
         emulator.app.set_faults(FaultPlan(latency_ms=5))
         _, results = await workspace.complete(preview)
         emulator.app.set_faults(FaultPlan())

@@ -82,7 +82,7 @@ def test_hole5_complete_says_outcomes_not_recorded_and_exits_1(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     from console.cli import main
-    from services.store import Store
+    from services.store import SQLiteStore
 
     emulator = make_emulator(SeedConfig(seed=4, merchants=1, orders_per_location=10),
                              FaultPlan(latency_ms=5))
@@ -93,10 +93,10 @@ def test_hole5_complete_says_outcomes_not_recorded_and_exits_1(
             monkeypatch.setenv(name, env[name])
         before = _states(emulator)
 
-        def locked(self: Store, *args: object) -> None:
+        def locked(self: SQLiteStore, *args: object) -> None:
             raise sqlite3.OperationalError("database is locked")
 
-        monkeypatch.setattr(Store, "settle_intent", locked)
+        monkeypatch.setattr(SQLiteStore, "settle_intent", locked)
         code = main(["complete", "--all-merchants", "--yes", "--json"])
         captured = capsys.readouterr()
         monkeypatch.undo()

@@ -243,7 +243,7 @@ class AuditScreen(ConsoleScreen):
         first, beside the database; the status line says where."""
         workspace = self.workspace
         stamp = workspace.clock().strftime("%Y%m%dT%H%M%S")
-        path = Path(str(workspace.settings.db)).parent / f"audit-{stamp}.{fmt}"
+        path = workspace.settings.local_dir / f"audit-{stamp}.{fmt}"
         try:
             with open_private(path, newline="") as handle:
                 count = workspace.audit.export(handle, fmt, **self.filters)

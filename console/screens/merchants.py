@@ -6,7 +6,6 @@ import asyncio
 import csv
 from collections.abc import Iterable
 from datetime import timedelta
-from pathlib import Path
 
 from textual import work
 from textual.app import ComposeResult, SystemCommand
@@ -263,7 +262,7 @@ class MerchantsScreen(ConsoleScreen):
         if workspace is None:
             return
         rows = [r for r in self.rows if r.waiting_without_consent]
-        path = Path(str(workspace.settings.db)).parent / "reminders.csv"
+        path = workspace.settings.local_dir / "reminders.csv"
         try:
             with open_private(path, newline="") as handle:
                 writer = csv.writer(handle)

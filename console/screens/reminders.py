@@ -260,7 +260,7 @@ class RemindersScreen(ConsoleScreen):
         workspace = self.recon.workspace
         assert workspace is not None
         self.sending = True
-        store = Store(workspace.store.path)   # SQLite connections stay in their thread
+        store = workspace.store.for_thread()   # SQLite connections stay in their thread
         try:
             def progress(event: ReminderProgress) -> None:
                 self.app.call_from_thread(

@@ -108,9 +108,9 @@ class Approvals:
             orjson.dumps([[i.merchant_id, i.order_id, i.version] for i in approved]).decode(),
             orjson.dumps(totals, option=orjson.OPT_SORT_KEYS).decode(), len(approved), why,
             operator, utc_text(self.clock()), "pending")
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             self.store.insert_approval(approval)
-            self.audit.append(conn, operator=operator, action=AuditAction.APPROVAL_REQUESTED,
+            self.audit.append(operator=operator, action=AuditAction.APPROVAL_REQUESTED,
                               batch_id=batch_id, approved_set_sha256=sha,
                               detail=f"{len(approved)} orders need a second operator: {why}"
                                      [:500])
@@ -127,7 +127,7 @@ class Approvals:
                ) -> Approval:
         """The second operator's decision, audited in the same transaction."""
         now = self.clock()
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             approval = self.get(batch_id)
             if approval.status != "pending":
                 raise ApprovalRefused("APPROVAL_DECIDED", f"batch {batch_id} is already "
@@ -143,7 +143,7 @@ class Approvals:
                 # time, e.g. PostgreSQL, relies on this conditional UPDATE).
                 raise ApprovalRefused("APPROVAL_DECIDED", f"batch {batch_id} was decided "
                                       "meanwhile by another operator.")
-            self.audit.append(conn, operator=operator,
+            self.audit.append(operator=operator,
                               action=AuditAction.APPROVAL_GRANTED if approve
                               else AuditAction.APPROVAL_REJECTED,
                               batch_id=batch_id,
@@ -203,10 +203,10 @@ class Approvals:
             self._refuse(batch_id, sha, operator, "APPROVAL_EXPIRED",
                          f"the approval of batch {batch_id} expired at {approval.expires_at}: "
                          "have it approved again.")
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             claimed = self.store.use_approval(batch_id, operator, utc_text(now))
             if claimed:
-                self.audit.append(conn, operator=operator, action=AuditAction.APPROVAL_USED,
+                self.audit.append(operator=operator, action=AuditAction.APPROVAL_USED,
                                   batch_id=batch_id, approved_set_sha256=sha,
                                   detail=f"approved by {approval.decided_by}; run by "
                                          f"{operator}")

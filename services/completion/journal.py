@@ -9,7 +9,6 @@ as OUTCOME_NOT_RECORDED, never as completed. Their intents stay open for `recove
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from services.completion.model import (
     Outcome,
     idempotency_key,
 )
-from services.store import Store, utc_text
+from services.store import DATABASE_ERRORS, Store, utc_text
 
 __all__ = ["IntentJournal", "Run"]
 
@@ -104,7 +103,7 @@ class IntentJournal:
         self._pending: list[_Pending] = []
         self._intent_jobs: list[_IntentJob] = []
         self._writing: asyncio.Task[None] | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._writer: Store | None = None
         self._thread: ThreadPoolExecutor | None = None
 
     def _refused(self, error: BaseException) -> None:
@@ -112,11 +111,11 @@ class IntentJournal:
 
     # ------------------------------------------------------------------ batches
     def begin_batch(self, run: Run, approved: list[ApprovedItem]) -> None:
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             self.store.insert_batch(run.batch_id, self.operator, run.approved_sha,
                                     orjson.dumps([[i.merchant_id, i.order_id, i.version]
                                                   for i in approved]).decode())
-            self.audit.append(conn, operator=self.operator, action=AuditAction.APPROVAL,
+            self.audit.append(operator=self.operator, action=AuditAction.APPROVAL,
                               batch_id=run.batch_id, approved_set_sha256=run.approved_sha,
                               detail=f"{len(approved)} orders approved")
 
@@ -124,29 +123,28 @@ class IntentJournal:
         self.flush()
         summary = {o.value: n for o, n in run.counts.items()}
         try:
-            with self.store.transaction() as conn:
+            with self.store.transaction():
                 self.store.finish_batch(run.batch_id,
                                         "cancelled" if run.cancel.is_set() else "finished")
                 if run.cancel.is_set():
-                    self.audit.append(conn, operator=self.operator, action=AuditAction.CANCEL,
+                    self.audit.append(operator=self.operator, action=AuditAction.CANCEL,
                                       batch_id=run.batch_id,
                                       approved_set_sha256=run.approved_sha,
                                       detail="cancelled by the operator; calls in flight "
                                              "finished")
-                self.audit.append(conn, operator=self.operator,
+                self.audit.append(operator=self.operator,
                                   action=AuditAction.BATCH_FINISHED, batch_id=run.batch_id,
                                   approved_set_sha256=run.approved_sha,
                                   detail=orjson.dumps(summary).decode())
-        except sqlite3.Error as error:
+        except DATABASE_ERRORS as error:
             self._refused(error)
 
     # ------------------------------------------------------------------ intents
-    def _write_intents(self, conn: sqlite3.Connection, run: Run, intents: list[Intent]) -> None:
-        """Inside an open transaction: each intent gets the next attempt number for its
-        (order, version), that attempt's key, its row and its audit entry."""
+    def _write_intents(self, store: Store, run: Run, intents: list[Intent]) -> None:
+        """Inside `store`'s open transaction: each intent gets the next attempt number for
+        its (order, version), that attempt's key, its row and its audit entry."""
         now = utc_text()
-        attempts = self.store.next_attempts(
-            [(i.item.order_id, i.item.version) for i in intents], conn)
+        attempts = store.next_attempts([(i.item.order_id, i.item.version) for i in intents])
         rows = []
         entries: list[dict[str, Any]] = []
         for intent in intents:
@@ -171,8 +169,8 @@ class IntentJournal:
                 "consent_id": intent.consent_id, "consent_sha256": intent.consent_sha256,
                 "batch_id": run.batch_id, "approved_set_sha256": run.approved_sha,
                 "idempotency_key": intent.key, "detail": f"attempt {intent.attempt}"})
-        self.store.insert_intents(rows, conn)
-        self.audit.append_many(conn, entries)
+        store.insert_intents(rows)
+        self.audit.using(store).append_many(None, entries)
 
     def write_intents(self, run: Run, intents: list[Intent]) -> bool:
         """Committed (fsync) on the main connection before returning; False if not written.
@@ -181,9 +179,9 @@ class IntentJournal:
         if self.broken:
             return False
         try:
-            with self.store.transaction() as conn:
-                self._write_intents(conn, intents=intents, run=run)
-        except sqlite3.Error as error:
+            with self.store.transaction():
+                self._write_intents(self.store, intents=intents, run=run)
+        except DATABASE_ERRORS as error:
             self._refused(error)
             return False
         return True
@@ -247,18 +245,18 @@ class IntentJournal:
                 "outcome": result.outcome.value, "square_code": square_code,
                 "detail": result.detail[:500]}
 
-    def _write_outcomes(self, conn: sqlite3.Connection, pending: list[_Pending],
+    def _write_outcomes(self, store: Store, pending: list[_Pending],
                         entries: list[dict[str, Any]]) -> None:
         for p in pending:
             if p.intent is not None:
                 result = p.result
                 square_code = result.reason if result.outcome is Outcome.FAILED else None
-                self.store.settle_intent(p.intent.intent_id, result.outcome.value,
-                                         result.reason, square_code, result.detail, conn)
-        self.audit.append_many(conn, entries)
-        self.store.drop_completed_orders(
+                store.settle_intent(p.intent.intent_id, result.outcome.value,
+                                    result.reason, square_code, result.detail)
+        self.audit.using(store).append_many(None, entries)
+        store.drop_completed_orders(
             [p.result.order_id for p in pending
-             if p.intent is not None and p.result.outcome is Outcome.COMPLETED], conn)
+             if p.intent is not None and p.result.outcome is Outcome.COMPLETED])
 
     def _outcomes_refused(self, pending: list[_Pending], error: BaseException) -> None:
         self._refused(error)
@@ -295,7 +293,7 @@ class IntentJournal:
                         self._outcomes_refused(pending, RuntimeError(self.broken))
                     continue
                 entries = [self._entry(p) for p in pending]
-                work: list[Callable[[sqlite3.Connection], None]] = [
+                work: list[Callable[[Store], None]] = [
                     partial(self._write_intents, run=job.run, intents=job.intents)
                     for job in jobs]
                 if pending:
@@ -310,43 +308,17 @@ class IntentJournal:
         finally:
             self._writing = None
 
-    async def _commit(self, work: list[Callable[[sqlite3.Connection], None]]
+    async def _commit(self, work: list[Callable[[Store], None]]
                       ) -> list[BaseException | None]:
         if self._thread is None:
-            self._conn = self.store.journal_connection()
-            if self._conn is None:  # in-memory: the one connection, on the loop
-                return self._commit_on(self.store.conn, work)
+            self._writer = self.store.writer()
+            if self._writer is None:  # in-memory: the one connection, on the loop
+                return self.store.commit_group(work)
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="journal")
-        if self._conn is None:
-            return self._commit_on(self.store.conn, work)
+        if self._writer is None:
+            return self.store.commit_group(work)
         return await asyncio.get_running_loop().run_in_executor(
-            self._thread, self._commit_on, self._conn, work)
-
-    @staticmethod
-    def _commit_on(conn: sqlite3.Connection, work: list[Callable[[sqlite3.Connection], None]]
-                   ) -> list[BaseException | None]:
-        """One transaction for the whole group; each part in its own savepoint, so a part
-        the database refuses does not take the others with it."""
-        errors: list[BaseException | None] = [None] * len(work)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for index, part in enumerate(work):
-                    conn.execute("SAVEPOINT part")
-                    try:
-                        part(conn)
-                    except sqlite3.Error as error:
-                        conn.execute("ROLLBACK TO part")
-                        errors[index] = error
-                    conn.execute("RELEASE part")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except Exception as error:  # the commit itself failed: none of it is durable
-            return [error] * len(work)
-        return errors
+            self._thread, self._writer.commit_group, work)
 
     async def drain(self) -> None:
         """Return when everything queued so far is committed (or refused)."""
@@ -365,7 +337,7 @@ class IntentJournal:
             self._outcomes_refused(pending, RuntimeError(self.broken))
             return
         entries = [self._entry(p) for p in pending]
-        errors = self._commit_on(self.store.conn, [partial(
+        errors = self.store.commit_group([partial(
             self._write_outcomes, pending=pending, entries=entries)])
         if errors[0] is not None:
             self._outcomes_refused(pending, errors[0])
@@ -375,6 +347,6 @@ class IntentJournal:
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             self._thread = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._writer is not None and self._writer is not self.store:
+            self._writer.close()
+        self._writer = None

@@ -1,5 +1,5 @@
 """Merchant leases: one holder sends for a merchant at a time, across processes and operators
-sharing a database. A lease is taken (BEGIN IMMEDIATE) before a merchant's batch or recovery
+sharing a database. A lease is taken (in one transaction) before a merchant's batch or recovery
 starts, heart-beaten while it runs, and released at its end. A holder that stops
 heart-beating (killed, hung, machine gone) loses it when it expires; a holder on this host
 whose process is gone loses it at once."""
@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sqlite3
 import time
 import uuid
 from datetime import datetime, timedelta
 
 from services.processes import HOST, pid_alive
-from services.store import Lease, Store, now_utc, utc_text
+from services.store import DATABASE_ERRORS, Lease, Store, now_utc, utc_text
 from services.timestamps import parse_time
 
 __all__ = ["LeaseKeeper", "holder_gone"]
@@ -60,7 +59,7 @@ class LeaseKeeper:
     def release(self, merchant_id: str) -> None:
         if self._deadline.pop(merchant_id, None) is None:
             return
-        with contextlib.suppress(sqlite3.Error):  # unreleased, it simply expires
+        with contextlib.suppress(*DATABASE_ERRORS):  # unreleased, it simply expires
             self.store.release_lease(merchant_id, self.token)
 
     def beat(self) -> None:
@@ -71,7 +70,7 @@ class LeaseKeeper:
         try:
             kept = self.store.heartbeat_leases(
                 self.token, utc_text(now), utc_text(now + timedelta(seconds=self.ttl_s)))
-        except sqlite3.Error:
+        except DATABASE_ERRORS:
             return  # try again next beat; `holds` turns false if it never succeeds
         for merchant_id in list(self._deadline):
             if merchant_id in kept:

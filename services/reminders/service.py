@@ -79,9 +79,7 @@ class ReminderProgress:
 
 def last_reminded(store: Store) -> dict[str, str]:
     """Merchant id -> when its last reminder was sent (UTC text)."""
-    return {row[0]: row[1] for row in store.conn.execute(
-        "SELECT merchant_id, MAX(settled_at) FROM reminder_outbox WHERE status = 'sent' "
-        "GROUP BY merchant_id")}
+    return store.reminders_last_sent()
 
 
 def _clock_time(text: str) -> dt_time:
@@ -144,9 +142,10 @@ class ReminderService:
     # ------------------------------------------------------------------ reading
     def _merchants(self) -> list[MerchantFacts]:
         facts = []
-        for row in self.store.conn.execute(
-                "SELECT merchant_id, business_name, timezone, locations_json, discovery_error, "
-                "token_health, token_scopes FROM merchants ORDER BY merchant_id"):
+        for merchant in self.store.merchants():
+            row: list[Any] = [merchant.get(c) for c in ("merchant_id", "business_name", "timezone",
+                                             "locations_json", "discovery_error",
+                                             "token_health", "token_scopes")]
             locations = {}
             for loc in orjson.loads(row[3] or "[]"):
                 locations[loc["id"]] = LocationFacts(loc["id"], loc.get("name") or "",
@@ -160,25 +159,13 @@ class ReminderService:
 
     def _orders(self) -> dict[str, list[WaitingOrder]]:
         grouped: dict[str, list[WaitingOrder]] = {}
-        marks = ", ".join("?" for _ in _WAITING_REASONS)
-        for row in self.store.conn.execute(
-                "SELECT merchant_id, order_id, location_id, reference_id, created_at, "
-                f"total_amount, currency, reason FROM orders WHERE eligible = 0 AND state = "
-                f"'OPEN' AND reason IN ({marks})", _WAITING_REASONS):
+        for row in self.store.waiting_orders(_WAITING_REASONS):
             grouped.setdefault(row[0], []).append(WaitingOrder(
                 row[1], row[2], row[3], utc(row[4]), row[5], row[6], row[7]))
         return grouped
 
     def _history(self) -> dict[str, LastReminder]:
-        conn = self.store.conn
-        latest = conn.execute(
-            "SELECT merchant_id, message_id, window_index, created_at, status, next_attempt_at "
-            "FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY merchant_id ORDER BY created_at "
-            "DESC) AS n FROM reminder_outbox) WHERE n = 1").fetchall()
-        sent = {row[0]: row for row in conn.execute(
-            "SELECT merchant_id, settled_at, order_ids_json, age_step FROM (SELECT *, "
-            "ROW_NUMBER() OVER (PARTITION BY merchant_id ORDER BY created_at DESC) AS n FROM "
-            "reminder_outbox WHERE status = 'sent') WHERE n = 1")}
+        latest, sent = self.store.reminder_heads()
         history = {}
         for merchant_id, message_id, window, created, status, next_at in latest:
             last_sent = sent.get(merchant_id)
@@ -190,8 +177,8 @@ class ReminderService:
         return history
 
     def opted_out(self) -> dict[str, str]:
-        return {row[0]: f"{row[2]} by {row[1]}" for row in self.store.conn.execute(
-            "SELECT merchant_id, by, reason FROM reminder_opt_outs WHERE opted_out = 1")}
+        return {merchant_id: f"{reason} by {by}"
+                for merchant_id, by, reason in self.store.reminder_opt_outs()}
 
     def last_reminded(self) -> dict[str, str]:
         return last_reminded(self.store)
@@ -224,9 +211,8 @@ class ReminderService:
         return count
 
     def stored_message(self, message_id: str) -> bytes | None:
-        row = self.store.conn.execute("SELECT message_eml FROM reminder_outbox WHERE "
-                                      "message_id = ?", [message_id]).fetchone()
-        return row[0].encode() if row else None
+        eml = self.store.reminder_message(message_id)
+        return eml.encode() if eml is not None else None
 
     # ------------------------------------------------------------------ sending
     def dry_run(self, plans: Iterable[ReminderPlan]) -> list[ReminderResult]:
@@ -284,31 +270,29 @@ class ReminderService:
         now = utc_text(self.clock())
         rows = []
         taken = []
-        with self.store.transaction() as conn:
+        eml: str | None
+        with self.store.transaction():
             for plan in plans:
                 if plan.retry_of is not None:
-                    stored = conn.execute(
-                        "UPDATE reminder_outbox SET status = NULL, holder = ?, operator = ? "
-                        "WHERE message_id = ? AND status = 'deferred' RETURNING message_eml",
-                        [self.holder, self.operator, plan.retry_of]).fetchone()
+                    stored = self.store.retake_reminder(plan.retry_of, self.holder,
+                                                        self.operator)
                     if stored is None:
                         taken.append(plan)
                         continue
-                    eml = stored[0]
+                    eml = stored
                 else:
                     eml = self._prepared.pop(_plan_key(plan), None) or \
                         self.render(plan).as_bytes().decode()
-                    cursor = conn.execute(
-                        "INSERT INTO reminder_outbox (message_id, merchant_id, window_index, "
-                        "kind, recipients_json, order_ids_json, orders, age_step, message_eml, "
-                        "operator, holder, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
-                        "ON CONFLICT DO NOTHING",
-                        [plan.message_id, plan.merchant_id, plan.window_index, plan.kind.value,
-                         orjson.dumps(list(plan.recipients)).decode(),
-                         orjson.dumps([o.order_id for o in plan.orders]).decode(),
-                         len(plan.orders), plan.age_step, eml, self.operator, self.holder,
-                         now])
-                    if cursor.rowcount == 0:
+                    inserted = self.store.insert_reminder({
+                        "message_id": plan.message_id, "merchant_id": plan.merchant_id,
+                        "window_index": plan.window_index, "kind": plan.kind.value,
+                        "recipients_json": orjson.dumps(list(plan.recipients)).decode(),
+                        "order_ids_json": orjson.dumps([o.order_id for o in plan.orders]
+                                                       ).decode(),
+                        "orders": len(plan.orders), "age_step": plan.age_step,
+                        "message_eml": eml, "operator": self.operator, "holder": self.holder,
+                        "created_at": now})
+                    if not inserted:
                         taken.append(plan)
                         continue
                 rows.append({"message_id": plan.message_id, "merchant_id": plan.merchant_id,
@@ -330,52 +314,46 @@ class ReminderService:
     def _settle(self, outcomes: list[tuple[dict[str, Any], SmtpAnswer]],
                 unsent: list[dict[str, Any]]) -> None:
         now = self.clock()
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             for row, answer in outcomes:
-                self._record(conn, row, answer, now)
+                self._record(row, answer, now)
             # Cancelled before their turn: never sent, so nothing to settle; the merchant
             # stays due.
             for row in unsent:
-                conn.execute("DELETE FROM reminder_outbox WHERE message_id = ? AND status IS "
-                             "NULL AND attempts = 0", [row["message_id"]])
+                self.store.drop_unsent_reminder(row["message_id"])
 
-    def _record(self, conn: Any, row: dict[str, Any], answer: SmtpAnswer, now: datetime,
+    def _record(self, row: dict[str, Any], answer: SmtpAnswer, now: datetime,
                 recovered: bool = False) -> None:
-        attempts = conn.execute("SELECT attempts, created_at FROM reminder_outbox WHERE "
-                                "message_id = ?", [row["message_id"]]).fetchone()
-        tries = int(attempts[0]) + 1
+        """Inside an open transaction: the row's outcome and its audit entry."""
+        attempts, created_at = self.store.reminder_attempts(row["message_id"])
+        tries = attempts + 1
         next_at = None
         if answer.status == "deferred":
             wait = _DEFER_STEP * 2 ** min(tries - 1, 6)
-            next_at = utc_text(min(now + wait, utc(attempts[1]) + self.policy.window))
-        conn.execute("UPDATE reminder_outbox SET status = ?, reason = ?, detail = ?, "
-                     "attempts = ?, next_attempt_at = ?, settled_at = ? WHERE message_id = ?",
-                     [answer.status, answer.reason_code, answer.reason, tries, next_at,
-                      utc_text(now), row["message_id"]])
+            next_at = utc_text(min(now + wait, utc(created_at) + self.policy.window))
+        self.store.settle_reminder(row["message_id"], answer.status, answer.reason_code,
+                                   answer.reason, tries, next_at, utc_text(now))
         action = AuditAction.REMINDER_SENT if answer.status == "sent" \
             else AuditAction.REMINDER_FAILED
         words = f"{answer.code} {answer.reason}" if answer.code else answer.reason
         detail = (f"{row['kind']}; to {', '.join(row['recipients'])}; {row['orders']} orders;"
                   f" {words}" + ("; recovered" if recovered else ""))
-        self.audit.append(conn, operator=self.operator, action=action,
+        self.audit.append(operator=self.operator, action=action,
                           merchant_id=row["merchant_id"], idempotency_key=row["message_id"],
                           outcome=answer.status, square_code=answer.reason_code,
                           detail=detail[:500])
 
     def _expire(self, message_id: str) -> None:
-        with self.store.transaction() as conn:
-            row = conn.execute("SELECT merchant_id, kind, recipients_json, orders FROM "
-                               "reminder_outbox WHERE message_id = ? AND status = 'deferred'",
-                               [message_id]).fetchone()
+        with self.store.transaction():
+            row = self.store.deferred_reminder(message_id)
             if row is None:
                 return
-            self._record(conn, {"message_id": message_id, "merchant_id": row[0],
+            self._record({"message_id": message_id, "merchant_id": row[0],
                                 "kind": row[1], "recipients": orjson.loads(row[2]),
                                 "orders": row[3]},
                          SmtpAnswer("failed", None, "deferred until its window passed"),
                          self.clock())
-            conn.execute("UPDATE reminder_outbox SET reason = 'WINDOW_PASSED' WHERE "
-                         "message_id = ?", [message_id])
+            self.store.set_reminder_reason(message_id, "WINDOW_PASSED")
 
     def _result_of(self, row: dict[str, Any], answer: SmtpAnswer) -> ReminderResult:
         return ReminderResult(row["merchant_id"], row["business_name"], row["kind"],
@@ -384,15 +362,10 @@ class ReminderService:
 
     # ------------------------------------------------------------------ recovery
     def open_rows(self) -> list[dict[str, Any]]:
-        cursor = self.store.conn.execute(
-            "SELECT o.message_id, o.merchant_id, o.kind, o.recipients_json, o.orders, "
-            "o.message_eml, o.holder, o.created_at, COALESCE(m.business_name, o.merchant_id) "
-            "FROM reminder_outbox o LEFT JOIN merchants m USING (merchant_id) "
-            "WHERE o.status IS NULL ORDER BY o.created_at")
         return [{"message_id": r[0], "merchant_id": r[1], "kind": r[2],
                  "recipients": orjson.loads(r[3]), "orders": r[4], "eml": r[5],
                  "holder": r[6], "created_at": r[7], "business_name": r[8]}
-                for r in cursor.fetchall()]
+                for r in self.store.open_reminders()]
 
     def recover(self) -> list[ReminderResult]:
         """Re-send every open row whose holder is gone, with its own Message-ID and bytes."""
@@ -408,26 +381,18 @@ class ReminderService:
         with SmtpSession(self.smtp) as session:
             for row in rows:
                 answer = self._send_with_retries(session, row)
-                with self.store.transaction() as conn:
-                    self._record(conn, row, answer, self.clock(), recovered=True)
+                with self.store.transaction():
+                    self._record(row, answer, self.clock(), recovered=True)
                 results.append(self._result_of(row, answer))
         return results
 
     # ------------------------------------------------------------------ history, opt-out
     def history(self, merchant_id: str | None = None) -> list[dict[str, Any]]:
-        sql = ("SELECT o.message_id, o.merchant_id, COALESCE(m.business_name, o.merchant_id),"
-               " o.kind, o.recipients_json, o.orders, o.status, o.reason, o.detail, "
-               "o.attempts, o.created_at, o.settled_at, o.operator FROM reminder_outbox o "
-               "LEFT JOIN merchants m USING (merchant_id)")
-        params: list[Any] = []
-        if merchant_id is not None:
-            sql += " WHERE o.merchant_id = ?"
-            params.append(merchant_id)
         keys = ("message_id", "merchant_id", "business_name", "kind", "to", "orders",
                 "status", "reason", "detail", "attempts", "created_at", "settled_at",
                 "operator")
         out = []
-        for row in self.store.conn.execute(sql + " ORDER BY o.created_at DESC", params):
+        for row in self.store.reminder_history(merchant_id):
             entry = dict(zip(keys, row, strict=True))
             entry["to"] = orjson.loads(entry["to"])
             entry["status"] = entry["status"] or "in_doubt"
@@ -444,12 +409,10 @@ class ReminderService:
         if current == opted_out:
             state = "opted out" if opted_out else "receiving reminders (not opted out)"
             raise ConfigurationError(f"Merchant {merchant_id} is already {state}.")
-        with self.store.transaction() as conn:
-            conn.execute("INSERT INTO reminder_opt_outs VALUES (?, ?, ?, ?, ?) ON CONFLICT "
-                         "(merchant_id) DO UPDATE SET opted_out = excluded.opted_out, "
-                         "by = excluded.by, reason = excluded.reason, at = excluded.at",
-                         [merchant_id, int(opted_out), by, reason, utc_text(self.clock())])
-            self.audit.append(conn, operator=self.operator,
+        with self.store.transaction():
+            self.store.save_reminder_opt_out(merchant_id, opted_out, by, reason,
+                                             utc_text(self.clock()))
+            self.audit.append(operator=self.operator,
                               action=AuditAction.REMINDER_OPT_OUT if opted_out
                               else AuditAction.REMINDER_OPT_IN, merchant_id=merchant_id,
                               detail=f"by {by}: {reason}"[:500])

@@ -1,0 +1,41 @@
+"""Storage: one interface (`Store`, services/storage/base.py), two databases.
+
+`open_store(db)` opens SQLite for a path (or ":memory:") and PostgreSQL for a `postgresql://`
+URL. All of the console's SQL lives in this package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.storage.base import (
+    DATABASE_ERRORS,
+    ORDER_COLUMNS,
+    Approval,
+    Lease,
+    OperatorSession,
+    QueuedOrder,
+    Store,
+    StoredConsent,
+    is_postgres_url,
+    now_utc,
+    utc_text,
+)
+
+__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Approval", "Lease", "OperatorSession",
+           "QueuedOrder", "Store",
+           "StoredConsent", "implementation_for", "is_postgres_url", "now_utc", "open_store",
+           "utc_text"]
+
+
+def implementation_for(db: Path | str) -> type[Store]:
+    if is_postgres_url(db):
+        from services.storage.postgres import PostgresStore
+        return PostgresStore
+    from services.storage.sqlite import SQLiteStore
+    return SQLiteStore
+
+
+def open_store(db: Path | str) -> Store:
+    """The store for `db`: a path (SQLite) or a `postgresql://` URL (PostgreSQL)."""
+    return implementation_for(db)(db)
