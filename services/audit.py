@@ -313,7 +313,9 @@ class AuditTrail:
         for problem, range_count, range_last in results:
             if problem is not None:
                 seq, kind, text = problem
-                return VerifyReport(False, count + range_count, prev, seq, text, kind)
+                # head_hash: the last entry that did verify, as `entries` counts them
+                return VerifyReport(False, count + range_count, range_last or prev, seq, text,
+                                    kind)
             count += range_count
             prev = range_last or prev
         if checkpoint is not None:
