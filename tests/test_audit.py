@@ -310,6 +310,12 @@ def test_append_many_chains_onto_the_trail_in_one_go(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown audit fields: \['colour'\]"):
         trail.append(action=AuditAction.INTENT, colour="red")
     assert trail.size() == 3
+    # Without a clock of its own, the trail stamps entries with the time now.
+    unclocked = AuditTrail(trail.store)
+    before = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    with trail.store.transaction() as conn:
+        unclocked.append_many(conn, [{"operator": "c", "action": AuditAction.PREVIEW}])
+    assert next(trail.entries(operator="c"))["at"] >= before
 
 
 def test_entries_filter_on_every_field(tmp_path: Path) -> None:
@@ -337,8 +343,9 @@ def test_entries_filter_on_every_field(tmp_path: Path) -> None:
     assert trail.export(out, "jsonl", operator="op0") == 3
     assert [json.loads(line)["seq"] for line in out.getvalue().splitlines()] == [1, 3, 5]
     out = io.StringIO()
-    assert trail.export(out, "csv", outcome="failed") == 1
-    assert [r["seq"] for r in csv.DictReader(io.StringIO(out.getvalue()))] == ["5"]
+    assert trail.export(out, "csv", outcome="completed") == 5
+    assert [r["seq"] for r in csv.DictReader(io.StringIO(out.getvalue()))] == [
+        "1", "2", "3", "4", "6"]
     with pytest.raises(ValueError, match="unknown export format 'xml': use csv or jsonl"):
         trail.export(io.StringIO(), "xml")
 
@@ -393,3 +400,12 @@ def test_parallel_verify_splits_the_chain_one_range_per_core(
     report = trail.verify(checkpoint, parallel_from=10)
     assert (report.ok, report.entries, report.broken_at, report.problem_kind) == (
         False, 15, 16, ChainProblem.CUT_TAIL)
+
+
+def test_without_a_fork_server_workers_are_spawned_never_forked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forking a process with threads can deadlock the child (see test_checkpoints)."""
+    assert audit_module._worker_context().get_start_method() == "forkserver"
+    monkeypatch.setattr(audit_module.multiprocessing, "get_all_start_methods",
+                        lambda: ["fork", "spawn"])
+    assert audit_module._worker_context().get_start_method() == "spawn"
