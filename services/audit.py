@@ -295,8 +295,10 @@ class AuditTrail:
         if last[1] >= parallel_from and isinstance(path, Path):
             workers = max(1, min(os.cpu_count() or 1, 4))
             step = int(last[0]) // workers + 1
-            ranges = [(1 + i * step, 1 + (i + 1) * step if i < workers - 1 else None)
-                      for i in range(workers)]
+            # Every range starts at an entry that can exist (a range past the last one would
+            # report it missing); the last is open-ended.
+            ranges = [(first, first + step) for first in range(1, int(last[0]) + 1, step)]
+            ranges[-1] = (ranges[-1][0], None)
         if len(ranges) == 1:
             results = [_verify_range(conn, 1, None, GENESIS)]
         else:

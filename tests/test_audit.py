@@ -409,3 +409,19 @@ def test_without_a_fork_server_workers_are_spawned_never_forked(
     monkeypatch.setattr(audit_module.multiprocessing, "get_all_start_methods",
                         lambda: ["fork", "spawn"])
     assert audit_module._worker_context().get_start_method() == "spawn"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 6, 7, 9, 13])
+def test_a_short_chain_split_in_ranges_still_verifies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    """More cores than the chain has room for: no range may start past the last entry (it
+    used to report a clean chain of 5 as 'entry 6 is missing')."""
+    monkeypatch.setattr(audit_module, "ProcessPoolExecutor", InlinePool)
+    monkeypatch.setattr(audit_module.os, "cpu_count", lambda: 4)
+    trail = AuditTrail(Store(tmp_path / "short.db"))
+    for _ in range(size):
+        trail.append(operator="o", action=AuditAction.PREVIEW)
+    report = trail.verify(parallel_from=1)
+    assert report.ok and report.entries == size, report.sentence()
+    tamper(trail, "UPDATE audit SET detail = 'x' WHERE seq = ?", [size])
+    assert trail.verify(parallel_from=1).broken_at == size
