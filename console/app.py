@@ -5,6 +5,7 @@ thread, as the demo does); everything it does to Square or the database goes thr
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from textual.screen import Screen
 from console.crash import crash_line, write_crash_log
 from console.messages import describe
 from console.safe_text import printable, safe
+from console.screens.approvals import ApprovalsScreen
 from console.screens.audit import AuditScreen
 from console.screens.base import CompleteRequested, ConsoleScreen, Refreshed
 from console.screens.confirm import ConfirmScreen
@@ -26,9 +28,11 @@ from console.screens.merchants import MerchantsScreen
 from console.screens.progress import ProgressScreen
 from console.screens.reminders import RemindersScreen
 from console.wording import plural
+from services.changes import ChangeFeed
 from services.completion import OrderResult, Outcome
+from services.presence import EXPIRY_S, HEARTBEAT_S
 from services.settings import ReconSettings
-from services.workspace import Workspace
+from services.workspace import Preview, Workspace
 
 __all__ = ["ReconApp", "run_console", "run_demo"]
 
@@ -40,6 +44,8 @@ class ReconApp(App[int]):
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("A", "audit", "Audit", id="app.audit"),
         Binding("M", "reminders", "Reminders", id="app.reminders"),
+        # Off the footer (its snapshots stay as they are); in the palette, help and README.
+        Binding("P", "approvals", "Approvals", id="app.approvals", show=False),
         # Off the footer (the status line says "press R" when intents are open); in the
         # palette and help.
         Binding("R", "recover", "Recover", id="app.recover", show=False),
@@ -63,6 +69,14 @@ class ReconApp(App[int]):
         self.busy = False
         self.sub_title = printable(subtitle) + ("  READ-ONLY" if read_only else "")
         self.crash_message: str | None = None
+        # Presence and live updates (issue 14); tests shorten them.
+        self.presence_heartbeat_s = HEARTBEAT_S
+        self.presence_expiry_s = EXPIRY_S
+        self.tick_s = 1.0                 # the longest `watch_changes` waits between ticks
+        self.changes: ChangeFeed | None = None
+        self.changes_loaded = 0           # the feed's version the screens last reloaded at
+        self._live_pending = False
+        self._reload_s = 0.0              # how long the last reload took
 
     def on_mount(self) -> None:
         self.push_screen(MerchantsScreen())
@@ -84,6 +98,11 @@ class ReconApp(App[int]):
                 return
         if self.workspace is None:
             return
+        self.workspace.go_online("read-only console" if self.read_only else "console",
+                                 self.presence_heartbeat_s)
+        self.changes = self.workspace.changes()
+        self.changes_loaded = self.changes.version()
+        self.watch_changes()
         recovered = ""
         if not self.read_only and self.workspace.open_intent_count():
             self.set_status("Settling unfinished completions from last time…")
@@ -183,19 +202,63 @@ class ReconApp(App[int]):
         if self.status_owner is not None and self.status_owner is not screen:
             self.set_status(*self.app_status)  # back to the app's own latest line
 
+    @work(exclusive=True, group="changes")
+    async def watch_changes(self) -> None:
+        """Another process's writes (orders completed, a consent revoked, a lease taken)
+        reach this console within a second, without a refresh: the change feed moves, and
+        the screens reload (a Refreshed). Once a second, the screen in view ticks."""
+        assert self.changes is not None
+        while True:
+            try:
+                version = await self.changes.wait(self.changes_loaded, self.tick_s)
+                # While this console refreshes, its own Refreshed follows and covers it.
+                if version != self.changes_loaded and not self.busy \
+                        and not self._live_pending:
+                    self._live_pending = True
+                    self.post_message(Refreshed(live=True))
+                    # Another operator's batch moves the feed all the time: a 50,000-order
+                    # queue reloads at most about half the time, and still within a second.
+                    await asyncio.sleep(min(self.tick_s, self._reload_s))
+                elif version != self.changes_loaded:
+                    await asyncio.sleep(self.tick_s / 4)
+                if isinstance(self.screen, ConsoleScreen):
+                    self.screen.tick()
+            except Exception as error:  # shown, never fatal; tried again
+                self.set_status(f"Live updates paused: {describe(error)}", error=True)
+                await asyncio.sleep(5)
+
     def on_refreshed(self, message: Refreshed) -> None:
+        try:
+            version = self.changes.version() if self.changes is not None else None
+        except Exception:
+            version = None  # reload anyway; the feed is asked again on its next poll
+        if message.live:
+            self._live_pending = False
+            if version == self.changes_loaded:
+                return  # a reload since the change was seen already shows it
+        if version is not None:
+            # Read before reloading: a change committed meanwhile is seen again, not missed.
+            self.changes_loaded = version
+        began = time.monotonic()
         for screen in self.screen_stack:
-            if isinstance(screen, ConsoleScreen):
+            if not isinstance(screen, ConsoleScreen):
+                continue
+            if message.live and screen is not self.screen:
+                screen.stale = True  # reloads when it comes back into view
+            else:
                 screen.reload()
+        self._reload_s = time.monotonic() - began
 
     def on_complete_requested(self, message: CompleteRequested) -> None:
         self.start_completion(message.order_ids)
 
-    def start_completion(self, order_ids: list[str]) -> None:
-        """Preview the chosen orders, confirm, then run the batch on the progress screen."""
+    @work(exclusive=True, group="preview")
+    async def start_completion(self, order_ids: list[str]) -> None:
+        """Preview the chosen orders, confirm, then run the batch on the progress screen.
+        The preview reads the whole queue: in a thread, on a connection of its own."""
         if self.read_only or self.workspace is None:
             return
-        preview = self.workspace.preview(order_ids=order_ids)
+        preview = await asyncio.to_thread(preview_of, self.workspace, order_ids)
         if preview.count == 0:
             reasons = sorted({r for _, r in preview.held_back})
             extra = f" (held back: {', '.join(reasons)})" if reasons else ""
@@ -203,8 +266,16 @@ class ReconApp(App[int]):
                         severity="warning")
             return
 
+        why = self.workspace.needs_second_operator(preview)
+
         def confirmed(approved: bool | None) -> None:
-            if approved:
+            if approved and why and self.workspace is not None:
+                # Four-eyes: kept for another operator (Approvals, P); nothing is sent.
+                batch = self.workspace.prepare_batch(preview)
+                self.notify(f"This batch needs a second operator ({why}): prepared as batch "
+                            f"{batch.batch_id[:8]}; nothing was sent. Another operator "
+                            "approves it on the Approvals screen (P).", timeout=15)
+            elif approved:
                 self.push_screen(ProgressScreen(preview))
             else:
                 self.notify(f"Not confirmed: nothing was sent ({plural(preview.count, 'order')} "
@@ -258,6 +329,10 @@ class ReconApp(App[int]):
         if self.workspace is not None and not isinstance(self.screen, AuditScreen):
             self.push_screen(AuditScreen())
 
+    def action_approvals(self) -> None:
+        if self.workspace is not None and not isinstance(self.screen, ApprovalsScreen):
+            self.push_screen(ApprovalsScreen())
+
     def action_reminders(self) -> None:
         if self.workspace is not None and not isinstance(self.screen, RemindersScreen):
             self.push_screen(RemindersScreen())
@@ -270,11 +345,18 @@ class ReconApp(App[int]):
                             self.action_audit)
         yield SystemCommand("Reminders", "Friendly reminders: due, preview, send, history",
                             self.action_reminders)
+        yield SystemCommand("Approvals", "Four-eyes: batches waiting for a second operator",
+                            self.action_approvals)
         if not self.read_only:
             yield SystemCommand("Recover", "Settle unfinished completions against Square",
                                 self.action_recover)
         if isinstance(screen, ConsoleScreen):
             yield from screen.palette_commands()
+
+
+def preview_of(workspace: Workspace, order_ids: list[str]) -> Preview:
+    with workspace.own_connection() as own:
+        return own.preview(order_ids=order_ids)
 
 
 def recovery_text(results: list[OrderResult], still_open: int, left_alone: list[str]) -> str:

@@ -19,10 +19,11 @@ from console.output import (
     EXIT_CANCELLED,
     EXIT_FAILURES,
     EXIT_OK,
+    EXIT_REFUSED,
     EXIT_USAGE,
     err,
 )
-from services.errors import ConfigurationError, ReconError
+from services.errors import ApprovalRefused, ConfigurationError, ReconError
 
 
 class UsageError(Exception):
@@ -121,6 +122,8 @@ EXIT_CODES_EPILOG = """exit codes:
   1    done, but some orders failed, a merchant could not be reached, some outcomes could
        not be recorded (run `recon-console recover`), or `audit verify` found a break
   2    usage or configuration error (one line on stderr says what is wrong and what to do)
+  3    nothing sent: the batch needs, or lacks, a second operator's approval (four-eyes),
+       or `approve` refused the decision (your own batch, already decided)
   130  cancelled by the operator"""
 
 # Listings: a table on a terminal; off one (a pipe, a file) tab-separated lines with every
@@ -256,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "repeat the option)")
     who.add_argument("--all-merchants", action="store_true",
                      help="complete the eligible orders of every merchant")
+    who.add_argument("--batch", metavar="BATCH_ID",
+                     help="run a prepared batch that another operator approved (four-eyes)")
     complete.add_argument("--order", action="extend", nargs="+", metavar="ORDER_ID",
                           help="only these orders (several ids, or repeat the option)")
     complete.add_argument("--dry-run", action="store_true",
@@ -265,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--max-orders", type=int, metavar="N",
                           help="complete at most N orders in this batch")
     _listing(complete)
+
+    approve = sub.add_parser(
+        "approve", help="four-eyes: list prepared batches, or approve or reject one",
+        description="A batch over the four-eyes threshold (RECON_FOUR_EYES_ORDERS, "
+                    "RECON_FOUR_EYES_AMOUNT) is prepared by one operator and approved or "
+                    "rejected here by another; the approval is good for "
+                    "RECON_APPROVAL_TTL_MINUTES and one run (`complete --batch BATCH_ID`).")
+    _common(approve)
+    approve.add_argument("batch_id", nargs="?", metavar="BATCH_ID",
+                         help="the prepared batch (without it: list the pending ones)")
+    approve.add_argument("--reject", action="store_true", help="reject it (needs --reason)")
+    approve.add_argument("--reason", type=_said, metavar="TEXT",
+                         help="why (recorded in the audit; required with --reject)")
+    approve.add_argument("--yes", action="store_true",
+                         help="approve without typing the count (for scripts)")
+    _listing(approve)
 
     recover = sub.add_parser("recover", help="settle every intent that has no outcome")
     _common(recover)
@@ -361,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as error:
         err(f"error: {error}")
         return EXIT_USAGE
+    except ApprovalRefused as error:
+        err(f"refused: {error}")
+        return EXIT_REFUSED
     except ReconError as error:
         err(f"error: {error}")
         return EXIT_FAILURES
@@ -409,7 +433,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from console import commands
     handler = {"consent": commands.consent, "queue": commands.queue,
                "complete": commands.complete, "recover": commands.recover,
-               "audit": commands.audit, "remind": commands.remind}[command]
+               "audit": commands.audit, "remind": commands.remind,
+               "approve": commands.approve}[command]
     return handler(args, settings)
 
 

@@ -22,6 +22,7 @@ from console.output import (
     EXIT_CANCELLED,
     EXIT_FAILURES,
     EXIT_OK,
+    EXIT_REFUSED,
     EXIT_USAGE,
     err,
     install_cancel,
@@ -32,13 +33,13 @@ from console.safe_text import safe
 from console.wording import format_money, preview_lines
 from services.completion import NOT_RECORDED, BatchProgress, Outcome, SkipReason
 from services.consent import ConsentStatus
-from services.errors import ConfigurationError, ConsentFileError, ReconError
+from services.errors import ApprovalRefused, ConfigurationError, ConsentFileError, ReconError
 from services.private_files import open_private
 from services.settings import ReconSettings
-from services.store import utc_text
+from services.store import Approval, utc_text
 from services.text_safety import printable
 from services.timestamps import parse_time
-from services.workspace import Workspace
+from services.workspace import Preview, Workspace
 
 stderr = Console(stderr=True, highlight=False)
 
@@ -236,8 +237,11 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
 def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
     async def run() -> int:
         workspace = Workspace.open(settings)
+        workspace.go_online("complete")  # other consoles list the operator as online
         try:
             await _recover_first(workspace)
+            if args.batch is not None:
+                return await _complete_prepared(args, workspace)
             merchants = None if args.all_merchants else args.merchant
             reports = await workspace.refresh(merchants)
             _report_merchants(reports)
@@ -252,8 +256,11 @@ def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
                 err("Nothing eligible to complete.")
                 _print_results(args, None, preview.sha256, [], dry_run=args.dry_run)
                 return EXIT_OK
+            why = workspace.needs_second_operator(preview)
             if args.dry_run:
                 err(f"Dry run: {preview.count} orders would be completed; nothing was sent.")
+                if why:
+                    err(f"They need a second operator's approval first ({why}).")
                 _print_results(args, None, preview.sha256, [
                     {"merchant_id": i.merchant_id, "order_id": i.order_id,
                      "version": i.version, "outcome": "skipped", "reason": "DRY_RUN",
@@ -263,40 +270,180 @@ def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
                                            "approve this exact preview")
             if refused is not None:
                 return refused
-            cancel = asyncio.Event()
-            install_cancel(asyncio.get_running_loop(), cancel)
-            last = [0.0]
-
-            def progress(event: BatchProgress) -> None:
-                now = asyncio.get_running_loop().time()
-                if now - last[0] < 0.5 and event.done < event.total:
-                    return
-                last[0] = now
-                eta = f"{event.eta_s:.0f}s" if event.eta_s is not None else "?"
-                backoff = " (backing off: rate limited)" if event.backing_off else ""
-                err(f"{event.done}/{event.total} done, {event.completed} completed, "
-                    f"{event.skipped} skipped, {event.failed} failed, "
-                    f"{event.rate_per_s:.1f}/s, ETA {eta}{backoff}")
-
-            batch_id, results = await workspace.complete(preview, cancel=cancel,
-                                                         on_progress=progress)
-            _print_results(args, batch_id, preview.sha256, [r.to_json() for r in results])
-            unrecorded = sum(1 for r in results if r.reason == NOT_RECORDED)
-            if unrecorded:
-                err(f"{unrecorded} outcomes not recorded: run `recon-console recover`.")
-            unreachable = sorted({r.merchant_id for r in results
-                                  if r.reason == SkipReason.SQUARE_UNREACHABLE})
-            if unreachable:
-                err(f"Square could not be reached for {', '.join(unreachable)}: their orders "
-                    "stay in the queue.")
-            _checkpoint_note(workspace)
-            if cancel.is_set():
-                return EXIT_CANCELLED
-            return EXIT_FAILURES if unreachable or any(
-                r.outcome is Outcome.FAILED for r in results) else EXIT_OK
+            if why:
+                # Four-eyes: the preview is kept for another operator, nothing is sent.
+                approval = workspace.prepare_batch(preview)
+                err(f"This batch needs a second operator ({why}): prepared as batch "
+                    f"{approval.batch_id}; nothing was sent. Another operator approves it "
+                    f"with `recon-console approve {approval.batch_id}`, then run "
+                    f"`recon-console complete --batch {approval.batch_id}`.")
+                if args.json:  # (a table of no results would only say "0 completed")
+                    _print_results(args, approval.batch_id, preview.sha256, [],
+                                   extra={"approval": approval_json(workspace, approval)})
+                return EXIT_REFUSED
+            return await _run_batch(args, workspace, preview, None)
         finally:
             await workspace.aclose()
     return asyncio.run(run())
+
+
+async def _complete_prepared(args: argparse.Namespace, workspace: Workspace) -> int:
+    """`complete --batch BATCH_ID`: exactly the prepared set, under its approval."""
+    if args.order or args.max_orders is not None:
+        raise ConfigurationError("--batch runs exactly the prepared set: drop --order and "
+                                 "--max-orders.")
+    approval, preview = workspace.prepared_batch(args.batch)
+    err(f"Batch {approval.batch_id} prepared by {approval.prepared_by} at "
+        f"{approval.prepared_at}: {approval.status}"
+        + (f" by {approval.decided_by}, until {approval.expires_at}"
+           if approval.status == "approved" else ""))
+    for line in preview_lines(preview):
+        err(line)
+    if args.dry_run:
+        err(f"Dry run: {preview.count} orders would be completed; nothing was sent.")
+        _print_results(args, approval.batch_id, preview.sha256, [
+            {"merchant_id": i.merchant_id, "order_id": i.order_id, "version": i.version,
+             "outcome": "skipped", "reason": "DRY_RUN", "detail": "dry run: not sent"}
+            for i in preview.items], dry_run=True,
+            extra={"approval": approval_json(workspace, approval)})
+        return EXIT_OK
+    refused = _typed_count_refused(args.yes, preview.count, "orders", "complete them",
+                                   "run this approved batch")
+    if refused is not None:
+        return refused
+    return await _run_batch(args, workspace, preview, approval.batch_id)
+
+
+async def _run_batch(args: argparse.Namespace, workspace: Workspace, preview: Preview,
+                     batch_id: str | None) -> int:
+    cancel = asyncio.Event()
+    install_cancel(asyncio.get_running_loop(), cancel)
+    last = [0.0]
+
+    def progress(event: BatchProgress) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - last[0] < 0.5 and event.done < event.total:
+            return
+        last[0] = now
+        eta = f"{event.eta_s:.0f}s" if event.eta_s is not None else "?"
+        backoff = " (backing off: rate limited)" if event.backing_off else ""
+        err(f"{event.done}/{event.total} done, {event.completed} completed, "
+            f"{event.skipped} skipped, {event.failed} failed, "
+            f"{event.rate_per_s:.1f}/s, ETA {eta}{backoff}")
+
+    try:
+        batch_id, results = await workspace.complete(preview, cancel=cancel,
+                                                     on_progress=progress, batch_id=batch_id)
+    except ApprovalRefused as error:  # the engine's four-eyes gate: nothing was sent
+        err(f"refused: {error}")
+        if args.json:
+            _print_results(args, batch_id, preview.sha256, [],
+                           extra={"refused": {"reason": error.code, "detail": error.detail}})
+        return EXIT_REFUSED
+    _print_results(args, batch_id, preview.sha256, [r.to_json() for r in results])
+    unrecorded = sum(1 for r in results if r.reason == NOT_RECORDED)
+    if unrecorded:
+        err(f"{unrecorded} outcomes not recorded: run `recon-console recover`.")
+    unreachable = sorted({r.merchant_id for r in results
+                          if r.reason == SkipReason.SQUARE_UNREACHABLE})
+    if unreachable:
+        err(f"Square could not be reached for {', '.join(unreachable)}: their orders "
+            "stay in the queue.")
+    _checkpoint_note(workspace)
+    if cancel.is_set():
+        return EXIT_CANCELLED
+    return EXIT_FAILURES if unreachable or any(
+        r.outcome is Outcome.FAILED for r in results) else EXIT_OK
+
+
+def approval_json(workspace: Workspace, approval: Approval, items: bool = False
+                  ) -> dict[str, Any]:
+    """A prepared batch as `approve --json` and `complete --json` show it: money as Square
+    writes it, per merchant."""
+    _, preview = workspace.prepared_batch(approval.batch_id)
+    document: dict[str, Any] = {
+        "batch_id": approval.batch_id, "approved_set_sha256": approval.approved_set_sha256,
+        "status": approval.status, "why": approval.why, "orders": approval.orders,
+        "prepared_by": approval.prepared_by, "prepared_at": approval.prepared_at,
+        "decided_by": approval.decided_by, "decided_at": approval.decided_at,
+        "reason": approval.reason, "expires_at": approval.expires_at,
+        "merchants": [{"merchant_id": merchant_id,
+                       "business_name": preview.names.get(merchant_id),
+                       "orders": count,
+                       "totals": [{"amount": amount, "currency": currency}
+                                  for currency, amount in sorted(totals.items())]}
+                      for merchant_id, count, totals in preview.per_merchant()]}
+    if items:
+        document["items"] = [{"merchant_id": i.merchant_id, "order_id": i.order_id,
+                              "version": i.version} for i in preview.items]
+    return document
+
+
+def approve(args: argparse.Namespace, settings: ReconSettings) -> int:
+    """`approve` lists the prepared batches; `approve BATCH_ID [--reject] --reason TEXT`
+    decides one (another operator than its preparer)."""
+    if args.reject and not args.reason:
+        raise ConfigurationError("--reject needs --reason TEXT: say why (recorded in the "
+                                 "audit).")
+    workspace = Workspace.open(settings)
+    try:
+        if args.batch_id is None:
+            if args.reject or args.reason or args.yes:
+                raise ConfigurationError("--reject, --reason and --yes need a BATCH_ID.")
+            batches = [approval_json(workspace, a) for a in workspace.pending_batches()]
+            if args.json:
+                print_json({"batches": batches})
+                return EXIT_OK
+            print_listing(args, [("batch_id", "batch"), ("status", "status"),
+                                 ("prepared_by", "prepared by"), ("prepared_at", "at"),
+                                 ("orders", "orders"), ("totals", "totals"),
+                                 ("expires_at", "approval expires")],
+                          [(b["batch_id"], b["status"], b["prepared_by"], b["prepared_at"],
+                            b["orders"],
+                            "; ".join(f"{m['business_name'] or m['merchant_id']}: "
+                                      + ", ".join(format_money(t["amount"], t["currency"])
+                                                  for t in m["totals"])
+                                      for m in b["merchants"]),
+                            b["expires_at"]) for b in batches])
+            err(f"{len(batches)} prepared batch(es) pending or approved.")
+            return EXIT_OK
+        approval, preview = workspace.prepared_batch(args.batch_id)
+        err(f"Batch {approval.batch_id} prepared by {approval.prepared_by} at "
+            f"{approval.prepared_at} ({approval.why}); {approval.status}.")
+        for line in preview_lines(preview):
+            err(line)
+        err(f"Approved set {approval.approved_set_sha256}: each order is re-checked at send "
+            "time.")
+        if not args.json:  # the orders themselves, as the preparer approved them
+            print_listing(args, [("merchant", "merchant"), ("merchant_id", None),
+                                 ("order_id", "order"), ("version", "version")],
+                          [(preview.names.get(i.merchant_id, i.merchant_id), i.merchant_id,
+                            i.order_id, i.version) for i in preview.items])
+        approving = not args.reject
+        if (approving and approval.status == "pending"
+                and approval.prepared_by != workspace.operator):
+            refused = _typed_count_refused(args.yes, preview.count, "orders",
+                                           "approve them", "approve this exact batch")
+            if refused is not None:
+                return refused
+        try:
+            decided = workspace.decide_batch(args.batch_id, approving, args.reason)
+        except ApprovalRefused as error:
+            err(f"refused: {error}")
+            if args.json:
+                print_json({"batch_id": args.batch_id,
+                            "refused": {"reason": error.code, "detail": error.detail}})
+            return EXIT_REFUSED
+        if args.json:
+            print_json(approval_json(workspace, decided, items=True))
+        elif approving:
+            err(f"Approved by {decided.decided_by} until {decided.expires_at}: run "
+                f"`recon-console complete --batch {decided.batch_id}`.")
+        else:
+            err(f"Rejected by {decided.decided_by}: nothing of it will be sent.")
+        return EXIT_OK
+    finally:
+        asyncio.run(workspace.aclose())
 
 
 def _typed_count_refused(yes: bool, count: int, noun: str, action: str, approval: str
@@ -317,11 +464,12 @@ def _typed_count_refused(yes: bool, count: int, noun: str, action: str, approval
 
 
 def _print_results(args: argparse.Namespace, batch_id: str | None, sha: str,
-                   results: list[dict[str, Any]], dry_run: bool = False) -> None:
+                   results: list[dict[str, Any]], dry_run: bool = False,
+                   extra: dict[str, Any] | None = None) -> None:
     summary = {o.value: sum(1 for r in results if r["outcome"] == o.value) for o in Outcome}
     if args.json:
         document: dict[str, Any] = {"batch_id": batch_id, "approved_set_sha256": sha,
-                                    "results": results, "summary": summary}
+                                    "results": results, "summary": summary, **(extra or {})}
         if dry_run:
             document["dry_run"] = True
         print_json(document)
@@ -339,6 +487,7 @@ def _print_results(args: argparse.Namespace, batch_id: str | None, sha: str,
 def recover(args: argparse.Namespace, settings: ReconSettings) -> int:
     async def run() -> int:
         workspace = Workspace.open(settings)
+        workspace.go_online("recover")
         try:
             before = workspace.open_intent_count()
             results = await workspace.recover()
@@ -451,7 +600,7 @@ def _output(path: Path, newline: str | None = None) -> Iterator[TextIO]:
         yield handle
 
 
-__all__ = ["EXIT_CANCELLED", "audit", "complete", "consent", "queue", "recover"]
+__all__ = ["EXIT_CANCELLED", "approve", "audit", "complete", "consent", "queue", "recover"]
 
 
 def remind(args: argparse.Namespace, settings: ReconSettings) -> int:

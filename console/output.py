@@ -14,10 +14,12 @@ from typing import Any
 
 import orjson
 
-__all__ = ["EXIT_CANCELLED", "EXIT_FAILURES", "EXIT_OK", "EXIT_USAGE", "err", "install_cancel",
-           "print_json", "print_json_stream"]
+__all__ = ["EXIT_CANCELLED", "EXIT_FAILURES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "err",
+           "install_cancel", "print_json", "print_json_stream"]
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+# Four-eyes: nothing was sent, because the batch needs (or lacks) a second operator's approval.
+EXIT_REFUSED = 3
 
 
 def err(message: str) -> None:

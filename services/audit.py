@@ -51,6 +51,12 @@ class AuditAction(StrEnum):
     REMINDER_FAILED = "reminder_failed"
     REMINDER_OPT_OUT = "reminder_opt_out"
     REMINDER_OPT_IN = "reminder_opt_in"
+    # Four-eyes (services/completion/approvals.py)
+    APPROVAL_REQUESTED = "approval_requested"
+    APPROVAL_GRANTED = "approval_granted"
+    APPROVAL_REJECTED = "approval_rejected"
+    APPROVAL_USED = "approval_used"
+    BATCH_REFUSED = "batch_refused"
 
 
 _SORTED_FIELDS = tuple(sorted(AUDIT_FIELDS))

@@ -13,9 +13,8 @@ from enum import StrEnum
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from jsonschema import Draft202012Validator
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -28,6 +27,9 @@ from pydantic import (
 
 from services.canonical_json import canonical_sha256
 from services.errors import ConsentFileError
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
 
 __all__ = [
     "DEFAULT_ORDER_SOURCES",
@@ -173,6 +175,9 @@ def consent_schema() -> dict[str, Any]:
 
 @cache
 def _validator() -> Draft202012Validator:
+    # Imported here: jsonschema and its format checkers are a tenth of a second of start-up
+    # that only a consent import needs.
+    from jsonschema import Draft202012Validator
     return Draft202012Validator(consent_schema(),
                                 format_checker=Draft202012Validator.FORMAT_CHECKER)
 

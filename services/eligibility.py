@@ -8,7 +8,7 @@ The checks run in the order below; the first that fails gives the reason code.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
@@ -42,7 +42,8 @@ _CONSENT_REASON = {
     ConsentStatus.EXPIRED: EligibilityReason.CONSENT_EXPIRED,
     ConsentStatus.REVOKED: EligibilityReason.CONSENT_REVOKED,
 }
-# When several consents fail to cover an order, report the one closest to being usable.
+# When several consents fail to cover an order, report the most final state first: a
+# revocation (never coming back), then an expiry, then a consent not yet effective.
 _CONSENT_PRIORITY = [ConsentStatus.REVOKED, ConsentStatus.EXPIRED,
                      ConsentStatus.NOT_YET_EFFECTIVE]
 
@@ -76,12 +77,37 @@ class ConsentView:
     statuses: tuple[ConsentStatus, ...]
     sources: frozenset[str]
     now: datetime
+    # (location_id, source) -> the consent that covers such an order now, or why none does:
+    # the same for every order of a page, so worked out once (issue 11).
+    chosen: dict[tuple[str, str | None], ConsentRecord | Classification] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, consents: Sequence[ConsentRecord], now: datetime) -> ConsentView:
         sources = frozenset(s for c in consents for s in c.scope.sources)
         return cls(tuple(consents), tuple(c.status_at(now) for c in consents),
                    sources or frozenset(DEFAULT_ORDER_SOURCES), now)
+
+
+def _choose_consent(view: ConsentView, location_id: str, source: str | None
+                    ) -> ConsentRecord | Classification:
+    """The consent in force for an order at this location from this source (the latest to
+    take effect), or the refusal when none is."""
+    covering = [(c, status) for c, status in zip(view.consents, view.statuses, strict=True)
+                if c.covers_location(location_id) and c.covers_source(source)]
+    active = [c for c, status in covering if status is ConsentStatus.ACTIVE]
+    if active:
+        return max(active, key=lambda c: c.effective_from)
+    if not view.consents:
+        return Classification(False, EligibilityReason.NO_CONSENT,
+                              "The merchant has not consented.")
+    if not covering:
+        return Classification(False, EligibilityReason.OUTSIDE_CONSENT_SCOPE,
+                              f"Location {location_id} is not covered by the consent.")
+    statuses = {status: c for c, status in covering}
+    status = next(s for s in _CONSENT_PRIORITY if s in statuses)
+    return Classification(False, _CONSENT_REASON[status],
+                          _consent_detail(status, statuses[status]), statuses[status])
 
 
 def classify(order: OrderLike, consents: Sequence[ConsentRecord], now: datetime,
@@ -107,26 +133,19 @@ def classify(order: OrderLike, consents: Sequence[ConsentRecord], now: datetime,
     if not order.tenders:
         return no(EligibilityReason.NOT_FULLY_PAID, "No payment has been taken.")
     if order.amount_due > 0:
+        # Minor units, labelled: the detail panel shows "due 1.50 USD" beside this sentence.
         return no(EligibilityReason.NOT_FULLY_PAID,
-                  f"{order.amount_due} {order.currency} still due.")
+                  f"Still due: {order.amount_due} in minor units of {order.currency}.")
     if order.version is None:
         return no(EligibilityReason.MANUAL_ONLY,
                   "No version: complete it in the Square Dashboard.")
-    covering = [(c, status) for c, status in zip(view.consents, view.statuses, strict=True)
-                if c.covers_location(order.location_id) and c.covers_source(order.source_name)]
-    active = [c for c, status in covering if status is ConsentStatus.ACTIVE]
-    if not active:
-        if not view.consents:
-            return no(EligibilityReason.NO_CONSENT, "The merchant has not consented.")
-        if not covering:
-            return no(EligibilityReason.OUTSIDE_CONSENT_SCOPE,
-                      f"Location {order.location_id} is not covered by the consent.")
-        statuses = {status: c for c, status in covering}
-        for status in _CONSENT_PRIORITY:
-            if status in statuses:
-                return no(_CONSENT_REASON[status], _consent_detail(status, statuses[status]),
-                          statuses[status])
-    consent = max(active, key=lambda c: c.effective_from)
+    key = (order.location_id, order.source_name)
+    chosen = view.chosen.get(key)
+    if chosen is None:
+        chosen = view.chosen[key] = _choose_consent(view, *key)
+    if isinstance(chosen, Classification):
+        return chosen
+    consent = chosen
     scope = consent.scope
     if scope.min_order_age_hours:
         age = now - parse_time(order.created_at)
@@ -141,7 +160,8 @@ def classify(order: OrderLike, consents: Sequence[ConsentRecord], now: datetime,
                       f"{order.currency}.", consent)
         if order.total_amount > limit.amount:
             return no(EligibilityReason.OVER_AMOUNT_LIMIT,
-                      f"Total exceeds the consent's batch limit of {limit.amount}.", consent)
+                      f"Total {order.total_amount} exceeds the consent's batch limit of "
+                      f"{limit.amount} (minor units of {limit.currency}).", consent)
     return Classification(True, None, "Fully paid, open, consented.", consent)
 
 

@@ -13,7 +13,8 @@
     │   ├── SquareInvalidRequest    400 (VERSION_MISMATCH and friends)
     │   └── SquareServerError       5xx after our retries ran out
     ├── SquareUnavailable           no answer at all (connection refused, timeouts)
-    └── AuditChainError             the audit chain does not verify
+    ├── AuditChainError             the audit chain does not verify
+    └── ApprovalRefused             four-eyes: a batch without a valid second approval
 
 The console maps these to one sentence in `console/messages.py`; the command line prints
 `str(error)` on stderr.
@@ -24,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "ApprovalRefused",
     "AuditChainError",
     "ConfigurationError",
     "ConsentFileError",
@@ -129,3 +131,14 @@ class SquareUnavailable(ReconError):
 
 class AuditChainError(ReconError):
     pass
+
+
+class ApprovalRefused(ReconError):
+    """Four-eyes (issue 14): this batch may not run, or this decision may not be taken.
+    `code` is one of APPROVAL_MISSING, APPROVAL_PENDING, APPROVAL_REJECTED, APPROVAL_EXPIRED,
+    APPROVAL_SELF_GIVEN, APPROVAL_OTHER_SET, APPROVAL_USED, APPROVAL_DECIDED."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail

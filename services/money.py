@@ -4,6 +4,7 @@ amount is written for a person is the console's business (console/wording.py).""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Protocol
 
 
@@ -21,3 +22,12 @@ def totals_by_currency(orders: Iterable[Priced]) -> dict[str, int]:
     for order in orders:
         totals[order.currency] = totals.get(order.currency, 0) + order.total_amount
     return totals
+
+
+# Currencies Square writes in whole units (no minor unit).
+ZERO_DECIMAL = frozenset({"JPY", "KRW", "VND", "CLP", "ISK", "UGX", "XAF", "XOF"})
+
+
+def minor_units(major: Decimal, currency: str) -> int:
+    """An amount in major units (10000.00) as Square's minor units for `currency`."""
+    return int(major if currency in ZERO_DECIMAL else major * 100)

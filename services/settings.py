@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import ipaddress
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -143,6 +144,14 @@ class ReconSettings(BaseSettings):
     def target(self) -> str:
         """Which Square, as the operator is told it: production, sandbox, or the base URL."""
         return self.square_base_url or self.square_environment
+
+    # Four-eyes (issue 14): a batch of more than `four_eyes_orders` orders, or of more than
+    # `four_eyes_amount` (major units, e.g. 10000.00) in any one currency, runs only once a
+    # second operator approved it; an approval is good for `approval_ttl_minutes`.
+    # (RECON_FOUR_EYES_ORDERS, RECON_FOUR_EYES_AMOUNT, RECON_APPROVAL_TTL_MINUTES)
+    four_eyes_orders: int = Field(200, ge=0)
+    four_eyes_amount: Decimal = Field(Decimal("10000.00"), ge=0)
+    approval_ttl_minutes: float = Field(30.0, gt=0)
 
     # Signed audit checkpoints go here, outside the database (RECON_CHECKPOINT_DIR); unset: a
     # `checkpoints/` folder beside the credentials file (services/checkpoints.py).

@@ -47,15 +47,14 @@ from services.errors import (
     SquareUnavailable,
     TokenMerchantMismatch,
 )
-from services.http_transport import ShardedTransport
+from services.http_transport import AiohttpWire, HttpxWire, ShardedTransport, Wire, WireFailure
 from services.square_models import (
     Location,
     Merchant,
-    OrderEnvelope,
-    OrdersBatch,
     OrderStruct,
-    SquareOrder,
     TokenStatus,
+    decode_order_envelope,
+    decode_orders_batch,
     decode_search_page,
 )
 
@@ -146,9 +145,11 @@ class SquareGateway:
                  max_connections: int = 64) -> None:
         self.base_url = base_url.rstrip("/")
         self._owns_http = http is None
-        self.http = http or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s),
-            transport=ShardedTransport(shards=max(1, max_connections // 2)))
+        self._http = http
+        self._max_connections = max_connections
+        # Our own requests: over the client handed in (in-process tests), else over aiohttp,
+        # a quarter of httpx's CPU per request (services/http_transport.py).
+        self._wire: Wire = HttpxWire(http) if http is not None else AiohttpWire(max_connections)
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self._sdk: dict[str, AsyncSquare] = {}
@@ -156,9 +157,19 @@ class SquareGateway:
         self._owners: dict[str, str] = {}
         self._identity_locks: dict[str, asyncio.Lock] = {}
 
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The SDK's HTTP client: the one handed in, or our own, made when first needed."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeout_s),
+                transport=ShardedTransport(shards=max(1, self._max_connections // 2)))
+        return self._http
+
     async def aclose(self) -> None:
-        if self._owns_http:
-            await self.http.aclose()
+        await self._wire.aclose()
+        if self._owns_http and self._http is not None:
+            await self._http.aclose()
 
     # ------------------------------------------------------------------ token identity
     async def ensure_identity(self, creds: MerchantCredentials) -> None:
@@ -222,7 +233,9 @@ class SquareGateway:
             raise error_from_response(error.status_code or 0, error.body,
                                       error.headers or {}) from None
         except httpx.TransportError as error:
-            raise SquareUnavailable(_transport_sentence(self.base_url, error)) from None
+            raise SquareUnavailable(_transport_sentence(
+                self.base_url, type(error).__name__,
+                isinstance(error, httpx.TimeoutException))) from None
 
     async def _sdk_call(self, creds: MerchantCredentials,
                         call: Callable[[AsyncSquare], Awaitable[T]]) -> T:
@@ -274,26 +287,27 @@ class SquareGateway:
         """`send` without the identity check: only the check itself uses it."""
         limit = timeout_s or self.timeout_s
         try:
-            # A total deadline as well as httpx's per-phase ones: a trickling or in-process
-            # (ASGI) answer is bounded too.
+            # A total deadline as well as the wire's own: a trickling or in-process (ASGI)
+            # answer is bounded too.
             async with asyncio.timeout(limit):
-                response = await self.http.request(
-                    method, self.base_url + path, headers=self._headers(creds),
-                    content=orjson.dumps(body) if body is not None else None, timeout=limit)
+                status, content, headers = await self._wire.request(
+                    method, self.base_url + path, self._headers(creds),
+                    orjson.dumps(body) if body is not None else None, limit)
         except TimeoutError:
             raise SquareUnavailable(f"Square ({self.base_url}) did not answer within {limit:g} s: "
                                     "check the network and retry.") from None
-        except httpx.TransportError as error:
-            raise SquareUnavailable(_transport_sentence(self.base_url, error)) from None
-        if response.status_code >= 400:
+        except WireFailure as failure:
+            raise SquareUnavailable(_transport_sentence(self.base_url, failure.kind,
+                                                        failure.timeout)) from None
+        if status >= 400:
             try:
-                data = orjson.loads(response.content) if response.content else {}
+                data = orjson.loads(content) if content else {}
             except orjson.JSONDecodeError:
                 data = {"errors": [{"code": "NOT_JSON", "category": "API_ERROR",
-                                    "detail": f"Square answered {response.status_code} with "
+                                    "detail": f"Square answered {status} with "
                                               "a body that is not JSON."}]}
-            raise error_from_response(response.status_code, data, response.headers)
-        return response.content or b"{}"
+            raise error_from_response(status, data, headers)
+        return content or b"{}"
 
     async def raw(self, creds: MerchantCredentials, method: str, path: str,
                   body: dict[str, Any] | None = None, *, timeout_s: float | None = None
@@ -314,34 +328,29 @@ class SquareGateway:
             content = await self.retry.run(
                 partial(self.send, creds, "POST", "/v2/orders/search", body))
             # Straight from bytes to slim msgspec Structs: no dicts in between (issue 11).
-            try:
-                page = decode_search_page(content)
-            except (msgspec.ValidationError, msgspec.DecodeError) as error:
-                raise SquareApiError(status=200, code="UNEXPECTED_RESPONSE",
-                                     detail="Square's answer did not have the expected shape: "
-                                            f"{str(error)[:200]}") from None
+            page = _decode(decode_search_page, content)
             yield page.orders
             cursor = page.cursor
             if not cursor:
                 return
 
     async def batch_retrieve(self, creds: MerchantCredentials, order_ids: list[str]
-                             ) -> list[SquareOrder]:
-        found: list[SquareOrder] = []
+                             ) -> list[OrderStruct]:
+        found: list[OrderStruct] = []
         for start in range(0, len(order_ids), 100):
             chunk = order_ids[start:start + 100]
             content = await self.retry.run(partial(
                 self.send, creds, "POST", "/v2/orders/batch-retrieve", {"order_ids": chunk}))
-            found.extend(_validate(OrdersBatch, content).orders)
+            found.extend(_decode(decode_orders_batch, content))
         return found
 
     async def update_order(self, creds: MerchantCredentials, order_id: str,
                            body: dict[str, Any], timeout_s: float | None = None
-                           ) -> SquareOrder | None:
+                           ) -> OrderStruct | None:
         """One UpdateOrder attempt; the caller retries with the same idempotency key."""
         content = await self.send(creds, "PUT", f"/v2/orders/{order_id}", body,
                                   timeout_s=timeout_s)
-        return _validate(OrderEnvelope, content).order
+        return _decode(decode_order_envelope, content)
 
 
 class _MerchantEnvelope(BaseModel):
@@ -358,6 +367,16 @@ def _token_key(creds: MerchantCredentials) -> str:
     return hashlib.sha256(creds.access_token.get_secret_value().encode()).hexdigest()
 
 
+def _decode(decoder: Callable[[bytes], T], data: bytes) -> T:
+    """A msgspec decoder's answer, or Square's answer named as the wrong shape."""
+    try:
+        return decoder(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as error:
+        raise SquareApiError(status=200, code="UNEXPECTED_RESPONSE",
+                             detail="Square's answer did not have the expected shape: "
+                                    f"{str(error)[:200]}") from None
+
+
 def _validate(model: type[T], data: Any) -> T:
     try:
         if isinstance(data, bytes):
@@ -369,8 +388,8 @@ def _validate(model: type[T], data: Any) -> T:
                                     f"{error.errors()[0]['msg']}") from None
 
 
-def _transport_sentence(base_url: str, error: httpx.TransportError) -> str:
-    if isinstance(error, httpx.TimeoutException):
+def _transport_sentence(base_url: str, kind: str, timeout: bool) -> str:
+    if timeout:
         return f"Square ({base_url}) did not answer in time: check the network and retry."
-    return (f"Cannot reach Square at {base_url} ({type(error).__name__}): check the network "
+    return (f"Cannot reach Square at {base_url} ({kind}): check the network "
             "or --square-base-url and retry.")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["Fulfillment", "LineItem", "Location", "Merchant", "Money", "OrderLike", "OrderStruct",
            "SearchPageStruct", "SquareOrder", "Tender", "TokenStatus", "decode_order",
-           "decode_search_page", "encode_order"]
+           "decode_order_envelope", "decode_orders_batch", "decode_search_page", "encode_order"]
 
 TERMINAL_FULFILLMENT_STATES = frozenset({"COMPLETED", "CANCELED", "FAILED"})
 
@@ -153,7 +153,7 @@ class OrderEnvelope(_Slim):
 # Square leaves empty lists out, but a `null` must not fail a whole page: list fields are
 # decoded as `X | None` under their Square name and read through a property that gives `()`.
 
-class _S(msgspec.Struct, omit_defaults=True):
+class _S(msgspec.Struct, omit_defaults=True, gc=False):
     pass
 
 
@@ -262,6 +262,14 @@ class SearchPageStruct(_S):
     cursor: str | None = None
 
 
+class OrdersBatchStruct(_S):
+    orders: list[OrderStruct] | None = None
+
+
+class OrderEnvelopeStruct(_S):
+    order: OrderStruct | None = None
+
+
 OrderLike = SquareOrder | OrderStruct
 """What `classify` and `order_row` take: either flavour of the same slim order."""
 
@@ -274,6 +282,21 @@ def decode_search_page(data: bytes) -> SearchPageStruct:
     """A SearchOrders page, straight from the response bytes (raises msgspec.ValidationError
     or msgspec.DecodeError when it does not have the expected shape)."""
     return _PAGE_DECODER.decode(data)
+
+
+_BATCH_DECODER = msgspec.json.Decoder(OrdersBatchStruct)
+_ENVELOPE_DECODER = msgspec.json.Decoder(OrderEnvelopeStruct)
+
+
+def decode_orders_batch(data: bytes) -> list[OrderStruct]:
+    """BatchRetrieveOrders' orders, straight from the bytes (raises as `decode_search_page`)."""
+    return _BATCH_DECODER.decode(data).orders or []
+
+
+def decode_order_envelope(data: bytes) -> OrderStruct | None:
+    """UpdateOrder's `{"order": ...}`, straight from the bytes: 5,000 of them per completion,
+    where pydantic's validation was a tenth of the client's CPU."""
+    return _ENVELOPE_DECODER.decode(data).order
 
 
 def decode_order(data: str | bytes) -> OrderStruct:

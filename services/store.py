@@ -6,7 +6,6 @@ Tokens never come here: no table has a column for them.
 
 from __future__ import annotations
 
-import gc
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,10 +21,11 @@ from services.consent import ConsentRecord, Revocation, record_sha256
 from services.private_files import create_private
 from services.settings import default_db_path
 
-__all__ = ["ORDER_COLUMNS", "Lease", "QueuedOrder", "Store", "StoredConsent", "now_utc",
-           "utc_text"]
+__all__ = ["ORDER_COLUMNS", "Approval", "Lease", "OperatorSession", "QueuedOrder", "Store",
+           "StoredConsent", "now_utc", "utc_text"]
 
 migrations = Migrations("recon-console")
+_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default
 
 
 def now_utc() -> datetime:
@@ -195,6 +195,65 @@ def m007_backlog_history(db: Database) -> None:
             PRIMARY KEY (day, merchant_id))""")
 
 
+@migrations()
+def m008_approvals(db: Database) -> None:
+    # Four-eyes (issue 14): a batch over the threshold is stored as prepared (the exact set
+    # and its hash, the totals the preparer saw), decided once by another operator (approved
+    # with an expiry, or rejected), and used by at most one run.
+    db.execute("""
+        CREATE TABLE approvals (
+            batch_id TEXT PRIMARY KEY, approved_set_sha256 TEXT NOT NULL,
+            items_json TEXT NOT NULL, totals_json TEXT NOT NULL, orders INTEGER NOT NULL,
+            why TEXT NOT NULL, prepared_by TEXT NOT NULL, prepared_at TEXT NOT NULL,
+            status TEXT NOT NULL, decided_by TEXT, decided_at TEXT, reason TEXT,
+            expires_at TEXT, used_by TEXT, used_at TEXT)""")
+    db.execute("CREATE INDEX approvals_status ON approvals(status)")
+
+
+# What other consoles must show without a refresh (issue 14): these tables' writes bump one
+# counter that every open console polls. Heartbeats (a lease's or a session's) do not bump it.
+# A row trigger costs ~5-20 us per row, so the bulk paths bump once through a companion row:
+# a refresh writes its orders in the transaction that updates the merchant's row, and a batch
+# inserts its intents after its `batches` row. An order deleted or re-classified bumps itself
+# (completions, revocations, a token found to be another merchant's).
+_CHANGE_TRIGGERS = {
+    "orders": ("DELETE", "UPDATE"),
+    "merchants": ("INSERT", "UPDATE"),
+    "intents": ("UPDATE OF outcome",),
+    "batches": ("INSERT", "UPDATE OF status"),
+    "consents": ("INSERT",),
+    "consent_revocations": ("INSERT",),
+    "leases": ("INSERT", "DELETE", "UPDATE OF token"),
+    "reminder_outbox": ("INSERT", "UPDATE OF status"),
+    "approvals": ("INSERT", "UPDATE OF status"),
+}
+
+
+@migrations()
+def m009_presence(db: Database) -> None:
+    """Who is online (one row per open console or running batch, heart-beaten), and the
+    change counter: one row, bumped by triggers in the writer's own transaction, so a poll
+    of one indexed row tells a console whether anything it shows changed. Triggers rather
+    than PRAGMA data_version: that moves on every commit of any connection, heartbeats
+    included (every 5 s per lease and per session), which would reload every console all
+    the time; and a counter row carries over to PostgreSQL (NOTIFY from the same triggers)."""
+    db.execute("""
+        CREATE TABLE operator_sessions (
+            session_id TEXT PRIMARY KEY, operator TEXT NOT NULL, host TEXT NOT NULL,
+            pid INTEGER NOT NULL, kind TEXT NOT NULL, started_at TEXT NOT NULL,
+            last_seen TEXT NOT NULL)""")
+    db.execute("CREATE INDEX operator_sessions_seen ON operator_sessions(last_seen)")
+    db.execute("""
+        CREATE TABLE change_counter (
+            id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)""")
+    db.execute("INSERT INTO change_counter VALUES (1, 0)")
+    for table, events in _CHANGE_TRIGGERS.items():
+        for event in events:
+            name = f"{table}_changed_{event.split()[0].lower()}"
+            db.execute(f"CREATE TRIGGER {name} AFTER {event} ON {table} BEGIN "
+                       "UPDATE change_counter SET version = version + 1 WHERE id = 1; END")
+
+
 @dataclass(frozen=True)
 class StoredConsent:
     record: ConsentRecord
@@ -257,6 +316,28 @@ class Lease(NamedTuple):
                 f"last heartbeat {self.heartbeat_at}")
 
 
+class Approval(NamedTuple):
+    """A prepared batch and its four-eyes decision (a row of `approvals`). `items_json` is
+    [[merchant_id, order_id, version], ...] sorted; `totals_json` {merchant: {currency:
+    minor units}} as the preparer saw them. status: pending, approved, rejected, used."""
+
+    batch_id: str
+    approved_set_sha256: str
+    items_json: str
+    totals_json: str
+    orders: int
+    why: str
+    prepared_by: str
+    prepared_at: str
+    status: str
+    decided_by: str | None = None
+    decided_at: str | None = None
+    reason: str | None = None
+    expires_at: str | None = None
+    used_by: str | None = None
+    used_at: str | None = None
+
+
 _INTENT_COLUMNS = ("intent_id, attempt, idempotency_key, batch_id, merchant_id, order_id, "
                    "location_id, version, amount, currency, consent_id, consent_sha256, "
                    "operator, created_at, body_json")
@@ -316,13 +397,18 @@ class Store:
         """A transaction for what can be read from Square again (discovered orders, merchant
         profiles): committed without waiting for the disk. In WAL mode that is still atomic,
         and the next `transaction()` commit (synchronous=FULL) makes it durable too, because
-        the log is written in order. 200 merchants: 200 fsyncs less (issue 11)."""
+        the log is written in order. 200 merchants: 200 fsyncs less (issue 11).
+        Nor does it checkpoint: copying the log into the database (and syncing both) every
+        4 MB stalled the event loop for seconds of a 100,000-order discovery; the next
+        `transaction()` commit, or closing, checkpoints once."""
         self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")
         try:
             with self.transaction() as conn:
                 yield conn
         finally:
             self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
 
     def close(self) -> None:
         self.conn.close()
@@ -519,6 +605,12 @@ class Store:
                                 "WHERE merchant_id = ?", [merchant_id]).fetchone()
         return int(row[0]), int(row[1])
 
+    def candidate_created_at(self, merchant_id: str) -> list[str]:
+        """`created_at` of the merchant's eligible orders (the backlog chart counts them)."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT created_at FROM orders WHERE merchant_id = ? AND eligible = 1",
+            [merchant_id])]
+
     def queued_orders(self, merchant_id: str | None = None, eligible_only: bool = False,
                       ordered: bool = True) -> list[QueuedOrder]:
         sql = f"SELECT {_QUEUED_COLUMNS} FROM {_QUEUED_FROM} WHERE 1=1"
@@ -530,11 +622,19 @@ class Store:
             sql += " AND o.eligible = 1"
         if ordered:  # the console sorts for itself
             sql += " ORDER BY o.merchant_id, o.created_at, o.order_id"
-        gc.disable()  # 50,000 tuples at once: see console/screens/queue.py
-        try:
-            return list(map(QueuedOrder._make, self.conn.execute(sql, params).fetchall()))
-        finally:
-            gc.enable()
+        return list(map(QueuedOrder._make, self.conn.execute(sql, params).fetchall()))
+
+    def oldest_orders(self, merchant_id: str | None = None, limit: int = 200
+                      ) -> list[QueuedOrder]:
+        """The `limit` oldest open orders (ties by id): the queue's first screenful, shown
+        before the rest has loaded, in the order the full queue sorts them by age."""
+        sql = f"SELECT {_QUEUED_COLUMNS} FROM {_QUEUED_FROM}"
+        params: list[Any] = []
+        if merchant_id is not None:
+            sql += " WHERE o.merchant_id = ?"
+            params.append(merchant_id)
+        sql += " ORDER BY o.created_at, o.order_id LIMIT ?"
+        return list(map(QueuedOrder._make, self.conn.execute(sql, [*params, limit])))
 
     def order_json(self, order_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",
@@ -694,3 +794,101 @@ class Store:
     def leases(self) -> list[Lease]:
         return [Lease(*row) for row in self.conn.execute(
             "SELECT * FROM leases ORDER BY merchant_id").fetchall()]
+
+    # ------------------------------------------------------------------ four-eyes approvals
+    # Writers are called inside the caller's `transaction()`, so each change commits with
+    # its audit entry (services/completion/approvals.py).
+    def insert_approval(self, approval: Approval) -> None:
+        self.conn.execute(f"INSERT INTO approvals VALUES ({', '.join('?' * len(approval))})",
+                          list(approval))
+
+    def approval(self, batch_id: str) -> Approval | None:
+        row = self.conn.execute("SELECT * FROM approvals WHERE batch_id = ?",
+                                [batch_id]).fetchone()
+        return Approval(*row) if row else None
+
+    def approvals(self, statuses: Sequence[str] | None = None) -> list[Approval]:
+        """Prepared batches, oldest first; only those in `statuses` if given."""
+        sql = "SELECT * FROM approvals"
+        params: list[Any] = []
+        if statuses:
+            sql += f" WHERE status IN ({', '.join('?' for _ in statuses)})"
+            params += list(statuses)
+        return [Approval(*row) for row in self.conn.execute(
+            sql + " ORDER BY prepared_at, batch_id", params).fetchall()]
+
+    def decide_approval(self, batch_id: str, status: str, decided_by: str, decided_at: str,
+                        reason: str | None, expires_at: str | None) -> bool:
+        """Approve or reject a pending batch; False when it is no longer pending."""
+        cursor = self.conn.execute(
+            "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, reason = ?, "
+            "expires_at = ? WHERE batch_id = ? AND status = 'pending'",
+            [status, decided_by, decided_at, reason, expires_at, batch_id])
+        return cursor.rowcount == 1
+
+    def use_approval(self, batch_id: str, used_by: str, used_at: str) -> bool:
+        """Claim an approved, unexpired batch for one run; False if it is not (any more)."""
+        cursor = self.conn.execute(
+            "UPDATE approvals SET status = 'used', used_by = ?, used_at = ? "
+            "WHERE batch_id = ? AND status = 'approved' AND expires_at > ?",
+            [used_by, used_at, batch_id, used_at])
+        return cursor.rowcount == 1
+
+    def order_amounts(self, order_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """order id -> (total amount, currency) among `order_ids`: from the queue, else from
+        the order's latest intent (an order sent before, e.g. a retry of the failed)."""
+        found: dict[str, tuple[int, str]] = {}
+        for start in range(0, len(order_ids), 500):
+            chunk = list(order_ids[start:start + 500])
+            marks = ", ".join("?" for _ in chunk)
+            found.update({str(r[0]): (int(r[1]), str(r[2])) for r in self.conn.execute(
+                "SELECT order_id, amount, currency FROM intents WHERE amount IS NOT NULL "
+                f"AND order_id IN ({marks}) ORDER BY created_at, attempt", chunk)})
+            found.update({str(r[0]): (int(r[1]), str(r[2])) for r in self.conn.execute(
+                f"SELECT order_id, total_amount, currency FROM orders WHERE order_id IN "
+                f"({marks})", chunk)})
+        return found
+
+    # ------------------------------------------------------------------ presence and changes
+    def change_version(self) -> int:
+        """The change counter: it moves whenever something an open console shows changes
+        (orders, outcomes, consents, revocations, leases taken or released)."""
+        row = self.conn.execute("SELECT version FROM change_counter WHERE id = 1").fetchone()
+        return int(row[0])
+
+    def register_session(self, session: OperatorSession, forget_before: str) -> None:
+        """Add (or replace) an operator session, and forget those unseen since
+        `forget_before` (the table stays the size of the team)."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM operator_sessions WHERE last_seen < ?", [forget_before])
+            conn.execute("INSERT OR REPLACE INTO operator_sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         list(session))
+
+    def touch_session(self, session_id: str, last_seen: str) -> bool:
+        """The session's heartbeat; False when its row is gone (forgotten: register again)."""
+        with self.transaction() as conn:
+            row = conn.execute("UPDATE operator_sessions SET last_seen = ? WHERE session_id = ? "
+                               "RETURNING 1", [last_seen, session_id]).fetchone()
+        return row is not None
+
+    def end_session(self, session_id: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM operator_sessions WHERE session_id = ?", [session_id])
+
+    def sessions(self, seen_since: str) -> list[OperatorSession]:
+        """Sessions whose last heartbeat is at or after `seen_since`, by operator."""
+        return [OperatorSession(*row) for row in self.conn.execute(
+            "SELECT * FROM operator_sessions WHERE last_seen >= ? "
+            "ORDER BY operator, started_at, session_id", [seen_since]).fetchall()]
+
+
+class OperatorSession(NamedTuple):
+    """An open console or a running command (a row of `operator_sessions`)."""
+
+    session_id: str
+    operator: str
+    host: str
+    pid: int
+    kind: str        # "console", "read-only console", "complete", "recover"
+    started_at: str
+    last_seen: str

@@ -10,6 +10,7 @@ from pathlib import Path
 from textual.pilot import Pilot
 
 from console.app import ReconApp
+from console.screens.base import LOAD_GROUP
 from services.demo import DemoEnvironment, build_demo
 
 FROZEN = datetime(2026, 11, 26, 9, 30, tzinfo=UTC)
@@ -30,14 +31,22 @@ def app_for(environment: DemoEnvironment, read_only: bool = False) -> ReconApp:
 
 async def wait_until(pilot: Pilot[object], condition: Callable[[], bool],
                      timeout: float = 20.0) -> None:
-    """Wait on a condition (never a fixed sleep)."""
+    """Wait on a condition (never a fixed sleep), then for the screen on top to have its
+    data in (its LOAD_GROUP workers done: a queue read in full, the merchants' overview)."""
     waited = 0.0
-    while not condition():
+    while not condition() or screen_loading(pilot.app):
         if waited > timeout:
             raise AssertionError("condition not met in time")
         await pilot.pause(0.05)
         waited += 0.05
     await pilot.pause()
+
+
+def screen_loading(app: object) -> bool:
+    from textual.app import App
+    assert isinstance(app, App)
+    return any(worker.group == LOAD_GROUP and worker.node is app.screen
+               and not worker.is_finished for worker in app.workers)
 
 
 def merchants_loaded(app: ReconApp) -> Callable[[], bool]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 import copy
 import random
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,12 @@ from hypothesis import strategies as st
 
 from services.consent import ConsentRecord, ConsentStatus
 from services.eligibility import (
+    ConsentView,
     EligibilityReason,
     LimitedItem,
     apply_batch_limits,
     classify,
+    dashboard_url,
 )
 from services.square_models import SquareOrder
 from tests.conftest import consent_document
@@ -48,20 +52,28 @@ SQUARE_ONLINE_ORDER: dict[str, Any] = {
 }
 
 
-def order(**changes: Any) -> SquareOrder:
+def order_document(**changes: Any) -> dict[str, Any]:
     document = copy.deepcopy(SQUARE_ONLINE_ORDER)
     for key, value in changes.items():
         if value is None:
             document.pop(key, None)
         else:
             document[key] = value
-    return SquareOrder.model_validate(document)
+    return document
+
+
+def order(**changes: Any) -> SquareOrder:
+    return SquareOrder.model_validate(order_document(**changes))
+
+
+def consent_doc(**changes: Any) -> dict[str, Any]:
+    document = consent_document(MERCHANT, **changes)
+    document["location_ids"] = changes.get("location_ids", ["LMAIN123", "LWEB456"])
+    return document
 
 
 def consent(**changes: Any) -> ConsentRecord:
-    document = consent_document(MERCHANT, **changes)
-    document["location_ids"] = changes.get("location_ids", ["LMAIN123", "LWEB456"])
-    return ConsentRecord.model_validate(document)
+    return ConsentRecord.model_validate(consent_doc(**changes))
 
 
 ACTIVE = consent()
@@ -149,6 +161,156 @@ def test_batch_limits_stop_at_the_limit_and_keep_the_rest() -> None:
     kept, held = apply_batch_limits(
         [LimitedItem((MERCHANT, f"o{i}"), by_amount, 3000) for i in range(4)])
     assert len(kept) == 2 and len(held) == 2
+
+
+def test_batch_limits_keep_an_order_that_reaches_the_amount_limit_exactly() -> None:
+    """The consent's `max_amount_per_batch` is the most a batch may complete: reaching it exactly
+    is within it, one minor unit more is not."""
+    limited = consent(scope={"action": "complete_fully_paid_orders",
+                             "max_amount_per_batch": {"amount": 7000, "currency": "USD"}})
+    kept, held = apply_batch_limits(
+        [LimitedItem((MERCHANT, f"o{i}"), limited, amount) for i, amount in
+         enumerate([3500, 3500, 1])])
+    assert kept == [(MERCHANT, "o0"), (MERCHANT, "o1")]
+    assert held == [(MERCHANT, "o2")]
+    [alone], [] = apply_batch_limits([LimitedItem((MERCHANT, "big"), limited, 7000)])
+    assert alone == (MERCHANT, "big")
+
+
+def test_batch_limits_are_counted_per_consent() -> None:
+    """Two merchants' consents each allow one order a batch: each gets its one, neither uses up
+    the other's allowance."""
+    scope = {"action": "complete_fully_paid_orders", "max_orders_per_batch": 1,
+             "max_amount_per_batch": {"amount": 5000, "currency": "USD"}}
+    first = consent(scope=scope)
+    second = consent(scope=scope, consent_id="9e8d7c6b-5a49-4382-9170-6f5e4d3c2b1a")
+    items = [LimitedItem(("M1", "a1"), first, 4000), LimitedItem(("M2", "b1"), second, 4000),
+             LimitedItem(("M1", "a2"), first, 100), LimitedItem(("M2", "b2"), second, 100)]
+    kept, held = apply_batch_limits(items)
+    assert kept == [("M1", "a1"), ("M2", "b1")]
+    assert held == [("M1", "a2"), ("M2", "b2")]
+
+
+# Every refusal as the operator meets it: the reason code (which the independent oracle must also
+# find), the sentence the detail panel shows and the journal keeps, and the consent the verdict
+# names (the queue stores its id and the audit cites it; None where no consent decided it).
+# Dates are given in other zones on purpose: the detail always speaks UTC.
+FULL_ID = "0b7c6f1e-3f7a-4c1e-9a51-2f8e6c1d4b10"
+OTHER_ID = "9e8d7c6b-5a49-4382-9170-6f5e4d3c2b1a"
+REVOKED = {"revoked_at": "2026-11-25T00:00:00-05:00", "revoked_by": "Dana", "reason": "No longer"}
+REFUSALS: list[tuple[str, dict[str, Any], list[dict[str, Any]], EligibilityReason | None, str,
+                     str | None]] = [
+    ("eligible", {}, [consent_doc()], None, "Fully paid, open, consented.", FULL_ID),
+    ("completed", {"state": "COMPLETED"}, [consent_doc()], EligibilityReason.NOT_OPEN,
+     "Order is COMPLETED.", None),
+    ("point of sale", {"source": {"name": "Point of Sale"}}, [consent_doc()],
+     EligibilityReason.OUTSIDE_CONSENT_SCOPE, "Source 'Point of Sale' is not covered.", None),
+    ("no source", {"source": None}, [consent_doc()], EligibilityReason.OUTSIDE_CONSENT_SCOPE,
+     "Source 'unknown' is not covered.", None),
+    ("refunded", {"refunds": [{"id": "r1"}]}, [consent_doc()], EligibilityReason.REFUNDED,
+     "Has refunds or returns: needs a person.", None),
+    ("authorized", {"tenders": [{"type": "CARD", "card_details": {"status": "AUTHORIZED"}}]},
+     [consent_doc()], EligibilityReason.PAYMENT_NOT_CAPTURED,
+     "Card payment is AUTHORIZED, not captured.", None),
+    ("no tender", {"tenders": None}, [consent_doc()], EligibilityReason.NOT_FULLY_PAID,
+     "No payment has been taken.", None),
+    ("part paid", {"net_amount_due_money": {"amount": 150, "currency": "USD"}}, [consent_doc()],
+     EligibilityReason.NOT_FULLY_PAID, "Still due: 150 in minor units of USD.", None),
+    ("no version", {"version": None}, [consent_doc()], EligibilityReason.MANUAL_ONLY,
+     "No version: complete it in the Square Dashboard.", None),
+    ("no consent", {}, [], EligibilityReason.NO_CONSENT, "The merchant has not consented.", None),
+    ("other location", {"location_id": "LOTHER"}, [consent_doc()],
+     EligibilityReason.OUTSIDE_CONSENT_SCOPE,
+     "Location LOTHER is not covered by the consent.", None),
+    ("not yet effective", {}, [consent_doc(effective_from="2026-12-01T09:00:00+09:00")],
+     EligibilityReason.CONSENT_NOT_YET_EFFECTIVE,
+     "Consent is not yet effective: it starts 2026-12-01 00:00 UTC.", FULL_ID),
+    ("expired", {}, [consent_doc(expires_at="2026-11-25T08:30:00+05:30")],
+     EligibilityReason.CONSENT_EXPIRED, "Consent expired 2026-11-25 03:00 UTC.", FULL_ID),
+    # It also has an expiry date (2027): the revocation is what the operator must read.
+    ("revoked", {}, [consent_doc(revocation=REVOKED)], EligibilityReason.CONSENT_REVOKED,
+     "Consent was revoked 2026-11-25 05:00 UTC.", FULL_ID),
+    ("revoked beside another location's consent", {},
+     [consent_doc(consent_id=OTHER_ID, location_ids=["LWEB456"]),
+      consent_doc(revocation=REVOKED)], EligibilityReason.CONSENT_REVOKED,
+     "Consent was revoked 2026-11-25 05:00 UTC.", FULL_ID),
+    ("one hour short of 24", {"created_at": "2026-11-25T13:00:00Z"}, [consent_doc()],
+     EligibilityReason.TOO_RECENT, "Younger than 24 h.", FULL_ID),
+    ("exactly 24 hours old", {"created_at": "2026-11-25T12:00:00Z"}, [consent_doc()], None,
+     "Fully paid, open, consented.", FULL_ID),
+    ("newest consent's age rule", {}, [
+        consent_doc(), consent_doc(consent_id=OTHER_ID, effective_from="2026-11-10T00:00:00Z",
+                                   scope={"action": "complete_fully_paid_orders",
+                                          "min_order_age_hours": 200})],
+     EligibilityReason.TOO_RECENT, "Younger than 200 h.", OTHER_ID),
+    ("over the amount limit", {"total_money": {"amount": 500001, "currency": "USD"}},
+     [consent_doc()], EligibilityReason.OVER_AMOUNT_LIMIT,
+     "Total 500001 exceeds the consent's batch limit of 500000 (minor units of USD).", FULL_ID),
+    ("limit in another currency", {"total_money": {"amount": 4200, "currency": "CAD"}},
+     [consent_doc()], EligibilityReason.OUTSIDE_CONSENT_SCOPE,
+     "Consent's amount limit is in USD, order in CAD.", FULL_ID),
+]
+_CONSENT_STATES = {EligibilityReason.CONSENT_NOT_YET_EFFECTIVE, EligibilityReason.CONSENT_EXPIRED,
+                   EligibilityReason.CONSENT_REVOKED}
+
+
+@pytest.mark.parametrize(("name", "changes", "consent_docs", "reason", "detail", "consent_id"),
+                         REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_each_refusal_names_its_reason_detail_and_consent(
+        name: str, changes: dict[str, Any], consent_docs: list[dict[str, Any]],
+        reason: EligibilityReason | None, detail: str, consent_id: str | None) -> None:
+    document = order_document(**changes)
+    verdict = classify(SquareOrder.model_validate(document),
+                       [ConsentRecord.model_validate(c) for c in consent_docs], NOW)
+    expected = oracle.judge(document, consent_docs, NOW)
+    assert verdict.eligible is expected.eligible is (reason is None), sorted(expected.reasons)
+    if reason is not None:
+        assert reason.value in expected.reasons, sorted(expected.reasons)
+    assert (verdict.reason, verdict.detail) == (reason, detail)
+    assert (verdict.consent.consent_id if verdict.consent else None) == consent_id
+    by_id = {c["consent_id"]: c for c in consent_docs}
+    if reason in _CONSENT_STATES:
+        # The consent named is one the oracle finds in that very state.
+        assert oracle.consent_state(by_id[consent_id], NOW) == reason.value
+    elif consent_id is not None:
+        # The consent whose limits decided it: the newest active one, as the oracle picks it.
+        assert consent_id == expected.consent_id
+
+
+@pytest.fixture
+def machine_in_tokyo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if not hasattr(time, "tzset"):
+        pytest.skip("time.tzset is POSIX only")
+    monkeypatch.setenv("TZ", "JST-9")  # POSIX form: needs no tz database
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_consent_dates_are_written_in_utc_whatever_the_machines_zone(
+        machine_in_tokyo: None) -> None:
+    """Operators in several zones compare these dates with the consent file's: always UTC."""
+    assert datetime(2026, 11, 25, tzinfo=UTC).astimezone().utcoffset() == timedelta(hours=9)
+    verdict = classify(order(), [consent(expires_at="2026-11-25T08:30:00+05:30")], NOW)
+    assert verdict.detail == "Consent expired 2026-11-25 03:00 UTC."
+
+
+def test_a_consent_view_whose_statuses_do_not_line_up_is_refused() -> None:
+    """Statuses are matched to consents by position: a view with one missing would silently
+    judge consents by another's status, so classify refuses it instead."""
+    view = ConsentView((ACTIVE, consent(consent_id=OTHER_ID)), (ConsentStatus.ACTIVE,),
+                       frozenset({"Square Online"}), NOW)
+    with pytest.raises(ValueError, match="zip"):
+        classify(order(), [ACTIVE], NOW, view)
+
+
+def test_manual_only_orders_link_to_the_order_in_the_square_dashboard() -> None:
+    order_id = SQUARE_ONLINE_ORDER["id"]
+    assert dashboard_url(order_id) == \
+        f"https://app.squareup.com/dashboard/orders/overview/{order_id}"
+    assert dashboard_url(order_id, "https://app.squareupsandbox.com") == \
+        f"https://app.squareupsandbox.com/dashboard/orders/overview/{order_id}"
 
 
 # The property test. Its cases start from the eligible Square Online order and consent above and

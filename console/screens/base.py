@@ -18,13 +18,19 @@ if TYPE_CHECKING:  # for the type only: console.app imports the screens, not the
     from console.app import ReconApp
 
 
+# The worker group of the workers that bring a screen's data in (tests wait for them).
+LOAD_GROUP = "load"
+
+
 class Refreshed(Message):
     """The workspace's data changed (a refresh, a batch, a recovery, reminders sent): the app
-    has every screen reload."""
+    has every screen reload. `live`: another process changed it (the change feed said so);
+    only the screen in view reloads now, the others when they come back into view."""
 
-    def __init__(self, error: str | None = None) -> None:
+    def __init__(self, error: str | None = None, *, live: bool = False) -> None:
         super().__init__()
         self.error = error
+        self.live = live
 
 
 class CompleteRequested(Message):
@@ -51,6 +57,7 @@ class AppScreen(Screen[None]):
 
 
 class ConsoleScreen(AppScreen):
+    stale = False  # data changed while another screen was in view: reload on resume
 
     def show_status(self, text: str, error: bool = False) -> None:
         """The app calls this on every screen when its status changes."""
@@ -65,9 +72,16 @@ class ConsoleScreen(AppScreen):
     def on_screen_resume(self) -> None:
         # A message another screen left behind is about that screen, not this one.
         self.recon.forget_status_of_others(self)
+        if self.stale:
+            self.stale = False
+            self.reload()
 
     def reload(self) -> None:
         """Show the workspace's data again (after a refresh, a batch, a recovery)."""
+
+    def tick(self) -> None:
+        """About once a second while in view: what changes with time alone (who is online,
+        leases whose holder stopped heart-beating)."""
 
     def palette_commands(self) -> Iterable[SystemCommand]:
         """This screen's own entries in the command palette."""

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 
+from textual import work
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Header, Static
 
-from console.safe_text import SafeText, clip, safe
-from console.screens.base import ConsoleScreen
+from console.safe_text import SafeText, clip, safe, safe_join
+from console.screens.base import LOAD_GROUP, ConsoleScreen
 from console.widgets.merchant_detail import MerchantPane
 from console.widgets.row_table import RowTable
 from console.wording import format_money
 from services.private_files import open_private
+from services.processes import HOST
+from services.store import OperatorSession
 from services.text_safety import csv_cell
 from services.timestamps import parse_time
-from services.workspace import MerchantOverview
+from services.workspace import MerchantOverview, Workspace
 
 _SPARK = " ▁▂▃▄▅▆▇█"
 _CONSENT_STYLE = {"active": "green", "expiring": "yellow", "expired": "red", "revoked": "red",
@@ -37,12 +41,34 @@ def sparkline(buckets: Iterable[int]) -> str:
     return "".join(_SPARK[round(v / top * (len(_SPARK) - 1))] if v else "·" for v in values)
 
 
+def online_line(sessions: list[OperatorSession], me: str | None, limit: int = 8) -> SafeText:
+    """"Online: ann (you) · bob (console on laptop-2) · cat (complete)"; `me` is this
+    console's session id. Names are the operators' own text: shown literally, clipped."""
+    if not sessions:
+        return safe("Online: nobody (presence could not be recorded)", "dim")
+    parts: list[object | tuple[object, str]] = [("Online: ", "bold")]
+    for index, session in enumerate(sessions[:limit]):
+        if index:
+            parts.append(" · ")
+        where = "you" if session.session_id == me else \
+            session.kind + ("" if session.host == HOST else f" on {clip(session.host, 24)}")
+        parts += [(clip(session.operator, 24), "bold"), f" ({where})"]
+    if len(sessions) > limit:
+        parts.append(f" · and {len(sessions) - limit} more")
+    return safe_join(*parts)
+
+
 def duration(delta: timedelta | None) -> str:
     if delta is None:
         return "—"
     minutes = int(delta.total_seconds() // 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
+
+
+def overview_of(workspace: Workspace) -> list[MerchantOverview]:
+    with workspace.own_connection() as own:
+        return own.overview()
 
 
 class MerchantTable(RowTable[SafeText]):
@@ -66,6 +92,7 @@ class MerchantsScreen(ConsoleScreen):
         super().__init__()
         self.reminders_only = False
         self.rows: list[MerchantOverview] = []
+        self._online = SafeText()
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -73,6 +100,7 @@ class MerchantsScreen(ConsoleScreen):
             yield Static("READ-ONLY: this console offers no write actions.", id="read-only")
         yield Static("", id="banner")
         yield Static("Merchants", id="title", classes="title")
+        yield Static("", id="presence")
         table = MerchantTable(id="merchants", cursor_type="row", zebra_stripes=True)
         table.add_columns("Merchant", "Consent", "Token", "Eligible", "Total", "Oldest",
                           "Ages <1d…2w+", "Next sync", "Note")
@@ -94,8 +122,15 @@ class MerchantsScreen(ConsoleScreen):
         if workspace.credentials_error:
             banner.update(safe(workspace.credentials_error))
             banner.add_class("error")
-        self.rows = workspace.overview()
+        self.load_overview(workspace)
+
+    @work(exclusive=True, group=LOAD_GROUP)
+    async def load_overview(self, workspace: Workspace) -> None:
+        """The overview reads every open order: in a thread, on a connection of its own
+        (exclusive: a newer reload cancels this one before it lands)."""
+        self.rows = await asyncio.to_thread(overview_of, workspace)
         self._fill()
+        self._show_online()
         self._show_detail(self._current_merchant())
 
     def _fill(self) -> None:
@@ -147,6 +182,28 @@ class MerchantsScreen(ConsoleScreen):
             for index, row in enumerate(rows):
                 if row.merchant_id == current:
                     table.move_cursor(row=index)
+
+    def _show_online(self) -> None:
+        workspace = self.recon.workspace
+        if workspace is not None:
+            sessions = workspace.online(self.recon.presence_expiry_s)
+            me = workspace.presence.session.session_id if workspace.presence else None
+            line: SafeText = online_line(sessions, me)
+            if line != self._online:  # once a second: repaint only a change
+                self._online = line
+                self.query_one("#presence", Static).update(line)
+
+    def tick(self) -> None:
+        """Who is online now; and a lease whose holder died (no release, so no change for
+        the feed) stops showing once it has expired."""
+        workspace = self.recon.workspace
+        if workspace is None:
+            return
+        shown = {r.merchant_id for r in self.rows if r.leased_by}
+        if self.rows and set(workspace.leased_merchants()) != shown:
+            self.reload()
+        else:
+            self._show_online()
 
     def _current_merchant(self) -> str | None:
         table = self.query_one("#merchants", DataTable)

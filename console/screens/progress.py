@@ -35,9 +35,12 @@ class ProgressScreen(AppScreen):
     ]
 
     def __init__(self, preview: Preview, *, start: bool = True,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 batch_id: str | None = None) -> None:
         super().__init__()
         self.preview = preview
+        # A prepared batch (four-eyes) runs under its id, so the engine checks its approval.
+        self.batch_id = batch_id
         self.start = start
         # Rate, ETA and elapsed come from this clock (injectable: snapshots freeze it).
         self.clock = clock
@@ -65,7 +68,7 @@ class ProgressScreen(AppScreen):
         # Progress arrives per order; the screen repaints at most 10 times a second.
         self.set_interval(0.1, self._paint)
         if self.start:
-            self.run_batch(self.preview.items)
+            self.run_batch(self.preview.items, self.batch_id)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "cancel":
@@ -77,7 +80,7 @@ class ProgressScreen(AppScreen):
         return True
 
     @work(exclusive=True, group="batch")
-    async def run_batch(self, items: list[ApprovedItem]) -> None:
+    async def run_batch(self, items: list[ApprovedItem], batch_id: str | None = None) -> None:
         workspace = self.workspace
         self.finished = False
         self.started, self.ended = self.clock(), None
@@ -87,7 +90,8 @@ class ProgressScreen(AppScreen):
         try:
             # Through the workspace, which anchors the audit with a signed checkpoint after.
             _, results = await workspace.complete(items, cancel=self.cancel_event,
-                                                  on_progress=self._on_progress)
+                                                  on_progress=self._on_progress,
+                                                  batch_id=batch_id)
             self.results = results
         except Exception as error:
             self.notify(describe(error), severity="error", timeout=10)

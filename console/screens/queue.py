@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -9,20 +10,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from textual import work
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Footer, Header, Input, Static
 
 from console.safe_text import safe
-from console.screens.base import CompleteRequested, ConsoleScreen
+from console.screens.base import LOAD_GROUP, CompleteRequested, ConsoleScreen
 from console.widgets.order_detail import OrderDetail
-from console.widgets.order_table import Column, OrderTable, TableRow
+from console.widgets.order_table import Column, OrderTable, TableData, TableRow
 from console.wording import format_money, hold_text, holds_summary, money_text, plural
 from services.money import totals_by_currency
 from services.store import QueuedOrder
 from services.timestamps import parse_time
-from services.workspace import Hold
+from services.workspace import Hold, Workspace
 
 KINDS = {"1": ("candidate", "Candidates"), "2": ("blocked", "Blocked"),
          "3": ("manual", "Manual only"), "4": (None, "All")}
@@ -91,6 +93,41 @@ def line_sort_key(line: QueueLine, column: int, with_merchant: bool) -> Any:
     return _SORT_GETTERS[column](line)
 
 
+@dataclass(frozen=True)
+class QueueData:
+    """A queue read and made ready off the UI thread (`QueueScreen.load`)."""
+
+    orders: dict[str, QueuedOrder]
+    holds: dict[str, Hold]
+    kinds: dict[str, str]               # order id -> candidate | blocked | manual
+    table: TableData
+    now: datetime
+    held_text: str                      # "held back: …" for the selection line, or ""
+    complete: bool                      # False: only the first screenful, the rest to come
+    leased: set[str]                    # merchants another live run holds, at this read
+
+
+# Orders read first, oldest first, so the screen shows before the rest has loaded: a few
+# screenfuls, enough for the Candidates tab to fill the table when some are held back.
+FIRST_PAGE = 300
+# Off: the collector stays on while a queue is read. Paused (gc.disable), the big collection
+# that follows fell on the UI thread: up to 0.8 s of its CPU at 100,000 orders, against under
+# 0.1 s left on (bench/console_queue.py --gc-paused measures both). No gc.freeze() either:
+# what it freezes (popped screens among it) is never freed.
+PAUSE_GC_WHILE_READING = False
+# Above this many selected orders the selection's totals are added up in a worker thread.
+SELECTION_IN_WORKER = 5_000
+
+
+def selection_totals(selected: Iterable[str], orders: dict[str, QueuedOrder],
+                     kinds: dict[str, str]) -> tuple[int, str]:
+    """(candidates among the selected, their totals as text): what the confirmation will
+    hold (held orders are left out)."""
+    chosen = [orders[key] for key in selected
+              if key in orders and kinds.get(key) == "candidate"]
+    return len(chosen), money_text(totals_by_currency(chosen))
+
+
 COLUMNS = [Column("Ref", 10), Column("Order", 12), Column("Merchant", 18),
            Column("Location", 14), Column("Age", 7, True), Column("Total", 13, True),
            Column("Fulfillments", 18), Column("Reason", 22)]
@@ -127,6 +164,10 @@ class QueueScreen(ConsoleScreen):
         self.kinds: dict[str, str] = {}
         self._kind_counts: Counter[str] = Counter()
         self._now = datetime.now(UTC)
+        self._leased: set[str] = set()  # merchants another run held at the last reload
+        self.loaded = False          # the whole queue is in (not only its first screenful)
+        self._held_text = ""
+        self._selection_money: tuple[int, str] | None = (0, "")
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -164,36 +205,76 @@ class QueueScreen(ConsoleScreen):
         return not (action == "complete" and self.recon.read_only)
 
     def reload(self) -> None:
+        if self.recon.workspace is not None:
+            self.load()
+
+    @work(exclusive=True, group=LOAD_GROUP)
+    async def load(self) -> None:
+        """Read the queue in a thread on a connection of its own: first the oldest orders
+        (the first screenful, at once), then all of them. Exclusive: a newer load cancels
+        this one, so an older answer never lands over a newer one."""
         workspace = self.recon.workspace
-        if workspace is None:
-            return
-        now = workspace.clock()
-        names = workspace.merchant_names()
-        locations = workspace.location_names()
-        orders = workspace.queue(self.merchant_id, ordered=False)
-        self.orders = {o.order_id: o for o in orders}
-        self.holds = workspace.holds(orders)
-        # "Blue Fern Bakery — Main Street" -> "Main Street": the merchant has its own column.
-        short = {k: v.split(" — ")[-1] for k, v in locations.items()}
-        # Tens of thousands of small objects at once: the cyclic GC would rescan them again
-        # and again while they are made (a third of the load time), and none form cycles.
+        assert workspace is not None
+        table = self.query_one(OrderTable)
+        if not self.loaded:  # the first load: the oldest orders at once
+            self._show(await asyncio.to_thread(self._read, workspace, table, FIRST_PAGE))
+        self._show(await asyncio.to_thread(self._read, workspace, table, None))
+
+    def _read(self, workspace: Workspace, table: OrderTable, limit: int | None) -> QueueData:
+        """Runs in a worker thread: reads the database and builds rows, touches no widget."""
+        if not PAUSE_GC_WHILE_READING:
+            return self._read_rows(workspace, table, limit)
         gc.disable()
         try:
-            holds = self.holds
-            rows = [make_row(o, names.get(o.merchant_id, o.merchant_id),
-                             short.get(o.location_id, o.location_id), holds.get(o.order_id))
-                    for o in orders]
+            return self._read_rows(workspace, table, limit)
         finally:
             gc.enable()
-        self._now = now
-        self.kinds = {row.key: row.kind for row in rows}
+
+    def _read_rows(self, workspace: Workspace, table: OrderTable, limit: int | None
+                   ) -> QueueData:
+        with workspace.own_connection() as own:
+            now = own.clock()
+            names = own.merchant_names()
+            locations = own.location_names()
+            orders = (own.queue(self.merchant_id, ordered=False) if limit is None
+                      else own.store.oldest_orders(self.merchant_id, limit))
+            # The oldest orders are a prefix of the queue by age, so their holds (batch
+            # limits are taken oldest first) are those the full queue gives them.
+            holds = own.holds(orders)
+            leased = set(own.leased_merchants())
+        # "Blue Fern Bakery — Main Street" -> "Main Street": the merchant has its own column.
+        short = {k: v.split(" — ")[-1] for k, v in locations.items()}
+        rows = [make_row(o, names.get(o.merchant_id, o.merchant_id),
+                         short.get(o.location_id, o.location_id), holds.get(o.order_id))
+                for o in orders]
+        by_id = {o.order_id: o for o in orders}
+        kinds = {row.key: row.kind for row in rows}
+        held_text = ""
+        if holds:
+            consent_of = {k: by_id[k].consent_id for k in holds}
+            per_consent = Counter(o.consent_id or "" for k, o in by_id.items()
+                                  if kinds.get(k) == "candidate")
+            held_text = f"   held back: {holds_summary(holds, consent_of, per_consent)}"
+        return QueueData(by_id, holds, kinds, table.prepare(rows), now, held_text,
+                         complete=limit is None, leased=leased)
+
+    def _show(self, data: QueueData) -> None:
+        self.orders, self.holds, self.kinds = data.orders, data.holds, data.kinds
+        self._now = data.now
+        self._held_text = data.held_text
+        self._leased = data.leased
         self._kind_counts = Counter(self.kinds.values())
-        table = self.query_one(OrderTable)
-        table.set_rows(rows)
-        # None of these rows form reference cycles: keep the collector from rescanning them.
-        gc.freeze()
+        self.loaded = data.complete
+        self.query_one(OrderTable).set_data(data.table)
         self._update_tabs()
         self._update_selection()
+
+    def tick(self) -> None:
+        """A lease whose holder died expires without a write the change feed would see: its
+        orders stop being held back once it has."""
+        workspace = self.recon.workspace
+        if workspace is not None and set(workspace.leased_merchants()) != self._leased:
+            self.reload()
 
     def _update_tabs(self) -> None:
         counts = self._kind_counts
@@ -202,12 +283,15 @@ class QueueScreen(ConsoleScreen):
         title = names.get(self.merchant_id or "", "All merchants")
         tabs = safe(f"{title}   ")
         for key, (kind, label) in KINDS.items():
-            count = counts[kind] if kind else len(self.orders)
+            # Counted once the whole queue is in; the first screenful's counts would mislead.
+            count = (counts[kind] if kind else len(self.orders)) if self.loaded else "…"
             tabs.append(f" {key} {label} {count} ", style="reverse" if key == self.kind_key
                         else "")
             tabs.append("  ")
         tabs.append(f"sort: {self.sort_name}", style="dim")
-        if KINDS[self.kind_key][0] == "candidate" and not counts["candidate"]:
+        if not self.loaded:
+            tabs.append("   loading…", style="dim")
+        elif KINDS[self.kind_key][0] == "candidate" and not counts["candidate"]:
             tabs.append(f"\nNo candidates: {self.why_no_candidates()}", style="yellow")
         self.query_one("#tabs", Static).update(tabs)
 
@@ -238,22 +322,37 @@ class QueueScreen(ConsoleScreen):
 
     def _update_selection(self) -> None:
         table = self.query_one(OrderTable)
-        # What the confirmation will hold: the selected candidates (held orders are not).
-        chosen = [self.orders[key] for key in table.selected
-                  if key in self.orders and self.kinds.get(key) == "candidate"]
-        money = money_text(totals_by_currency(chosen))
+        selected = table.selected
+        if len(selected) > SELECTION_IN_WORKER:
+            self._selection_money = None  # shown as "…" until the worker has added them up
+            self._add_up_selection(frozenset(selected))
+        else:
+            # A larger selection's totals still being added up would land over these.
+            self.workers.cancel_group(self, "selection")
+            self._selection_money = selection_totals(selected, self.orders, self.kinds)
+        self._show_selection()
+
+    @work(exclusive=True, group="selection")
+    async def _add_up_selection(self, selected: frozenset[str]) -> None:
+        """Totals of a large selection, in a thread (exclusive: only the latest lands)."""
+        self._selection_money = await asyncio.to_thread(selection_totals, selected,
+                                                        self.orders, self.kinds)
+        self._show_selection()
+
+    def _show_selection(self) -> None:
+        table = self.query_one(OrderTable)
+        selected = len(table.selected)
         shown = len(table.view)
         only = "  (selected only)" if table.selected_only else ""
-        left_out = len(table.selected) - len(chosen)
-        note = f", {left_out:,} cannot be completed now (left out)" if left_out else ""
-        text = (f"{len(table.selected):,} selected: {plural(len(chosen), 'candidate')} "
-                f"{money}{note}   {shown:,} shown{only}")
-        if self.holds:
-            consent_of = {k: self.orders[k].consent_id for k in self.holds}
-            per_consent = Counter(o.consent_id or "" for k, o in self.orders.items()
-                                  if self.kinds.get(k) == "candidate")
-            text += f"   held back: {holds_summary(self.holds, consent_of, per_consent)}"
-        self.query_one("#selection", Static).update(safe(text))
+        if self._selection_money is None:
+            text = f"{selected:,} selected: adding up…   {shown:,} shown{only}"
+        else:
+            chosen, money = self._selection_money
+            left_out = selected - chosen
+            note = f", {left_out:,} cannot be completed now (left out)" if left_out else ""
+            text = (f"{selected:,} selected: {plural(chosen, 'candidate')} "
+                    f"{money}{note}   {shown:,} shown{only}")
+        self.query_one("#selection", Static).update(safe(text + self._held_text))
 
     # ------------------------------------------------------------------ events
     def on_order_table_highlighted(self, event: OrderTable.Highlighted) -> None:

@@ -27,7 +27,7 @@ from services.text_safety import printable
 if TYPE_CHECKING:
     from console.screens.base import ConsoleScreen
 
-__all__ = ["Column", "OrderTable", "TableRow"]
+__all__ = ["Column", "OrderTable", "TableData", "TableRow"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,42 @@ class TableRow(NamedTuple):
 
 Formatter = Callable[[Any], tuple[str, ...]]
 SortKey = Callable[[Any, int], Any]
+
+
+# Per kind (None: every row), its rows' positions in sort order and their haystacks (and
+# keys), side by side: a filter is then one pass of `needle in haystack` over plain lists.
+Bases = dict[str | None, tuple[list[int], list[str]]]
+
+
+class TableData(NamedTuple):
+    """Rows made ready for the table off the UI thread (`OrderTable.prepare`): the table
+    then only swaps them in, so a 100,000-row load costs the UI thread one filter pass."""
+
+    rows: list[TableRow]
+    keys: list[str]                 # rows' keys, by position
+    position_of: dict[str, int]     # key -> position in rows
+    order: list[int]                # positions in the sort order below
+    sort: tuple[int | None, bool]   # (column, reverse) that order is for
+    bases: Bases
+
+
+def kind_bases(rows: Sequence[TableRow], order: list[int]) -> Bases:
+    bases: Bases = {None: (order, [rows[i].haystack for i in order])}
+    for kind in {row.kind for row in rows}:
+        positions = [i for i in order if rows[i].kind == kind]
+        bases[kind] = (positions, [rows[i].haystack for i in positions])
+    return bases
+
+
+def sorted_positions(rows: Sequence[TableRow], sort_key: SortKey, column: int | None,
+                     reverse: bool) -> list[int]:
+    """Row positions in sort order; ties go by key, so a first page read from the database
+    in the same order is exactly the top of the full table (nothing moves when it lands)."""
+    order = list(range(len(rows)))
+    if column is not None:
+        order.sort(key=lambda i: (sort_key(rows[i].payload, column), rows[i].key),
+                   reverse=reverse)
+    return order
 
 
 def _fit(text: str, width: int, right: bool) -> str:
@@ -101,6 +137,8 @@ class OrderTable(FollowFocus, ScrollView, can_focus=True):
         self.sort_key = sort_key
         self.rows: list[TableRow] = []
         self._order: list[int] | None = None
+        self._bases: Bases | None = None
+        self._keys: list[str] = []
         self._cells: dict[str, tuple[str, ...]] = {}
         self.index: dict[str, int] = {}
         self.view: list[int] = []
@@ -119,11 +157,30 @@ class OrderTable(FollowFocus, ScrollView, can_focus=True):
     def set_rows(self, rows: Iterable[TableRow]) -> None:
         """Replace the data, keeping the selection (of keys still present) and the cursor's
         row when it is still there."""
+        self.set_data(self.prepare(rows))
+
+    def prepare(self, rows: Iterable[TableRow]) -> TableData:
+        """Index and sort rows for `set_data`; touches no widget state, so a worker thread
+        can call it."""
+        rows = list(rows)
+        sort = (self.sort_column, self.sort_reverse)
+        keys = [row.key for row in rows]
+        order = sorted_positions(rows, self.sort_key, *sort)
+        return TableData(rows, keys, {key: i for i, key in enumerate(keys)}, order, sort,
+                         kind_bases(rows, order))
+
+    def set_data(self, data: TableData) -> None:
+        """Swap in prepared rows, keeping the selection (of keys still present) and the
+        cursor's row when it is still there."""
         current = self.current_key
-        self.rows = list(rows)
+        self.rows = data.rows
+        self._keys = data.keys
         self._cells = {}
-        self._order = None
-        self.index = {row.key: i for i, row in enumerate(self.rows)}
+        # Sorted for another column (the sort changed while it was prepared): sort again.
+        fresh = data.sort == (self.sort_column, self.sort_reverse)
+        self._order = data.order if fresh else None
+        self._bases = data.bases if fresh else None
+        self.index = data.position_of
         self.selected &= self.index.keys()
         self._rebuild_view(keep=current)
 
@@ -131,26 +188,20 @@ class OrderTable(FollowFocus, ScrollView, can_focus=True):
         """All rows in the current sort order, computed once per data and sort; filters then
         keep that order in one pass instead of sorting again."""
         if self._order is None:
-            order = list(range(len(self.rows)))
-            if self.sort_column is not None:
-                column = self.sort_column
-                sort_key = self.sort_key
-                rows = self.rows
-                order.sort(key=lambda i: sort_key(rows[i].payload, column),
-                           reverse=self.sort_reverse)
-            self._order = order
+            self._order = sorted_positions(self.rows, self.sort_key, self.sort_column,
+                                           self.sort_reverse)
         return self._order
 
     def _rebuild_view(self, keep: str | None = None) -> None:
         needle = self.filter_text.lower()
-        kind = self.kind_filter
-        rows = self.rows
-        selected_only = self.selected_only
-        selected = self.selected
-        view = [i for i in self._sorted_order()
-                if (kind is None or rows[i].kind == kind)
-                and (not needle or needle in rows[i].haystack)
-                and (not selected_only or rows[i].key in selected)]
+        if self._bases is None:
+            self._bases = kind_bases(self.rows, self._sorted_order())
+        positions, haystacks = self._bases.get(self.kind_filter, ([], []))
+        view = ([i for i, haystack in zip(positions, haystacks, strict=True)
+                 if needle in haystack] if needle else positions)
+        if self.selected_only:
+            keys, selected = self._keys, self.selected
+            view = [i for i in view if keys[i] in selected]
         self.view = view
         self.virtual_size = Size(self._width, len(view) + 1)
         position = 0
@@ -177,7 +228,7 @@ class OrderTable(FollowFocus, ScrollView, can_focus=True):
         if reverse is None:
             reverse = (not self.sort_reverse) if self.sort_column == column else False
         self.sort_column, self.sort_reverse = column, reverse
-        self._order = None
+        self._order = self._bases = None
         self._rebuild_view(keep=self.current_key)
 
     def toggle_selected_only(self) -> bool:
@@ -197,12 +248,12 @@ class OrderTable(FollowFocus, ScrollView, can_focus=True):
         self.post_message(self.SelectionChanged(len(self.selected)))
 
     def select_all_matching(self) -> None:
-        rows = self.rows
-        self.selected.update(rows[i].key for i in self.view)
+        keys = self._keys
+        self.selected.update([keys[i] for i in self.view])
         self._changed()
 
     def invert_selection(self) -> None:
-        keys = {self.rows[i].key for i in self.view}
+        keys = {self._keys[i] for i in self.view}
         self.selected ^= keys
         self._changed()
 

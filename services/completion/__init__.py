@@ -8,6 +8,7 @@
 - `leases`: one holder per merchant across processes;
 - `sending`: the last look and UpdateOrder with retries;
 - `recovery`: settling open intents whose lease holder is gone;
+- `approvals`: four-eyes above a threshold (prepare, decide, and the engine's gate);
 - `engine`: `CompletionEngine`, which runs a batch through them.
 """
 

@@ -1,6 +1,8 @@
 """The completion engine: completes exactly the approved (order, version) pairs, or says why not.
 
-For each merchant of the approved set, under its lease (`leases`):
+First, four-eyes (`approvals`): a batch over the threshold, or run under a prepared batch id,
+must carry a second operator's valid approval of exactly this set, or nothing is sent.
+Then, for each merchant of the approved set, under its lease (`leases`):
   1. settle what an earlier holder left open (`recovery`), then re-read the orders from Square
      (BatchRetrieveOrders, 100 at a time) and re-check each with `classify` against the
      consents in the database at that moment; a merchant whose re-read fails is not attempted;
@@ -20,6 +22,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from services.audit import AuditTrail
+from services.completion.approvals import Approvals, FourEyesPolicy
 from services.completion.journal import IntentJournal, Run
 from services.completion.leases import LeaseKeeper
 from services.completion.limits import AdaptiveLimit, Backoff, CircuitBreaker
@@ -48,7 +51,7 @@ from services.errors import (
     SquareUnavailable,
 )
 from services.square_gateway import SquareGateway
-from services.square_models import SquareOrder
+from services.square_models import OrderLike
 from services.store import Store
 
 __all__ = ["CompletionEngine"]
@@ -68,7 +71,8 @@ class CompletionEngine:
                  max_rate_limit_waits: int = 12, attempt_timeout_s: float = 15.0,
                  base_backoff_s: float = 0.2, breaker_threshold: int = 3,
                  lease_ttl_s: float = 30.0, heartbeat_s: float = 5.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 four_eyes: FourEyesPolicy | None = None) -> None:
         self.store = store
         self.gateway = gateway
         self.credentials = credentials
@@ -79,6 +83,8 @@ class CompletionEngine:
         self.limit = AdaptiveLimit(overall)
         self.breaker = CircuitBreaker(breaker_threshold)
         self.journal = IntentJournal(store, audit, operator, self._progress)
+        # Always on: a caller that passes no policy gets the default thresholds.
+        self.approvals = Approvals(store, audit, four_eyes or FourEyesPolicy(), clock)
         self.leases = LeaseKeeper(store, operator, ttl_s=lease_ttl_s, heartbeat_s=heartbeat_s)
         self.sender = Sender(gateway, self.journal, self.leases, consents_for, clock,
                              limit=self.limit, backoff=Backoff(base_backoff_s, rng=rng),
@@ -95,6 +101,9 @@ class CompletionEngine:
                   on_progress: Callable[[BatchProgress], None] | None = None
                   ) -> tuple[str, list[OrderResult]]:
         approved = sorted(set(items))
+        # Before any intent or request: raises ApprovalRefused (audited) when four-eyes
+        # forbids this exact set now.
+        self.approvals.gate(batch_id, approved, self.operator)
         run = Run(batch_id or str(uuid.uuid4()), approved_set_sha256(approved), len(approved),
                   cancel or asyncio.Event(), on_progress)
         self.journal.begin_batch(run, approved)
@@ -214,7 +223,7 @@ class CompletionEngine:
             code = error.code if isinstance(error, SquareApiError) else type(error).__name__
             self._skip_all(run, chunk, code, detail, Outcome.FAILED)
 
-    def _check(self, item: ApprovedItem, order: SquareOrder | None
+    def _check(self, item: ApprovedItem, order: OrderLike | None
                ) -> Intent | tuple[SkipReason, str]:
         if order is None:
             return SkipReason.NOT_FOUND, "Square no longer returns this order."

@@ -21,7 +21,7 @@ from services.credentials import MerchantCredentials
 from services.eligibility import classify
 from services.errors import ReconError
 from services.square_gateway import SquareGateway
-from services.square_models import SquareOrder
+from services.square_models import OrderLike
 
 __all__ = ["Recovery"]
 
@@ -89,7 +89,7 @@ class Recovery:
         await self.journal.drain()
 
     async def _settle(self, run: Run, creds: MerchantCredentials, intent: Intent,
-                      order: SquareOrder | None) -> OrderResult | None:
+                      order: OrderLike | None) -> OrderResult | None:
         item = intent.item
 
         def result(outcome: Outcome, reason: str | None, detail: str) -> OrderResult:

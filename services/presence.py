@@ -1,0 +1,76 @@
+"""Who is online: every open console and every running batch command registers an operator
+session and heart-beats it. A session whose last heartbeat is older than the expiry is
+offline, however it ended (quit, killed, machine gone); a clean end removes it at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from services.processes import HOST
+from services.store import OperatorSession, Store, now_utc, utc_text
+
+__all__ = ["EXPIRY_S", "HEARTBEAT_S", "Presence", "online"]
+
+HEARTBEAT_S = 5.0
+# Four missed heartbeats: a console busy for a few seconds (a 50,000-order reload) stays on.
+EXPIRY_S = 20.0
+FORGET_AFTER = timedelta(days=1)
+
+
+def online(store: Store, *, now: datetime | None = None, expiry_s: float = EXPIRY_S
+           ) -> list[OperatorSession]:
+    """The sessions heard from within the expiry, by operator."""
+    moment = now or now_utc()
+    return store.sessions(utc_text(moment - timedelta(seconds=expiry_s)))
+
+
+class Presence:
+    """This process's session. `start` registers it and, when an event loop runs, heart-beats
+    it every `heartbeat_s` until `stop`."""
+
+    def __init__(self, store: Store, operator: str, kind: str, *,
+                 heartbeat_s: float = HEARTBEAT_S,
+                 clock: Callable[[], datetime] = now_utc) -> None:
+        self.store = store
+        self.heartbeat_s = heartbeat_s
+        self.clock = clock
+        now = utc_text(clock())
+        self.session = OperatorSession(uuid.uuid4().hex, operator, HOST, os.getpid(), kind,
+                                       now, now)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        with contextlib.suppress(sqlite3.Error):  # a busy database: the next beat registers
+            self._register()
+        with contextlib.suppress(RuntimeError):  # no running loop: the caller beats
+            self._task = asyncio.get_running_loop().create_task(self._beat_forever())
+
+    def _register(self) -> None:
+        now = self.clock()
+        self.session = self.session._replace(last_seen=utc_text(now))
+        self.store.register_session(self.session, utc_text(now - FORGET_AFTER))
+
+    def beat(self) -> None:
+        """Heart-beat; a session forgotten meanwhile is registered again. A busy database
+        skips a beat (the expiry allows for several)."""
+        with contextlib.suppress(sqlite3.Error):
+            if not self.store.touch_session(self.session.session_id, utc_text(self.clock())):
+                self._register()
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            self.beat()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        with contextlib.suppress(sqlite3.Error):  # not removed, it simply expires
+            self.store.end_session(self.session.session_id)
