@@ -192,6 +192,7 @@ def test_problems_are_named_exactly(trail: AuditTrail) -> None:
     assert (report.broken_at, report.problem, report.problem_kind, report.entries) == (
         9, "its contents do not match its hash (changed).", ChainProblem.CHANGED_ENTRY, 8)
     assert report.head_hash == trail.hash_at(8)
+    assert report.to_json()["ok"] is False  # scripts read `"ok": false`, never null
     assert report.sentence() == ("Audit chain BROKEN at entry 9: its contents do not match "
                                  "its hash (changed).")
 
@@ -237,10 +238,12 @@ def test_cut_tail_and_rewrite_are_named(trail: AuditTrail) -> None:
         False, 30, ChainProblem.REWRITTEN_HISTORY, 30)
     assert report.problem == ("entry 30 does not have the hash the checkpoint of "
                               "2026-11-26T00:00:00Z saw: history was rewritten.")
+    assert report.head_hash == trail.hash_at(30)
     longer = Checkpoint(31, "e" * 64, "2026-11-26T00:00:00Z")
     report = trail.verify(longer)
     assert (report.broken_at, report.problem_kind, report.entries) == (
         31, ChainProblem.CUT_TAIL, 30)
+    assert report.head_hash == trail.hash_at(30)
     assert report.problem == ("the chain has 30 entries but the checkpoint of "
                               "2026-11-26T00:00:00Z saw 31: entries were cut from the end.")
 
@@ -425,3 +428,15 @@ def test_a_short_chain_split_in_ranges_still_verifies(
     assert report.ok and report.entries == size, report.sentence()
     tamper(trail, "UPDATE audit SET detail = 'x' WHERE seq = ?", [size])
     assert trail.verify(parallel_from=1).broken_at == size
+
+
+def test_an_entry_appended_in_a_transaction_commits_or_rolls_back_with_it(
+        trail: AuditTrail) -> None:
+    with pytest.raises(RuntimeError), trail.store.transaction() as conn:
+        trail.append(conn, operator="x", action=AuditAction.CANCEL, detail="rolled back")
+        raise RuntimeError("the change it records failed")
+    assert trail.size() == 30
+    with trail.store.transaction() as conn:
+        entry = trail.append(conn, operator="x", action=AuditAction.CANCEL, detail="kept")
+    assert (entry["seq"], entry["detail"], trail.size()) == (31, "kept", 31)
+    assert trail.verify().ok
