@@ -259,8 +259,10 @@ class AuditTrail:
         if last[1] >= parallel_from and isinstance(location, Path):
             workers = max(1, min(os.cpu_count() or 1, 4))
             step = int(last[0]) // workers + 1
-            ranges = [(1 + i * step, 1 + (i + 1) * step if i < workers - 1 else None)
-                      for i in range(workers)]
+            # Every range starts at an entry that can exist (a range past the last one would
+            # report it missing); the last is open-ended.
+            ranges = [(first, first + step) for first in range(1, int(last[0]) + 1, step)]
+            ranges[-1] = (ranges[-1][0], None)
         if len(ranges) == 1:
             results = [_verify_range(store.audit_rows(1, None), 1, None, GENESIS)]
         else:
@@ -278,7 +280,9 @@ class AuditTrail:
         for problem, range_count, range_last in results:
             if problem is not None:
                 seq, kind, text = problem
-                return VerifyReport(False, count + range_count, prev, seq, text, kind)
+                # head_hash: the last entry that did verify, as `entries` counts them
+                return VerifyReport(False, count + range_count, range_last or prev, seq, text,
+                                    kind)
             count += range_count
             prev = range_last or prev
         if checkpoint is not None:
