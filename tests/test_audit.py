@@ -264,8 +264,8 @@ def test_an_empty_trail_verifies_against_its_empty_checkpoint(tmp_path: Path) ->
 
 def test_one_range_of_a_parallel_verify(trail: AuditTrail) -> None:
     """What each worker process checks: entries first..end-1, from the hash before them."""
-    conn = trail.store.conn
-    assert _verify_range(conn, 11, 21, trail.hash_at(10)) == (None, 10, trail.hash_at(20))
+    rows = trail.store.audit_rows(11, 21)
+    assert _verify_range(rows, 11, 21, trail.hash_at(10)) == (None, 10, trail.hash_at(20))
     path = str(trail.store.path)
     assert _verify_range_in_process(path, 21, None, trail.hash_at(20)) == (
         None, 10, trail.hash_at(30))

@@ -192,7 +192,7 @@ async def test_an_outcome_the_database_refuses_is_never_reported_completed(
     done, moved, later = intent("O1"), intent("O2"), intent("O3")
     try:
         assert await journal.commit_intents(run, [done, moved])
-        monkeypatch.setattr(store, "settle_intent", _locked)
+        monkeypatch.setattr(type(store), "settle_intent", _locked)
         journal.outcome(run, done, OrderResult.of(done.item, Outcome.COMPLETED, None, "ok"))
         journal.outcome(run, moved, OrderResult.of(moved.item, Outcome.SKIPPED,
                                                    SkipReason.VERSION_CHANGED, "moved"))
@@ -237,7 +237,7 @@ async def test_a_refused_outcome_does_not_undo_intents_committed_with_it(
     first, second = intent("O1"), intent("O2")
     try:
         assert await journal.commit_intents(run, [first])
-        monkeypatch.setattr(store, "settle_intent", _locked)
+        monkeypatch.setattr(type(store), "settle_intent", _locked)
         journal.outcome(run, first, OrderResult.of(first.item, Outcome.COMPLETED, None, "ok"))
         assert not await journal.commit_intents(run, [second])  # same group as the outcome
         await journal.drain()
