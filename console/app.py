@@ -281,7 +281,7 @@ class ReconApp(App[int]):
                 self.notify(f"Not confirmed: nothing was sent ({plural(preview.count, 'order')} "
                             "stay selected).")
 
-        self.push_screen(ConfirmScreen(preview), confirmed)
+        self.push_screen(ConfirmScreen(preview, why), confirmed)
 
     def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
                timeout: float | None = None, markup: bool = True) -> None:

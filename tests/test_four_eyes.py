@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import DataTable, Input
+from textual.widgets import DataTable, Input, Static
 
 from console.safe_text import SafeText
 from console.screens.approvals import ApprovalDecision, ApprovalsScreen
@@ -456,6 +456,12 @@ async def test_the_console_prepares_a_large_batch_instead_of_sending_it(
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         confirm = app.screen
         assert isinstance(confirm, ConfirmScreen)
+        # Said before the count is typed: confirming only prepares the batch.
+        said = " ".join(" ".join(str(confirm.query_one(part, Static).render()).split())
+                        for part in ("#confirm-text", "#confirm-hint"))
+        assert said.startswith(f"Prepare {confirm.preview.count:,} orders for a second operator?")
+        assert "needs a second operator" in said and "nothing is sent now" in said
+        assert "press Enter to prepare it" in said
         await pilot.press(*str(confirm.preview.count), "enter")
         await wait_until(pilot, lambda: bool(workspace.store.approvals()))
         [approval] = workspace.store.approvals()

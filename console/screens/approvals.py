@@ -74,7 +74,7 @@ class ApprovalDecision(ModalScreen[str | None]):
             if self.approve:
                 yield Static(safe(f"Type {self.preview.count} to approve; the reason is "
                                   "optional. Enter confirms, Escape cancels."))
-                count = Input(placeholder=str(self.preview.count), id="approval-count")
+                count = Input(placeholder="type it here", id="approval-count")
                 count.cursor_blink = False
                 yield count
             else:

@@ -34,16 +34,24 @@ class ConfirmScreen(ModalScreen[bool]):
         Binding("escape", "cancel", "Cancel", id="confirm.cancel"),
     ]
 
-    def __init__(self, preview: Preview) -> None:
+    def __init__(self, preview: Preview, second_operator: str | None = None) -> None:
+        """`second_operator`: why this batch needs another operator's approval (four-eyes),
+        so confirming only prepares it; said before the count is typed, not after."""
         super().__init__()
         self.preview = preview
+        self.second_operator = second_operator
         self.typed = needs_typing(preview)
 
     def compose(self) -> ComposeResult:
         # Merchant names are third-party text: the dialog is built from inert SafeText only,
         # so nothing in it can be a link or an action (`[@click=screen.dismiss(True)]`).
         preview = self.preview
-        text = SafeText(f"Complete {plural(preview.count, 'order')} in Square?\n\n")
+        verb = "prepare it" if self.second_operator else "complete"
+        if self.second_operator:
+            text = SafeText(f"Prepare {plural(preview.count, 'order')} for a second operator?"
+                            "\n\n")
+        else:
+            text = SafeText(f"Complete {plural(preview.count, 'order')} in Square?\n\n")
         for merchant_id, count, totals in preview.per_merchant():
             text.append("  ")
             text.append(safe(preview.names.get(merchant_id, merchant_id)))
@@ -53,6 +61,10 @@ class ConfirmScreen(ModalScreen[bool]):
                         f"({', '.join(sorted({r for _, r in preview.held_back}))})\n")
         text.append(f"\nApproved set {preview.sha256[:16]}…: each order is re-checked at send "
                     "time; anything changed since is skipped, not completed.")
+        if self.second_operator:
+            text.append(f"\n\nThis batch needs a second operator ({self.second_operator}): "
+                        "it is stored for approval and nothing is sent now. Another operator "
+                        "approves it on the Approvals screen (P).")
         with Vertical(id="confirm-box"):
             yield Static(text, id="confirm-text")
             if self.typed:
@@ -60,14 +72,16 @@ class ConfirmScreen(ModalScreen[bool]):
                 hint = f"Type {preview.count}"
                 if len(merchants) == 1:
                     hint += f" or the merchant's name ({preview.names.get(merchants[0])})"
-                yield Static(safe(f"{hint} and press Enter to complete; Escape cancels."),
+                yield Static(safe(f"{hint} and press Enter to {verb}; Escape cancels."),
                              id="confirm-hint")
-                typed = Input(placeholder=str(preview.count), id="confirm-input")
+                # Not the count itself as the placeholder: it would look already typed.
+                typed = Input(placeholder="type it here", id="confirm-input")
                 typed.cursor_blink = False
                 yield typed
                 yield Static("", id="confirm-error")
             else:
-                yield Static("Press y to complete them, n or Escape to cancel.",
+                action = verb if self.second_operator else "complete them"
+                yield Static(safe(f"Press y to {action}, n or Escape to cancel."),
                              id="confirm-hint")
 
     def on_mount(self) -> None:

@@ -61,7 +61,7 @@ class ReminderConfirm(ModalScreen[bool]):
             if self.typed:
                 yield Static(safe(f"Type {len(self.plans)} and press Enter to send; Escape "
                                   "cancels."))
-                field = Input(placeholder=str(len(self.plans)), id="reminder-confirm-input")
+                field = Input(placeholder="type it here", id="reminder-confirm-input")
                 field.cursor_blink = False
                 yield field
                 yield Static("", id="reminder-confirm-error")
