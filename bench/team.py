@@ -196,8 +196,8 @@ def main() -> None:
     sqlite, postgres = med(full["SQLite"]), med(full["PostgreSQL"])
     for name in ("SQLite", "PostgreSQL"):
         runs = full[name]
-        print(f"   {name:<11} {med(runs):6.2f} s  (runs: "
-              f"{', '.join(f'{r['wall']:.2f}' for r in runs)}; completed "
+        walls = ", ".join(f"{r['wall']:.2f}" for r in runs)
+        print(f"   {name:<11} {med(runs):6.2f} s  (runs: {walls}; completed "
               f"{runs[0]['completed']}, other {runs[0]['other']})")
     print(f"   PostgreSQL / SQLite = {postgres / sqlite:.2f}  (target: PostgreSQL within 20% "
           f"of SQLite, <= 1.20: {verdict(postgres / sqlite)})")
