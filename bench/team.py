@@ -47,7 +47,7 @@ from services.database_url import provide_password
 from services.demo import consent_for
 from services.postgres_cluster import LocalCluster, local_cluster
 from services.storage.postgres import create_database
-from services.store import Store
+from services.store import open_store
 
 OUT_OF_REACH = {"RECON_FOUR_EYES_ORDERS": str(10**9), "RECON_FOUR_EYES_AMOUNT": str(10**12)}
 _databases = itertools.count(1)
@@ -175,7 +175,7 @@ def main() -> None:
             start = time.perf_counter()
             build_audit(url, args.verify_entries)
             built = time.perf_counter() - start
-            store = Store(url)
+            store = open_store(url)
             try:
                 report, seconds, _ = timed(store)
             finally:
