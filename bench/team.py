@@ -28,6 +28,7 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def workspace(args: argparse.Namespace, cluster: LocalCluster | None
         subprocess.run([sys.executable, "-m", "console.cli", "consent", "import",
                         str(consents)], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env["BENCH_EMULATOR_PID"] = str(manifest["pid"])  # read here only, for its CPU
         yield env, [m["merchant_id"] for m in manifest["merchants"]]
 
 
@@ -114,10 +116,45 @@ def halves(merchants: list[str]) -> tuple[list[str], list[str]]:
     return merchants[:middle], merchants[middle:]
 
 
+def _cpu(pid: int, children: bool = False) -> float:
+    """CPU seconds of a process (and of its children it has reaped, with `children`)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15 if children else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(cluster: LocalCluster | None) -> float:
+    """The PostgreSQL server's CPU so far: the postmaster, the backends it reaped (one per
+    client connection) and its live children (checkpointer, WAL writer, open backends)."""
+    if cluster is None:
+        return 0.0
+    postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    total = _cpu(postmaster, children=True)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == postmaster:
+                total += _cpu(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+    return total
+
+
 def completion(args: argparse.Namespace, cluster: LocalCluster | None) -> dict[str, Any]:
+    """With CPU seconds beside the wall time: on a 2-core machine client, emulator and server
+    share the cores, so a slower wall time may be CPU, not waiting."""
     with workspace(args, cluster) as (env, _):
         load = os.getloadavg()[0]
-        return {**complete(env, "bench", None), "load": load}
+        emulator = int(env["BENCH_EMULATOR_PID"])
+        before = (resource.getrusage(resource.RUSAGE_CHILDREN), _cpu(emulator),
+                  server_cpu(cluster))
+        result = complete(env, "bench", None)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {**result, "load": load,
+                "client_cpu": (after.ru_utime + after.ru_stime
+                               - before[0].ru_utime - before[0].ru_stime),
+                "emulator_cpu": _cpu(emulator) - before[1],
+                "server_cpu": server_cpu(cluster) - before[2]}
 
 
 def two_operators(args: argparse.Namespace, cluster: LocalCluster | None
@@ -198,7 +235,9 @@ def main() -> None:
         runs = full[name]
         walls = ", ".join(f"{r['wall']:.2f}" for r in runs)
         print(f"   {name:<11} {med(runs):6.2f} s  (runs: {walls}; completed "
-              f"{runs[0]['completed']}, other {runs[0]['other']})")
+              f"{runs[0]['completed']}, other {runs[0]['other']}; CPU s: client "
+              f"{med(runs, 'client_cpu'):.1f}, emulator {med(runs, 'emulator_cpu'):.1f}, "
+              f"server {med(runs, 'server_cpu'):.1f})")
     print(f"   PostgreSQL / SQLite = {postgres / sqlite:.2f}  (target: PostgreSQL within 20% "
           f"of SQLite, <= 1.20: {verdict(postgres / sqlite)})")
     print()
