@@ -17,7 +17,10 @@ Four-eyes approval (a batch over 200 orders or 10,000.00 needs a second operator
 every batch here at `prepared`: the bench sets RECON_FOUR_EYES_ORDERS and
 RECON_FOUR_EYES_AMOUNT out of reach for the timed processes, so it measures completion, not the
 approval step. Consent import and database creation are not timed. Each figure is the median of
-`--rounds`; the load average is printed, since the machine may be shared.
+`--rounds`; the load average is printed, since the machine may be shared. Client, emulator
+and server CPU seconds are printed beside the completion times: client, emulator and server
+share the machine's cores, so on a small machine two operators at once compete for CPU, and
+the two-operator ratio then measures the cores, not the store.
 
     .venv/bin/python -m bench.team [--rounds 3] [--postgres-only] [--verify-entries 0]
 """
