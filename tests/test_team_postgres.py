@@ -42,7 +42,7 @@ OTHER_HOST = "host-of-ann"
 def read(url: str, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
     """A connection of the test's own: what the other processes committed."""
     with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        return conn.execute(sql, params).fetchall()
 
 
 def await_condition(condition: Callable[[], bool], timeout: float, what: str,
