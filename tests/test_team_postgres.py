@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from textual.pilot import Pilot
 
 from services.audit import AuditTrail
 from services.demo import consent_for, write_demo_files
@@ -39,7 +40,8 @@ LEASE_TTL_S = 8.0  # short, so the takeover after expiry fits the test's budget
 OTHER_HOST = "host-of-ann"
 
 
-def read(url: str, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+def read(url: str, sql: str, params: list[Any] | dict[str, Any] | None = None
+         ) -> list[tuple[Any, ...]]:
     """A connection of the test's own: what the other processes committed."""
     with psycopg.connect(url, autocommit=True) as conn:
         return conn.execute(sql, params).fetchall()
@@ -172,3 +174,74 @@ def test_a_killed_lease_holder_is_taken_over_after_expiry_and_recovered(
         assert after[order_id]["version"] == before[order_id]["version"] + 1, order_id
         verdict = oracle.judge(before[order_id], consents, datetime.now(UTC), returned)
         assert verdict.eligible, (order_id, verdict.reasons)
+
+
+@pytest.mark.loopback
+async def test_a_batch_completed_by_another_console_shows_in_this_queue_within_2s(
+        pg_url: str, tmp_path: Path) -> None:
+    """Two consoles on one PostgreSQL: ann's console (Pilot) has a merchant's queue open;
+    bob's console, a real `recon-console complete` process, completes that merchant's batch.
+    Ann's queue drops the completed orders within 2 s of bob's commit, woken by NOTIFY: her
+    console's own tick is set far longer than 2 s, so a poll of the counter cannot do it."""
+
+    from console.app import ReconApp
+    from console.screens.queue import QueueScreen
+    from tests.console_harness import merchants_loaded, wait_until
+
+    emulator = make_emulator(SeedConfig(seed=3, merchants=2, orders_per_location=6),
+                             FaultPlan(latency_ms=200, operations=["UpdateOrder"]))
+    merchant = emulator.merchants[0].merchant.id
+    with LoopbackServer(emulator) as server:
+        env = team_env(emulator, tmp_path, pg_url, server.base_url)
+        settings = ReconSettings(db=pg_url, square_base_url=server.base_url,
+                                 credentials=tmp_path / "credentials.toml", operator="ann")
+        workspace = Workspace.open(settings)
+        workspace.credentials(required=False)
+        app = ReconApp(workspace)
+
+        async with app.run_test(size=(160, 45)) as pilot:
+            await wait_until(pilot, merchants_loaded(app), timeout=60)
+            app.push_screen(QueueScreen(merchant))
+            await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+            queue = app.screen
+            assert isinstance(queue, QueueScreen)
+            candidates = queue._kind_counts["candidate"]
+            assert candidates > 0
+
+            assert app.changes is not None
+            seen = app.changes_loaded
+            bob = start_cli(env, "complete", "--merchant", merchant, "--yes", "--json",
+                            operator="bob")
+            # bob's batch has committed: no eligible order of that merchant, no lease.
+            done = await committed(pilot, pg_url, bob, (
+                "SELECT NOT EXISTS (SELECT 1 FROM orders WHERE merchant_id = %(m)s AND "
+                "eligible = 1) AND NOT EXISTS (SELECT 1 FROM leases WHERE merchant_id = "
+                "%(m)s) AND EXISTS (SELECT 1 FROM batches WHERE operator = 'bob' AND "
+                "finished_at IS NOT NULL)"), {"m": merchant})
+            while any(o.eligible for o in queue.orders.values()):
+                assert time.monotonic() - done < 2.0, "bob's batch not shown within 2 s"
+                await pilot.pause(0.02)
+            print(f"bob's batch shown after {time.monotonic() - done:.2f} s")
+            assert queue._kind_counts["candidate"] == 0
+            # It came through the change feed: the console reloaded at a newer version.
+            assert app.changes_loaded > seen
+            out, err = bob.communicate(timeout=30)
+            assert bob.returncode == 0, err
+            completed = [r for r in json.loads(out)["results"] if r["outcome"] == "completed"]
+            assert len(completed) == candidates
+        await workspace.aclose()
+
+
+async def committed(pilot: Pilot[object], url: str, process: subprocess.Popen[str],
+                    sql: str, params: dict[str, Any], timeout: float = 60.0) -> float:
+    """Until the test's own connection reads `sql` true (what the other process committed);
+    the monotonic time then. The console keeps running meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not read(url, sql, params)[0][0]:
+        if process.poll() is not None and process.returncode != 0:
+            raise AssertionError(process.communicate()[1])
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"never committed: {sql}")
+        await pilot.pause(0.01)
+    return time.monotonic()
