@@ -168,6 +168,10 @@ class ReconSettings(BaseSettings):
     four_eyes_amount: Decimal = Field(Decimal("10000.00"), ge=0)
     approval_ttl_minutes: float = Field(30.0, gt=0)
 
+    # A merchant lease a dead holder keeps until it expires, in seconds; heart-beaten every
+    # third of it (RECON_LEASE_TTL_S).
+    lease_ttl_s: float = Field(30.0, gt=0)
+
     # Signed audit checkpoints go here, outside the database (RECON_CHECKPOINT_DIR); unset: a
     # `checkpoints/` folder beside the credentials file (services/checkpoints.py).
     checkpoint_dir: Path | None = None

@@ -614,7 +614,9 @@ class Workspace:
                        approved_set_sha256(items))
 
     def engine(self) -> CompletionEngine:
-        options = {"four_eyes": self.four_eyes, **self.engine_options}
+        ttl = self.settings.lease_ttl_s
+        options = {"four_eyes": self.four_eyes, "lease_ttl_s": ttl,
+                   "heartbeat_s": min(5.0, ttl / 3), **self.engine_options}
         return CompletionEngine(self.store, self.audit, self.gateway, self.credentials(),
                                 self.consents_for, self.clock, self.operator, **options)
 
