@@ -61,6 +61,9 @@ def one_run(code: Path, merchants: int, per_location: int) -> dict[str, float]:
                "RECON_CREDENTIALS": str(directory / "credentials.toml"),
                "RECON_DB": str(directory / "recon.db"), "RECON_OPERATOR": "bench",
                "RECON_CHECKPOINT_DIR": str(directory / "checkpoints"),
+               # Four-eyes would stop a 5,000-order batch for a second operator: this measures
+               # the sending, so the thresholds are set out of reach (older trees ignore them).
+               "RECON_FOUR_EYES_ORDERS": str(10**9), "RECON_FOUR_EYES_AMOUNT": str(10**12),
                "PYTHONPATH": str(code)}
         subprocess.run([sys.executable, "-m", "console.cli", "consent", "import",
                         str(consents)], cwd=code, env=env, check=True,
@@ -80,6 +83,9 @@ def one_run(code: Path, merchants: int, per_location: int) -> dict[str, float]:
         except (ValueError, KeyError):
             raise SystemExit(f"{code}: complete failed ({done.returncode}): "
                              f"{done.stderr.decode()[-2000:]}") from None
+    if summary["completed"] + summary["skipped"] + summary["failed"] == 0:
+        raise SystemExit(f"{code}: complete sent nothing ({done.returncode}): "
+                         f"{done.stderr.decode()[-2000:]}")
     return {"wall": wall, "completed": summary["completed"],
             "other": summary["skipped"] + summary["failed"], "cpu": cpu,
             "emulator_cpu": emulator_cpu, "load": load}
