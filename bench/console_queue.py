@@ -332,8 +332,8 @@ def demo_first_screen(tree: Path) -> tuple[float, float | None] | None:
 
 
 # ---------------------------------------------------------------------- driver
-def run_side(tree: Path, db: Path, args: argparse.Namespace, stock: bool = False,
-             gc_paused: bool = False) -> dict[str, Any]:
+def run_side(tree: Path, db: Path, args: argparse.Namespace, stock: bool = False
+             ) -> dict[str, Any]:
     """This file's probe in a fresh process, importing the console from `tree`."""
     command = [sys.executable, str(Path(__file__).resolve()), "--probe", str(db),
                "--orders", str(args.orders), "--runs", str(args.runs),
@@ -342,8 +342,6 @@ def run_side(tree: Path, db: Path, args: argparse.Namespace, stock: bool = False
         command.append("--cycle-all")
     if stock:
         command.append("--stock-probe")
-    if gc_paused:
-        command.append("--gc-paused")
     done = subprocess.run(command, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
                           capture_output=True, text=True)
     if done.returncode:
@@ -441,17 +439,11 @@ def main() -> None:
     parser.add_argument("--stock", action="store_true",
                         help="also load the rows into Textual's stock DataTable (slow)")
     parser.add_argument("--no-demo", action="store_true")
-    parser.add_argument("--gc-paused", action="store_true",
-                        help="also measure this branch with the collector paused while a "
-                             "queue is read")
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--stock-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe is not None:  # one side, in this process (run by run_side)
         sys.path.insert(0, os.getcwd())
-        if args.gc_paused:
-            import console.screens.queue as queue_module
-            queue_module.PAUSE_GC_WHILE_READING = True  # type: ignore[attr-defined]
         if args.stock_probe:
             result: dict[str, Any] = asyncio.run(stock_first_screen(args.probe))
         else:
@@ -474,9 +466,6 @@ def measure(directory: Path, args: argparse.Namespace) -> None:
         shutil.copy(directory / "seed.db", directory / side / "recon.db")
         dbs[side] = directory / side / "recon.db"
     sides = [("this branch", run_side(ROOT, dbs["mine"], args))]
-    if args.gc_paused:
-        shutil.copy(directory / "seed.db", dbs["stock"])
-        sides.append(("gc paused", run_side(ROOT, dbs["stock"], args, gc_paused=True)))
     tree = None if args.no_main else main_worktree()
     demo: list[tuple[str, list[tuple[float, float | None]]]] = []
     try:
