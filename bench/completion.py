@@ -44,26 +44,35 @@ def _process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# Four-eyes would stop a 5,000-order batch for a second operator: the benches measure the
+# sending, so the thresholds are set out of reach (older trees ignore them).
+FOUR_EYES_OUT_OF_REACH = {"RECON_FOUR_EYES_ORDERS": str(10**9),
+                          "RECON_FOUR_EYES_AMOUNT": str(10**12)}
+
+
+def write_consents(manifest: dict[str, Any], path: Path) -> Path:
+    """A consent for every merchant of the emulator's manifest, no age or batch limit."""
+    now = datetime.now(UTC)
+    path.write_text(json.dumps([
+        consent_for(SimpleNamespace(merchant=SimpleNamespace(  # type: ignore[arg-type]
+            id=m["merchant_id"], business_name=m["business_name"])), now,
+            limits={"min_order_age_hours": 0, "max_orders_per_batch": 100000})
+        for m in manifest["merchants"]]))
+    return path
+
+
 def one_run(code: Path, merchants: int, per_location: int) -> dict[str, float]:
     """A fresh emulator, the consents imported (not timed), then the timed command."""
     with loopback_emulator("--merchants", str(merchants), "--orders-per-location",
                            str(per_location), "--kinds", "online_paid_open=1",
                            "--latency-ms", str(LATENCY_MS)) as manifest:
         directory = Path(manifest["directory"])
-        now = datetime.now(UTC)
-        consents = directory / "bench-consents.json"
-        consents.write_text(json.dumps([
-            consent_for(SimpleNamespace(merchant=SimpleNamespace(  # type: ignore[arg-type]
-                id=m["merchant_id"], business_name=m["business_name"])), now,
-                limits={"min_order_age_hours": 0, "max_orders_per_batch": 100000})
-            for m in manifest["merchants"]]))
-        env = {**os.environ, "RECON_SQUARE_BASE_URL": manifest["base_url"],
+        consents = write_consents(manifest, directory / "bench-consents.json")
+        env = {**os.environ, **FOUR_EYES_OUT_OF_REACH,
+               "RECON_SQUARE_BASE_URL": manifest["base_url"],
                "RECON_CREDENTIALS": str(directory / "credentials.toml"),
                "RECON_DB": str(directory / "recon.db"), "RECON_OPERATOR": "bench",
                "RECON_CHECKPOINT_DIR": str(directory / "checkpoints"),
-               # Four-eyes would stop a 5,000-order batch for a second operator: this measures
-               # the sending, so the thresholds are set out of reach (older trees ignore them).
-               "RECON_FOUR_EYES_ORDERS": str(10**9), "RECON_FOUR_EYES_AMOUNT": str(10**12),
                "PYTHONPATH": str(code)}
         subprocess.run([sys.executable, "-m", "console.cli", "consent", "import",
                         str(consents)], cwd=code, env=env, check=True,

@@ -39,21 +39,17 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from bench._support import ROOT, loopback_emulator
 from bench.audit_verify_pg import timed
-from bench.completion import LATENCY_MS, build_audit
+from bench.completion import FOUR_EYES_OUT_OF_REACH, LATENCY_MS, build_audit, write_consents
 from services.database_url import provide_password
-from services.demo import consent_for
 from services.postgres_cluster import LocalCluster, local_cluster
 from services.storage.postgres import create_database
 from services.store import open_store
 
-OUT_OF_REACH = {"RECON_FOUR_EYES_ORDERS": str(10**9), "RECON_FOUR_EYES_AMOUNT": str(10**12)}
 _databases = itertools.count(1)
 
 
@@ -78,14 +74,9 @@ def workspace(args: argparse.Namespace, cluster: LocalCluster | None
             name = f"bench_{next(_databases)}"
             create_database(cluster.url(), name)
             db = cluster.url(name)
-        now = datetime.now(UTC)
-        consents = directory / "bench-consents.json"
-        consents.write_text(json.dumps([
-            consent_for(SimpleNamespace(merchant=SimpleNamespace(  # type: ignore[arg-type]
-                id=m["merchant_id"], business_name=m["business_name"])), now,
-                limits={"min_order_age_hours": 0, "max_orders_per_batch": 100000})
-            for m in manifest["merchants"]]))
-        env = {**os.environ, **OUT_OF_REACH, "RECON_SQUARE_BASE_URL": manifest["base_url"],
+        consents = write_consents(manifest, directory / "bench-consents.json")
+        env = {**os.environ, **FOUR_EYES_OUT_OF_REACH,
+               "RECON_SQUARE_BASE_URL": manifest["base_url"],
                "RECON_CREDENTIALS": str(credentials), "RECON_DB": db,
                "RECON_OPERATOR": "bench-setup",
                "RECON_CHECKPOINT_DIR": str(directory / "checkpoints"),
