@@ -30,6 +30,7 @@ from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
+import jsonschema_rs
 import orjson
 from openapi_schema_validator import OAS30Validator
 from starlette.applications import Starlette
@@ -76,6 +77,18 @@ def _validator(schema_name: str) -> OAS30Validator:
     return OAS30Validator(root)
 
 
+@cache
+def _strict_prefilter(schema_name: str) -> jsonschema_rs.Validator:
+    """The same schema under Draft 4 rules, compiled in Rust: about 200x faster than the
+    OpenAPI validator. It is stricter, never looser (`nullable` is not a Draft 4 keyword, so
+    it refuses every null; Square Online's extra enum values too): a body it passes is a
+    body the OpenAPI check passes (tests/test_emulator_schema_prefilter.py checks that over
+    generated bodies), and anything else goes through the full check, which decides."""
+    root = {"components": _openapi()["components"],
+            "$ref": f"#/components/schemas/{schema_name}"}
+    return jsonschema_rs.Draft4Validator(root)
+
+
 # Fulfillment types Square Online returns although the published enum lacks them (§2 rule 6).
 _EXTRA_ENUM_VALUES = {"DIGITAL", "IN_STORE"}
 _TYPE_CODES = {"string": "EXPECTED_STRING", "integer": "EXPECTED_INTEGER",
@@ -92,6 +105,8 @@ def _field_path(parts: list[Any]) -> str:
 
 def check_request_shape(schema_name: str, body: Any) -> None:
     """Refuse a body that does not fit Square's published request shape, as Square does."""
+    if _strict_prefilter(schema_name).is_valid(body):
+        return
     for error in _validator(schema_name).iter_errors(body):
         path = list(error.absolute_path)
         keyword = error.validator
