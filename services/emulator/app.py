@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cache, lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -125,14 +125,6 @@ def check_request_shape(schema_name: str, body: Any) -> None:
                 "minimum": "VALUE_TOO_LOW"}.get(str(keyword), "INVALID_VALUE")
         raise SquareError(400, "INVALID_REQUEST_ERROR", code, error.message[:200],
                           _field_path(path) or None)
-
-
-@lru_cache(maxsize=4096)
-def _check_shape_once(schema_name: str, raw: bytes) -> None:
-    """Validation of the same bytes gives the same answer: clients repeat requests (a search
-    page after page, a retry), so remember the bodies that passed. A refusal raises and is
-    not cached."""
-    check_request_shape(schema_name, orjson.loads(raw) if raw else {})
 
 
 # Request fields of Square's schema that the emulator does not implement, per operation and
@@ -274,7 +266,7 @@ class EmulatorApp:
                 if not isinstance(body, dict):
                     raise SquareError(400, "INVALID_REQUEST_ERROR", "EXPECTED_OBJECT",
                                       "The request body must be a JSON object.")
-                _check_shape_once(operation.request_schema, raw)
+                check_request_shape(operation.request_schema, body)
                 refuse_unimplemented(operation.name, body)
             if (operation.name == "UpdateOrder" and faulty and plan.noop_update_rate
                     and self.rng.random() < plan.noop_update_rate):
