@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.storage.base import (
-    DATABASE_ERRORS,
     ORDER_COLUMNS,
     Approval,
     Lease,
@@ -17,15 +16,27 @@ from services.storage.base import (
     QueuedOrder,
     Store,
     StoredConsent,
+    database_errors,
     is_postgres_url,
     now_utc,
     utc_text,
 )
 
-__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Approval", "Lease", "OperatorSession",
-           "QueuedOrder", "Store",
-           "StoredConsent", "implementation_for", "is_postgres_url", "now_utc", "open_store",
-           "utc_text"]
+__all__ = [
+    "ORDER_COLUMNS",
+    "Approval",
+    "Lease",
+    "OperatorSession",
+    "QueuedOrder",
+    "Store",
+    "StoredConsent",
+    "database_errors",
+    "implementation_for",
+    "is_postgres_url",
+    "now_utc",
+    "open_store",
+    "utc_text",
+]
 
 
 def implementation_for(db: Path | str) -> type[Store]:

@@ -13,6 +13,7 @@ Tokens never come here: no table has a column for them.
 from __future__ import annotations
 
 import sqlite3
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -23,9 +24,21 @@ from typing import Any, NamedTuple
 
 from services.consent import ConsentRecord, Revocation
 
-__all__ = ["AUDIT_COLUMNS", "AUDIT_VERIFY_COLUMNS", "DATABASE_ERRORS", "ORDER_COLUMNS", "Approval",
-           "Lease", "OperatorSession",
-           "QueuedOrder", "Store", "StoredConsent", "is_postgres_url", "now_utc", "utc_text"]
+__all__ = [
+    "AUDIT_COLUMNS",
+    "AUDIT_VERIFY_COLUMNS",
+    "ORDER_COLUMNS",
+    "Approval",
+    "Lease",
+    "OperatorSession",
+    "QueuedOrder",
+    "Store",
+    "StoredConsent",
+    "database_errors",
+    "is_postgres_url",
+    "now_utc",
+    "utc_text",
+]
 
 
 def now_utc() -> datetime:
@@ -41,16 +54,13 @@ def is_postgres_url(db: object) -> bool:
     return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
 
 
-def _database_errors() -> tuple[type[BaseException], ...]:
-    try:
-        import psycopg
-    except ImportError:  # SQLite only on this machine
-        return (sqlite3.Error,)
-    return (sqlite3.Error, psycopg.Error)
-
-
-# What a refused write raises, whichever database: callers that must survive one catch these.
-DATABASE_ERRORS: tuple[type[BaseException], ...] = _database_errors()
+def database_errors() -> tuple[type[BaseException], ...]:
+    """What a refused write raises, whichever database: callers that must survive one catch
+    these (`except database_errors():` is evaluated only when something was raised).
+    psycopg's errors count once psycopg is loaded: only a PostgreSQL store loads it, and none
+    can be raised before. Importing it up front cost every SQLite command 150-250 ms."""
+    psycopg = sys.modules.get("psycopg")
+    return (sqlite3.Error,) if psycopg is None else (sqlite3.Error, psycopg.Error)
 
 # The audit table's columns; every one but `hash` goes into the hash (services/audit.py).
 AUDIT_COLUMNS = ("seq", "at", "operator", "action", "merchant_id", "order_id", "version",
