@@ -195,7 +195,7 @@ class Workspace:
     def open(cls, settings: ReconSettings, http: httpx.AsyncClient | None = None,
              credentials: dict[str, MerchantCredentials] | None = None,
              retry: RetryPolicy | None = None) -> Workspace:
-        store = open_store(settings.db)
+        store = open_store(settings.db, pg_pool_max=settings.pg_pool_max)
         gateway = SquareGateway(settings.base_url, http, timeout_s=settings.request_timeout_s,
                                 retry=retry or RetryPolicy(attempts=settings.read_retries + 1))
         return cls(settings=settings, store=store, gateway=gateway, _credentials=credentials)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from services.database_url import is_database_url
 from services.storage.base import (
     ORDER_COLUMNS,
     Approval,
@@ -17,7 +18,6 @@ from services.storage.base import (
     Store,
     StoredConsent,
     database_errors,
-    is_postgres_url,
     now_utc,
     utc_text,
 )
@@ -32,7 +32,6 @@ __all__ = [
     "StoredConsent",
     "database_errors",
     "implementation_for",
-    "is_postgres_url",
     "now_utc",
     "open_store",
     "utc_text",
@@ -40,13 +39,17 @@ __all__ = [
 
 
 def implementation_for(db: Path | str) -> type[Store]:
-    if is_postgres_url(db):
+    if is_database_url(db):
         from services.storage.postgres import PostgresStore
         return PostgresStore
     from services.storage.sqlite import SQLiteStore
     return SQLiteStore
 
 
-def open_store(db: Path | str) -> Store:
-    """The store for `db`: a path (SQLite) or a `postgresql://` URL (PostgreSQL)."""
+def open_store(db: Path | str, *, pg_pool_max: int | None = None) -> Store:
+    """The store for `db`: a path (SQLite) or a `postgresql://` URL (PostgreSQL, whose pool
+    opens at most `pg_pool_max` connections; by default the setting's default)."""
+    if pg_pool_max is not None and is_database_url(db):
+        from services.storage.postgres import PostgresStore
+        return PostgresStore(db, max_connections=pg_pool_max)
     return implementation_for(db)(db)

@@ -30,6 +30,7 @@ from psycopg_pool import ConnectionPool
 from services.consent import ConsentRecord, Revocation, record_sha256
 from services.database_url import connect_kwargs, display_url
 from services.errors import ConfigurationError
+from services.settings import PG_POOL_MAX
 from services.storage.base import (
     AUDIT_COLUMNS,
     AUDIT_VERIFY_COLUMNS,
@@ -205,8 +206,8 @@ _UPSERT_ORDER = (f"INSERT INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
 class PostgresStore(Store):
     """One PostgreSQL database, shared by every thread of the process (and by the team)."""
 
-    def __init__(self, url: str, *, password: str | None = None, max_connections: int = 8,
-                 migrate: bool = True) -> None:
+    def __init__(self, url: str, *, password: str | None = None,
+                 max_connections: int = PG_POOL_MAX, migrate: bool = True) -> None:
         self.location = url
         self._local = threading.local()
         # The password travels as a connection keyword, never in the URL (a process list, a
