@@ -35,7 +35,6 @@ __all__ = [
     "Store",
     "StoredConsent",
     "database_errors",
-    "is_postgres_url",
     "now_utc",
     "utc_text",
 ]
@@ -48,10 +47,6 @@ def now_utc() -> datetime:
 def utc_text(moment: datetime | None = None) -> str:
     return (moment or now_utc()).astimezone(UTC).isoformat(timespec="microseconds").replace(
         "+00:00", "Z")
-
-
-def is_postgres_url(db: object) -> bool:
-    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
 
 
 def database_errors() -> tuple[type[BaseException], ...]:
