@@ -30,13 +30,14 @@ from services.database_url import provide_password
 from services.db_migrate import migrate_to_postgres
 from services.demo import build_demo, write_demo_files
 from services.emulator import EmulatorApp
-from services.postgres_cluster import LocalCluster, start_cluster
+from services.postgres_cluster import LocalCluster, claim_directory, reap_stale, start_cluster
 from services.settings import ReconSettings
 from services.storage.postgres import create_database
 
 __all__ = ["DATABASE", "SECOND_OPERATOR", "TeamDemo", "team_demo"]
 
 DATABASE = "recon"
+PREFIX = "recon-team-demo-"
 SECOND_OPERATOR = "second-operator"
 
 
@@ -94,10 +95,12 @@ class TeamDemo:
 @contextlib.contextmanager
 def team_demo(seed: int = 7, operator: str = "demo-operator") -> Iterator[TeamDemo]:
     """Start the cluster and the emulator, load the demo, yield; then stop and delete it all."""
-    directory = Path(tempfile.mkdtemp(prefix="recon-team-demo-"))
+    reap_stale(PREFIX)  # what a killed demo left (its cluster goes in start_cluster)
+    directory = Path(tempfile.mkdtemp(prefix=PREFIX))
     cluster: LocalCluster | None = None
     server: _LoopbackEmulator | None = None
     try:
+        claim_directory(directory)
         cluster = start_cluster(for_tests=False)
         url = cluster.url(DATABASE)
         credentials = directory / "credentials.toml"
