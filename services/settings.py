@@ -108,6 +108,9 @@ class ReconSettings(BaseSettings):
     # Merchant-local hours in which reminders go out ("00:00-24:00": any time).
     reminder_business_hours: str = Field(
         "09:00-17:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d-(([01]\d|2[0-3]):[0-5]\d|24:00)$")
+    # The demo's mailbox (RECON_DEMO_MAILBOX): the folder its local SMTP server writes each
+    # message into, shown on the Reminders screen (b). Set by `demo` and `demo --team`.
+    demo_mailbox: Path | None = None
 
     @field_validator("db", mode="before")
     @classmethod
