@@ -335,6 +335,20 @@ def test_audit_append_verify_and_read(store: Store) -> None:
     assert trail.export_text("jsonl", action="intent").count("\n") == 5
 
 
+def test_audit_filters_by_time_and_refuses_unknown_columns(store: Store) -> None:
+    """One query builder for both stores (base.py): `at` in [since, until), and a filter's
+    column name, which goes into the SQL, only from the audit's own columns."""
+    trail = AuditTrail(store)
+    fill(trail, 3)
+    ats = [e["at"] for e in store.audit_entries({}, None, None, None, False)]
+    window = [seq for seq, at in enumerate(ats, 1) if ats[1] <= at < ats[2]]
+    assert 2 in window
+    assert [e["seq"] for e in store.audit_entries({}, ats[1], ats[2], None, False)] == window
+    with pytest.raises(ValueError, match="unknown audit column"):
+        next(store.audit_entries({"seq = seq OR 1": 1}, None, None, None, False))
+    assert trail.verify().ok
+
+
 def test_audit_rolled_back_with_its_change(store: Store) -> None:
     trail = AuditTrail(store)
     with pytest.raises(RuntimeError), store.transaction():
