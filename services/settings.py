@@ -46,6 +46,9 @@ def check_base_url(url: str) -> str:
     """https anywhere, or http only to this machine (the local emulator): a token never
     travels in clear text to another host."""
     parts = urlsplit(url)
+    if "@" in parts.netloc:  # the SDK sends a bearer token; a password here would be echoed
+        raise ValueError("a Square base URL must not carry a user name or password: give "
+                         "the URL without `user:password@`")
     host = (parts.hostname or "").rstrip(".").lower()
     if parts.scheme == "https" and host:
         return url

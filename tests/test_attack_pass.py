@@ -1,0 +1,39 @@
+"""Defects found by the attacker's pass (safety/attack-pass): each test failed before its fix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from console.cli import main
+
+
+@pytest.fixture(autouse=True)
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("RECON_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, list[str]]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()
+
+
+# A user name or password in the base URL: aiohttp refused to combine it with the bearer
+# token (a traceback), and `Square: ...` had already printed the password on stderr.
+@pytest.mark.parametrize("url", ["http://user:SECRETPW@127.0.0.1:8765",
+                                 "https://tok:SECRETPW@connect.squareup.com",
+                                 "https://SECRETPW@connect.squareup.com"])
+def test_base_url_with_credentials_is_refused_without_echoing_them(
+        tmp_path: Path, url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "queue", "--db", str(tmp_path / "r.db"),
+                         "--square-base-url", url)
+    assert code == 2 and len(err) == 1, err
+    assert "SECRETPW" not in out + "\n".join(err)
+    assert "user name or password" in err[0]
