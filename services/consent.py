@@ -52,6 +52,8 @@ DEFAULT_ORDER_SOURCES = ("Square Online",)
 EXPIRING_SOON = timedelta(days=14)
 # The same pattern stands in consent.schema.json beside `"format": "email"`.
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+# Far above any real file (a record is ~1.5 KB); only a wrong path or a hostile file gets here.
+MAX_CONSENT_FILE_BYTES = 32 * 2**20
 
 
 class ConsentStatus(StrEnum):
@@ -231,11 +233,23 @@ def read_consent_file(path: Path) -> tuple[list[tuple[str, ConsentRecord, dict[s
     """The valid records of a file, each with where it stands ("file: record N"), and one
     line per record (or per file) that is not valid: file, record, field path, what is wrong."""
     try:
-        document = json.loads(path.read_text())
+        with path.open("rb") as handle:  # bounded: a consent file is kilobytes, not /dev/zero
+            raw = handle.read(MAX_CONSENT_FILE_BYTES + 1)
+        if len(raw) > MAX_CONSENT_FILE_BYTES:
+            return [], [f"{path}: larger than {MAX_CONSENT_FILE_BYTES // 2**20} MiB, not a "
+                        "consent file; split it or check the path."]
+        document = json.loads(raw.decode())
     except FileNotFoundError:
         return [], [f"{path}: file not found."]
+    except IsADirectoryError:
+        return [], [f"{path}: is a directory; give the consent files in it (e.g. DIR/*.json)."]
+    except OSError as error:
+        return [], [f"{path}: cannot be read ({error.strerror}); check the path and its "
+                    "permissions."]
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return [], [f"{path}: not valid JSON ({error})."]
+    except RecursionError:
+        return [], [f"{path}: JSON nested too deeply to be a consent record."]
     items = document if isinstance(document, list) else [document]
     if not items:
         return [], [f"{path}: the array holds no consent records."]

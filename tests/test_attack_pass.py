@@ -37,3 +37,21 @@ def test_base_url_with_credentials_is_refused_without_echoing_them(
     assert code == 2 and len(err) == 1, err
     assert "SECRETPW" not in out + "\n".join(err)
     assert "user name or password" in err[0]
+
+
+# A consent "file" that is a directory, nested past Python's recursion limit, or far larger
+# than any consent file: each was a traceback (or read without bound); now one line, exit 2.
+def test_unreadable_or_hostile_consent_files_get_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "r.db")
+    (tmp_path / "a_dir.json").mkdir()
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    huge = tmp_path / "huge.json"
+    with huge.open("w") as handle:  # sparse: 100 MiB of nothing on disk
+        handle.truncate(100 * 1024 * 1024)
+    for path, says in ((tmp_path / "a_dir.json", "directory"), (deep, "nested"),
+                       (huge, "larger")):
+        code, _, err = run(capsys, "consent", "import", "--db", db, str(path))
+        assert code == 2 and len(err) == 1, (path, err)
+        assert str(path) in err[0] and says in err[0], err
