@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import ipaddress
+import unicodedata
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -127,6 +128,12 @@ class ReconSettings(BaseSettings):
         if not value.strip():
             raise ValueError("the operator is empty: set RECON_OPERATOR or --operator to your "
                              "name (the audit records it on every action)")
+        # One person, one spelling: four-eyes compares names, so "Ana " or a zero-width
+        # character must not make the preparer a second operator.
+        value = unicodedata.normalize("NFKC", value).strip()
+        if any(unicodedata.category(c) in ("Cc", "Cf") for c in value):
+            raise ValueError("the operator name holds control or invisible characters: set "
+                             "RECON_OPERATOR or --operator to your name in plain text")
         return value
 
     @field_validator("square_base_url")
