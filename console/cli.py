@@ -149,6 +149,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
+def _at_least_one(text: str) -> int:
+    # A negative N sliced the candidates to "all but the last N": a limit must never grow.
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
+
+
 def _listing(parser: argparse.ArgumentParser) -> None:
     """--format table|tsv|json, and --json (the contract's spelling of --format json)."""
     parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS,
@@ -277,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="show what would be completed; send nothing")
     complete.add_argument("--yes", action="store_true",
                           help="approve the preview without typing the count (for scripts)")
-    complete.add_argument("--max-orders", type=int, metavar="N",
+    complete.add_argument("--max-orders", type=_at_least_one, metavar="N",
                           help="complete at most N orders in this batch")
     _listing(complete)
 

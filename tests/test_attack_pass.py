@@ -55,3 +55,16 @@ def test_unreadable_or_hostile_consent_files_get_one_line(
         code, _, err = run(capsys, "consent", "import", "--db", db, str(path))
         assert code == 2 and len(err) == 1, (path, err)
         assert str(path) in err[0] and says in err[0], err
+
+
+# `--max-orders -5` sliced the candidates to "all but the last five": a limit that let a
+# batch grow. A count below one is a usage error now, before anything is read or sent.
+@pytest.mark.parametrize("value", ["-5", "0", "-1"])
+def test_max_orders_below_one_is_a_usage_error(
+        tmp_path: Path, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "complete", "--db", str(tmp_path / "r.db"),
+                         "--square-base-url", "http://127.0.0.1:9", "--merchant", "M1",
+                         "--max-orders", value, "--dry-run")
+    assert code == 2 and len(err) == 1 and out == "", err
+    assert "--max-orders" in err[0]
+
