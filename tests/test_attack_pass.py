@@ -68,3 +68,13 @@ def test_max_orders_below_one_is_a_usage_error(
     assert code == 2 and len(err) == 1 and out == "", err
     assert "--max-orders" in err[0]
 
+
+
+# The emulator's own flags: out-of-range values ended in pydantic's or socket's traceback.
+@pytest.mark.parametrize(("flag", "value"), [("--fault-rate", "5"), ("--latency-ms", "-100"),
+                                             ("--rate-limit", "-1"), ("--port", "99999")])
+def test_emulator_flags_out_of_range_get_one_line(
+        flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "emulator", "serve", flag, value)
+    assert code == 2, err
+    assert len(err) == 1 and flag in err[0], err
