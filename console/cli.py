@@ -160,16 +160,6 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
-    return value
-
-
 def _listing(parser: argparse.ArgumentParser) -> None:
     """--format table|tsv|json, and --json (the contract's spelling of --format json)."""
     parser.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS,
@@ -214,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = emulator_sub.add_parser("serve", help="serve the emulator on loopback")
     serve.add_argument("--host", default="127.0.0.1",
                        help="loopback address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=8765,
+    serve.add_argument("--port", type=int, default=8765,
                        help="port to listen on; 0 picks a free one (default: 8765)")
     serve.add_argument("--seed", type=int, default=7,
                        help="seed of the merchants and orders; with the counts below it "
@@ -508,6 +498,8 @@ def _emulator_serve(args: argparse.Namespace) -> int:
     config = SeedConfig(seed=args.seed, merchants=args.merchants,
                         locations_per_merchant=args.locations_per_merchant,
                         orders_per_location=args.orders_per_location, kinds=kinds)
+    if not 0 <= args.port <= 65535:  # bind() would raise OverflowError: a traceback
+        raise ConfigurationError(f"--port {args.port}: not a port number (0 to 65535)")
     try:
         faults = FaultPlan(latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
                            rate_limit_rps=args.rate_limit, server_error_rate=args.fault_rate,
