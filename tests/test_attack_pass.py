@@ -78,3 +78,35 @@ def test_emulator_flags_out_of_range_get_one_line(
     code, _, err = run(capsys, "emulator", "serve", flag, value)
     assert code == 2, err
     assert len(err) == 1 and flag in err[0], err
+
+
+# `--db` at a file that is not ours: a text file (say, the credentials file by a slip) was a
+# sqlite3 traceback; another application's SQLite database got our 40 tables, triggers and
+# WAL mode written into it. Both are refused in one line, and the file is left as it was.
+def test_a_database_that_is_not_ours_is_refused_and_left_alone(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlite3
+    text = tmp_path / "notes.txt"
+    text.write_text("[merchants.M1]\naccess_token = \"x\"\n")
+    foreign = tmp_path / "shop.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER, name TEXT)")
+    before = foreign.read_bytes()
+    for path, says in ((text, "not a SQLite database"), (foreign, "another application")):
+        code, out, err = run(capsys, "consent", "list", "--db", str(path))
+        assert code == 2 and len(err) == 1 and out == "", err
+        assert str(path) in err[0] and says in err[0], err
+    assert text.read_text().startswith("[merchants.M1]")
+    assert foreign.read_bytes() == before
+    assert not (tmp_path / "shop.db-wal").exists()
+
+
+def test_a_new_or_empty_database_file_is_still_ours(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch(mode=0o600)
+    for path in (empty, tmp_path / "new.db"):
+        code, _, err = run(capsys, "consent", "list", "--db", str(path))
+        assert code == 0, err
+        code, _, err = run(capsys, "consent", "list", "--db", str(path))  # and again, migrated
+        assert code == 0, err
