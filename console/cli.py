@@ -434,6 +434,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
+    except Exception as error:
+        from services.store import database_errors
+        if not isinstance(error, database_errors()):
+            raise
+        # A full disk, a lost server: what was written is durable, the rest was rolled back.
+        err(f"error: the database refused: {str(error).splitlines()[0] if str(error) else ''}"
+            f" ({type(error).__name__}); free space or check the database, then run "
+            "`recon-console recover` before anything else.")
+        return EXIT_FAILURES
 
 
 def _refuse_unused(args: argparse.Namespace, unused: Sequence[str], why: str) -> None:

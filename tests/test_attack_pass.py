@@ -110,3 +110,36 @@ def test_a_new_or_empty_database_file_is_still_ours(
         assert code == 0, err
         code, _, err = run(capsys, "consent", "list", "--db", str(path))  # and again, migrated
         assert code == 0, err
+
+
+# A full disk (seen on a 3 MB tmpfs: `queue`'s refresh, then `complete`) ended in a sqlite3
+# traceback. Whatever command the database refuses a write to now says so in one line.
+def test_a_database_that_refuses_writes_gets_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlite3
+    from contextlib import contextmanager
+
+    from services.storage.sqlite import SQLiteStore
+    from tests.conftest import DATA
+    db = str(tmp_path / "r.db")
+    assert run(capsys, "consent", "list", "--db", db)[0] == 0
+
+    @contextmanager
+    def full(self: SQLiteStore):  # type: ignore[no-untyped-def]
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        finally:
+            self.conn.execute("ROLLBACK")
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(SQLiteStore, "transaction", full)
+    code, out, err = run(capsys, "consent", "import", "--db", db,
+                         str(DATA / "consent" / "valid" / "minimal.json"))
+    assert code == 1 and len(err) == 1, err
+    assert "database or disk is full" in err[0] and "Traceback" not in err[0]
+    monkeypatch.undo()
+    code, out, _ = run(capsys, "consent", "list", "--db", db, "--json")
+    assert code == 0 and '"consent_id"' not in out  # nothing half-stored
+

@@ -276,6 +276,10 @@ def _refuse_foreign(conn: sqlite3.Connection, path: Path | str) -> None:
         ours = "_sqlite_migrations" in tables and conn.execute(
             "SELECT 1 FROM _sqlite_migrations WHERE migration_set = ? LIMIT 1",
             (migrations.name,)).fetchone() is not None
+    except sqlite3.OperationalError as error:  # a full disk, a lock, an unreadable file
+        conn.close()
+        raise ConfigurationError(f"{path}: cannot open the database ({error}): check the "
+                                 "disk and the file, then retry.") from None
     except sqlite3.DatabaseError as error:
         conn.close()
         raise ConfigurationError(f"{path}: not a SQLite database ({error}): give --db this "
