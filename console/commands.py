@@ -349,10 +349,16 @@ async def _run_batch(args: argparse.Namespace, workspace: Workspace, preview: Pr
     if unreachable:
         err(f"Square could not be reached for {', '.join(unreachable)}: their orders "
             "stay in the queue.")
+    # Not sent because the database refused the intents (a full disk): a failure, not a
+    # quiet success a script would take for a batch that ran.
+    unwritable = sum(1 for r in results if r.reason == SkipReason.DATABASE_UNWRITABLE)
+    if unwritable:
+        err(f"{unwritable} orders not sent: the database refused a write; free space or check "
+            "the database, then run `recon-console recover`.")
     _checkpoint_note(workspace)
     if cancel.is_set():
         return EXIT_CANCELLED
-    return EXIT_FAILURES if unreachable or any(
+    return EXIT_FAILURES if unreachable or unwritable or any(
         r.outcome is Outcome.FAILED for r in results) else EXIT_OK
 
 

@@ -143,3 +143,35 @@ def test_a_database_that_refuses_writes_gets_one_line(
     code, out, _ = run(capsys, "consent", "list", "--db", db, "--json")
     assert code == 0 and '"consent_id"' not in out  # nothing half-stored
 
+
+# The database refused the intents (a full disk): nothing was sent, every order "skipped
+# DATABASE_UNWRITABLE", and `complete` exited 0, as if a script's batch had simply run.
+@pytest.mark.loopback
+def test_complete_whose_intents_the_database_refused_exits_1(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from services.completion.journal import IntentJournal
+    from services.demo import write_demo_files
+    from services.emulator import SeedConfig
+    from tests.conftest import LoopbackServer, make_emulator
+    emulator = make_emulator(SeedConfig(merchants=1, orders_per_location=5))
+    write_demo_files(tmp_path, emulator.merchants)
+    with LoopbackServer(emulator) as server:
+        options = ["--db", str(tmp_path / "r.db"), "--square-base-url", server.base_url,
+                   "--credentials", str(tmp_path / "credentials.toml"), "--operator", "eve"]
+        assert run(capsys, "consent", "import", str(tmp_path / "consents.json"),
+                   *options)[0] == 0
+        assert run(capsys, "queue", *options)[0] == 0
+
+        async def refused(self: IntentJournal, run: object, intents: object) -> bool:
+            self.broken = "the database refused a write (database or disk is full)"
+            return False
+
+        monkeypatch.setattr(IntentJournal, "commit_intents", refused)
+        code, out, err = run(capsys, "complete", "--all-merchants", "--yes", "--json",
+                             *options)
+    import json
+    results = json.loads(out)["results"]
+    assert results and {r["reason"] for r in results} == {"DATABASE_UNWRITABLE"}
+    assert code == 1, err
+    assert any("database" in line and "recover" in line for line in err), err
