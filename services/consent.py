@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import cache
 from importlib import resources
@@ -212,6 +212,20 @@ def consent_rule_problems(record: ConsentRecord, now: datetime) -> list[InvalidC
     """What a schema cannot say: dates that contradict each other or the clock. Checked on
     import only, so a record already stored always loads."""
     problems = []
+    times = {"$.effective_from": record.effective_from, "$.expires_at": record.expires_at,
+             "$.evidence.captured_at": record.evidence.captured_at,
+             "$.revocation.revoked_at": (record.revocation.revoked_at if record.revocation
+                                         else None)}
+    for path, moment in times.items():
+        if moment is None:
+            continue
+        try:  # 9999-12-31T23:59:59-12:00 is valid RFC 3339 but past year 9999 in UTC
+            moment.astimezone(UTC)
+        except OverflowError:
+            problems.append(InvalidConsent(path, f"{moment.isoformat()} is out of range once "
+                                                 "in UTC (years 1 to 9999)"))
+    if problems:  # the comparisons below would overflow too
+        return problems
     if record.expires_at is not None and record.expires_at <= record.effective_from:
         problems.append(InvalidConsent(
             "$.expires_at", f"{record.expires_at.isoformat()} is not after effective_from "

@@ -118,6 +118,7 @@ def test_a_database_that_refuses_writes_gets_one_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     import sqlite3
+    from collections.abc import Iterator
     from contextlib import contextmanager
 
     from services.storage.sqlite import SQLiteStore
@@ -126,7 +127,7 @@ def test_a_database_that_refuses_writes_gets_one_line(
     assert run(capsys, "consent", "list", "--db", db)[0] == 0
 
     @contextmanager
-    def full(self: SQLiteStore):  # type: ignore[no-untyped-def]
+    def full(self: SQLiteStore) -> Iterator[sqlite3.Connection]:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -175,3 +176,28 @@ def test_complete_whose_intents_the_database_refused_exits_1(
     assert results and {r["reason"] for r in results} == {"DATABASE_UNWRITABLE"}
     assert code == 1, err
     assert any("database" in line and "recover" in line for line in err), err
+
+
+# RFC 3339 allows 9999-12-31T23:59:59-12:00, which is past year 9999 in UTC: a revocation at
+# that time was an OverflowError traceback mid-import. Such a time is refused with the field.
+@pytest.mark.parametrize(("field", "value"), [
+    ("revocation", {"revoked_at": "9999-12-31T23:59:59-12:00", "revoked_by": "x",
+                    "reason": "y"}),
+    ("expires_at", "9999-12-31T23:59:59-12:00"),
+    ("effective_from", "0001-01-01T00:00:00+12:00"),
+])
+def test_a_consent_time_beyond_utc_is_refused_by_field(
+        tmp_path: Path, field: str, value: object, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tests.conftest import DATA
+    document = json.loads((DATA / "consent" / "valid" / "minimal.json").read_text())
+    document[field] = value
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(document))
+    db = str(tmp_path / "r.db")
+    code, _, err = run(capsys, "consent", "import", "--db", db, str(path))
+    assert code == 2 and len(err) == 1, err
+    assert field in err[0] and "range" in err[0], err
+    code, out, _ = run(capsys, "consent", "list", "--db", db, "--json")
+    assert code == 0 and document["consent_id"] not in out
