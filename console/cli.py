@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,17 @@ def _shown(value: Any) -> Any:
     """A value as an error may repeat it: a database URL without any password in it."""
     from services.database_url import display_url, is_database_url
     return display_url(value) if is_database_url(value) else value
+
+
+def _said_within(limit: int) -> Callable[[str], str]:
+    """_said, no longer than the consent record holds (services/consent.py: Revocation):
+    a longer one failed the record's validation, a traceback with the consent still active."""
+    def said(value: str) -> str:
+        if len(value) > limit:
+            raise argparse.ArgumentTypeError(f"is {len(value):,} characters: at most {limit:,} "
+                                             "fit the consent record; shorten it")
+        return _said(value)
+    return said
 
 
 def _said(value: str) -> str:
@@ -257,9 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the consent to revoke (see `consent list`)")
     which.add_argument("--all-for-merchant", metavar="MERCHANT_ID",
                        help="revoke every consent of this merchant not yet revoked")
-    c_revoke.add_argument("--by", required=True, type=_said, metavar="NAME",
+    c_revoke.add_argument("--by", required=True, type=_said_within(200), metavar="NAME",
                           help="who asked for the revocation (recorded in the audit)")
-    c_revoke.add_argument("--reason", required=True, type=_said, metavar="TEXT",
+    c_revoke.add_argument("--reason", required=True, type=_said_within(1000), metavar="TEXT",
                           help="why (recorded in the audit)")
 
     queue = sub.add_parser("queue", help="discover open orders and classify them")

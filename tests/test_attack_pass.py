@@ -201,3 +201,27 @@ def test_a_consent_time_beyond_utc_is_refused_by_field(
     assert field in err[0] and "range" in err[0], err
     code, out, _ = run(capsys, "consent", "list", "--db", db, "--json")
     assert code == 0 and document["consent_id"] not in out
+
+
+# `consent revoke --reason` longer than the record's 1,000 characters (an e-mail pasted in),
+# or `--by` over 200: a pydantic traceback, and the consent stayed active without a word.
+@pytest.mark.parametrize(("by", "reason", "says"), [("ana", "r" * 1001, "reason"),
+                                                    ("b" * 201, "asked by phone", "by")],
+                         ids=["reason", "by"])
+def test_revoke_with_an_overlong_reason_or_name_says_so_in_one_line(
+        tmp_path: Path, by: str, reason: str, says: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tests.conftest import DATA
+    path = DATA / "consent" / "valid" / "minimal.json"
+    consent_id = json.loads(path.read_text())["consent_id"]
+    db = str(tmp_path / "r.db")
+    assert run(capsys, "consent", "import", "--db", db, str(path))[0] == 0
+    code, _, err = run(capsys, "consent", "revoke", consent_id, "--by", by, "--reason", reason,
+                       "--db", db)
+    assert code == 2 and len(err) == 1, err
+    assert f"--{says}" in err[0] and "at most" in err[0], err
+    code, _, err = run(capsys, "consent", "revoke", consent_id, "--by", "ana", "--reason",
+                       "asked by phone", "--db", db)
+    assert code == 0, err
