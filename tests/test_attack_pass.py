@@ -225,3 +225,24 @@ def test_revoke_with_an_overlong_reason_or_name_says_so_in_one_line(
     code, _, err = run(capsys, "consent", "revoke", consent_id, "--by", "ana", "--reason",
                        "asked by phone", "--db", db)
     assert code == 0, err
+
+
+# `--json` (consent list, queue, complete...) wrote outside text's C1 controls (U+009B is
+# CSI) and bidi overrides raw to the terminal; the audit's JSON Lines already escaped them.
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_output_escapes_what_a_terminal_would_act_on(
+        stream: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from console.output import print_json, print_json_stream
+    hostile = "Tea\x9b2J\x1b]52;c;x\x07 \u202egnp.exe\u202c \u2066x\u2069\u200f\x7f\u2028."
+    if stream:
+        print_json_stream("orders", [{"name": hostile}], {"note": hostile})
+    else:
+        print_json({"name": hostile, "nested": [{"name": hostile}]})
+    out = capsys.readouterr().out
+    for char in "\x9b\x1b\x07\u202e\u202c\u2066\u2069\u200f\x7f\u2028":
+        assert char not in out, repr(char)
+    document = json.loads(out)
+    assert (document["orders"][0]["name"] if stream else document["nested"][0]["name"]) \
+        == hostile  # every character kept exactly
