@@ -246,3 +246,18 @@ def test_json_output_escapes_what_a_terminal_would_act_on(
     document = json.loads(out)
     assert (document["orders"][0]["name"] if stream else document["nested"][0]["name"]) \
         == hostile  # every character kept exactly
+
+
+# `--credentials` at a directory (0700) was an IsADirectoryError traceback; at a FIFO the
+# command hung on open(). Neither is a credentials file: one line, nothing opened.
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_credentials_that_are_not_a_regular_file_get_one_line(tmp_path: Path, kind: str) -> None:
+    from services.credentials import load_credentials
+    from services.errors import CredentialsError
+    path = tmp_path / "creds"
+    if kind == "directory":
+        path.mkdir(mode=0o700)
+    else:
+        os.mkfifo(path, 0o600)
+    with pytest.raises(CredentialsError, match="not a regular file"):
+        load_credentials(path)
