@@ -246,6 +246,9 @@ def read_consent_file(path: Path) -> tuple[list[tuple[str, ConsentRecord, dict[s
                                            list[str]]:
     """The valid records of a file, each with where it stands ("file: record N"), and one
     line per record (or per file) that is not valid: file, record, field path, what is wrong."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        return [], [f"{path}: not a regular file (a FIFO or a device would hang or never "
+                    "end); give the consent file itself."]
     try:
         with path.open("rb") as handle:  # bounded: a consent file is kilobytes, not /dev/zero
             raw = handle.read(MAX_CONSENT_FILE_BYTES + 1)

@@ -50,8 +50,11 @@ def test_unreadable_or_hostile_consent_files_get_one_line(
     huge = tmp_path / "huge.json"
     with huge.open("w") as handle:  # sparse: 100 MiB of nothing on disk
         handle.truncate(100 * 1024 * 1024)
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo, 0o600)  # open() would wait for a writer forever
     for path, says in ((tmp_path / "a_dir.json", "directory"), (deep, "nested"),
-                       (huge, "larger")):
+                       (huge, "larger"), (fifo, "not a regular file"),
+                       (Path("/dev/zero"), "not a regular file")):
         code, _, err = run(capsys, "consent", "import", "--db", db, str(path))
         assert code == 2 and len(err) == 1, (path, err)
         assert str(path) in err[0] and says in err[0], err
