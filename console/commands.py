@@ -245,6 +245,15 @@ def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
             merchants = None if args.all_merchants else args.merchant
             reports = await workspace.refresh(merchants)
             _report_merchants(reports)
+            if args.order:  # a mistyped id, or another merchant's order: said, not ignored
+                known = {o.order_id for o in workspace.store.queued_orders(ordered=False)
+                         if merchants is None or o.merchant_id in merchants}
+                for order_id in args.order:
+                    if order_id not in known:
+                        raise ConfigurationError(
+                            f"--order {order_id}: not an open order of "
+                            f"{'any merchant' if merchants is None else ', '.join(merchants)}; "
+                            "see `recon-console queue --include-ineligible`.")
             preview = workspace.preview(merchants, args.order, args.max_orders)
             for line in preview_lines(preview):
                 err(line)

@@ -264,3 +264,30 @@ def test_credentials_that_are_not_a_regular_file_get_one_line(tmp_path: Path, ki
         os.mkfifo(path, 0o600)
     with pytest.raises(CredentialsError, match="not a regular file"):
         load_credentials(path)
+
+
+# `complete --merchant A --order <an order of merchant B>` (or a mistyped id) said only
+# "Nothing eligible to complete." and exited 0: the operator never learnt the id was wrong.
+@pytest.mark.loopback
+def test_an_order_id_outside_the_chosen_merchants_is_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from services.demo import write_demo_files
+    from services.emulator import SeedConfig
+    from tests.conftest import LoopbackServer, make_emulator
+    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=5))
+    write_demo_files(tmp_path, emulator.merchants)
+    first, second = (m.merchant.id for m in emulator.merchants)
+    with LoopbackServer(emulator) as server:
+        options = ["--db", str(tmp_path / "r.db"), "--square-base-url", server.base_url,
+                   "--credentials", str(tmp_path / "credentials.toml"), "--operator", "eve"]
+        assert run(capsys, "consent", "import", str(tmp_path / "consents.json"),
+                   *options)[0] == 0
+        import json
+        code, out, _ = run(capsys, "queue", "--json", "--include-ineligible", *options)
+        theirs = next(o["order_id"] for o in json.loads(out)["orders"]
+                      if o["merchant_id"] == second)
+        for wrong in (theirs, "NO-SUCH-ORDER"):
+            code, out, err = run(capsys, "complete", "--merchant", first, "--order", wrong,
+                                 "--dry-run", *options)
+            assert code == 2, err
+            assert any(wrong in line and "not" in line for line in err), err
