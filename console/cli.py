@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,17 @@ def _shown(value: Any) -> Any:
     return display_url(value) if is_database_url(value) else value
 
 
+def _said_within(limit: int) -> Callable[[str], str]:
+    """_said, no longer than the consent record holds (services/consent.py: Revocation):
+    a longer one failed the record's validation, a traceback with the consent still active."""
+    def said(value: str) -> str:
+        if len(value) > limit:
+            raise argparse.ArgumentTypeError(f"is {len(value):,} characters: at most {limit:,} "
+                                             "fit the consent record; shorten it")
+        return _said(value)
+    return said
+
+
 def _said(value: str) -> str:
     """--by/--reason go into the audit: a blank one would record a revocation by nobody."""
     if not value.strip():
@@ -147,6 +158,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:  # one line, exit 2
         raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _at_least_one(text: str) -> int:
+    # A negative N sliced the candidates to "all but the last N": a limit must never grow.
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
 
 
 def _listing(parser: argparse.ArgumentParser) -> None:
@@ -246,9 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the consent to revoke (see `consent list`)")
     which.add_argument("--all-for-merchant", metavar="MERCHANT_ID",
                        help="revoke every consent of this merchant not yet revoked")
-    c_revoke.add_argument("--by", required=True, type=_said, metavar="NAME",
+    c_revoke.add_argument("--by", required=True, type=_said_within(200), metavar="NAME",
                           help="who asked for the revocation (recorded in the audit)")
-    c_revoke.add_argument("--reason", required=True, type=_said, metavar="TEXT",
+    c_revoke.add_argument("--reason", required=True, type=_said_within(1000), metavar="TEXT",
                           help="why (recorded in the audit)")
 
     queue = sub.add_parser("queue", help="discover open orders and classify them")
@@ -277,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="show what would be completed; send nothing")
     complete.add_argument("--yes", action="store_true",
                           help="approve the preview without typing the count (for scripts)")
-    complete.add_argument("--max-orders", type=int, metavar="N",
+    complete.add_argument("--max-orders", type=_at_least_one, metavar="N",
                           help="complete at most N orders in this batch")
     _listing(complete)
 
@@ -423,6 +445,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
+    except Exception as error:
+        from services.store import database_errors
+        if not isinstance(error, database_errors()):
+            raise
+        # A full disk, a lost server: what was written is durable, the rest was rolled back.
+        err(f"error: the database refused: {str(error).splitlines()[0] if str(error) else ''}"
+            f" ({type(error).__name__}); free space or check the database, then run "
+            "`recon-console recover` before anything else.")
+        return EXIT_FAILURES
 
 
 def _refuse_unused(args: argparse.Namespace, unused: Sequence[str], why: str) -> None:
@@ -487,9 +518,18 @@ def _emulator_serve(args: argparse.Namespace) -> int:
     config = SeedConfig(seed=args.seed, merchants=args.merchants,
                         locations_per_merchant=args.locations_per_merchant,
                         orders_per_location=args.orders_per_location, kinds=kinds)
-    faults = FaultPlan(latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
-                       rate_limit_rps=args.rate_limit, server_error_rate=args.fault_rate,
-                       seed=args.seed)
+    if not 0 <= args.port <= 65535:  # bind() would raise OverflowError: a traceback
+        raise ConfigurationError(f"--port {args.port}: not a port number (0 to 65535)")
+    try:
+        faults = FaultPlan(latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
+                           rate_limit_rps=args.rate_limit, server_error_rate=args.fault_rate,
+                           seed=args.seed)
+    except ValidationError as error:  # a value out of range: say which flag, no traceback
+        first = error.errors()[0]
+        flag = {"latency_ms": "--latency-ms", "jitter_ms": "--jitter-ms",
+                "rate_limit_rps": "--rate-limit", "server_error_rate": "--fault-rate"
+                }.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise ConfigurationError(f"{flag} {first['input']}: {first['msg'].lower()}") from None
     # A newcomer starting it with `&` otherwise sees nothing: say where, and how to stop it.
     where = f"port {args.port}" if args.port else "a free port (its base_url: the manifest)"
     err(f"emulator: {args.merchants} merchant{'s' if args.merchants != 1 else ''} "

@@ -245,6 +245,15 @@ def complete(args: argparse.Namespace, settings: ReconSettings) -> int:
             merchants = None if args.all_merchants else args.merchant
             reports = await workspace.refresh(merchants)
             _report_merchants(reports)
+            if args.order:  # a mistyped id, or another merchant's order: said, not ignored
+                known = {o.order_id for o in workspace.store.queued_orders(ordered=False)
+                         if merchants is None or o.merchant_id in merchants}
+                for order_id in args.order:
+                    if order_id not in known:
+                        raise ConfigurationError(
+                            f"--order {order_id}: not an open order of "
+                            f"{'any merchant' if merchants is None else ', '.join(merchants)}; "
+                            "see `recon-console queue --include-ineligible`.")
             preview = workspace.preview(merchants, args.order, args.max_orders)
             for line in preview_lines(preview):
                 err(line)
@@ -349,10 +358,16 @@ async def _run_batch(args: argparse.Namespace, workspace: Workspace, preview: Pr
     if unreachable:
         err(f"Square could not be reached for {', '.join(unreachable)}: their orders "
             "stay in the queue.")
+    # Not sent because the database refused the intents (a full disk): a failure, not a
+    # quiet success a script would take for a batch that ran.
+    unwritable = sum(1 for r in results if r.reason == SkipReason.DATABASE_UNWRITABLE)
+    if unwritable:
+        err(f"{unwritable} orders not sent: the database refused a write; free space or check "
+            "the database, then run `recon-console recover`.")
     _checkpoint_note(workspace)
     if cancel.is_set():
         return EXIT_CANCELLED
-    return EXIT_FAILURES if unreachable or any(
+    return EXIT_FAILURES if unreachable or unwritable or any(
         r.outcome is Outcome.FAILED for r in results) else EXIT_OK
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from services.text_safety import json_inert
+
 __all__ = ["EXIT_CANCELLED", "EXIT_FAILURES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "err",
            "install_cancel", "print_json", "print_json_stream"]
 
@@ -36,8 +38,9 @@ def print_json(document: Any) -> None:
     # orjson: `queue --json` of 100,000 orders is ~50 MB, 7x faster than json.dumps (issue 11),
     # written as bytes (no second 50 MB copy as text). Datetimes and dataclasses still go
     # through str(), as json.dumps(default=str) wrote them.
-    data = orjson.dumps(document, default=str,
-                        option=_JSON_OPTIONS | orjson.OPT_APPEND_NEWLINE)
+    # Outside text's C1 controls and bidi overrides: escaped, as the audit's JSON Lines are.
+    data = json_inert(orjson.dumps(document, default=str,
+                                   option=_JSON_OPTIONS | orjson.OPT_APPEND_NEWLINE))
     buffer = getattr(sys.stdout, "buffer", None)
     if buffer is None:  # a text-only stream (some test harnesses)
         sys.stdout.write(data.decode())
@@ -55,6 +58,7 @@ def print_json_stream(key: str, items: Iterable[Any], rest: dict[str, Any],
     buffer = getattr(sys.stdout, "buffer", None)
 
     def write(data: bytes) -> None:
+        data = json_inert(data)
         if buffer is None:
             sys.stdout.write(data.decode())
         else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import cache
 from importlib import resources
@@ -52,6 +52,8 @@ DEFAULT_ORDER_SOURCES = ("Square Online",)
 EXPIRING_SOON = timedelta(days=14)
 # The same pattern stands in consent.schema.json beside `"format": "email"`.
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+# Far above any real file (a record is ~1.5 KB); only a wrong path or a hostile file gets here.
+MAX_CONSENT_FILE_BYTES = 32 * 2**20
 
 
 class ConsentStatus(StrEnum):
@@ -210,6 +212,20 @@ def consent_rule_problems(record: ConsentRecord, now: datetime) -> list[InvalidC
     """What a schema cannot say: dates that contradict each other or the clock. Checked on
     import only, so a record already stored always loads."""
     problems = []
+    times = {"$.effective_from": record.effective_from, "$.expires_at": record.expires_at,
+             "$.evidence.captured_at": record.evidence.captured_at,
+             "$.revocation.revoked_at": (record.revocation.revoked_at if record.revocation
+                                         else None)}
+    for path, moment in times.items():
+        if moment is None:
+            continue
+        try:  # 9999-12-31T23:59:59-12:00 is valid RFC 3339 but past year 9999 in UTC
+            moment.astimezone(UTC)
+        except OverflowError:
+            problems.append(InvalidConsent(path, f"{moment.isoformat()} is out of range once "
+                                                 "in UTC (years 1 to 9999)"))
+    if problems:  # the comparisons below would overflow too
+        return problems
     if record.expires_at is not None and record.expires_at <= record.effective_from:
         problems.append(InvalidConsent(
             "$.expires_at", f"{record.expires_at.isoformat()} is not after effective_from "
@@ -230,12 +246,27 @@ def read_consent_file(path: Path) -> tuple[list[tuple[str, ConsentRecord, dict[s
                                            list[str]]:
     """The valid records of a file, each with where it stands ("file: record N"), and one
     line per record (or per file) that is not valid: file, record, field path, what is wrong."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        return [], [f"{path}: not a regular file (a FIFO or a device would hang or never "
+                    "end); give the consent file itself."]
     try:
-        document = json.loads(path.read_text())
+        with path.open("rb") as handle:  # bounded: a consent file is kilobytes, not /dev/zero
+            raw = handle.read(MAX_CONSENT_FILE_BYTES + 1)
+        if len(raw) > MAX_CONSENT_FILE_BYTES:
+            return [], [f"{path}: larger than {MAX_CONSENT_FILE_BYTES // 2**20} MiB, not a "
+                        "consent file; split it or check the path."]
+        document = json.loads(raw.decode())
     except FileNotFoundError:
         return [], [f"{path}: file not found."]
+    except IsADirectoryError:
+        return [], [f"{path}: is a directory; give the consent files in it (e.g. DIR/*.json)."]
+    except OSError as error:
+        return [], [f"{path}: cannot be read ({error.strerror}); check the path and its "
+                    "permissions."]
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return [], [f"{path}: not valid JSON ({error})."]
+    except RecursionError:
+        return [], [f"{path}: JSON nested too deeply to be a consent record."]
     items = document if isinstance(document, list) else [document]
     if not items:
         return [], [f"{path}: the array holds no consent records."]

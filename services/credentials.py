@@ -89,6 +89,9 @@ def _read_document(path: Path) -> dict[str, Any]:
                                ) from None
     except OSError as error:
         raise CredentialsError(f"{path}: cannot read credentials ({error.strerror}).") from None
+    if not stat.S_ISREG(mode):  # a directory was a traceback, a FIFO a hang on open()
+        raise CredentialsError(f"{path}: not a regular file; give --credentials the TOML "
+                               "credentials file.")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise CredentialsError(f"{path}: readable by group or others; run `chmod 600 {path}` "
                                "and rotate the tokens if others may have read them.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import ipaddress
+import unicodedata
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,9 @@ def check_base_url(url: str) -> str:
     """https anywhere, or http only to this machine (the local emulator): a token never
     travels in clear text to another host."""
     parts = urlsplit(url)
+    if "@" in parts.netloc:  # the SDK sends a bearer token; a password here would be echoed
+        raise ValueError("a Square base URL must not carry a user name or password: give "
+                         "the URL without `user:password@`")
     host = (parts.hostname or "").rstrip(".").lower()
     if parts.scheme == "https" and host:
         return url
@@ -130,6 +134,12 @@ class ReconSettings(BaseSettings):
         if not value.strip():
             raise ValueError("the operator is empty: set RECON_OPERATOR or --operator to your "
                              "name (the audit records it on every action)")
+        # One person, one spelling: four-eyes compares names, so "Ana " or a zero-width
+        # character must not make the preparer a second operator.
+        value = unicodedata.normalize("NFKC", value).strip()
+        if any(unicodedata.category(c) in ("Cc", "Cf") for c in value):
+            raise ValueError("the operator name holds control or invisible characters: set "
+                             "RECON_OPERATOR or --operator to your name in plain text")
         return value
 
     @field_validator("square_base_url")

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["FORMULA_PREFIXES", "csv_cell", "json_line", "printable"]
+__all__ = ["FORMULA_PREFIXES", "csv_cell", "json_inert", "json_line", "printable"]
 
 # C0 controls (ESC, BEL, newline, tab... all of them), DEL, C1 controls (CSI U+009B, OSC
 # U+009D...); the bidirectional embeddings, overrides and isolates (U+202A-U+202E,
@@ -31,6 +31,11 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u
 # What a JSON Lines record escapes beyond what JSON requires (orjson escapes C0 already).
 _JSON_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
                           "\u2066-\u2069]")
+
+# The same characters, UTF-8 encoded, for JSON already serialized as bytes (UTF-8 is
+# self-synchronizing: these sequences only match whole characters).
+_JSON_UNSAFE_BYTES = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xd8\x9c|\xe2\x80[\x8e\x8f\xa8-\xae]"
+                                rb"|\xe2\x81[\xa6-\xa9]")
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
@@ -73,3 +78,11 @@ def json_line(document: Any) -> str:
     # Inside JSON strings these characters may be written as \\uXXXX; outside strings they
     # cannot occur, so the substitution never changes the structure.
     return _JSON_UNSAFE.sub(_json_escape, text)
+
+
+def json_inert(data: bytes) -> bytes:
+    """Serialized JSON (UTF-8) with what `json_line` escapes escaped too: same document."""
+    if _JSON_UNSAFE_BYTES.search(data) is None:  # the common case costs one scan
+        return data
+    return _JSON_UNSAFE_BYTES.sub(
+        lambda m: f"\\u{ord(m.group().decode()):04x}".encode(), data)

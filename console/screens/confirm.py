@@ -96,9 +96,10 @@ class ConfirmScreen(ModalScreen[bool]):
         typed = event.value.strip()
         accepted = {str(self.preview.count)}
         if len(self.preview.totals) == 1:
-            name = self.preview.names.get(next(iter(self.preview.totals)), "")
+            # Stripped before the test: a name of only spaces would make Enter confirm.
+            name = self.preview.names.get(next(iter(self.preview.totals)), "").strip()
             if name:
-                accepted.add(name.strip().lower())
+                accepted.add(name.lower())
         if typed.lower() in accepted:
             self.dismiss(True)
         else:

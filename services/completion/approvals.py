@@ -16,6 +16,7 @@ use_approval, order_amounts).
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,7 +31,14 @@ from services.money import minor_units
 from services.store import Approval, Store, utc_text
 from services.timestamps import parse_time
 
-__all__ = ["Approvals", "FourEyesPolicy", "approval_items", "approval_totals"]
+__all__ = ["Approvals", "FourEyesPolicy", "approval_items", "approval_totals", "same_operator"]
+
+
+def same_operator(one: str, other: str) -> bool:
+    """Names are typed, not authenticated: "Ana", "ANA " and its fullwidth form are one operator."""
+    def key(name: str) -> str:
+        return unicodedata.normalize("NFKC", name).casefold().strip()
+    return key(one) == key(other)
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,7 @@ class Approvals:
             if approval.status != "pending":
                 raise ApprovalRefused("APPROVAL_DECIDED", f"batch {batch_id} is already "
                                       f"{approval.status} (by {approval.decided_by}).")
-            if operator == approval.prepared_by:
+            if same_operator(operator, approval.prepared_by):
                 raise ApprovalRefused("APPROVAL_SELF_GIVEN", f"{operator} prepared batch "
                                       f"{batch_id}: another operator must approve or reject it.")
             status = "approved" if approve else "rejected"
@@ -194,7 +202,7 @@ class Approvals:
                          f"the approval of batch {batch_id} is for set "
                          f"{approval.approved_set_sha256[:16]}…, not this one ({sha[:16]}…): "
                          "prepare the new set and have it approved.")
-        if not approval.decided_by or approval.decided_by == approval.prepared_by:
+        if not approval.decided_by or same_operator(approval.decided_by, approval.prepared_by):
             self._refuse(batch_id, sha, operator, "APPROVAL_SELF_GIVEN",
                          f"batch {batch_id} was approved by its own preparer "
                          f"({approval.prepared_by}): it needs a second operator.")

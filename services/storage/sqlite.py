@@ -16,6 +16,7 @@ import orjson
 from sqlite_utils import Database, Migrations
 
 from services.consent import ConsentRecord, Revocation, record_sha256
+from services.errors import ConfigurationError
 from services.private_files import create_private
 from services.settings import default_db_path
 from services.storage.base import (
@@ -266,6 +267,29 @@ _INSERT_ORDER = (f"INSERT OR REPLACE INTO orders ({', '.join(ORDER_COLUMNS)}) VA
                  f"({', '.join('?' for _ in ORDER_COLUMNS)})")
 
 
+def _refuse_foreign(conn: sqlite3.Connection, path: Path | str) -> None:
+    """Our database, or a new (empty) one: never migrate another application's file."""
+    try:
+        tables = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        ours = "_sqlite_migrations" in tables and conn.execute(
+            "SELECT 1 FROM _sqlite_migrations WHERE migration_set = ? LIMIT 1",
+            (migrations.name,)).fetchone() is not None
+    except sqlite3.OperationalError as error:  # a full disk, a lock, an unreadable file
+        conn.close()
+        raise ConfigurationError(f"{path}: cannot open the database ({error}): check the "
+                                 "disk and the file, then retry.") from None
+    except sqlite3.DatabaseError as error:
+        conn.close()
+        raise ConfigurationError(f"{path}: not a SQLite database ({error}): give --db this "
+                                 "console's database file, or a new path.") from None
+    if tables and not ours:
+        conn.close()
+        raise ConfigurationError(f"{path}: a SQLite database of another application (tables "
+                                 f"{', '.join(sorted(tables)[:3])}...), left untouched: give "
+                                 "--db this console's database file, or a new path.")
+
+
 class SQLiteStore(Store):
     """One SQLite file. Use one store per thread (sqlite3 connections are not shared)."""
 
@@ -283,6 +307,8 @@ class SQLiteStore(Store):
         conn = sqlite3.connect(str(path), isolation_level=None, timeout=30,
                                check_same_thread=False)
         self.db = Database(conn)
+        if migrate:
+            _refuse_foreign(conn, path)  # before anything is written into it
         if isinstance(self.path, Path):
             self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
