@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,55 @@ async def test_retry_only_the_failed(tmp_path: Path) -> None:
         await wait_until(pilot, lambda: progress.finished and len(progress.results) == 3 and
                          all(r.outcome is Outcome.COMPLETED for r in progress.results))
         assert environment.workspace.verify().ok
+
+
+async def test_a_retry_keeps_to_the_consents_batch_limits_as_they_are_now(
+        tmp_path: Path) -> None:
+    """A retry of the failed orders is a new batch: when the merchant's consent has since
+    come to allow fewer orders per batch, the retry sends only that many and holds the rest
+    back, as any new preview would. Judged by the emulator's orders."""
+    environment = demo(tmp_path)
+    app = app_for(environment)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        await pilot.press("down", "down", "enter")  # a small merchant
+        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+        table = app.screen.query_one(OrderTable)
+        await pilot.press("space", "space", "space")
+        assert len(table.selected) == 3
+        environment.emulator.set_faults(FaultPlan(server_error_rate=1.0,
+                                                  operations=["UpdateOrder"]))
+        await pilot.press("c")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: isinstance(app.screen, ProgressScreen))
+        progress = app.screen
+        assert isinstance(progress, ProgressScreen)
+        await wait_until(pilot, lambda: progress.finished)
+        failed = [r.order_id for r in progress.results if r.outcome is Outcome.FAILED]
+        assert len(failed) == 3
+        environment.emulator.set_faults(FaultPlan())
+        # The merchant signs a new version of its consent: one order per batch from now on.
+        workspace = environment.workspace
+        merchant_id = progress.results[0].merchant_id
+        consent_ids = {o.consent_id for o in workspace.queue(merchant_id)
+                       if o.order_id in failed}
+        (record,) = [r for r, _ in workspace.consents_for(merchant_id)
+                     if r.consent_id in consent_ids]
+        document = record.model_dump(mode="json", exclude_none=True)
+        document["scope"]["max_orders_per_batch"] = 1
+        path = tmp_path / "narrower.json"
+        path.write_text(json.dumps([document]))
+        workspace.import_consent_files([path])
+        await pilot.press("f")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: isinstance(app.screen, ProgressScreen))
+        await wait_until(pilot, lambda: progress.finished and len(progress.results) == 1)
+        square = environment.emulator.square
+        completed = [oid for oid in failed if square.orders[oid].state == "COMPLETED"]
+        assert len(completed) == 1, completed
+        assert workspace.verify().ok
 
 
 async def test_cancel_stops_a_fast_batch(tmp_path: Path) -> None:

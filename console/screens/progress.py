@@ -166,10 +166,10 @@ class ProgressScreen(AppScreen):
         self.notify("Cancelling: no new orders will be sent; calls in flight finish and are "
                     "recorded.")
 
-    def action_retry_failed(self) -> None:
+    async def action_retry_failed(self) -> None:
+        from console.app import preview_of
         from console.screens.confirm import ConfirmScreen
-        failed = [ApprovedItem(r.merchant_id, r.order_id, r.version) for r in self.results
-                  if r.outcome is Outcome.FAILED]
+        failed = [r.order_id for r in self.results if r.outcome is Outcome.FAILED]
         if self.recon.read_only:
             self.notify("Nothing to retry here: this console is read-only (--read-only).",
                         severity="warning")
@@ -177,7 +177,15 @@ class ProgressScreen(AppScreen):
         if not failed:
             self.notify("Nothing to retry: no order of this batch failed.")
             return
-        retry = self.workspace.preview_of(failed)
+        # A retry is a new batch: a fresh preview of those orders, so the consents' batch
+        # limits as they are now (a new version may allow fewer), leases and token health
+        # hold orders back as for any batch. Read off the UI thread, as every preview.
+        retry = await asyncio.to_thread(preview_of, self.workspace, failed)
+        if not retry.count:
+            held = "; ".join(sorted({reason for _, reason in retry.held_back}))
+            self.notify(f"Nothing to retry now: the failed orders are held back ({held}).",
+                        severity="warning")
+            return
 
         def confirmed(approved: bool | None) -> None:
             if approved:
@@ -185,7 +193,7 @@ class ProgressScreen(AppScreen):
                 self.latest = None
                 self.query_one("#progress-title", Static).update(
                     safe(f"Retrying {retry.count} failed orders"))
-                self.run_batch(failed)
+                self.run_batch(list(retry.items))
 
         self.app.push_screen(ConfirmScreen(retry), confirmed)
 
