@@ -18,11 +18,11 @@ from textual.screen import Screen
 
 from console.crash import crash_line, write_crash_log
 from console.messages import describe
-from console.safe_text import printable, safe
+from console.safe_text import SafeText, printable, safe
 from console.screens.approvals import ApprovalsScreen
 from console.screens.audit import AuditScreen
 from console.screens.base import CompleteRequested, ConsoleScreen, Refreshed
-from console.screens.confirm import ConfirmScreen
+from console.screens.confirm import ConfirmScreen, confirmation_text
 from console.screens.help import HelpScreen
 from console.screens.merchants import MerchantsScreen
 from console.screens.progress import ProgressScreen
@@ -255,18 +255,18 @@ class ReconApp(App[int]):
     @work(exclusive=True, group="preview")
     async def start_completion(self, order_ids: list[str]) -> None:
         """Preview the chosen orders, confirm, then run the batch on the progress screen.
-        The preview reads the whole queue: in a thread, on a connection of its own."""
+        The preview reads the whole queue: in a thread, on a connection of its own; the
+        four-eyes check and the dialog's text too, so the UI thread only mounts it."""
         if self.read_only or self.workspace is None:
             return
-        preview = await asyncio.to_thread(preview_of, self.workspace, order_ids)
+        preview, why, text = await asyncio.to_thread(confirmation_of, self.workspace,
+                                                     order_ids)
         if preview.count == 0:
             reasons = sorted({r for _, r in preview.held_back})
             extra = f" (held back: {', '.join(reasons)})" if reasons else ""
             self.notify("None of the selected orders can be completed now" + extra + ".",
                         severity="warning")
             return
-
-        why = self.workspace.needs_second_operator(preview)
 
         def confirmed(approved: bool | None) -> None:
             if approved and why and self.workspace is not None:
@@ -281,7 +281,7 @@ class ReconApp(App[int]):
                 self.notify(f"Not confirmed: nothing was sent ({plural(preview.count, 'order')} "
                             "stay selected).")
 
-        self.push_screen(ConfirmScreen(preview, why), confirmed)
+        self.push_screen(ConfirmScreen(preview, why, text), confirmed)
 
     def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
                timeout: float | None = None, markup: bool = True) -> None:
@@ -354,9 +354,16 @@ class ReconApp(App[int]):
             yield from screen.palette_commands()
 
 
-def preview_of(workspace: Workspace, order_ids: list[str]) -> Preview:
+def confirmation_of(workspace: Workspace, order_ids: Iterable[str]
+                    ) -> tuple[Preview, str | None, SafeText | None]:
+    """Runs in a worker thread: the preview of these orders, why it needs a second operator
+    (or None), and the confirmation's text; touches no widget."""
     with workspace.own_connection() as own:
-        return own.preview(order_ids=order_ids)
+        preview = own.preview(order_ids=list(order_ids))
+        if not preview.count:
+            return preview, None, None
+        why = own.needs_second_operator(preview)
+    return preview, why, confirmation_text(preview, why)
 
 
 def recovery_text(results: list[OrderResult], still_open: int, left_alone: list[str]) -> str:
