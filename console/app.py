@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -19,20 +19,24 @@ from textual.screen import Screen
 from console.crash import crash_line, write_crash_log
 from console.messages import describe
 from console.safe_text import SafeText, printable, safe
-from console.screens.approvals import ApprovalsScreen
-from console.screens.audit import AuditScreen
 from console.screens.base import CompleteRequested, ConsoleScreen, Refreshed
-from console.screens.confirm import ConfirmScreen, confirmation_text
-from console.screens.help import HelpScreen
 from console.screens.merchants import MerchantsScreen
-from console.screens.progress import ProgressScreen
-from console.screens.reminders import RemindersScreen
 from console.wording import plural
-from services.changes import ChangeFeed
-from services.completion import OrderResult, Outcome
-from services.presence import EXPIRY_S, HEARTBEAT_S
-from services.settings import ReconSettings
-from services.workspace import Preview, Workspace
+
+# The first screen (merchants) needs none of these: importing them (the store, Square's SDK,
+# the completion engine, the other screens) cost `recon-console demo` ~0.5 s before it
+# painted anything. They are imported where used; the demo's workspace thread imports them
+# while the first screen paints (`SECOND_SCREENS`).
+if TYPE_CHECKING:
+    from services.changes import ChangeFeed
+    from services.completion import OrderResult
+    from services.settings import ReconSettings
+    from services.workspace import Preview, Workspace
+
+SECOND_SCREENS = ("console.screens.approvals", "console.screens.audit",
+                  "console.screens.confirm", "console.screens.help",
+                  "console.screens.progress", "console.screens.queue",
+                  "console.screens.reminders")
 
 __all__ = ["ReconApp", "run_console", "run_demo"]
 
@@ -70,17 +74,41 @@ class ReconApp(App[int]):
         self.sub_title = printable(subtitle) + ("  READ-ONLY" if read_only else "")
         self.crash_message: str | None = None
         # Presence and live updates (issue 14); tests shorten them.
-        self.presence_heartbeat_s = HEARTBEAT_S
-        self.presence_expiry_s = EXPIRY_S
+        self._presence_heartbeat_s: float | None = None  # None: services.presence's
+        self._presence_expiry_s: float | None = None
         self.tick_s = 1.0                 # the longest `watch_changes` waits between ticks
         self.changes: ChangeFeed | None = None
         self.changes_loaded = 0           # the feed's version the screens last reloaded at
         self._live_pending = False
         self._reload_s = 0.0              # how long the last reload took
 
+    @property
+    def presence_heartbeat_s(self) -> float:
+        if self._presence_heartbeat_s is None:
+            from services.presence import HEARTBEAT_S
+            self._presence_heartbeat_s = HEARTBEAT_S
+        return self._presence_heartbeat_s
+
+    @presence_heartbeat_s.setter
+    def presence_heartbeat_s(self, seconds: float) -> None:
+        self._presence_heartbeat_s = seconds
+
+    @property
+    def presence_expiry_s(self) -> float:
+        if self._presence_expiry_s is None:
+            from services.presence import EXPIRY_S
+            self._presence_expiry_s = EXPIRY_S
+        return self._presence_expiry_s
+
+    @presence_expiry_s.setter
+    def presence_expiry_s(self, seconds: float) -> None:
+        self._presence_expiry_s = seconds
+
     def on_mount(self) -> None:
         self.push_screen(MerchantsScreen())
-        self.prepare()
+        # Once the first screen is painted: the demo's workspace (imports, emulator, seed)
+        # is built in a thread, and would hold the GIL against that first paint.
+        self.call_after_refresh(self.prepare)
 
     async def on_unmount(self) -> None:
         if self.workspace is not None:
@@ -98,6 +126,7 @@ class ReconApp(App[int]):
                 return
         if self.workspace is None:
             return
+        await asyncio.to_thread(import_second_screens)
         self.workspace.go_online("read-only console" if self.read_only else "console",
                                  self.presence_heartbeat_s)
         self.changes = self.workspace.changes()
@@ -276,11 +305,13 @@ class ReconApp(App[int]):
                             f"{batch.batch_id[:8]}; nothing was sent. Another operator "
                             "approves it on the Approvals screen (P).", timeout=15)
             elif approved:
+                from console.screens.progress import ProgressScreen
                 self.push_screen(ProgressScreen(preview))
             else:
                 self.notify(f"Not confirmed: nothing was sent ({plural(preview.count, 'order')} "
                             "stay selected).")
 
+        from console.screens.confirm import ConfirmScreen
         self.push_screen(ConfirmScreen(preview, why, text), confirmed)
 
     def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
@@ -323,17 +354,21 @@ class ReconApp(App[int]):
         bindings = [(b.binding.key_display or b.binding.key, b.binding.description or
                      b.binding.action, b.binding.id or "")
                     for b in self.active_bindings.values()]
+        from console.screens.help import HelpScreen
         self.push_screen(HelpScreen(bindings))
 
     def action_audit(self) -> None:
+        from console.screens.audit import AuditScreen
         if self.workspace is not None and not isinstance(self.screen, AuditScreen):
             self.push_screen(AuditScreen())
 
     def action_approvals(self) -> None:
+        from console.screens.approvals import ApprovalsScreen
         if self.workspace is not None and not isinstance(self.screen, ApprovalsScreen):
             self.push_screen(ApprovalsScreen())
 
     def action_reminders(self) -> None:
+        from console.screens.reminders import RemindersScreen
         if self.workspace is not None and not isinstance(self.screen, RemindersScreen):
             self.push_screen(RemindersScreen())
 
@@ -358,6 +393,7 @@ def confirmation_of(workspace: Workspace, order_ids: Iterable[str]
                     ) -> tuple[Preview, str | None, SafeText | None]:
     """Runs in a worker thread: the preview of these orders, why it needs a second operator
     (or None), and the confirmation's text; touches no widget."""
+    from console.screens.confirm import confirmation_text
     with workspace.own_connection() as own:
         preview = own.preview(order_ids=list(order_ids))
         if not preview.count:
@@ -366,7 +402,16 @@ def confirmation_of(workspace: Workspace, order_ids: Iterable[str]
     return preview, why, confirmation_text(preview, why)
 
 
+def import_second_screens() -> None:
+    """Import the screens the first one does not need, off the UI thread (the demo does it
+    in its workspace thread), so opening one later costs no import."""
+    import importlib
+    for name in SECOND_SCREENS:
+        importlib.import_module(name)
+
+
 def recovery_text(results: list[OrderResult], still_open: int, left_alone: list[str]) -> str:
+    from services.completion import Outcome
     counts = {o: sum(1 for r in results if r.outcome is o) for o in Outcome}
     text = (f"Recovered: settled {len(results)} "
             f"({counts[Outcome.COMPLETED]} completed, {counts[Outcome.SKIPPED]} skipped, "
@@ -395,6 +440,7 @@ def load_keymap(path: Path) -> dict[str, str]:
 
 
 def run_console(settings: ReconSettings, read_only: bool = False) -> int:
+    from services.workspace import Workspace
     workspace = Workspace.open(settings)
     workspace.credentials(required=False)  # a bad file is shown in the console, not fatal
     app = ReconApp(workspace, read_only=read_only,
@@ -436,9 +482,10 @@ def run_team_demo(settings: ReconSettings, read_only: bool = False, seed: int = 
 
 
 def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) -> int:
-    from services.demo import build_demo
-
     def factory() -> Workspace:
+        # Imported here, in the factory's thread: the emulator, the store and Square's SDK
+        # load while the first screen paints, not before it.
+        from services.demo import build_demo
         return build_demo(seed=seed, operator=settings.operator, mail=True).workspace
 
     app = ReconApp(workspace_factory=factory, read_only=read_only,

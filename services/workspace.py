@@ -502,7 +502,9 @@ class Workspace:
         consents = self.consents_by_merchant()
         rows = []
         orders_by_merchant: dict[str, list[QueuedOrder]] = {}
-        for order in self.store.queued_orders():
+        # Unordered: grouped here, and `holds` sorts for itself (a plain scan of the table,
+        # not a walk of the index in merchant and age order).
+        for order in self.store.queued_orders(ordered=False):
             orders_by_merchant.setdefault(order.merchant_id, []).append(order)
         leased = self.leased_merchants()
         # A candidate is what a batch would send now: held orders are counted apart.

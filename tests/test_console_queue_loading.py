@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
+from textual.widgets import DataTable
 
 import console.screens.queue as queue_module
 from console.app import ReconApp
@@ -155,14 +156,14 @@ async def test_preview_four_eyes_check_and_dialog_text_are_made_off_the_ui_threa
     """At 70,000 orders the four-eyes check (it prices every order) and the dialog's text
     cost the UI thread ~0.5 s: both are made in the preview's worker; the UI thread only
     mounts the finished dialog."""
-    import console.app as app_module
+    import console.screens.confirm as confirm_module
     texts: list[threading.Thread] = []
-    original_text = app_module.confirmation_text
+    original_text = confirm_module.confirmation_text
 
     def recorded(*args: Any) -> Any:
         texts.append(threading.current_thread())
         return original_text(*args)
-    monkeypatch.setattr(app_module, "confirmation_text", recorded)
+    monkeypatch.setattr(confirm_module, "confirmation_text", recorded)
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, merchants_loaded(app))
         await pilot.press("Q")
@@ -244,3 +245,26 @@ async def test_a_large_queue_sorts_in_a_worker_keeping_selection_and_cursor(
         assert totals == sorted(totals, reverse=True) and keys_shown(table) != before
         assert table.selected == selected and table.current_key == cursor_key
         assert "sorting" not in str(screen.query_one("#tabs").render())
+
+
+async def test_merchant_overview_cells_are_written_out_in_the_worker(
+        app: ReconApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overview's worker also writes the rows' cells (and reads who is online and who
+    was reminded): the UI thread only adds the finished rows to the table."""
+    import console.screens.merchants as merchants_module
+    threads: list[threading.Thread] = []
+    original = merchants_module.overview_cells
+
+    def recorded(*args: Any) -> Any:
+        threads.append(threading.current_thread())
+        return original(*args)
+    monkeypatch.setattr(merchants_module, "overview_cells", recorded)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        screen = app.screen
+        assert isinstance(screen, MerchantsScreen)
+        assert threads and threading.main_thread() not in threads
+        table = screen.query_one("#merchants", DataTable)
+        assert table.row_count == len(screen.rows) > 0
+        for index, row in enumerate(screen.rows):
+            assert tuple(table.get_row_at(index)) == screen._cells[row.merchant_id]

@@ -3,6 +3,8 @@ the batch (a large one needs the count or the merchant's name typed, never just 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -11,7 +13,9 @@ from textual.widgets import Input, Static
 
 from console.safe_text import SafeText, safe
 from console.wording import money_text, plural
-from services.workspace import Preview
+
+if TYPE_CHECKING:  # types only (see console/app.py)
+    from services.workspace import Preview
 
 # Above either threshold the operator types the count (or the merchant's name).
 TYPED_COUNT_THRESHOLD = 10
