@@ -54,14 +54,14 @@ _databases = itertools.count(1)
 
 
 @contextmanager
-def workspace(args: argparse.Namespace, cluster: LocalCluster | None
-              ) -> Iterator[tuple[dict[str, str], list[str]]]:
+def workspace(args: argparse.Namespace, cluster: LocalCluster | None,
+              latency_ms: float = LATENCY_MS) -> Iterator[tuple[dict[str, str], list[str]]]:
     """A fresh emulator (same seed every time) and a fresh database with the consents imported
     (not timed): the environment for `complete`, and the merchant ids in order."""
     with loopback_emulator("--seed", str(args.seed), "--merchants", str(args.merchants),
                            "--orders-per-location", str(args.orders_per_merchant // 2),
                            "--kinds", "online_paid_open=1",
-                           "--latency-ms", str(LATENCY_MS)) as manifest:
+                           "--latency-ms", str(latency_ms)) as manifest:
         directory = Path(manifest["directory"])
         credentials = directory / "credentials.toml"
         if cluster is None:
@@ -153,18 +153,31 @@ def completion(args: argparse.Namespace, cluster: LocalCluster | None) -> dict[s
 
 def two_operators(args: argparse.Namespace, cluster: LocalCluster | None
                   ) -> dict[str, dict[str, Any]]:
-    """Each half alone (one after the other), then both halves at once on a fresh pair."""
-    with workspace(args, cluster) as (env, merchants):
+    """Each half alone (one after the other), then both halves at once on a fresh pair. For
+    the pair, the CPU seconds of everything involved (both clients, the emulator, the
+    server) against what the machine's cores could give in that wall time: near 100%, the
+    two runs wait for the cores, not for each other."""
+    latency = args.pair_latency_ms
+    with workspace(args, cluster, latency) as (env, merchants):
         first, second = halves(merchants)
         alone = {"A": complete(env, "alice", first), "B": complete(env, "bob", second)}
-    with workspace(args, cluster) as (env, merchants):
+    with workspace(args, cluster, latency) as (env, merchants):
         first, second = halves(merchants)
+        emulator = int(env["BENCH_EMULATOR_PID"])
+        before = (resource.getrusage(resource.RUSAGE_CHILDREN), _cpu(emulator),
+                  server_cpu(cluster))
+        start = time.perf_counter()
         with ThreadPoolExecutor(2) as pool:  # subprocess.run waits without the GIL
             a = pool.submit(complete, env, "alice", first)
             b = pool.submit(complete, env, "bob", second)
             together = {"A": a.result(), "B": b.result()}
-    return {f"{half} {kind}": result[half] for kind, result in
-            (("alone", alone), ("together", together)) for half in "AB"}
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime + after.ru_stime - before[0].ru_utime - before[0].ru_stime
+               + _cpu(emulator) - before[1] + server_cpu(cluster) - before[2])
+    busy = {"wall": wall, "cpu": cpu, "busy": cpu / (wall * (os.cpu_count() or 1))}
+    return {**{f"{half} {kind}": result[half] for kind, result in
+               (("alone", alone), ("together", together)) for half in "AB"}, "pair": busy}
 
 
 def med(runs: list[dict[str, Any]], key: str = "wall") -> float:
@@ -181,6 +194,8 @@ def main() -> None:
     parser.add_argument("--orders-per-merchant", type=int, default=100)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pair-latency-ms", type=float, default=LATENCY_MS,
+                        help="the emulator's latency for the two-operator runs")
     parser.add_argument("--postgres-only", action="store_true",
                         help="two operators on PostgreSQL only (not on SQLite)")
     parser.add_argument("--verify-entries", type=int, default=0,
@@ -237,7 +252,8 @@ def main() -> None:
     print()
     first, second = halves([f"m{i}" for i in range(args.merchants)])
     print(f"2. two operators at once on disjoint halves ({len(first)} + {len(second)} "
-          f"merchants, `complete --merchant ...`), each against its half alone")
+          f"merchants, `complete --merchant ...`, {args.pair_latency_ms:g} ms latency), each "
+          f"against its half alone")
     print(f"   {'store':<11} {'half':<5} {'alone':>8} {'together':>9} {'ratio':>6}  target "
           f"(<= 1.20)   completed together")
     for name in stores:
@@ -248,6 +264,10 @@ def main() -> None:
             print(f"   {name:<11} {half:<5} {alone:7.2f}s {together:8.2f}s "
                   f"{together / alone:6.2f}  {verdict(together / alone):<13} "
                   f"{done['completed']} (other {done['other']})")
+        pair = [p["pair"] for p in pairs[name]]
+        print(f"   {name:<11} together: {med(pair, 'cpu'):.1f} CPU s (clients, emulator, "
+              f"server) in {med(pair):.2f} s on {os.cpu_count()} cores = "
+              f"{100 * med(pair, 'busy'):.0f}% of the machine busy")
     if verify_line:
         print()
         print(f"3. {verify_line}")

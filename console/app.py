@@ -464,8 +464,10 @@ def run_team_demo(settings: ReconSettings, read_only: bool = False, seed: int = 
 
     from services.team_demo import team_demo
     print("Starting a throwaway PostgreSQL cluster with the demo data...", file=sys.stderr)
-    # A `kill` must still delete the cluster: SIGTERM unwinds like Ctrl-C does.
+    # A `kill` or a closed terminal must still delete the cluster: SIGTERM and SIGHUP unwind
+    # like Ctrl-C does (a SIGKILLed demo's is deleted by the next start).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     with team_demo(seed=seed, operator=settings.operator) as demo:
         # `recon-console` if the shell finds it, else this very script (.venv/bin/...).
         program = "recon-console"

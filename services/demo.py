@@ -32,7 +32,8 @@ from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy
 from services.workspace import Workspace
 
-__all__ = ["DemoEnvironment", "build_demo", "consent_for", "workspace_on_emulator"]
+__all__ = ["DemoEnvironment", "build_demo", "consent_for", "start_demo_mail",
+           "workspace_on_emulator"]
 
 # In-process (ASGI transport): nothing is sent over a network; a loopback name passes the
 # https-or-loopback rule of the settings.
@@ -184,15 +185,21 @@ def build_demo(seed: int = 7, operator: str = "demo-operator", directory: Path |
     workspace.import_consent_files([consent_file])
     server = None
     if mail:
-        # Reminders go to aiosmtpd on loopback, in this process; each message is also
-        # written as .eml into the demo's mailbox folder. Nothing leaves the machine.
-        server = LocalSmtpServer(directory=directory / "mailbox").start()
-        workspace.settings.smtp_url = server.url()
-        workspace.settings.reminder_from = ("Ledgerline Reconciliation Team "
-                                            "<recon@ledgerline.example>")
-        # The demo can be tried at any hour of the day.
-        workspace.settings.reminder_business_hours = "00:00-24:00"
+        server, mail_settings = start_demo_mail(directory / "mailbox")
+        for name, value in mail_settings.items():
+            setattr(workspace.settings, name, value)
     return DemoEnvironment(emulator, seeded, workspace, directory, server)
+
+
+def start_demo_mail(mailbox: Path) -> tuple[LocalSmtpServer, dict[str, Any]]:
+    """The demo's mail server, started, and the settings that send reminders to it.
+    Reminders go to aiosmtpd on loopback, in this process; each message is also written as .eml
+    into `mailbox`. Nothing leaves the machine."""
+    server = LocalSmtpServer(directory=mailbox).start()
+    return server, {"smtp_url": server.url(), "demo_mailbox": mailbox,
+                    "reminder_from": "Ledgerline Reconciliation Team <recon@ledgerline.example>",
+                    # The demo can be tried at any hour of the day.
+                    "reminder_business_hours": "00:00-24:00"}
 
 
 def write_demo_files(directory: Path, merchants: list[SeededMerchant]) -> None:

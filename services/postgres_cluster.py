@@ -15,6 +15,7 @@ import pwd
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -23,9 +24,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 from services.errors import ConfigurationError
+from services.processes import pid_alive
 
-__all__ = ["INSTALL_HINT", "LocalCluster", "PostgresUnavailable", "find_bindir",
-           "local_cluster"]
+__all__ = ["INSTALL_HINT", "LocalCluster", "PostgresUnavailable", "claim_directory",
+           "find_bindir", "local_cluster", "reap_stale"]
 
 INSTALL_HINT = ("install the PostgreSQL server (Debian/Ubuntu: `apt-get install postgresql`; "
                 "macOS: `brew install postgresql`), or set RECON_PG_BINDIR to the directory "
@@ -35,6 +37,10 @@ NEEDED = ("initdb", "pg_ctl", "postgres")
 # other users to keep apart).
 SUPERUSER = "recon"
 PORT = 5432  # only names the socket file (.s.PGSQL.5432) in our private directory
+PREFIX = "recon-pg-"
+# In every throwaway directory: which process made it. A SIGKILLed process cannot clean up, so
+# the next start deletes the directories whose maker is gone; one without it is never touched.
+OWNER_FILE = "recon-owner"
 
 
 class PostgresUnavailable(ConfigurationError):
@@ -163,16 +169,86 @@ class LocalCluster:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _started(pid: int) -> str:
+    """When process `pid` started (Linux: /proc), so a reused pid is not taken for the maker;
+    "" where that is unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(pid: int, started: str) -> bool:
+    if not pid_alive(pid):
+        return False
+    now = _started(pid)
+    return not (started and now and now != started)
+
+
+def claim_directory(directory: Path) -> None:
+    """Mark a fresh throwaway directory as this process's (see `reap_stale`)."""
+    pid = os.getpid()
+    with open(os.open(directory / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+              "w") as out:
+        out.write(f"{pid} {_started(pid)}\n")
+
+
+def _maker_gone(directory: Path) -> bool:
+    """True only for a directory of ours (its owner file is a plain file of this user's)
+    whose maker process is dead."""
+    marker = directory / OWNER_FILE
+    try:
+        info = marker.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            return False
+        pid, _, started = marker.read_text().strip().partition(" ")
+        return not _alive(int(pid), started)
+    except (OSError, ValueError):
+        return False
+
+
+def _postmaster_running(data: Path) -> bool:
+    try:
+        return pid_alive(int((data / "postmaster.pid").read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def reap_stale(prefix: str = PREFIX) -> list[Path]:
+    """Delete the throwaway directories `prefix*` under the temp dir that a dead process of
+    ours left (SIGKILL, a power cut), stopping the postmaster still running in one first.
+    A server that will not stop keeps its directory. Returns what was deleted."""
+    reaped = []
+    for directory in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        if directory.is_symlink() or not directory.is_dir() or not _maker_gone(directory):
+            continue
+        cluster = LocalCluster(directory, Path(), None, for_tests=True)
+        if (cluster.data / "postmaster.pid").exists():
+            try:
+                cluster.bindir, cluster.owner = find_bindir(), _run_as()
+                cluster._run("pg_ctl", "stop", "-w", "-m", "immediate", "-D",
+                             str(cluster.data), timeout=60)
+            except PostgresUnavailable:
+                if _postmaster_running(cluster.data):
+                    continue
+        shutil.rmtree(directory, ignore_errors=True)
+        reaped.append(directory)
+    return reaped
+
+
 def start_cluster(*, for_tests: bool) -> LocalCluster:
-    """initdb + start in a fresh private temp directory; PostgresUnavailable says why not."""
+    """initdb + start in a fresh private temp directory; PostgresUnavailable says why not.
+    Clusters left by killed processes go first."""
     bindir = find_bindir()
     owner = _run_as()
+    reap_stale()
     # Directly under the system temp dir: the socket path must stay under ~100 bytes, and the
     # `postgres` user must be able to reach it (pytest's tmp dirs are root's own, 0700).
-    directory = Path(tempfile.mkdtemp(prefix="recon-pg-"))
+    directory = Path(tempfile.mkdtemp(prefix=PREFIX))
     cluster = LocalCluster(directory, bindir, owner, for_tests,
                            password=None if for_tests else secrets.token_urlsafe(24))
     try:
+        claim_directory(directory)
         cluster._chown(directory)
         cluster.start()
     except BaseException:

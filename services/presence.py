@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from services.processes import HOST
-from services.store import DATABASE_ERRORS, OperatorSession, Store, now_utc, utc_text
+from services.store import OperatorSession, Store, database_errors, now_utc, utc_text
 
 __all__ = ["EXPIRY_S", "HEARTBEAT_S", "Presence", "online"]
 
@@ -45,7 +45,7 @@ class Presence:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        with contextlib.suppress(*DATABASE_ERRORS):  # a busy database: the next beat registers
+        with contextlib.suppress(*database_errors()):  # a busy database: the next beat registers
             self._register()
         with contextlib.suppress(RuntimeError):  # no running loop: the caller beats
             self._task = asyncio.get_running_loop().create_task(self._beat_forever())
@@ -58,7 +58,7 @@ class Presence:
     def beat(self) -> None:
         """Heart-beat; a session forgotten meanwhile is registered again. A busy database
         skips a beat (the expiry allows for several)."""
-        with contextlib.suppress(*DATABASE_ERRORS):
+        with contextlib.suppress(*database_errors()):
             if not self.store.touch_session(self.session.session_id, utc_text(self.clock())):
                 self._register()
 
@@ -71,5 +71,5 @@ class Presence:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        with contextlib.suppress(*DATABASE_ERRORS):  # not removed, it simply expires
+        with contextlib.suppress(*database_errors()):  # not removed, it simply expires
             self.store.end_session(self.session.session_id)

@@ -13,7 +13,7 @@ import platformdirs
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["SQUARE_BASE_URLS", "ReconSettings", "check_base_url", "check_db_path",
+__all__ = ["PG_POOL_MAX", "SQUARE_BASE_URLS", "ReconSettings", "check_base_url", "check_db_path",
            "default_credentials_path", "default_db_path", "default_keymap_path"]
 
 SQUARE_BASE_URLS = {
@@ -21,6 +21,9 @@ SQUARE_BASE_URLS = {
     "sandbox": "https://connect.squareupsandbox.com",
 }
 APP_NAME = "recon-console"
+# Team mode: the most connections one process's PostgreSQL pool opens (docs/scaling.md counts
+# them). Every thread holds at most one at a time, and LISTEN has its own outside the pool.
+PG_POOL_MAX = 4
 
 
 def default_db_path() -> Path:
@@ -105,6 +108,9 @@ class ReconSettings(BaseSettings):
     # Merchant-local hours in which reminders go out ("00:00-24:00": any time).
     reminder_business_hours: str = Field(
         "09:00-17:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d-(([01]\d|2[0-3]):[0-5]\d|24:00)$")
+    # The demo's mailbox (RECON_DEMO_MAILBOX): the folder its local SMTP server writes each
+    # message into, shown on the Reminders screen (b). Set by `demo` and `demo --team`.
+    demo_mailbox: Path | None = None
 
     @field_validator("db", mode="before")
     @classmethod
@@ -171,6 +177,9 @@ class ReconSettings(BaseSettings):
     # A merchant lease a dead holder keeps until it expires, in seconds; heart-beaten every
     # third of it (RECON_LEASE_TTL_S).
     lease_ttl_s: float = Field(30.0, gt=0)
+
+    # PostgreSQL connections one console (or command) pools at most (RECON_PG_POOL_MAX).
+    pg_pool_max: int = Field(PG_POOL_MAX, ge=1)
 
     # Signed audit checkpoints go here, outside the database (RECON_CHECKPOINT_DIR); unset: a
     # `checkpoints/` folder beside the credentials file (services/checkpoints.py).

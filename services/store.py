@@ -4,7 +4,6 @@
 services/storage/postgres.py."""
 
 from services.storage import (
-    DATABASE_ERRORS,
     ORDER_COLUMNS,
     Approval,
     Lease,
@@ -12,12 +11,25 @@ from services.storage import (
     QueuedOrder,
     Store,
     StoredConsent,
+    database_errors,
     now_utc,
     open_store,
     utc_text,
 )
 from services.storage.sqlite import SQLiteStore, migrations
 
-__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Approval", "Lease", "OperatorSession",
-           "QueuedOrder", "SQLiteStore",
-           "Store", "StoredConsent", "migrations", "now_utc", "open_store", "utc_text"]
+__all__ = [
+    "ORDER_COLUMNS",
+    "Approval",
+    "Lease",
+    "OperatorSession",
+    "QueuedOrder",
+    "SQLiteStore",
+    "Store",
+    "StoredConsent",
+    "database_errors",
+    "migrations",
+    "now_utc",
+    "open_store",
+    "utc_text",
+]

@@ -7,6 +7,8 @@ same copy `db migrate` does. The emulator is served over loopback HTTP, so the s
 (another process, another operator) works the same Square as the first, and both share one
 database: leases, presence and the audit chain are the team's. The cluster asks for a password
 (scram-sha-256), which sits in the demo's owner-only credentials file, never on a command line.
+Reminders go to the demo's local mail server, as in `recon-console demo` (services/demo.py
+`start_demo_mail`), from either console; its mailbox folder is named in the settings.
 Everything lives in one temporary directory and is deleted on exit.
 """
 
@@ -21,22 +23,25 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from services.database_url import provide_password
 from services.db_migrate import migrate_to_postgres
-from services.demo import build_demo, write_demo_files
+from services.demo import build_demo, start_demo_mail, write_demo_files
 from services.emulator import EmulatorApp
-from services.postgres_cluster import LocalCluster, start_cluster
+from services.postgres_cluster import LocalCluster, claim_directory, reap_stale, start_cluster
+from services.reminders.local_server import LocalSmtpServer
 from services.settings import ReconSettings
 from services.storage.postgres import create_database
 
 __all__ = ["DATABASE", "SECOND_OPERATOR", "TeamDemo", "team_demo"]
 
 DATABASE = "recon"
+PREFIX = "recon-team-demo-"
 SECOND_OPERATOR = "second-operator"
 
 
@@ -76,11 +81,13 @@ class TeamDemo:
     url: str                 # no password in it
     base_url: str            # the emulator on loopback
     credentials: Path        # merchant tokens and [database] password, owner-only
+    # Reminders go to the demo's mail server, as in `demo` (smtp_url, demo_mailbox, ...).
+    mail: dict[str, Any] = field(default_factory=dict)
 
     def settings(self, operator: str) -> ReconSettings:
         provide_password(self.url, self.credentials)
         return ReconSettings(db=self.url, square_base_url=self.base_url,
-                             credentials=self.credentials, operator=operator)
+                             credentials=self.credentials, operator=operator, **self.mail)
 
     def second_console_command(self, program: str = "recon-console",
                                operator: str = SECOND_OPERATOR) -> str:
@@ -88,16 +95,21 @@ class TeamDemo:
         return " ".join([f"RECON_DB={shlex.quote(self.url)}",
                          f"RECON_SQUARE_BASE_URL={shlex.quote(self.base_url)}",
                          f"RECON_CREDENTIALS={shlex.quote(str(self.credentials))}",
+                         *(f"RECON_{name.upper()}={shlex.quote(str(value))}"
+                           for name, value in self.mail.items()),
                          f"RECON_OPERATOR={shlex.quote(operator)}", shlex.quote(program)])
 
 
 @contextlib.contextmanager
 def team_demo(seed: int = 7, operator: str = "demo-operator") -> Iterator[TeamDemo]:
     """Start the cluster and the emulator, load the demo, yield; then stop and delete it all."""
-    directory = Path(tempfile.mkdtemp(prefix="recon-team-demo-"))
+    reap_stale(PREFIX)  # what a killed demo left (its cluster goes in start_cluster)
+    directory = Path(tempfile.mkdtemp(prefix=PREFIX))
     cluster: LocalCluster | None = None
     server: _LoopbackEmulator | None = None
+    mail: LocalSmtpServer | None = None
     try:
+        claim_directory(directory)
         cluster = start_cluster(for_tests=False)
         url = cluster.url(DATABASE)
         credentials = directory / "credentials.toml"
@@ -116,8 +128,11 @@ def team_demo(seed: int = 7, operator: str = "demo-operator") -> Iterator[TeamDe
                                           operator=operator), url)
         server = _LoopbackEmulator(env.emulator)
         server.start()
-        yield TeamDemo(directory, cluster, url, server.base_url, credentials)
+        mail, mail_settings = start_demo_mail(directory / "mailbox")
+        yield TeamDemo(directory, cluster, url, server.base_url, credentials, mail_settings)
     finally:
+        if mail is not None:
+            mail.stop()
         if server is not None:
             server.stop()
         if cluster is not None:

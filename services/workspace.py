@@ -69,12 +69,12 @@ from services.settings import ReconSettings
 from services.square_gateway import RetryPolicy, SquareGateway
 from services.square_models import decode_order
 from services.store import (
-    DATABASE_ERRORS,
     Approval,
     OperatorSession,
     QueuedOrder,
     Store,
     StoredConsent,
+    database_errors,
     open_store,
     utc_text,
 )
@@ -195,7 +195,7 @@ class Workspace:
     def open(cls, settings: ReconSettings, http: httpx.AsyncClient | None = None,
              credentials: dict[str, MerchantCredentials] | None = None,
              retry: RetryPolicy | None = None) -> Workspace:
-        store = open_store(settings.db)
+        store = open_store(settings.db, pg_pool_max=settings.pg_pool_max)
         gateway = SquareGateway(settings.base_url, http, timeout_s=settings.request_timeout_s,
                                 retry=retry or RetryPolicy(attempts=settings.read_retries + 1))
         return cls(settings=settings, store=store, gateway=gateway, _credentials=credentials)
@@ -756,7 +756,7 @@ class Workspace:
         self.checkpoint_problem = None
         try:
             return self.checkpoints.write(self.audit, output, skip_if_unchanged=True)
-        except _CHECKPOINT_FAILURES as error:
+        except _checkpoint_failures() as error:
             self.checkpoint_problem = str(error)
             return None
 
@@ -773,9 +773,10 @@ class Workspace:
             store.close()
 
 
-# Why an automatic checkpoint may not be written (reported, never raised).
-_CHECKPOINT_FAILURES: tuple[type[BaseException], ...] = (
-    AuditChainError, ConfigurationError, OSError, *DATABASE_ERRORS)
+def _checkpoint_failures() -> tuple[type[BaseException], ...]:
+    """Why an automatic checkpoint may not be written (reported, never raised)."""
+    return (AuditChainError, ConfigurationError, OSError, *database_errors())
+
 _UNHEALTHY_TOKENS = {TokenHealth.EXPIRED, TokenHealth.REVOKED, TokenHealth.INVALID,
                      TokenHealth.MISSING_SCOPES, TokenHealth.MERCHANT_MISMATCH}
 # Orders that would be candidates but for consent: their merchants get friendly reminders.

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -529,13 +530,19 @@ async def test_hole6_an_expired_or_dead_holders_lease_is_taken_over(
 async def test_hole6_the_heartbeat_keeps_a_long_batch_leased(
         emulator: Emulator, tmp_path: Path) -> None:
     workspace = await ready_workspace(emulator, tmp_path, merchants=1)
-    workspace.engine_options.update(lease_ttl_s=0.3, heartbeat_s=0.05, per_merchant=1)
+    # A TTL long enough that a loaded CI machine's stalls can't outlast it (0.3 s did), and a
+    # batch made to last at least three TTLs: without the heartbeat the lease expires mid-way.
+    ttl = 1.0
+    workspace.engine_options.update(lease_ttl_s=ttl, heartbeat_s=0.1, per_merchant=1,
+                                    max_per_merchant=1)
     try:
         preview = workspace.preview()
-        emulator.app.set_faults(FaultPlan(latency_ms=20))
-        _, results = await workspace.complete(preview)  # far longer than the TTL
+        emulator.app.set_faults(FaultPlan(latency_ms=1000 * 3 * ttl / len(preview.items)))
+        started = time.monotonic()
+        _, results = await workspace.complete(preview)
         emulator.app.set_faults(FaultPlan())
         assert {r.outcome for r in results} == {Outcome.COMPLETED}
+        assert time.monotonic() - started > 3 * ttl  # it did outlast the TTL
     finally:
         await workspace.aclose()
 

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import stat
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import psycopg
@@ -97,3 +103,121 @@ def test_ci_requires_postgres_and_installs_it_when_missing() -> None:
     ci = (Path(__file__).parents[1] / ".ci" / "run").read_text()
     assert "export RECON_REQUIRE_POSTGRES=1" in ci
     assert "apt-get install" in ci and "postgresql" in ci
+
+
+# ---------------------------------------------------------------------- a killed owner's cluster
+_KEEP_A_CLUSTER = """
+import sys, time
+from services.postgres_cluster import start_cluster
+cluster = start_cluster(for_tests=True)
+print(cluster.directory, flush=True)
+time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may not reap the stopped postmaster)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def await_gone(pid: int, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while running(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_the_next_start_reaps_a_cluster_whose_owner_was_killed(
+        pg_cluster: LocalCluster, tmp_path: Path) -> None:
+    """SIGKILL leaves the cluster running in /tmp/recon-pg-*; the next start stops its
+    postmaster and deletes it. A live owner's cluster (this session's) and a directory that
+    is not ours (no owner file) are left alone."""
+    child = subprocess.Popen([sys.executable, "-c", _KEEP_A_CLUSTER], stdout=subprocess.PIPE,
+                             text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert child.stdout is not None
+        stale = Path(child.stdout.readline().strip())
+        postmaster = int((stale / "data" / "postmaster.pid").read_text().split()[0])
+    finally:
+        child.kill()
+        child.wait()
+    assert stale.is_dir() and running(postmaster)  # what a SIGKILL leaves
+    not_ours = Path(tempfile.mkdtemp(prefix=postgres_cluster.PREFIX))
+    (not_ours / "data").mkdir()
+    try:
+        fresh = postgres_cluster.start_cluster(for_tests=True)
+        fresh.stop()
+        assert not stale.exists()
+        assert await_gone(postmaster)
+        assert pg_cluster.directory.is_dir()  # its owner (this process) is alive
+        with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert not_ours.is_dir()
+    finally:
+        shutil.rmtree(not_ours, ignore_errors=True)
+
+
+def test_an_owner_file_of_a_live_process_or_another_user_keeps_the_directory(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name, pid in [("mine-live", os.getpid()), ("mine-dead", dead.pid)]:
+        (tmp_path / f"recon-pg-{name}").mkdir()
+        (tmp_path / f"recon-pg-{name}" / postgres_cluster.OWNER_FILE).write_text(f"{pid}\n")
+    reused = tmp_path / "recon-pg-reused"  # the pid lives on, but in another process
+    reused.mkdir()
+    (reused / postgres_cluster.OWNER_FILE).write_text(f"{os.getpid()} 1\n")
+    linked = tmp_path / "recon-pg-link"
+    linked.symlink_to(tmp_path / "recon-pg-mine-dead")
+    reaped = postgres_cluster.reap_stale()
+    assert sorted(p.name for p in reaped) == ["recon-pg-mine-dead", "recon-pg-reused"]
+    assert (tmp_path / "recon-pg-mine-live").is_dir()
+    if os.geteuid() == 0:  # a file of another user's is not our mark
+        other = tmp_path / "recon-pg-other"
+        other.mkdir()
+        (other / postgres_cluster.OWNER_FILE).write_text(f"{dead.pid}\n")
+        os.chown(other / postgres_cluster.OWNER_FILE, 65534, 65534)
+        assert postgres_cluster.reap_stale() == [] and other.is_dir()
+
+
+@pytest.mark.parametrize(("signal_number", "code"), [(signal.SIGTERM, 143),
+                                                      (signal.SIGHUP, 129)])
+def test_demo_team_deletes_its_cluster_on_sigterm_and_sighup(signal_number: int,
+                                                              code: int) -> None:
+    script = (
+        "import sys, time\n"
+        "import console.app as app\n"
+        "from services.settings import ReconSettings\n"
+        "def console(settings, read_only=False):\n"
+        "    print('READY', settings.db, flush=True)\n"
+        "    time.sleep(600)\n"
+        "app.run_console = console\n"
+        "sys.exit(app.run_team_demo(ReconSettings(operator='Ana')))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECON_")}
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                             env=env, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert child.stdout is not None
+        line = ""
+        while not line.startswith("READY"):
+            line = child.stdout.readline()
+            if not line:
+                err = child.stderr.read() if child.stderr else ""
+                if "PostgreSQL" in err:
+                    pg_support.postgres_unavailable(err.strip().splitlines()[-1])
+                pytest.fail(f"the demo did not start: {err}")
+        directory = Path(line.split("host=")[1].split("&")[0])
+        postmaster = int((directory / "data" / "postmaster.pid").read_text().split()[0])
+        child.send_signal(signal_number)
+        assert child.wait(60) == code
+    finally:
+        child.kill()
+        child.wait()
+    assert not directory.exists() and await_gone(postmaster)

@@ -59,3 +59,16 @@ def test_the_emulator_contract_names_every_other_services_module() -> None:
                if (p.suffix == ".py" and p.stem != "__init__")
                or (p.is_dir() and (p / "__init__.py").exists())}
     assert modules - {"services.emulator"} <= set(contract["forbidden_modules"])
+
+
+def test_a_sqlite_command_does_not_load_the_postgresql_driver() -> None:
+    """psycopg costs every command 150-250 ms of start-up; only a PostgreSQL store needs it
+    (services/storage/base.py `database_errors`)."""
+    import subprocess
+    import sys
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, console.cli, console.commands, services.workspace; "
+         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'psycopg'))"],
+        cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -117,3 +117,34 @@ def test_reminder_preview_snapshot(snap_compare: Any, environment: DemoEnvironme
         await pilot.press("enter")
         await pilot.pause()
     assert snap_compare(app, terminal_size=SIZE, run_before=run)
+
+
+async def test_the_mailbox_is_where_the_demo_says_not_beside_the_database(
+        environment: DemoEnvironment, tmp_path: Path) -> None:
+    """A team demo's database is a postgresql:// URL, with no folder beside it: the demo
+    names its mailbox in the settings, and the screen opens that one."""
+    assert environment.workspace.settings.demo_mailbox == environment.directory / "mailbox"
+    elsewhere = tmp_path / "elsewhere" / "mailbox"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "one.eml").write_text("Message-ID: <reminder.one@example.com>\n"
+                                       "Subject: hello\n\nbody\n")
+    environment.workspace.settings.demo_mailbox = elsewhere
+    app = app_for(environment)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_reminders(pilot)
+        await pilot.press("b")
+        await wait_until(pilot, lambda: isinstance(app.screen, MailboxScreen))
+        mailbox = app.screen
+        assert isinstance(mailbox, MailboxScreen) and mailbox.folder == elsewhere
+        await wait_until(pilot, lambda: mailbox.query_one("#mailbox", DataTable).row_count
+                         == 1)
+
+
+async def test_no_demo_mailbox_says_so(environment: DemoEnvironment) -> None:
+    environment.workspace.settings.demo_mailbox = None
+    app = app_for(environment)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_reminders(pilot)
+        await pilot.press("b")
+        await pilot.pause()
+        assert app.screen is screen

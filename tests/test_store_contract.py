@@ -24,7 +24,7 @@ import pytest
 from services.audit import AuditAction, AuditTrail, ChainProblem
 from services.checkpoints import CheckpointAnchor
 from services.consent import ConsentRecord, record_sha256
-from services.storage import DATABASE_ERRORS, open_store
+from services.storage import database_errors, open_store
 from services.storage.base import ORDER_COLUMNS, Lease, Store
 from services.storage.sqlite import SQLiteStore
 from services.store import utc_text
@@ -134,7 +134,7 @@ def test_revocation_is_final(backend: Backend) -> None:
     # And the database keeps it so: the revocations table refuses change.
     for sql in ("UPDATE consent_revocations SET reason = 'oops'",
                 "DELETE FROM consent_revocations"):
-        with pytest.raises(DATABASE_ERRORS, match="revocations are final"):
+        with pytest.raises(database_errors(), match="revocations are final"):
             backend.raw(sql)
     assert set(store.revocations()) == {C1}
 
@@ -229,7 +229,7 @@ def test_intents_open_settle_once(store: Store) -> None:
     # A second writer (a recovery racing the batch) never overwrites an outcome.
     store.settle_intent("B1:O1:1", "failed", "X", "X", "late")
     assert [r["intent_id"] for r in store.open_intents()] == ["B1:O2:1"]
-    with pytest.raises(DATABASE_ERRORS):  # one row per (order, version, attempt)
+    with pytest.raises(database_errors()):  # one row per (order, version, attempt)
         store.insert_intents([intent_row("O2", 1, batch_id="B2")])
     store.finish_batch("B1", "finished")
     [batch] = store.recent_batches("M1")
@@ -255,7 +255,7 @@ def test_group_commit_keeps_the_good_parts(store: Store) -> None:
         if writer is not store:
             writer.close()
     assert errors[0] is None and errors[2] is None
-    assert isinstance(errors[1], DATABASE_ERRORS)
+    assert isinstance(errors[1], database_errors())
     assert sorted(r["order_id"] for r in store.open_intents()) == ["O1", "O2"]
 
 
@@ -335,6 +335,20 @@ def test_audit_append_verify_and_read(store: Store) -> None:
     assert trail.export_text("jsonl", action="intent").count("\n") == 5
 
 
+def test_audit_filters_by_time_and_refuses_unknown_columns(store: Store) -> None:
+    """One query builder for both stores (base.py): `at` in [since, until), and a filter's
+    column name, which goes into the SQL, only from the audit's own columns."""
+    trail = AuditTrail(store)
+    fill(trail, 3)
+    ats = [e["at"] for e in store.audit_entries({}, None, None, None, False)]
+    window = [seq for seq, at in enumerate(ats, 1) if ats[1] <= at < ats[2]]
+    assert 2 in window
+    assert [e["seq"] for e in store.audit_entries({}, ats[1], ats[2], None, False)] == window
+    with pytest.raises(ValueError, match="unknown audit column"):
+        next(store.audit_entries({"seq = seq OR 1": 1}, None, None, None, False))
+    assert trail.verify().ok
+
+
 def test_audit_rolled_back_with_its_change(store: Store) -> None:
     trail = AuditTrail(store)
     with pytest.raises(RuntimeError), store.transaction():
@@ -349,7 +363,7 @@ def test_audit_rolled_back_with_its_change(store: Store) -> None:
                                  "DELETE FROM audit WHERE seq = 10"])
 def test_audit_is_append_only(backend: Backend, sql: str) -> None:
     fill(AuditTrail(backend.store), 10)
-    with pytest.raises(DATABASE_ERRORS, match="append-only"):
+    with pytest.raises(database_errors(), match="append-only"):
         backend.raw(sql)
     assert AuditTrail(backend.store).verify().entries == 10
 

@@ -62,6 +62,16 @@ def test_a_second_operator_works_the_same_database_and_square() -> None:
         assert f"Square: {demo.base_url}" in queue.stderr
         assert json.loads(queue.stdout)  # the emulator answered over loopback
 
+        # Reminders go to the demo's mail server, as in `demo`, from either console; each
+        # message lands in the demo's mailbox folder (not beside the database: it is a URL).
+        mailbox = demo.mail["demo_mailbox"]
+        assert demo.settings("Ana").demo_mailbox == mailbox
+        assert demo.settings("Ana").smtp_url == demo.mail["smtp_url"]
+        reminded = second_console(command, "remind", "--yes", "--json")
+        assert reminded.returncode == 0, reminded.stderr
+        sent = [r for r in json.loads(reminded.stdout)["reminders"] if r["status"] == "sent"]
+        assert sent and len(list(mailbox.glob("*.eml"))) == len(sent)
+
         active = next(row for row in consents if row["status"] == "active")
         revoked = second_console(command, "consent", "revoke", active["consent_id"],
                                  "--by", "Owner", "--reason", "asked by phone")

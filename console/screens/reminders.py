@@ -288,8 +288,9 @@ class RemindersScreen(ConsoleScreen):
         workspace = self.recon.workspace
         if workspace is None:
             return
-        folder = Path(str(workspace.settings.db)).parent / "mailbox"
-        if not folder.is_dir():
+        # Named by the demo (a team demo's database is a URL: nothing to look beside).
+        folder = workspace.settings.demo_mailbox
+        if folder is None or not folder.is_dir():
             self.notify("No demo mailbox here (it exists in `recon-console demo`).")
             return
         self.app.push_screen(MailboxScreen(folder))

@@ -28,7 +28,7 @@ from services.completion.model import (
     Outcome,
     idempotency_key,
 )
-from services.store import DATABASE_ERRORS, Store, utc_text
+from services.store import Store, database_errors, utc_text
 
 __all__ = ["IntentJournal", "Run"]
 
@@ -136,7 +136,7 @@ class IntentJournal:
                                   action=AuditAction.BATCH_FINISHED, batch_id=run.batch_id,
                                   approved_set_sha256=run.approved_sha,
                                   detail=orjson.dumps(summary).decode())
-        except DATABASE_ERRORS as error:
+        except database_errors() as error:
             self._refused(error)
 
     # ------------------------------------------------------------------ intents
@@ -181,7 +181,7 @@ class IntentJournal:
         try:
             with self.store.transaction():
                 self._write_intents(self.store, intents=intents, run=run)
-        except DATABASE_ERRORS as error:
+        except database_errors() as error:
             self._refused(error)
             return False
         return True

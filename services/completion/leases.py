@@ -14,7 +14,7 @@ import uuid
 from datetime import datetime, timedelta
 
 from services.processes import HOST, pid_alive
-from services.store import DATABASE_ERRORS, Lease, Store, now_utc, utc_text
+from services.store import Lease, Store, database_errors, now_utc, utc_text
 from services.timestamps import parse_time
 
 __all__ = ["LeaseKeeper", "holder_gone"]
@@ -59,7 +59,7 @@ class LeaseKeeper:
     def release(self, merchant_id: str) -> None:
         if self._deadline.pop(merchant_id, None) is None:
             return
-        with contextlib.suppress(*DATABASE_ERRORS):  # unreleased, it simply expires
+        with contextlib.suppress(*database_errors()):  # unreleased, it simply expires
             self.store.release_lease(merchant_id, self.token)
 
     def beat(self) -> None:
@@ -70,7 +70,7 @@ class LeaseKeeper:
         try:
             kept = self.store.heartbeat_leases(
                 self.token, utc_text(now), utc_text(now + timedelta(seconds=self.ttl_s)))
-        except DATABASE_ERRORS:
+        except database_errors():
             return  # try again next beat; `holds` turns false if it never succeeds
         for merchant_id in list(self._deadline):
             if merchant_id in kept:

@@ -26,10 +26,11 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cache, lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
+import jsonschema_rs
 import orjson
 from openapi_schema_validator import OAS30Validator
 from starlette.applications import Starlette
@@ -76,6 +77,18 @@ def _validator(schema_name: str) -> OAS30Validator:
     return OAS30Validator(root)
 
 
+@cache
+def _strict_prefilter(schema_name: str) -> jsonschema_rs.Validator:
+    """The same schema under Draft 4 rules, compiled in Rust: about 200x faster than the
+    OpenAPI validator. It is stricter, never looser (`nullable` is not a Draft 4 keyword, so
+    it refuses every null; Square Online's extra enum values too): a body it passes is a
+    body the OpenAPI check passes (tests/test_emulator_schema_prefilter.py checks that over
+    generated bodies), and anything else goes through the full check, which decides."""
+    root = {"components": _openapi()["components"],
+            "$ref": f"#/components/schemas/{schema_name}"}
+    return jsonschema_rs.Draft4Validator(root)
+
+
 # Fulfillment types Square Online returns although the published enum lacks them (§2 rule 6).
 _EXTRA_ENUM_VALUES = {"DIGITAL", "IN_STORE"}
 _TYPE_CODES = {"string": "EXPECTED_STRING", "integer": "EXPECTED_INTEGER",
@@ -92,6 +105,8 @@ def _field_path(parts: list[Any]) -> str:
 
 def check_request_shape(schema_name: str, body: Any) -> None:
     """Refuse a body that does not fit Square's published request shape, as Square does."""
+    if _strict_prefilter(schema_name).is_valid(body):
+        return
     for error in _validator(schema_name).iter_errors(body):
         path = list(error.absolute_path)
         keyword = error.validator
@@ -110,14 +125,6 @@ def check_request_shape(schema_name: str, body: Any) -> None:
                 "minimum": "VALUE_TOO_LOW"}.get(str(keyword), "INVALID_VALUE")
         raise SquareError(400, "INVALID_REQUEST_ERROR", code, error.message[:200],
                           _field_path(path) or None)
-
-
-@lru_cache(maxsize=4096)
-def _check_shape_once(schema_name: str, raw: bytes) -> None:
-    """Validation of the same bytes gives the same answer: clients repeat requests (a search
-    page after page, a retry), so remember the bodies that passed. A refusal raises and is
-    not cached."""
-    check_request_shape(schema_name, orjson.loads(raw) if raw else {})
 
 
 # Request fields of Square's schema that the emulator does not implement, per operation and
@@ -259,7 +266,7 @@ class EmulatorApp:
                 if not isinstance(body, dict):
                     raise SquareError(400, "INVALID_REQUEST_ERROR", "EXPECTED_OBJECT",
                                       "The request body must be a JSON object.")
-                _check_shape_once(operation.request_schema, raw)
+                check_request_shape(operation.request_schema, body)
                 refuse_unimplemented(operation.name, body)
             if (operation.name == "UpdateOrder" and faulty and plan.noop_update_rate
                     and self.rng.random() < plan.noop_update_rate):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from services.database_url import is_database_url
 from services.storage.base import (
-    DATABASE_ERRORS,
     ORDER_COLUMNS,
     Approval,
     Lease,
@@ -17,25 +17,39 @@ from services.storage.base import (
     QueuedOrder,
     Store,
     StoredConsent,
-    is_postgres_url,
+    database_errors,
     now_utc,
     utc_text,
 )
 
-__all__ = ["DATABASE_ERRORS", "ORDER_COLUMNS", "Approval", "Lease", "OperatorSession",
-           "QueuedOrder", "Store",
-           "StoredConsent", "implementation_for", "is_postgres_url", "now_utc", "open_store",
-           "utc_text"]
+__all__ = [
+    "ORDER_COLUMNS",
+    "Approval",
+    "Lease",
+    "OperatorSession",
+    "QueuedOrder",
+    "Store",
+    "StoredConsent",
+    "database_errors",
+    "implementation_for",
+    "now_utc",
+    "open_store",
+    "utc_text",
+]
 
 
 def implementation_for(db: Path | str) -> type[Store]:
-    if is_postgres_url(db):
+    if is_database_url(db):
         from services.storage.postgres import PostgresStore
         return PostgresStore
     from services.storage.sqlite import SQLiteStore
     return SQLiteStore
 
 
-def open_store(db: Path | str) -> Store:
-    """The store for `db`: a path (SQLite) or a `postgresql://` URL (PostgreSQL)."""
+def open_store(db: Path | str, *, pg_pool_max: int | None = None) -> Store:
+    """The store for `db`: a path (SQLite) or a `postgresql://` URL (PostgreSQL, whose pool
+    opens at most `pg_pool_max` connections; by default the setting's default)."""
+    if pg_pool_max is not None and is_database_url(db):
+        from services.storage.postgres import PostgresStore
+        return PostgresStore(db, max_connections=pg_pool_max)
     return implementation_for(db)(db)

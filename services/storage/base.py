@@ -13,6 +13,7 @@ Tokens never come here: no table has a column for them.
 from __future__ import annotations
 
 import sqlite3
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -21,11 +22,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import orjson
+
 from services.consent import ConsentRecord, Revocation
 
-__all__ = ["AUDIT_COLUMNS", "AUDIT_VERIFY_COLUMNS", "DATABASE_ERRORS", "ORDER_COLUMNS", "Approval",
-           "Lease", "OperatorSession",
-           "QueuedOrder", "Store", "StoredConsent", "is_postgres_url", "now_utc", "utc_text"]
+__all__ = [
+    "AUDIT_COLUMNS",
+    "AUDIT_VERIFY_COLUMNS",
+    "ORDER_COLUMNS",
+    "Approval",
+    "Lease",
+    "OperatorSession",
+    "QueuedOrder",
+    "Store",
+    "StoredConsent",
+    "database_errors",
+    "now_utc",
+    "utc_text",
+]
 
 
 def now_utc() -> datetime:
@@ -37,20 +51,13 @@ def utc_text(moment: datetime | None = None) -> str:
         "+00:00", "Z")
 
 
-def is_postgres_url(db: object) -> bool:
-    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
-
-
-def _database_errors() -> tuple[type[BaseException], ...]:
-    try:
-        import psycopg
-    except ImportError:  # SQLite only on this machine
-        return (sqlite3.Error,)
-    return (sqlite3.Error, psycopg.Error)
-
-
-# What a refused write raises, whichever database: callers that must survive one catch these.
-DATABASE_ERRORS: tuple[type[BaseException], ...] = _database_errors()
+def database_errors() -> tuple[type[BaseException], ...]:
+    """What a refused write raises, whichever database: callers that must survive one catch
+    these (`except database_errors():` is evaluated only when something was raised).
+    psycopg's errors count once psycopg is loaded: only a PostgreSQL store loads it, and none
+    can be raised before. Importing it up front cost every SQLite command 150-250 ms."""
+    psycopg = sys.modules.get("psycopg")
+    return (sqlite3.Error,) if psycopg is None else (sqlite3.Error, psycopg.Error)
 
 # The audit table's columns; every one but `hash` goes into the hash (services/audit.py).
 AUDIT_COLUMNS = ("seq", "at", "operator", "action", "merchant_id", "order_id", "version",
@@ -224,10 +231,28 @@ class Store(ABC):
                      source: str) -> tuple[str, int]:
         """Store a record; returns ('unchanged' | 'new' | 'new_version', version)."""
 
-    @abstractmethod
     def consents(self, merchant_id: str | None = None) -> list[StoredConsent]:
         """The latest version of every consent (optionally one merchant's), with any durable
         revocation applied."""
+        rows = self._latest_consent_rows(merchant_id)
+        revocations = self.revocations()
+        result = []
+        for row in rows:
+            document = orjson.loads(row[3])
+            record = ConsentRecord.model_validate(document)
+            durable = revocations.get(record.consent_id)
+            # A later version without `revocation` (or with a later one) does not undo it.
+            if durable is not None and (record.revocation is None
+                                        or durable.revoked_at < record.revocation.revoked_at):
+                record = record.model_copy(update={"revocation": durable})
+            result.append(StoredConsent(record, document, row[4], int(row[1]), row[5], row[6]))
+        return result
+
+    @abstractmethod
+    def _latest_consent_rows(self, merchant_id: str | None) -> list[tuple[Any, ...]]:
+        """(consent_id, version, merchant_id, record_json, record_sha256, imported_at,
+        imported_by) of each consent's latest version (only `merchant_id`'s if given), by
+        merchant and consent id."""
 
     @abstractmethod
     def latest_consent_sha256(self, consent_id: str) -> str | None: ...
@@ -400,10 +425,36 @@ class Store(ABC):
         """Append the entries `build` makes after the chain's head, serialized against every
         other writer (the chain never forks), inside the open transaction or one of its own."""
 
-    @abstractmethod
     def audit_entries(self, filters: dict[str, Any], since: str | None, until: str | None,
                       limit: int | None, newest_first: bool) -> Iterator[dict[str, Any]]:
         """Entries whose columns equal `filters`, with `at` in [since, until), by seq."""
+        mark = self._MARK
+        sql = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit WHERE 1=1"
+        params: list[Any] = []
+        for column, value in filters.items():
+            if column not in AUDIT_COLUMNS:  # a column name goes into the SQL: known ones only
+                raise ValueError(f"unknown audit column {column!r}")
+            sql += f" AND {column} = {mark}"
+            params.append(value)
+        if since is not None:
+            sql += f" AND at >= {mark}"
+            params.append(since)
+        if until is not None:
+            sql += f" AND at < {mark}"
+            params.append(until)
+        sql += " ORDER BY seq" + (" DESC" if newest_first else "")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        for row in self._stream(sql, params, 5000):
+            yield dict(zip(AUDIT_COLUMNS, row, strict=True))
+
+    # The driver's parameter mark (sqlite3: ?, psycopg: %s).
+    _MARK = "?"
+
+    @abstractmethod
+    def _stream(self, sql: str, params: Sequence[Any], size: int
+                ) -> Iterator[tuple[Any, ...]]:
+        """The rows of a query, fetched `size` at a time (never all of them in memory)."""
 
     @abstractmethod
     def audit_rows(self, first: int, end: int | None) -> Iterator[tuple[Any, ...]]:

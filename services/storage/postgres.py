@@ -30,6 +30,7 @@ from psycopg_pool import ConnectionPool
 from services.consent import ConsentRecord, Revocation, record_sha256
 from services.database_url import connect_kwargs, display_url
 from services.errors import ConfigurationError
+from services.settings import PG_POOL_MAX
 from services.storage.base import (
     AUDIT_COLUMNS,
     AUDIT_VERIFY_COLUMNS,
@@ -41,7 +42,6 @@ from services.storage.base import (
     OperatorSession,
     QueuedOrder,
     Store,
-    StoredConsent,
     utc_text,
 )
 
@@ -211,8 +211,10 @@ _UPSERT_ORDER = (f"INSERT INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
 class PostgresStore(Store):
     """One PostgreSQL database, shared by every thread of the process (and by the team)."""
 
-    def __init__(self, url: str, *, password: str | None = None, max_connections: int = 8,
-                 migrate: bool = True) -> None:
+    _MARK = "%s"
+
+    def __init__(self, url: str, *, password: str | None = None,
+                 max_connections: int = PG_POOL_MAX, migrate: bool = True) -> None:
         self.location = url
         self._local = threading.local()
         # The password travels as a connection keyword, never in the URL (a process list, a
@@ -334,7 +336,7 @@ class PostgresStore(Store):
                        utc_text(), operator, source])
         return ("new" if row is None else "new_version"), version
 
-    def consents(self, merchant_id: str | None = None) -> list[StoredConsent]:
+    def _latest_consent_rows(self, merchant_id: str | None) -> list[tuple[Any, ...]]:
         sql = ("SELECT c.consent_id, c.version, c.merchant_id, c.record_json, c.record_sha256, "
                "c.imported_at, c.imported_by FROM consents c JOIN (SELECT consent_id, "
                "MAX(version) v FROM consents GROUP BY consent_id) l "
@@ -343,19 +345,7 @@ class PostgresStore(Store):
         if merchant_id is not None:
             sql += " WHERE c.merchant_id = %s"
             params.append(merchant_id)
-        rows = self._all(sql + " ORDER BY c.merchant_id, c.consent_id", params)
-        revocations = self.revocations()
-        result = []
-        for row in rows:
-            document = orjson.loads(row[3])
-            record = ConsentRecord.model_validate(document)
-            durable = revocations.get(record.consent_id)
-            # A later version without `revocation` (or with a later one) does not undo it.
-            if durable is not None and (record.revocation is None
-                                        or durable.revoked_at < record.revocation.revoked_at):
-                record = record.model_copy(update={"revocation": durable})
-            result.append(StoredConsent(record, document, row[4], int(row[1]), row[5], row[6]))
-        return result
+        return self._all(sql + " ORDER BY c.merchant_id, c.consent_id", params)
 
     def latest_consent_sha256(self, consent_id: str) -> str | None:
         row = self._one("SELECT record_sha256 FROM consents WHERE consent_id = %s "
@@ -677,27 +667,6 @@ class PostgresStore(Store):
             cursor.itersize = size
             cursor.execute(sql, params)
             yield from cursor
-
-    def audit_entries(self, filters: dict[str, Any], since: str | None, until: str | None,
-                      limit: int | None, newest_first: bool) -> Iterator[dict[str, Any]]:
-        sql = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit WHERE true"
-        params: list[Any] = []
-        for column, value in filters.items():
-            if column not in AUDIT_COLUMNS:
-                raise ValueError(f"unknown audit column {column!r}")
-            sql += f" AND {column} = %s"
-            params.append(value)
-        if since is not None:
-            sql += " AND at >= %s"
-            params.append(since)
-        if until is not None:
-            sql += " AND at < %s"
-            params.append(until)
-        sql += " ORDER BY seq" + (" DESC" if newest_first else "")
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        for row in self._stream(sql, params, 5000):
-            yield dict(zip(AUDIT_COLUMNS, row, strict=True))
 
     def audit_rows(self, first: int, end: int | None) -> Iterator[tuple[Any, ...]]:
         sql = f"SELECT {', '.join(AUDIT_VERIFY_COLUMNS)} FROM audit WHERE seq >= %s"

@@ -29,7 +29,6 @@ from services.storage.base import (
     OperatorSession,
     QueuedOrder,
     Store,
-    StoredConsent,
     utc_text,
 )
 
@@ -356,27 +355,15 @@ class SQLiteStore(Store):
              utc_text(), operator, source])
         return ("new" if row is None else "new_version"), version
 
-    def consents(self, merchant_id: str | None = None) -> list[StoredConsent]:
-        """The latest version of every consent (optionally one merchant's)."""
+    def _latest_consent_rows(self, merchant_id: str | None) -> list[tuple[Any, ...]]:
         sql = ("SELECT c.* FROM consents c JOIN (SELECT consent_id, MAX(version) v FROM consents "
                "GROUP BY consent_id) l ON c.consent_id = l.consent_id AND c.version = l.v")
         params: list[Any] = []
         if merchant_id is not None:
             sql += " WHERE c.merchant_id = ?"
             params.append(merchant_id)
-        rows = self.conn.execute(sql + " ORDER BY c.merchant_id, c.consent_id", params)
-        revocations = self.revocations()
-        result = []
-        for row in rows.fetchall():
-            document = orjson.loads(row[3])
-            record = ConsentRecord.model_validate(document)
-            durable = revocations.get(record.consent_id)
-            # A later version without `revocation` (or with a later one) does not undo it.
-            if durable is not None and (record.revocation is None
-                                        or durable.revoked_at < record.revocation.revoked_at):
-                record = record.model_copy(update={"revocation": durable})
-            result.append(StoredConsent(record, document, row[4], int(row[1]), row[5], row[6]))
-        return result
+        return self.conn.execute(sql + " ORDER BY c.merchant_id, c.consent_id", params
+                                 ).fetchall()
 
     def latest_consent_sha256(self, consent_id: str) -> str | None:
         row = self.conn.execute("SELECT record_sha256 FROM consents WHERE consent_id = ? "
@@ -759,31 +746,11 @@ class SQLiteStore(Store):
             [[entry[k] for k in AUDIT_COLUMNS] for entry in entries])
         return entries
 
-    def audit_entries(self, filters: dict[str, Any], since: str | None, until: str | None,
-                      limit: int | None, newest_first: bool) -> Iterator[dict[str, Any]]:
-        sql = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit WHERE 1=1"
-        params: list[Any] = []
-        for column, value in filters.items():
-            if column not in AUDIT_COLUMNS:
-                raise ValueError(f"unknown audit column {column!r}")
-            sql += f" AND {column} = ?"
-            params.append(value)
-        if since is not None:
-            sql += " AND at >= ?"
-            params.append(since)
-        if until is not None:
-            sql += " AND at < ?"
-            params.append(until)
-        sql += " ORDER BY seq" + (" DESC" if newest_first else "")
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+    def _stream(self, sql: str, params: Sequence[Any], size: int
+                ) -> Iterator[tuple[Any, ...]]:
         cursor = self.conn.execute(sql, params)
-        while True:
-            rows = cursor.fetchmany(5000)
-            if not rows:
-                return
-            for row in rows:
-                yield dict(zip(AUDIT_COLUMNS, row, strict=True))
+        while rows := cursor.fetchmany(size):
+            yield from rows
 
     def audit_rows(self, first: int, end: int | None) -> Iterator[tuple[Any, ...]]:
         sql = f"SELECT {', '.join(AUDIT_VERIFY_COLUMNS)} FROM audit WHERE seq >= ?"
@@ -791,12 +758,7 @@ class SQLiteStore(Store):
         if end is not None:
             sql += " AND seq < ?"
             params.append(end)
-        cursor = self.conn.execute(sql + " ORDER BY seq", params)
-        while True:
-            rows = cursor.fetchmany(10000)
-            if not rows:
-                return
-            yield from rows
+        return self._stream(sql + " ORDER BY seq", params, 10000)
 
     def audit_extent(self) -> tuple[int, int]:
         row = self.conn.execute("SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM audit").fetchone()
