@@ -7,15 +7,14 @@ which the migration does not add, is measured beside them for comparison.
 
     .venv/bin/python -m bench.orders_index [--orders 100000] [--runs 3] [--json-bytes 700]
 
-The rows are written straight with sqlite3 (the store's INSERT), so only the index differs
-between the sides."""
+The rows are written with the store's own write (services/storage/index_cost.py holds the
+measurement's SQL), so only the index differs between the sides."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import random
-import sqlite3
 import statistics
 import tempfile
 import time
@@ -24,16 +23,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from services.storage import ORDER_COLUMNS
-from services.storage.sqlite import _INSERT_ORDER, SQLiteStore
+from services.storage.index_cost import fresh_store, query_plan, timed_writes
+from services.storage.sqlite import SQLiteStore
 
 MERCHANTS = 200
-MIGRATION_INDEX = "orders_merchant_created_at"
-# Each side: the index it adds once the migration's is dropped (None: none).
-SIDES: dict[str, str | None] = {
-    "without": None,
-    "with the migration's index": None,
-    "by age first instead (not added)": "CREATE INDEX orders_created_at ON orders(created_at, "
-                                        "order_id)",
+# Each side: with the migration's index or not, and an index in its place (None: none).
+SIDES: dict[str, tuple[bool, str | None]] = {
+    "without": (False, None),
+    "with the migration's index": (True, None),
+    "by age first instead (not added)": (False, "orders_created_at"),
 }
 
 
@@ -55,28 +53,6 @@ def rows(orders: int, json_bytes: int) -> dict[str, list[tuple[object, ...]]]:
     return by_merchant
 
 
-def fresh(path: Path, side: str) -> sqlite3.Connection:
-    SQLiteStore(path).close()  # every migration, orders_created_at_index among them
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    if side != "with the migration's index":
-        conn.execute(f"DROP INDEX {MIGRATION_INDEX}")
-    extra = SIDES[side]
-    if extra:
-        conn.execute(extra)
-    return conn
-
-
-def write(conn: sqlite3.Connection, data: dict[str, list[tuple[object, ...]]]) -> float:
-    start = time.perf_counter()
-    for merchant_rows in data.values():
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(_INSERT_ORDER, merchant_rows)
-        conn.execute("COMMIT")
-    return time.perf_counter() - start
-
-
 READS: dict[str, Callable[[SQLiteStore], object]] = {
     "first screenful, all merchants": lambda store: store.oldest_orders(None, 300),
     "first screenful, one merchant": lambda store: store.oldest_orders("M003", 300),
@@ -85,24 +61,17 @@ READS: dict[str, Callable[[SQLiteStore], object]] = {
 }
 
 
-def reads(path: Path, runs: int) -> dict[str, tuple[float, str]]:
+def reads(store: SQLiteStore, runs: int) -> dict[str, tuple[float, str]]:
     """Each read as the store does it: its median time, and the plan of its SQL."""
-    store = SQLiteStore(path, migrate=False)
     out = {}
     for name, read in READS.items():
-        statements: list[str] = []
-        store.conn.set_trace_callback(statements.append)
-        read(store)
-        store.conn.set_trace_callback(None)
-        plan = " | ".join(r[3] for r in store.conn.execute("EXPLAIN QUERY PLAN " +
-                                                          statements[-1]))
+        plan = query_plan(store, read)
         times = []
         for _ in range(runs):
             start = time.perf_counter()
             read(store)
             times.append(time.perf_counter() - start)
         out[name] = (statistics.median(times), plan)
-    store.close()
     return out
 
 
@@ -120,11 +89,11 @@ def main() -> None:
         for run in range(args.runs):
             for number, side in enumerate(SIDES):  # alternated: the load hits every side
                 path = Path(directory) / f"{run}-{number}.db"
-                conn = fresh(path, side)
-                writes[side].append(write(conn, data))
-                conn.close()
+                store = fresh_store(path, *SIDES[side])
+                writes[side].append(timed_writes(store, list(data.values())))
                 if run == args.runs - 1:
-                    found[side] = reads(path, args.runs)
+                    found[side] = reads(store, args.runs)
+                store.close()
                 path.unlink()
     print(f"{args.orders:,} orders over {MERCHANTS} merchants, order_json of "
           f"{args.json_bytes} bytes; load average {os.getloadavg()[0]:.1f} on "

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.storage import ORDER_COLUMNS
+from services.storage.index_cost import query_plan
 from services.storage.postgres import MIGRATIONS
 from services.storage.sqlite import SQLiteStore
 
@@ -37,11 +38,7 @@ def filled(path: Path, orders: int = 600, seed: int = 3) -> SQLiteStore:
 
 
 def plan(store: SQLiteStore, read: str, *args: object) -> str:
-    statements: list[str] = []
-    store.conn.set_trace_callback(statements.append)
-    getattr(store, read)(*args)
-    store.conn.set_trace_callback(None)
-    return " | ".join(r[3] for r in store.conn.execute("EXPLAIN QUERY PLAN " + statements[-1]))
+    return query_plan(store, lambda s: getattr(s, read)(*args))
 
 
 def test_the_migration_is_last_under_its_name_in_both_stores(tmp_path: Path) -> None:
