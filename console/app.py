@@ -106,9 +106,12 @@ class ReconApp(App[int]):
 
     def on_mount(self) -> None:
         self.push_screen(MerchantsScreen())
-        # Once the first screen is painted: the demo's workspace (imports, emulator, seed)
-        # is built in a thread, and would hold the GIL against that first paint.
-        self.call_after_refresh(self.prepare)
+        if self.workspace is None and self.workspace_factory is not None:
+            # Once the first screen is painted: the demo's workspace (imports, emulator,
+            # seed) is built in a thread, and would hold the GIL against that first paint.
+            self.call_after_refresh(self.prepare)
+        else:
+            self.prepare()
 
     async def on_unmount(self) -> None:
         if self.workspace is not None:
@@ -120,13 +123,13 @@ class ReconApp(App[int]):
         if self.workspace is None and self.workspace_factory is not None:
             self.set_status("Starting the demo: seeding the local Square emulator…")
             try:
-                self.workspace = await asyncio.to_thread(self.workspace_factory)
+                self.workspace = await asyncio.to_thread(build_workspace,
+                                                         self.workspace_factory)
             except Exception as error:  # shown, never fatal
                 self.set_status(describe(error), error=True)
                 return
         if self.workspace is None:
             return
-        await asyncio.to_thread(import_second_screens)
         self.workspace.go_online("read-only console" if self.read_only else "console",
                                  self.presence_heartbeat_s)
         self.changes = self.workspace.changes()
@@ -400,6 +403,14 @@ def confirmation_of(workspace: Workspace, order_ids: Iterable[str]
             return preview, None, None
         why = own.needs_second_operator(preview)
     return preview, why, confirmation_text(preview, why)
+
+
+def build_workspace(factory: Callable[[], Workspace]) -> Workspace:
+    """Runs in a worker thread (the demo's): the workspace, then the screens the first one
+    does not need, so opening one later costs no import on the UI thread."""
+    workspace = factory()
+    import_second_screens()
+    return workspace
 
 
 def import_second_screens() -> None:
