@@ -20,9 +20,13 @@ from console.crash import crash_line, write_crash_log
 from console.messages import describe
 from console.safe_text import SafeText, printable, safe
 from console.screens.base import CompleteRequested, ConsoleScreen, Refreshed
+from console.screens.confirm import ConfirmScreen, confirmation_text
+from console.screens.help import HelpScreen
 from console.screens.merchants import MerchantsScreen
 from console.wording import plural
 
+# The light modals (confirm, help) are imported at once, as before: help imported on its key
+# left the merchants table's header behind it unrepainted in a snapshot now and then.
 # The first screen (merchants) needs none of these: importing them (the store, Square's SDK,
 # the completion engine, the other screens) cost `recon-console demo` ~0.5 s before it
 # painted anything. They are imported where used; the demo's workspace thread imports them
@@ -34,7 +38,6 @@ if TYPE_CHECKING:
     from services.workspace import Preview, Workspace
 
 SECOND_SCREENS = ("console.screens.approvals", "console.screens.audit",
-                  "console.screens.confirm", "console.screens.help",
                   "console.screens.progress", "console.screens.queue",
                   "console.screens.reminders")
 
@@ -314,7 +317,6 @@ class ReconApp(App[int]):
                 self.notify(f"Not confirmed: nothing was sent ({plural(preview.count, 'order')} "
                             "stay selected).")
 
-        from console.screens.confirm import ConfirmScreen
         self.push_screen(ConfirmScreen(preview, why, text), confirmed)
 
     def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
@@ -357,7 +359,6 @@ class ReconApp(App[int]):
         bindings = [(b.binding.key_display or b.binding.key, b.binding.description or
                      b.binding.action, b.binding.id or "")
                     for b in self.active_bindings.values()]
-        from console.screens.help import HelpScreen
         self.push_screen(HelpScreen(bindings))
 
     def action_audit(self) -> None:
@@ -396,7 +397,6 @@ def confirmation_of(workspace: Workspace, order_ids: Iterable[str]
                     ) -> tuple[Preview, str | None, SafeText | None]:
     """Runs in a worker thread: the preview of these orders, why it needs a second operator
     (or None), and the confirmation's text; touches no widget."""
-    from console.screens.confirm import confirmation_text
     with workspace.own_connection() as own:
         preview = own.preview(order_ids=list(order_ids))
         if not preview.count:
