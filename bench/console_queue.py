@@ -11,6 +11,7 @@ so memory and caches start alike. Figures:
   in the database already); all loaded: until it holds every order;
 - filter: what the UI thread does for it, as the filter's handler does it; select all
   matching: from the action until the selection line shows the count, then its totals;
+- sort (o, until the rows are in the new order; the selection kept);
 - preview (c, until the confirmation is up) and the merchant overview (a reload of the
   merchants screen, until its rows are in);
 - stall: the longest the event loop could not run, from a task that sleeps 5 ms in a loop
@@ -221,6 +222,18 @@ async def probe(db: Path, orders: int, runs: int, cycles: int, cycle_all: bool
         out["select_all_stall"] = lag.longest
         out["select_all_cpu"] = lag.longest_cpu
         out["selected"] = count
+        # Sort (o: by age -> by total) until the rows are in the new order; the selection
+        # must be the same after it. On main the sort runs in the key's handler.
+        lag.reset()
+        start = time.perf_counter()
+        screen.action_sort()
+        await until(lambda: not getattr(table, "sort_pending", False))
+        out["sort"] = time.perf_counter() - start
+        await pilot.pause()
+        out["sort_stall"] = lag.longest
+        out["sort_cpu"] = lag.longest_cpu
+        if len(table.selected) != count:
+            raise SystemExit("bench: the sort lost the selection")
         # Preview: `c` until the confirmation is up.
         lag.reset()
         start = time.perf_counter()
@@ -399,6 +412,9 @@ def report(sides: list[tuple[str, dict[str, Any]]], stock: dict[str, float] | No
     row("  until their totals are on screen", "", "select_all_totals")
     row("  longest stall", "<= 50 ms", "select_all_stall")
     row("    UI-thread CPU in that stall", "<= 50 ms", "select_all_cpu")
+    row(f"sort {mine['rows']:,} by total, {mine['selected']:,} selected", "worker", "sort")
+    row("  longest stall", "<= 50 ms", "sort_stall")
+    row("    UI-thread CPU in that stall", "<= 50 ms", "sort_cpu")
     row(f"preview of {mine['selected']:,}: c to confirmation", "worker", "preview")
     row("  longest stall", "<= 50 ms", "preview_stall")
     row("    UI-thread CPU in that stall", "<= 50 ms", "preview_cpu")

@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -18,21 +18,28 @@ from textual.screen import Screen
 
 from console.crash import crash_line, write_crash_log
 from console.messages import describe
-from console.safe_text import printable, safe
-from console.screens.approvals import ApprovalsScreen
-from console.screens.audit import AuditScreen
+from console.safe_text import SafeText, printable, safe
 from console.screens.base import CompleteRequested, ConsoleScreen, Refreshed
-from console.screens.confirm import ConfirmScreen
+from console.screens.confirm import ConfirmScreen, confirmation_text
 from console.screens.help import HelpScreen
 from console.screens.merchants import MerchantsScreen
-from console.screens.progress import ProgressScreen
-from console.screens.reminders import RemindersScreen
 from console.wording import plural
-from services.changes import ChangeFeed
-from services.completion import OrderResult, Outcome
-from services.presence import EXPIRY_S, HEARTBEAT_S
-from services.settings import ReconSettings
-from services.workspace import Preview, Workspace
+
+# The light modals (confirm, help) are imported at once, as before: help imported on its key
+# left the merchants table's header behind it unrepainted in a snapshot now and then.
+# The first screen (merchants) needs none of these: importing them (the store, Square's SDK,
+# the completion engine, the other screens) cost `recon-console demo` ~0.5 s before it
+# painted anything. They are imported where used; the demo's workspace thread imports them
+# while the first screen paints (`SECOND_SCREENS`).
+if TYPE_CHECKING:
+    from services.changes import ChangeFeed
+    from services.completion import OrderResult
+    from services.settings import ReconSettings
+    from services.workspace import Preview, Workspace
+
+SECOND_SCREENS = ("console.screens.approvals", "console.screens.audit",
+                  "console.screens.progress", "console.screens.queue",
+                  "console.screens.reminders")
 
 __all__ = ["ReconApp", "run_console", "run_demo"]
 
@@ -70,17 +77,44 @@ class ReconApp(App[int]):
         self.sub_title = printable(subtitle) + ("  READ-ONLY" if read_only else "")
         self.crash_message: str | None = None
         # Presence and live updates (issue 14); tests shorten them.
-        self.presence_heartbeat_s = HEARTBEAT_S
-        self.presence_expiry_s = EXPIRY_S
+        self._presence_heartbeat_s: float | None = None  # None: services.presence's
+        self._presence_expiry_s: float | None = None
         self.tick_s = 1.0                 # the longest `watch_changes` waits between ticks
         self.changes: ChangeFeed | None = None
         self.changes_loaded = 0           # the feed's version the screens last reloaded at
         self._live_pending = False
         self._reload_s = 0.0              # how long the last reload took
 
+    @property
+    def presence_heartbeat_s(self) -> float:
+        if self._presence_heartbeat_s is None:
+            from services.presence import HEARTBEAT_S
+            self._presence_heartbeat_s = HEARTBEAT_S
+        return self._presence_heartbeat_s
+
+    @presence_heartbeat_s.setter
+    def presence_heartbeat_s(self, seconds: float) -> None:
+        self._presence_heartbeat_s = seconds
+
+    @property
+    def presence_expiry_s(self) -> float:
+        if self._presence_expiry_s is None:
+            from services.presence import EXPIRY_S
+            self._presence_expiry_s = EXPIRY_S
+        return self._presence_expiry_s
+
+    @presence_expiry_s.setter
+    def presence_expiry_s(self, seconds: float) -> None:
+        self._presence_expiry_s = seconds
+
     def on_mount(self) -> None:
         self.push_screen(MerchantsScreen())
-        self.prepare()
+        if self.workspace is None and self.workspace_factory is not None:
+            # Once the first screen is painted: the demo's workspace (imports, emulator,
+            # seed) is built in a thread, and would hold the GIL against that first paint.
+            self.call_after_refresh(self.prepare)
+        else:
+            self.prepare()
 
     async def on_unmount(self) -> None:
         if self.workspace is not None:
@@ -92,7 +126,8 @@ class ReconApp(App[int]):
         if self.workspace is None and self.workspace_factory is not None:
             self.set_status("Starting the demo: seeding the local Square emulator…")
             try:
-                self.workspace = await asyncio.to_thread(self.workspace_factory)
+                self.workspace = await asyncio.to_thread(build_workspace,
+                                                         self.workspace_factory)
             except Exception as error:  # shown, never fatal
                 self.set_status(describe(error), error=True)
                 return
@@ -255,18 +290,18 @@ class ReconApp(App[int]):
     @work(exclusive=True, group="preview")
     async def start_completion(self, order_ids: list[str]) -> None:
         """Preview the chosen orders, confirm, then run the batch on the progress screen.
-        The preview reads the whole queue: in a thread, on a connection of its own."""
+        The preview reads the whole queue: in a thread, on a connection of its own; the
+        four-eyes check and the dialog's text too, so the UI thread only mounts it."""
         if self.read_only or self.workspace is None:
             return
-        preview = await asyncio.to_thread(preview_of, self.workspace, order_ids)
+        preview, why, text = await asyncio.to_thread(confirmation_of, self.workspace,
+                                                     order_ids)
         if preview.count == 0:
             reasons = sorted({r for _, r in preview.held_back})
             extra = f" (held back: {', '.join(reasons)})" if reasons else ""
             self.notify("None of the selected orders can be completed now" + extra + ".",
                         severity="warning")
             return
-
-        why = self.workspace.needs_second_operator(preview)
 
         def confirmed(approved: bool | None) -> None:
             if approved and why and self.workspace is not None:
@@ -276,12 +311,13 @@ class ReconApp(App[int]):
                             f"{batch.batch_id[:8]}; nothing was sent. Another operator "
                             "approves it on the Approvals screen (P).", timeout=15)
             elif approved:
+                from console.screens.progress import ProgressScreen
                 self.push_screen(ProgressScreen(preview))
             else:
                 self.notify(f"Not confirmed: nothing was sent ({plural(preview.count, 'order')} "
                             "stay selected).")
 
-        self.push_screen(ConfirmScreen(preview, why), confirmed)
+        self.push_screen(ConfirmScreen(preview, why, text), confirmed)
 
     def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
                timeout: float | None = None, markup: bool = True) -> None:
@@ -326,14 +362,17 @@ class ReconApp(App[int]):
         self.push_screen(HelpScreen(bindings))
 
     def action_audit(self) -> None:
+        from console.screens.audit import AuditScreen
         if self.workspace is not None and not isinstance(self.screen, AuditScreen):
             self.push_screen(AuditScreen())
 
     def action_approvals(self) -> None:
+        from console.screens.approvals import ApprovalsScreen
         if self.workspace is not None and not isinstance(self.screen, ApprovalsScreen):
             self.push_screen(ApprovalsScreen())
 
     def action_reminders(self) -> None:
+        from console.screens.reminders import RemindersScreen
         if self.workspace is not None and not isinstance(self.screen, RemindersScreen):
             self.push_screen(RemindersScreen())
 
@@ -354,12 +393,36 @@ class ReconApp(App[int]):
             yield from screen.palette_commands()
 
 
-def preview_of(workspace: Workspace, order_ids: list[str]) -> Preview:
+def confirmation_of(workspace: Workspace, order_ids: Iterable[str]
+                    ) -> tuple[Preview, str | None, SafeText | None]:
+    """Runs in a worker thread: the preview of these orders, why it needs a second operator
+    (or None), and the confirmation's text; touches no widget."""
     with workspace.own_connection() as own:
-        return own.preview(order_ids=order_ids)
+        preview = own.preview(order_ids=list(order_ids))
+        if not preview.count:
+            return preview, None, None
+        why = own.needs_second_operator(preview)
+    return preview, why, confirmation_text(preview, why)
+
+
+def build_workspace(factory: Callable[[], Workspace]) -> Workspace:
+    """Runs in a worker thread (the demo's): the workspace, then the screens the first one
+    does not need, so opening one later costs no import on the UI thread."""
+    workspace = factory()
+    import_second_screens()
+    return workspace
+
+
+def import_second_screens() -> None:
+    """Import the screens the first one does not need, off the UI thread (the demo does it
+    in its workspace thread), so opening one later costs no import."""
+    import importlib
+    for name in SECOND_SCREENS:
+        importlib.import_module(name)
 
 
 def recovery_text(results: list[OrderResult], still_open: int, left_alone: list[str]) -> str:
+    from services.completion import Outcome
     counts = {o: sum(1 for r in results if r.outcome is o) for o in Outcome}
     text = (f"Recovered: settled {len(results)} "
             f"({counts[Outcome.COMPLETED]} completed, {counts[Outcome.SKIPPED]} skipped, "
@@ -388,6 +451,7 @@ def load_keymap(path: Path) -> dict[str, str]:
 
 
 def run_console(settings: ReconSettings, read_only: bool = False) -> int:
+    from services.workspace import Workspace
     workspace = Workspace.open(settings)
     workspace.credentials(required=False)  # a bad file is shown in the console, not fatal
     app = ReconApp(workspace, read_only=read_only,
@@ -431,9 +495,10 @@ def run_team_demo(settings: ReconSettings, read_only: bool = False, seed: int = 
 
 
 def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) -> int:
-    from services.demo import build_demo
-
     def factory() -> Workspace:
+        # Imported here, in the factory's thread: the emulator, the store and Square's SDK
+        # load while the first screen paints, not before it.
+        from services.demo import build_demo
         return build_demo(seed=seed, operator=settings.operator, mail=True).workspace
 
     app = ReconApp(workspace_factory=factory, read_only=read_only,

@@ -4,8 +4,10 @@ The services hand over numbers and codes; the console and the CLI write them wit
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from services.workspace import Hold, Preview
+if TYPE_CHECKING:  # types only (see console/app.py)
+    from services.workspace import Hold, Preview
 
 _ZERO_DECIMAL = {"JPY", "KRW", "VND", "CLP", "ISK", "UGX", "XAF", "XOF"}
 

@@ -502,7 +502,9 @@ class Workspace:
         consents = self.consents_by_merchant()
         rows = []
         orders_by_merchant: dict[str, list[QueuedOrder]] = {}
-        for order in self.store.queued_orders():
+        # Unordered: grouped here, and `holds` sorts for itself (a plain scan of the table,
+        # not a walk of the index in merchant and age order).
+        for order in self.store.queued_orders(ordered=False):
             orders_by_merchant.setdefault(order.merchant_id, []).append(order)
         leased = self.leased_merchants()
         # A candidate is what a batch would send now: held orders are counted apart.
@@ -552,7 +554,9 @@ class Workspace:
             held += [(o, "MAX_ORDERS") for o in kept[max_orders:]]
             kept = kept[:max_orders]
         items = [ApprovedItem(o.merchant_id, o.order_id, o.version or 0) for o in kept]
-        preview = self.preview_of(items, held)
+        # The kept orders are among the candidates just read: priced from them, the queue is
+        # read once (a second read of 100,000 orders cost the console's preview ~0.3 s).
+        preview = self.preview_of(items, held, orders=kept)
         if record:
             self.audit.append(operator=self.operator, action=AuditAction.PREVIEW,
                               approved_set_sha256=preview.sha256,
@@ -600,10 +604,13 @@ class Workspace:
         return [by_key[k] for k in kept_keys], held
 
     def preview_of(self, items: list[ApprovedItem],
-                   held_back: list[tuple[QueuedOrder, str]] | None = None) -> Preview:
+                   held_back: list[tuple[QueuedOrder, str]] | None = None,
+                   orders: Iterable[QueuedOrder] | None = None) -> Preview:
         """A preview of exactly these (merchant, order, version) items, with their totals
-        per currency per merchant from the queue (e.g. to retry only the failed)."""
-        amounts = {o.order_id: o for o in self.store.queued_orders(ordered=False)}
+        per currency per merchant from the queue (e.g. to retry only the failed); `orders`:
+        queued orders already read that hold every item, else the queue is read."""
+        amounts = {o.order_id: o for o in (self.store.queued_orders(ordered=False)
+                                            if orders is None else orders)}
         by_merchant: dict[str, list[QueuedOrder]] = {}
         for item in items:
             order = amounts.get(item.order_id)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
+from textual.widgets import DataTable
 
 import console.screens.queue as queue_module
 from console.app import ReconApp
@@ -148,3 +149,122 @@ async def test_merchant_overview_runs_in_a_worker_while_the_screen_answers_keys(
         await wait_until(pilot, lambda: screen.rows is not rows)
         assert {r.merchant_id for r in screen.rows} == {
             m["merchant_id"] for m in app.workspace.store.merchants()}  # type: ignore[union-attr]
+
+
+async def test_preview_four_eyes_check_and_dialog_text_are_made_off_the_ui_thread(
+        app: ReconApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 70,000 orders the four-eyes check (it prices every order) and the dialog's text
+    cost the UI thread ~0.5 s: both are made in the preview's worker; the UI thread only
+    mounts the finished dialog."""
+    import console.app as app_module
+    texts: list[threading.Thread] = []
+    original_text = app_module.confirmation_text
+
+    def recorded(*args: Any) -> Any:
+        texts.append(threading.current_thread())
+        return original_text(*args)
+    monkeypatch.setattr(app_module, "confirmation_text", recorded)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        await pilot.press("Q")
+        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+        gate = Gate(monkeypatch, "needs_second_operator")
+        await pilot.press("space", "space", "space", "c")
+        await poll(pilot, lambda: bool(gate.threads))
+        assert gate.off_the_ui_thread
+        gate.release.set()
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        confirm = app.screen
+        assert isinstance(confirm, ConfirmScreen) and confirm.preview.count == 3
+        assert texts and threading.main_thread() not in texts
+        # The text the worker made is the one shown.
+        shown = str(confirm.query_one("#confirm-text").render())
+        assert shown.startswith("Complete 3 orders in Square?")
+        assert f"Approved set {confirm.preview.sha256[:16]}" in shown
+
+
+async def test_preview_reads_the_queue_once_with_the_totals_a_fresh_read_gives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preview prices its orders from the candidates it has just read (one read of the
+    queue, not two); the totals are those a separate read of the queue gives."""
+    workspace = demo(tmp_path).workspace
+    await workspace.refresh()
+    reads: list[object] = []
+    original = type(workspace.store).queued_orders
+
+    def counted(store: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(kwargs)
+        return original(store, *args, **kwargs)
+    monkeypatch.setattr(type(workspace.store), "queued_orders", counted)
+    preview = workspace.preview(record=False)
+    assert len(reads) == 1 and preview.count > 10
+    # Priced again the old way (the whole queue read apart): the same totals, per merchant.
+    again = workspace.preview_of(preview.items, preview.held_back)
+    assert len(reads) == 2
+    assert preview.totals == again.totals and preview.per_merchant() == again.per_merchant()
+    assert preview.sha256 == again.sha256
+
+
+async def test_a_large_queue_sorts_in_a_worker_keeping_selection_and_cursor(
+        app: ReconApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above SYNC_SORT_ROWS the sort runs in a thread: the console answers keys meanwhile,
+    the rows keep their order until the new one lands, and the selection (and the cursor's
+    row) are the same after it."""
+    import console.widgets.order_table as table_module
+    monkeypatch.setattr(table_module, "SYNC_SORT_ROWS", 0)  # the demo's queue counts large
+    release = threading.Event()
+    threads: list[threading.Thread] = []
+    original = OrderTable.prepare_sort
+
+    def gated(table: OrderTable, *args: Any) -> Any:
+        threads.append(threading.current_thread())
+        release.wait(5)
+        return original(table, *args)
+    monkeypatch.setattr(OrderTable, "prepare_sort", gated)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        await pilot.press("Q")
+        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+        screen = app.screen
+        assert isinstance(screen, QueueScreen)
+        table = screen.query_one(OrderTable)
+        await pilot.press("4", "space", "down", "space", "down", "down", "space")
+        selected, cursor_key = set(table.selected), table.current_key
+        before = keys_shown(table)
+        assert len(selected) == 3 and len(before) > 20
+        await pilot.press("o")  # age -> total (largest first)
+        await poll(pilot, lambda: bool(threads))
+        assert threading.main_thread() not in threads and table.sort_pending
+        assert keys_shown(table) == before  # the old order until the new one lands
+        await pilot.press("down")  # answered while the sort is held
+        cursor_key = table.current_key
+        release.set()
+        await poll(pilot, lambda: not table.sort_pending)
+        await pilot.pause()
+        totals = [table.rows[i].payload.order.total_amount for i in table.view]
+        assert totals == sorted(totals, reverse=True) and keys_shown(table) != before
+        assert table.selected == selected and table.current_key == cursor_key
+        assert "sorting" not in str(screen.query_one("#tabs").render())
+
+
+async def test_merchant_overview_cells_are_written_out_in_the_worker(
+        app: ReconApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overview's worker also writes the rows' cells (and reads who is online and who
+    was reminded): the UI thread only adds the finished rows to the table."""
+    import console.screens.merchants as merchants_module
+    threads: list[threading.Thread] = []
+    original = merchants_module.overview_cells
+
+    def recorded(*args: Any) -> Any:
+        threads.append(threading.current_thread())
+        return original(*args)
+    monkeypatch.setattr(merchants_module, "overview_cells", recorded)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        screen = app.screen
+        assert isinstance(screen, MerchantsScreen)
+        assert threads and threading.main_thread() not in threads
+        table = screen.query_one("#merchants", DataTable)
+        assert table.row_count == len(screen.rows) > 0
+        for index, row in enumerate(screen.rows):
+            assert tuple(table.get_row_at(index)) == screen._cells[row.merchant_id]

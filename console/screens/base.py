@@ -12,10 +12,10 @@ from textual.screen import Screen
 from textual.widgets import Static
 
 from console.safe_text import safe
-from services.workspace import Workspace
 
 if TYPE_CHECKING:  # for the type only: console.app imports the screens, not the reverse
     from console.app import ReconApp
+    from services.workspace import Workspace  # types only (see console/app.py)
 
 
 # The worker group of the workers that bring a screen's data in (tests wait for them).

@@ -3,6 +3,8 @@ the batch (a large one needs the count or the merchant's name typed, never just 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -11,7 +13,9 @@ from textual.widgets import Input, Static
 
 from console.safe_text import SafeText, safe
 from console.wording import money_text, plural
-from services.workspace import Preview
+
+if TYPE_CHECKING:  # types only (see console/app.py)
+    from services.workspace import Preview
 
 # Above either threshold the operator types the count (or the merchant's name).
 TYPED_COUNT_THRESHOLD = 10
@@ -25,6 +29,33 @@ def needs_typing(preview: Preview) -> bool:
                for amount in totals.values())
 
 
+def confirmation_text(preview: Preview, second_operator: str | None = None) -> SafeText:
+    """The dialog's text: the count, each merchant's orders and totals, what is held back.
+    Pure (touches no widget): for 100,000 orders the app builds it in a worker thread, so
+    only mounting the finished dialog falls on the UI thread."""
+    # Merchant names are third-party text: the dialog is built from inert SafeText only,
+    # so nothing in it can be a link or an action (`[@click=screen.dismiss(True)]`).
+    if second_operator:
+        text = SafeText(f"Prepare {plural(preview.count, 'order')} for a second operator?"
+                        "\n\n")
+    else:
+        text = SafeText(f"Complete {plural(preview.count, 'order')} in Square?\n\n")
+    for merchant_id, count, totals in preview.per_merchant():
+        text.append("  ")
+        text.append(safe(preview.names.get(merchant_id, merchant_id)))
+        text.append(f": {plural(count, 'order')}, {money_text(totals)}\n")
+    if preview.held_back:
+        text.append(f"\n  Held back: {len(preview.held_back):,} "
+                    f"({', '.join(sorted({r for _, r in preview.held_back}))})\n")
+    text.append(f"\nApproved set {preview.sha256[:16]}…: each order is re-checked at send "
+                "time; anything changed since is skipped, not completed.")
+    if second_operator:
+        text.append(f"\n\nThis batch needs a second operator ({second_operator}): "
+                    "it is stored for approval and nothing is sent now. Another operator "
+                    "approves it on the Approvals screen (P).")
+    return text
+
+
 class ConfirmScreen(ModalScreen[bool]):
     """Returns True only on the confirming key (small batch) or the typed count (large)."""
 
@@ -34,37 +65,21 @@ class ConfirmScreen(ModalScreen[bool]):
         Binding("escape", "cancel", "Cancel", id="confirm.cancel"),
     ]
 
-    def __init__(self, preview: Preview, second_operator: str | None = None) -> None:
+    def __init__(self, preview: Preview, second_operator: str | None = None,
+                 text: SafeText | None = None) -> None:
         """`second_operator`: why this batch needs another operator's approval (four-eyes),
-        so confirming only prepares it; said before the count is typed, not after."""
+        so confirming only prepares it; said before the count is typed, not after. `text`:
+        `confirmation_text(preview, second_operator)`, already built (in a worker)."""
         super().__init__()
         self.preview = preview
         self.second_operator = second_operator
         self.typed = needs_typing(preview)
+        self.text = text if text is not None else confirmation_text(preview, second_operator)
 
     def compose(self) -> ComposeResult:
-        # Merchant names are third-party text: the dialog is built from inert SafeText only,
-        # so nothing in it can be a link or an action (`[@click=screen.dismiss(True)]`).
         preview = self.preview
         verb = "prepare it" if self.second_operator else "complete"
-        if self.second_operator:
-            text = SafeText(f"Prepare {plural(preview.count, 'order')} for a second operator?"
-                            "\n\n")
-        else:
-            text = SafeText(f"Complete {plural(preview.count, 'order')} in Square?\n\n")
-        for merchant_id, count, totals in preview.per_merchant():
-            text.append("  ")
-            text.append(safe(preview.names.get(merchant_id, merchant_id)))
-            text.append(f": {plural(count, 'order')}, {money_text(totals)}\n")
-        if preview.held_back:
-            text.append(f"\n  Held back: {len(preview.held_back):,} "
-                        f"({', '.join(sorted({r for _, r in preview.held_back}))})\n")
-        text.append(f"\nApproved set {preview.sha256[:16]}…: each order is re-checked at send "
-                    "time; anything changed since is skipped, not completed.")
-        if self.second_operator:
-            text.append(f"\n\nThis batch needs a second operator ({self.second_operator}): "
-                        "it is stored for approval and nothing is sent now. Another operator "
-                        "approves it on the Approvals screen (P).")
+        text = self.text
         with Vertical(id="confirm-box"):
             yield Static(text, id="confirm-text")
             if self.typed:

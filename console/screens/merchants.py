@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import csv
 from collections.abc import Iterable
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from textual import work
 from textual.app import ComposeResult, SystemCommand
@@ -19,10 +21,12 @@ from console.widgets.row_table import RowTable
 from console.wording import format_money
 from services.private_files import open_private
 from services.processes import HOST
-from services.store import OperatorSession
 from services.text_safety import csv_cell
 from services.timestamps import parse_time
-from services.workspace import MerchantOverview, Workspace
+
+if TYPE_CHECKING:  # types only (see console/app.py)
+    from services.store import OperatorSession
+    from services.workspace import MerchantOverview, Workspace
 
 _SPARK = " ▁▂▃▄▅▆▇█"
 _CONSENT_STYLE = {"active": "green", "expiring": "yellow", "expired": "red", "revoked": "red",
@@ -65,9 +69,54 @@ def duration(delta: timedelta | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
 
 
-def overview_of(workspace: Workspace) -> list[MerchantOverview]:
+Cells = tuple[SafeText, ...]
+
+
+def overview_cells(row: MerchantOverview, now: datetime, reminded: dict[str, str]) -> Cells:
+    """One merchant's row of the table, as text (pure: made in the overview's worker)."""
+    total = ", ".join(format_money(a, c) for c, a in sorted(row.totals.items())) or "—"
+    oldest = "—"
+    if row.oldest_candidate_at:
+        age = now - parse_time(row.oldest_candidate_at)
+        oldest = f"{age.days}d" if age.days else f"{age.seconds // 3600}h"
+    note = row.error or (f"{row.waiting_without_consent} waiting: send a reminder"
+                         if row.waiting_without_consent else "")
+    if not row.error and row.merchant_id in reminded:
+        note = f"reminded {reminded[row.merchant_id][:10]}" + (f"; {note}" if note else "")
+    if row.leased_by:  # another operator's run is sending for this merchant now
+        note = f"LEASED by {row.leased_by}" + (f"; {note}" if note else "")
+    consent = row.consent_status.replace("_", " ")
+    if row.consent_expires_at and row.consent_status == "expiring":
+        consent += f" {row.consent_expires_at[:10]}"
+    # Every cell is SafeText: a str cell would be parsed as markup by DataTable.
+    return (safe(clip(row.business_name, 40)),
+            safe(consent, _CONSENT_STYLE.get(row.consent_status, "")),
+            safe(row.token_health.replace("_", " "), _TOKEN_STYLE.get(row.token_health, "")),
+            safe(row.candidates if row.candidates else "—"), safe(total), safe(oldest),
+            safe(sparkline(row.age_buckets)), safe(duration(row.next_sync_in)),
+            safe(clip(note, 36),  # in full in the detail pane
+                 "red" if row.error else "yellow"))
+
+
+@dataclass(frozen=True)
+class OverviewData:
+    """The merchants screen's data, read and written out as cells off the UI thread."""
+
+    rows: list[MerchantOverview]
+    cells: dict[str, Cells]              # merchant id -> its row's cells
+    sessions: list[OperatorSession]      # who is online
+
+
+def overview_of(workspace: Workspace, expiry_s: float) -> OverviewData:
+    """Runs in a worker thread, on a connection of its own: reads every open order."""
+    from services.reminders.service import last_reminded
     with workspace.own_connection() as own:
-        return own.overview()
+        rows = own.overview()
+        now = own.clock()
+        reminded = last_reminded(own.store)
+        sessions = own.online(expiry_s)
+    return OverviewData(rows, {r.merchant_id: overview_cells(r, now, reminded) for r in rows},
+                        sessions)
 
 
 class MerchantTable(RowTable[SafeText]):
@@ -91,6 +140,7 @@ class MerchantsScreen(ConsoleScreen):
         super().__init__()
         self.reminders_only = False
         self.rows: list[MerchantOverview] = []
+        self._cells: dict[str, Cells] = {}
         self._online = SafeText()
 
     def compose(self) -> ComposeResult:
@@ -125,11 +175,13 @@ class MerchantsScreen(ConsoleScreen):
 
     @work(exclusive=True, group=LOAD_GROUP)
     async def load_overview(self, workspace: Workspace) -> None:
-        """The overview reads every open order: in a thread, on a connection of its own
-        (exclusive: a newer reload cancels this one before it lands)."""
-        self.rows = await asyncio.to_thread(overview_of, workspace)
+        """The overview reads every open order: in a thread, on a connection of its own,
+        which also writes its cells out, so the UI thread only paints them (exclusive: a
+        newer reload cancels this one before it lands)."""
+        data = await asyncio.to_thread(overview_of, workspace, self.recon.presence_expiry_s)
+        self.rows, self._cells = data.rows, data.cells
         self._fill()
-        self._show_online()
+        self._show_online(data.sessions)
         self._show_detail(self._current_merchant())
 
     def _fill(self) -> None:
@@ -144,36 +196,9 @@ class MerchantsScreen(ConsoleScreen):
         rows = [r for r in self.rows if not self.reminders_only or
                 (r.consent_status in ("none", "expired", "revoked", "not_yet_effective")
                  and r.waiting_without_consent)]
-        workspace = self.recon.workspace
-        assert workspace is not None  # rows exist only once it does
-        now = workspace.clock()
-        from services.reminders.service import last_reminded
-        reminded = last_reminded(workspace.store)
         for row in rows:
-            total = ", ".join(format_money(a, c) for c, a in sorted(row.totals.items())) or "—"
-            oldest = "—"
-            if row.oldest_candidate_at:
-                age = now - parse_time(row.oldest_candidate_at)
-                oldest = f"{age.days}d" if age.days else f"{age.seconds // 3600}h"
-            note = row.error or (f"{row.waiting_without_consent} waiting: send a reminder"
-                                 if row.waiting_without_consent else "")
-            if not row.error and row.merchant_id in reminded:
-                note = f"reminded {reminded[row.merchant_id][:10]}" + (f"; {note}" if note else "")
-            if row.leased_by:  # another operator's run is sending for this merchant now
-                note = f"LEASED by {row.leased_by}" + (f"; {note}" if note else "")
-            consent = row.consent_status.replace("_", " ")
-            if row.consent_expires_at and row.consent_status == "expiring":
-                consent += f" {row.consent_expires_at[:10]}"
-            # Every cell is SafeText: a str cell would be parsed as markup by DataTable.
-            table.add_row(
-                safe(clip(row.business_name, 40)),
-                safe(consent, _CONSENT_STYLE.get(row.consent_status, "")),
-                safe(row.token_health.replace("_", " "), _TOKEN_STYLE.get(row.token_health, "")),
-                safe(row.candidates if row.candidates else "—"), safe(total), safe(oldest),
-                safe(sparkline(row.age_buckets)), safe(duration(row.next_sync_in)),
-                safe(clip(note, 36),  # in full in the detail pane
-                     "red" if row.error else "yellow"),
-                key=row.merchant_id)
+            cells: Cells = self._cells[row.merchant_id]  # SafeText, from overview_cells
+            table.add_row(*cells, key=row.merchant_id)
         title = "Reminder list: merchants without usable consent who have waiting orders" \
             if self.reminders_only else f"Merchants ({len(rows)}), most urgent first"
         self.query_one("#title", Static).update(safe(title))
@@ -182,10 +207,13 @@ class MerchantsScreen(ConsoleScreen):
                 if row.merchant_id == current:
                     table.move_cursor(row=index)
 
-    def _show_online(self) -> None:
+    def _show_online(self, sessions: list[OperatorSession] | None = None) -> None:
+        """`sessions`: as the overview's worker read them, else read now (a one-row-per-
+        session read, once a second)."""
         workspace = self.recon.workspace
         if workspace is not None:
-            sessions = workspace.online(self.recon.presence_expiry_s)
+            if sessions is None:
+                sessions = workspace.online(self.recon.presence_expiry_s)
             me = workspace.presence.session.session_id if workspace.presence else None
             line: SafeText = online_line(sessions, me)
             if line != self._online:  # once a second: repaint only a change

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -12,7 +13,9 @@ from textual.widgets import Static
 
 from console.safe_text import SafeText, clip, safe_join
 from console.wording import format_money
-from services.workspace import MerchantDetail
+
+if TYPE_CHECKING:  # types only (see console/app.py)
+    from services.workspace import MerchantDetail
 
 __all__ = ["AGE_LABELS", "MerchantPane", "backlog_chart", "since"]
 

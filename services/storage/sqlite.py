@@ -256,6 +256,18 @@ def m009_presence(db: Database) -> None:
                        "UPDATE change_counter SET version = version + 1 WHERE id = 1; END")
 
 
+@migrations()
+def orders_created_at_index(db: Database) -> None:
+    """Each merchant's orders by age, in index order: one merchant's first screenful and the
+    reads ordered by merchant then age need no sort, and every merchant's oldest are found
+    from this index alone (`oldest_orders`). Merchant first, not created_at first: discovery
+    writes a merchant at a time, and an index by age alone spreads each write over the whole
+    index: writing 100,000 orders took +63 to +150 % with it, against -3 to +24 % with this
+    one, over four runs on a loaded machine (bench/orders_index.py)."""
+    db.execute("CREATE INDEX orders_merchant_created_at ON orders(merchant_id, created_at, "
+               "order_id)")
+
+
 _INTENT_COLUMNS = ", ".join(INTENT_COLUMNS)
 _QUEUED_COLUMNS = ("o.order_id, o.merchant_id, o.location_id, o.version, o.state, o.source, "
                    "o.reference_id, o.total_amount, o.currency, o.due_amount, o.created_at, "
@@ -552,6 +564,12 @@ class SQLiteStore(Store):
         if merchant_id is not None:
             sql += " WHERE o.merchant_id = ?"
             params.append(merchant_id)
+        else:
+            # The oldest of every merchant: picked from the covering index (narrow entries),
+            # not by reading every row with its order_json (~60 ms -> ~20 ms at 100,000).
+            sql += (" WHERE o.rowid IN (SELECT rowid FROM orders ORDER BY created_at, order_id "
+                    "LIMIT ?)")
+            params.append(limit)
         sql += " ORDER BY o.created_at, o.order_id LIMIT ?"
         return list(map(QueuedOrder._make, self.conn.execute(sql, [*params, limit])))
 
