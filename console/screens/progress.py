@@ -167,7 +167,7 @@ class ProgressScreen(AppScreen):
                     "recorded.")
 
     async def action_retry_failed(self) -> None:
-        from console.app import preview_of
+        from console.app import confirmation_of
         from console.screens.confirm import ConfirmScreen
         failed = [r.order_id for r in self.results if r.outcome is Outcome.FAILED]
         if self.recon.read_only:
@@ -178,24 +178,29 @@ class ProgressScreen(AppScreen):
             self.notify("Nothing to retry: no order of this batch failed.")
             return
         # A retry is a new batch: a fresh preview of those orders, so the consents' batch
-        # limits as they are now (a new version may allow fewer), leases and token health
-        # hold orders back as for any batch. Read off the UI thread, as every preview.
-        retry = await asyncio.to_thread(preview_of, self.workspace, failed)
+        # limits as they are now (a new version may allow fewer), leases, token health and
+        # four-eyes apply as to any batch. Made off the UI thread, as every preview.
+        retry, why, text = await asyncio.to_thread(confirmation_of, self.workspace, failed)
         if not retry.count:
-            held = "; ".join(sorted({reason for _, reason in retry.held_back}))
+            held = ", ".join(sorted({reason for _, reason in retry.held_back}))
             self.notify(f"Nothing to retry now: the failed orders are held back ({held}).",
                         severity="warning")
             return
 
         def confirmed(approved: bool | None) -> None:
-            if approved:
+            if approved and why:
+                batch = self.workspace.prepare_batch(retry)
+                self.notify(f"This retry needs a second operator ({why}): prepared as batch "
+                            f"{batch.batch_id[:8]}; nothing was sent. Another operator "
+                            "approves it on the Approvals screen (P).", timeout=15)
+            elif approved:
                 self.preview = retry
                 self.latest = None
                 self.query_one("#progress-title", Static).update(
                     safe(f"Retrying {retry.count} failed orders"))
                 self.run_batch(list(retry.items))
 
-        self.app.push_screen(ConfirmScreen(retry), confirmed)
+        self.app.push_screen(ConfirmScreen(retry, why, text), confirmed)
 
     def action_close(self) -> None:
         self.app.pop_screen()
