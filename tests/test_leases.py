@@ -143,6 +143,8 @@ async def test_a_lease_taken_over_after_it_expired_is_not_ours_any_more(
     store.take_lease(bobs, lambda x: True)
     keeper.beat()
     assert not keeper.holds("M1") and keeper.holds("M2")
+    keeper.release("M1")  # the end of this run's work on M1: Bob's lease is left alone
+    assert bobs in store.leases()
     async with keeper:
         pass  # leaving releases what we hold, and only that
     assert store.leases() == [bobs]
