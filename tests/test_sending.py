@@ -7,6 +7,7 @@ first. Whether an order was completed is read from the emulator, never from the 
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -253,15 +254,19 @@ async def test_a_refused_token_fails_the_order_and_stops_the_merchant(tmp_path: 
 
 async def test_a_token_of_another_merchant_is_skipped_with_its_own_code(
         tmp_path: Path) -> None:
-    b = await bench(tmp_path, count=1)
+    b = await bench(tmp_path, count=2)
     try:
         mismatch = SquareAuthError(status=401, code="TOKEN_MERCHANT_MISMATCH",
                                    detail="another merchant's")
-        b.script(mismatch)
+        scripted = b.script(mismatch)
         result = await b.send()
         assert (result.outcome, result.reason, result.detail) == (
             Outcome.SKIPPED, "TOKEN_MERCHANT_MISMATCH", str(mismatch))
-        assert b.square() == b.approved()
+        # The merchant's other orders are held back under the same code, unsent.
+        later = await b.send(1)
+        assert (later.outcome, later.reason) == (Outcome.SKIPPED, "TOKEN_MERCHANT_MISMATCH")
+        assert len(scripted.keys) == 1
+        assert [b.square(i) for i in (0, 1)] == [b.approved(0), b.approved(1)]
     finally:
         await b.workspace.aclose()
 
@@ -402,7 +407,10 @@ async def test_a_changed_consent_sends_back_to_the_queue_unless_none_was_relied_
         scripted = b.script()
         intent = b.intents[0]
         merchant = next(m for m in b.emulator.merchants if m.merchant.id == b.merchant_id)
+        # Stricter, and naming the locations one by one (the orders' among them).
         document = consent_for(merchant, datetime.now(UTC),
+                               locations=sorted({i.location_id for i in b.intents}
+                                                | {"ELSEWHERE"}),
                                limits={"min_order_age_hours": 3},
                                consent_id=intent.consent_id)
         changed = tmp_path / "changed.json"
@@ -421,3 +429,50 @@ async def test_a_changed_consent_sends_back_to_the_queue_unless_none_was_relied_
     finally:
         await b.workspace.aclose()
 
+
+
+async def test_attempts_count_only_calls_square_answered_with_an_error_or_not_at_all(
+        tmp_path: Path) -> None:
+    """A 429 is a wait, not an attempt: after one, the order still gets all its attempts."""
+    b = await bench(tmp_path, count=1, max_attempts=2, breaker_threshold=10,
+                    max_rate_limit_waits=5)
+    try:
+        scripted = b.script(rate_limited(), *[server_error()] * 4)
+        assert await b.send() is None
+        assert len(scripted.keys) == 3  # the wait, then max_attempts
+        assert b.square() == b.approved()
+    finally:
+        await b.workspace.aclose()
+
+
+async def test_a_rate_limit_waits_as_long_as_square_asks_or_backs_off_without_retry_after(
+        tmp_path: Path) -> None:
+    b = await bench(tmp_path, count=2, max_rate_limit_waits=5)
+    try:
+        b.script(SquareRateLimited(status=429, code="RATE_LIMITED", detail="slow down",
+                                   retry_after=0.3))
+        started = time.monotonic()
+        assert (await b.send(0)).outcome is Outcome.COMPLETED
+        assert time.monotonic() - started >= 0.3  # Retry-After honoured
+        # Strict reading: Square may send no Retry-After; the back-off formula decides.
+        b.script(SquareRateLimited(status=429, code="RATE_LIMITED", detail="slow down"),
+                 SquareRateLimited(status=429, code="RATE_LIMITED", detail="slow down"))
+        assert (await b.send(1)).outcome is Outcome.COMPLETED
+        assert [b.square(i)[0] for i in (0, 1)] == ["COMPLETED", "COMPLETED"]
+    finally:
+        await b.workspace.aclose()
+
+
+async def test_a_hung_call_is_given_up_after_the_attempt_timeout(tmp_path: Path) -> None:
+    """Not after the gateway's general timeout (2 s here): the engine's own, per attempt."""
+    b = await bench(tmp_path, count=1, max_attempts=1, attempt_timeout_s=0.2)
+    try:
+        b.emulator.app.set_faults(FaultPlan(hang_rate=1.0, hang_seconds=30,
+                                            operations=["UpdateOrder"]))
+        b.script()
+        started = time.monotonic()
+        assert await b.send() is None  # unknown: a hung call may still apply
+        assert time.monotonic() - started < 1.9
+    finally:
+        b.emulator.app.set_faults(FaultPlan())
+        await b.workspace.aclose()
