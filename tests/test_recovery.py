@@ -100,16 +100,21 @@ async def test_each_open_intent_is_settled_against_what_square_shows(tmp_path: P
                ("crashed-batch", done_elsewhere.order_id, "skipped"),
                ("crashed-batch", "GONE", "skipped"),
                ("retry-batch", twice.order_id, "skipped")])
+        # Recovery settles intents; it approves no set of its own.
+        assert {e["approved_set_sha256"] for e in entries} == {""}
         assert workspace.verify().ok
     finally:
         await workspace.aclose()
 
 
 async def test_an_order_no_longer_eligible_is_not_resent(tmp_path: Path) -> None:
-    emulator = make_emulator(SeedConfig(merchants=1, orders_per_location=20))
+    """Judged on the merchant's own consents at this moment: another merchant's active
+    consent covers nothing here."""
+    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=20))
     workspace = await ready_workspace(emulator, tmp_path)
     try:
-        items = workspace.preview().items[:2]
+        revoked = emulator.merchants[0].merchant.id
+        items = [i for i in workspace.preview().items if i.merchant_id == revoked][:2]
         intents = write_open_intents(emulator, workspace, items)
         workspace.revoke_consent(intents[0].consent_id or "", "Owner", "in-house again")
         later = datetime.now(UTC) + timedelta(seconds=1)
