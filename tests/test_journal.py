@@ -261,6 +261,8 @@ def test_without_a_running_loop_outcomes_commit_at_once(tmp_path: Path) -> None:
     assert journal.write_intents(run, [done])
     journal.outcome(run, done, OrderResult.of(done.item, Outcome.COMPLETED, None, "ok"))
     assert [r["outcome"] for r in intent_rows(db)] == ["completed"]  # no drain needed
+    assert [(e["order_id"], e["outcome"]) for e in audit_rows(db, "outcome")] == [
+        ("O1", "completed")]
     assert queued(store) == set()
     journal.finish_batch(run)
     with other(db) as conn:
@@ -419,3 +421,28 @@ async def test_once_broken_an_outcome_says_why_it_was_not_recorded(
         "Square's answer (completed) could not be written to the database (the database "
         "refused a write (database is locked)): run `recon-console recover`.")
     assert [r["outcome"] for r in intent_rows(db)] == [None, None]
+
+
+def test_without_a_running_loop_a_refused_outcome_is_never_reported_completed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outcomes written at once (no event loop): the same rule as the group commits."""
+    db = tmp_path / "j.db"
+    store = Store(db)
+    journal, _ = journal_on(store)
+    run = Run("b1", "sha", 3)
+    journal.begin_batch(run, [])
+    first, second = intent("O1"), intent("O2")
+    assert journal.write_intents(run, [first, second])
+    monkeypatch.setattr(type(store), "settle_intent", _locked)
+    journal.outcome(run, first, OrderResult.of(first.item, Outcome.COMPLETED, None, "ok"))
+    monkeypatch.undo()  # the database would take it now, but the journal is broken
+    journal.outcome(run, second, OrderResult.of(second.item, Outcome.COMPLETED, None, "ok"))
+    assert [(r.order_id, r.outcome, r.reason, r.detail) for r in run.results] == [
+        ("O1", Outcome.FAILED, NOT_RECORDED,
+         "Square's answer (completed) could not be written to the database (database is "
+         "locked): run `recon-console recover`."),
+        ("O2", Outcome.FAILED, NOT_RECORDED,
+         "Square's answer (completed) could not be written to the database (the database "
+         "refused a write (database is locked)): run `recon-console recover`.")]
+    assert [r["outcome"] for r in intent_rows(db)] == [None, None]
+    assert audit_rows(db, "outcome") == []
