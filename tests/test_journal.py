@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,8 @@ def test_without_a_running_loop_outcomes_commit_at_once(tmp_path: Path) -> None:
     assert journal.write_intents(run, [done])
     journal.outcome(run, done, OrderResult.of(done.item, Outcome.COMPLETED, None, "ok"))
     assert [r["outcome"] for r in intent_rows(db)] == ["completed"]  # no drain needed
+    assert [(e["order_id"], e["outcome"]) for e in audit_rows(db, "outcome")] == [
+        ("O1", "completed")]
     assert queued(store) == set()
     journal.finish_batch(run)
     with other(db) as conn:
@@ -322,11 +325,124 @@ def test_progress_counts_what_happened() -> None:
     index = run.add(OrderResult.of(item, Outcome.COMPLETED, None, "ok"))
     run.add(OrderResult.of(item, Outcome.SKIPPED, "LEASED", "x"))
     run.replace(index, OrderResult.of(item, Outcome.FAILED, NOT_RECORDED, "y"))
+    run.started = time.monotonic() - 0.5  # three done in half a second
     progress = run.progress(True, 7)
     assert (progress.done, progress.total, progress.completed, progress.skipped,
             progress.failed, progress.backing_off, progress.concurrency,
             progress.cancelled) == (3, 4, 1, 1, 1, True, 7, False)
-    assert progress.rate_per_s > 0 and progress.eta_s is not None
-    assert progress.eta_s == pytest.approx(1 / progress.rate_per_s, rel=0.5)
+    assert progress.rate_per_s == pytest.approx(6, rel=0.2)
+    assert progress.eta_s == pytest.approx(1 / progress.rate_per_s)
     run.cancel.set()
     assert run.progress(False, 1).cancelled
+    # A second failure replaced in counts on top of the first.
+    run.replace(run.add(OrderResult.of(item, Outcome.COMPLETED, None, "ok")),
+                OrderResult.of(item, Outcome.FAILED, NOT_RECORDED, "y"))
+    assert (run.counts[Outcome.COMPLETED], run.counts[Outcome.FAILED]) == (1, 2)
+    # Slow (under one a second): the time left still shows.
+    run.started = time.monotonic() - 10
+    slow = run.progress(False, 1)
+    assert slow.rate_per_s == pytest.approx(0.4, rel=0.1)
+    assert slow.eta_s == pytest.approx(0, abs=1e-9)  # all four done
+    run.total = 5
+    assert run.progress(False, 1).eta_s == pytest.approx(2.5, rel=0.1)
+    # Nothing done yet: no rate, no time left to guess.
+    idle = Run("b2", "sha", 4).progress(False, 1)
+    assert (idle.done, idle.rate_per_s, idle.eta_s) == (0, 0, None)
+
+
+async def test_intents_the_database_refuses_are_never_reported_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether through the group commit or on the main connection: refused intents return
+    False (so nothing is sent), and `broken` names the database's own error."""
+    db = tmp_path / "j.db"
+    store = Store(db)
+    run = Run("b1", "sha", 2)
+    monkeypatch.setattr(type(store), "insert_intents", _locked)
+    grouped, _ = journal_on(store)
+    grouped.begin_batch(run, [])
+    try:
+        assert not await grouped.commit_intents(run, [intent("O1")])
+        assert grouped.broken == "the database refused a write (database is locked)"
+    finally:
+        await grouped.drain()
+        grouped.close()
+    direct, _ = journal_on(store)
+    assert not direct.write_intents(run, [intent("O2")])
+    assert direct.broken == "the database refused a write (database is locked)"
+    assert intent_rows(db) == [] and audit_rows(db, "intent") == []
+
+
+async def test_a_refused_group_never_reports_completed_whatever_comes_before_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A skip (or a decision without an intent) ahead of a completion in the refused group
+    does not let that completion through as completed."""
+    db = tmp_path / "j.db"
+    store = Store(db)
+    journal, _ = journal_on(store)
+    run = Run("b1", "sha", 3)
+    journal.begin_batch(run, [])
+    moved, done = intent("O1"), intent("O2")
+    try:
+        assert await journal.commit_intents(run, [moved, done])
+        monkeypatch.setattr(type(store), "settle_intent", _locked)
+        journal.without_intent(run, ApprovedItem("M1", "O0", 3), SkipReason.LEASED, "held")
+        journal.outcome(run, moved, OrderResult.of(moved.item, Outcome.SKIPPED,
+                                                   SkipReason.VERSION_CHANGED, "moved"))
+        journal.outcome(run, done, OrderResult.of(done.item, Outcome.COMPLETED, None, "ok"))
+        await journal.drain()
+    finally:
+        journal.close()
+    assert [(r.order_id, r.outcome, r.reason) for r in run.results] == [
+        ("O0", Outcome.SKIPPED, "LEASED"), ("O1", Outcome.SKIPPED, "VERSION_CHANGED"),
+        ("O2", Outcome.FAILED, NOT_RECORDED)]
+    assert run.counts[Outcome.COMPLETED] == 0
+
+
+async def test_once_broken_an_outcome_says_why_it_was_not_recorded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "j.db"
+    store = Store(db)
+    journal, _ = journal_on(store)
+    run = Run("b1", "sha", 2)
+    journal.begin_batch(run, [])
+    first, second = intent("O1"), intent("O2")
+    try:
+        assert await journal.commit_intents(run, [first, second])
+        monkeypatch.setattr(type(store), "settle_intent", _locked)
+        journal.outcome(run, first, OrderResult.of(first.item, Outcome.COMPLETED, None, "ok"))
+        await journal.drain()
+        monkeypatch.undo()  # the database would take it now, but the journal is broken
+        journal.outcome(run, second, OrderResult.of(second.item, Outcome.COMPLETED, None,
+                                                    "ok"))
+        await journal.drain()
+    finally:
+        journal.close()
+    assert run.results[1].detail == (
+        "Square's answer (completed) could not be written to the database (the database "
+        "refused a write (database is locked)): run `recon-console recover`.")
+    assert [r["outcome"] for r in intent_rows(db)] == [None, None]
+
+
+def test_without_a_running_loop_a_refused_outcome_is_never_reported_completed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outcomes written at once (no event loop): the same rule as the group commits."""
+    db = tmp_path / "j.db"
+    store = Store(db)
+    journal, _ = journal_on(store)
+    run = Run("b1", "sha", 3)
+    journal.begin_batch(run, [])
+    first, second = intent("O1"), intent("O2")
+    assert journal.write_intents(run, [first, second])
+    monkeypatch.setattr(type(store), "settle_intent", _locked)
+    journal.outcome(run, first, OrderResult.of(first.item, Outcome.COMPLETED, None, "ok"))
+    monkeypatch.undo()  # the database would take it now, but the journal is broken
+    journal.outcome(run, second, OrderResult.of(second.item, Outcome.COMPLETED, None, "ok"))
+    assert [(r.order_id, r.outcome, r.reason, r.detail) for r in run.results] == [
+        ("O1", Outcome.FAILED, NOT_RECORDED,
+         "Square's answer (completed) could not be written to the database (database is "
+         "locked): run `recon-console recover`."),
+        ("O2", Outcome.FAILED, NOT_RECORDED,
+         "Square's answer (completed) could not be written to the database (the database "
+         "refused a write (database is locked)): run `recon-console recover`.")]
+    assert [r["outcome"] for r in intent_rows(db)] == [None, None]
+    assert audit_rows(db, "outcome") == []

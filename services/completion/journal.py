@@ -76,6 +76,8 @@ class _Pending:
     intent: Intent | None
     result: OrderResult
     action: AuditAction
+    # As it was when queued: recovery moves `run.batch_id` to each intent's own batch.
+    batch_id: str
 
 
 @dataclass
@@ -211,7 +213,8 @@ class IntentJournal:
                                    "Square did not answer; `recover` will settle it."))
             self.on_change(run)
             return
-        self._pending.append(_Pending(run, run.add(result), intent, result, action))
+        self._pending.append(_Pending(run, run.add(result), intent, result, action,
+                                      run.batch_id))
         self._kick()
         self.on_change(run)
 
@@ -222,7 +225,8 @@ class IntentJournal:
         result = OrderResult.of(item, outcome, str(reason), detail)
         index = run.add(result)
         if not self.broken:
-            self._pending.append(_Pending(run, index, None, result, AuditAction.OUTCOME))
+            self._pending.append(_Pending(run, index, None, result, AuditAction.OUTCOME,
+                                          run.batch_id))
             self._kick()
         self.on_change(run)
 
@@ -231,7 +235,7 @@ class IntentJournal:
         if intent is None:
             return {"operator": self.operator, "action": p.action,
                     "merchant_id": result.merchant_id, "order_id": result.order_id,
-                    "version": result.version, "batch_id": p.run.batch_id,
+                    "version": result.version, "batch_id": p.batch_id,
                     "approved_set_sha256": p.run.approved_sha,
                     "outcome": result.outcome.value,
                     "detail": f"{result.reason}: {result.detail}"[:500]}
@@ -240,7 +244,7 @@ class IntentJournal:
                 "merchant_id": result.merchant_id, "order_id": result.order_id,
                 "version": result.version, "amount": intent.amount,
                 "currency": intent.currency, "consent_id": intent.consent_id,
-                "consent_sha256": intent.consent_sha256, "batch_id": p.run.batch_id,
+                "consent_sha256": intent.consent_sha256, "batch_id": p.batch_id,
                 "approved_set_sha256": p.run.approved_sha, "idempotency_key": intent.key,
                 "outcome": result.outcome.value, "square_code": square_code,
                 "detail": result.detail[:500]}

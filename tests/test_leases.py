@@ -1,0 +1,188 @@
+"""Merchant leases on their own (`services.completion.leases`), on a real SQLite file: one
+holder at a time per merchant; a holder that is gone (expired, or a dead process of this host)
+is taken over; a live one is reported, never overridden; the heartbeat keeps a lease and a
+lease taken over after it expired is not ours any more; a release lets the next holder in.
+What the engine does with a lease it meets is in tests/test_completion.py (hole 6)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from services.completion.leases import LeaseKeeper, holder_gone
+from services.processes import HOST
+from services.store import Lease, Store, utc_text
+from services.timestamps import parse_time
+
+NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+
+
+def lease(expires: datetime, *, host: str = HOST, pid: int | None = None,
+          token: str = "theirs") -> Lease:
+    return Lease("M1", "bob", host, os.getpid() if pid is None else pid,
+                 utc_text(expires - timedelta(minutes=1)), utc_text(expires - timedelta(
+                     minutes=1)), utc_text(expires), token)
+
+
+def dead_pid() -> int:
+    """The pid of a process of this host that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def row(store: Store, merchant_id: str = "M1") -> Lease | None:
+    return next((x for x in store.leases() if x.merchant_id == merchant_id), None)
+
+
+async def until(condition: object, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_a_holder_is_gone_once_its_lease_expires_or_its_process_of_this_host_is_gone() -> None:
+    later = NOW + timedelta(seconds=1)
+    assert not holder_gone(lease(later), NOW)  # this very process, not expired: in force
+    assert holder_gone(lease(NOW), NOW)  # expires this very moment: gone
+    assert holder_gone(lease(NOW - timedelta(microseconds=1)), NOW)
+    assert holder_gone(lease(later, pid=dead_pid()), NOW)  # its process exited
+    # A pid on another host says nothing about a process here: only the expiry counts.
+    assert not holder_gone(lease(later, host="another-host", pid=dead_pid()), NOW)
+    # Without a moment given, the moment is now.
+    assert not holder_gone(lease(datetime.now(UTC) + timedelta(minutes=1)))
+    assert holder_gone(lease(datetime.now(UTC) - timedelta(seconds=1)))
+
+
+def test_a_lease_is_taken_in_the_database_and_a_live_holder_is_returned_not_overridden(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "l.db")
+    mine = LeaseKeeper(store, "alice", ttl_s=30.0)
+    before = datetime.now(UTC)
+    assert mine.take("M1") is None and mine.holds("M1")
+    written = row(store)
+    assert written is not None
+    assert (written.operator, written.host, written.pid, written.token) == (
+        "alice", HOST, os.getpid(), mine.token)
+    started = parse_time(written.started_at)
+    assert before <= started <= datetime.now(UTC)
+    assert parse_time(written.heartbeat_at) == started
+    assert parse_time(written.expires_at) - started == timedelta(seconds=30)
+    # Another keeper (another run, another operator): told who holds it, holds nothing.
+    other = LeaseKeeper(store, "bob")
+    assert other.token != mine.token
+    assert other.take("M1") == written and not other.holds("M1")
+    assert row(store) == written
+    assert not other.holds("M2") and not mine.holds("M2")  # never taken
+    # Taking one's own lease again renews it.
+    assert mine.take("M1") is None and mine.holds("M1")
+    # Released, the next holder gets it at once.
+    mine.release("M1")
+    assert not mine.holds("M1") and row(store) is None
+    assert other.take("M1") is None and other.holds("M1")
+    assert row(store).token == other.token  # type: ignore[union-attr]
+
+
+def test_an_expired_or_dead_holders_lease_is_taken_over(tmp_path: Path) -> None:
+    store = Store(tmp_path / "l.db")
+    now = datetime.now(UTC)
+    keeper = LeaseKeeper(store, "alice")
+    store.take_lease(lease(now - timedelta(seconds=1), host="another-host"), lambda x: True)
+    assert keeper.take("M1") is None and row(store).token == keeper.token  # type: ignore[union-attr]
+    keeper.release("M1")
+    store.take_lease(lease(now + timedelta(minutes=5), pid=dead_pid()), lambda x: True)
+    assert keeper.take("M1") is None and row(store).token == keeper.token  # type: ignore[union-attr]
+    keeper.release("M1")
+    live = lease(now + timedelta(minutes=5), pid=os.getpid())
+    store.take_lease(live, lambda x: True)
+    assert keeper.take("M1") == live and not keeper.holds("M1")
+
+
+async def test_an_unbeaten_lease_stops_being_held_when_its_time_is_up(tmp_path: Path) -> None:
+    keeper = LeaseKeeper(Store(tmp_path / "l.db"), "alice", ttl_s=0.2)
+    assert keeper.take("M1") is None
+    started = time.monotonic()
+    assert keeper.holds("M1")
+    await until(lambda: not keeper.holds("M1"))
+    assert time.monotonic() - started >= 0.2
+
+
+async def test_the_heartbeat_extends_the_lease_in_the_database_and_in_holds(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "l.db")
+    keeper = LeaseKeeper(store, "alice", ttl_s=0.3)
+    assert keeper.take("M1") is None
+    taken = row(store)
+    await until(lambda: not keeper.holds("M1"))
+    keeper.beat()  # past its time, but nobody took it: still ours
+    assert keeper.holds("M1")
+    beaten = row(store)
+    assert beaten is not None and beaten.token == keeper.token
+    assert beaten.started_at == taken.started_at  # type: ignore[union-attr]
+    assert beaten.heartbeat_at > taken.heartbeat_at  # type: ignore[union-attr]
+    assert (parse_time(beaten.expires_at) - parse_time(beaten.heartbeat_at)
+            == timedelta(seconds=0.3))
+
+
+async def test_a_lease_taken_over_after_it_expired_is_not_ours_any_more(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "l.db")
+    keeper = LeaseKeeper(store, "alice", ttl_s=30.0)
+    assert keeper.take("M1") is None and keeper.take("M2") is None
+    # Bob found M1 expired (say this process hung past its TTL) and took it.
+    bobs = lease(datetime.now(UTC) + timedelta(minutes=5), token="bobs")
+    store.take_lease(bobs, lambda x: True)
+    keeper.beat()
+    assert not keeper.holds("M1") and keeper.holds("M2")
+    keeper.release("M1")  # the end of this run's work on M1: Bob's lease is left alone
+    assert bobs in store.leases()
+    async with keeper:
+        pass  # leaving releases what we hold, and only that
+    assert store.leases() == [bobs]
+
+
+async def test_a_refused_heartbeat_or_release_is_not_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "l.db")
+    keeper = LeaseKeeper(store, "alice", ttl_s=30.0)
+    assert keeper.take("M1") is None
+    taken = row(store)
+
+    def locked(*args: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "heartbeat_leases", locked)
+    keeper.beat()  # tried again at the next beat; until then the lease runs its time
+    assert keeper.holds("M1")
+    monkeypatch.setattr(store, "release_lease", locked)
+    keeper.release("M1")  # unreleased, it simply expires
+    assert not keeper.holds("M1")
+    assert row(store) == taken
+
+
+async def test_while_work_runs_the_leases_are_beaten_and_released_at_the_end(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "l.db")
+    keeper = LeaseKeeper(store, "alice", ttl_s=0.3, heartbeat_s=0.02)
+    async with keeper as entered:
+        assert entered is keeper
+        assert keeper.take("M1") is None and keeper.take("M2") is None
+        first = row(store)
+        # Beaten past its first TTL: still held, in the database too.
+        await until(lambda: row(store).heartbeat_at != first.heartbeat_at)  # type: ignore[union-attr]
+        started = time.monotonic()
+        await until(lambda: time.monotonic() - started > 0.4)
+        assert keeper.holds("M1") and keeper.holds("M2")
+        assert parse_time(row(store).expires_at) > datetime.now(UTC)  # type: ignore[union-attr]
+    assert store.leases() == []
+    assert not keeper.holds("M1") and not keeper.holds("M2")
+    assert keeper._task is not None and keeper._task.done()
