@@ -111,7 +111,7 @@ def test_recover_reads_back_each_open_intent_exactly_as_it_was_written(
     assert again.attempt == 2 and again.key == idempotency_key("O1", 3, 2)
     read = sorted((Intent.from_row(row) for row in store.open_intents()),
                   key=lambda i: (i.item.order_id, i.attempt))
-    assert read == sorted(written + [again], key=lambda i: (i.item.order_id, i.attempt))
+    assert read == sorted([*written, again], key=lambda i: (i.item.order_id, i.attempt))
     assert [(i.key, i.body["idempotency_key"], i.attempt, i.intent_id) for i in read] == [
         (idempotency_key("O1", 3), idempotency_key("O1", 3), 1, "b1:O1:1"),
         (idempotency_key("O1", 3, 2), idempotency_key("O1", 3, 2), 2, "b2:O1:2"),
