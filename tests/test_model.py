@@ -23,7 +23,7 @@ from services.completion.model import (
     token_skip,
 )
 from services.eligibility import Classification, EligibilityReason
-from services.store import Store
+from services.store import SQLiteStore
 
 SQUARE_KEY_LIMIT = 192  # Square refuses a longer idempotency_key (VALUE_TOO_LONG)
 
@@ -89,7 +89,7 @@ def test_recover_reads_back_each_open_intent_exactly_as_it_was_written(
         tmp_path: Path) -> None:
     """Recovery resends an open intent with the same key and body (a replay if it applied),
     re-checks the consent against the version it relied on, and audits the same amount."""
-    store = Store(tmp_path / "recon.db")
+    store = SQLiteStore(tmp_path / "recon.db")
     journal = IntentJournal(store, AuditTrail(store), "tester", lambda run: None)
     written = [
         Intent(ApprovedItem("M1", "O1", 3), "", {"idempotency_key": "", "order": {
