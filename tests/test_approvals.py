@@ -76,6 +76,12 @@ class Desk:
                 ) -> ApprovalRefused:
         with pytest.raises(ApprovalRefused) as caught:
             self.approvals.gate(batch_id, items, operator)
+        # Every refusal is on the record: who, which batch, which exact set, and why.
+        last = self.entries("batch_refused")[-1]
+        assert (last["operator"], last["batch_id"], last["approved_set_sha256"],
+                last["outcome"], last["detail"]) == (
+            operator, batch_id, approved_set_sha256(sorted(set(items))), "refused",
+            f"{caught.value.code}: {caught.value.detail}"[:500])
         return caught.value
 
     def prepared_and_approved(self, items: list[ApprovedItem], batch_id: str = "b1") -> str:
@@ -112,10 +118,12 @@ def test_totals_are_per_merchant_and_currency_and_the_threshold_adds_merchants_u
         desk: Desk) -> None:
     m1 = desk.queue("M1", "O1", 6000)
     m1_eur = desk.queue("M1", "O2", 500, "EUR")
+    m1_more = desk.queue("M1", "O4", 250)
     m2 = desk.queue("M2", "O3", 6000)
     gone = ApprovedItem("M2", "NOT-QUEUED", 1)
-    assert desk.approvals.totals([m1, m1_eur, m2, gone]) == (
-        {"M1": {"USD": 6000, "EUR": 500}, "M2": {"USD": 6000}}, 1)
+    also_gone = ApprovedItem("M1", "ALSO-NOT-QUEUED", 1)
+    assert desk.approvals.totals([gone, m1, m1_eur, also_gone, m1_more, m2]) == (
+        {"M1": {"USD": 6250, "EUR": 500}, "M2": {"USD": 6000}}, 2)
     # 60.00 USD at each merchant: 120.00 USD in the batch, over 100.00.
     assert desk.approvals.why_needed([m1, m2]) == (
         "12000 USD (minor units), more than 100.00 USD")
@@ -174,6 +182,11 @@ def test_a_rejection_never_expires_into_an_approval_and_says_why(desk: Desk) -> 
     assert (rejected["operator"], rejected["outcome"], rejected["detail"]) == (
         "ben", "rejected", "prepared by ana; reason: -")
     assert desk.entries("approval_granted") == []
+    desk.approvals.prepare("b2", items, "ana", {}, "why")
+    desk.approvals.decide("b2", "ben", False, "r" * 600)
+    assert len(desk.entries("approval_rejected")[-1]["detail"]) == 500  # bounded
+    refusal = desk.refused("b2", items)  # the refusal repeats the reason: bounded too
+    assert len(refusal.detail) > 500
 
 
 def test_a_decision_is_taken_once_by_someone_other_than_the_preparer(
@@ -195,7 +208,8 @@ def test_a_decision_is_taken_once_by_someone_other_than_the_preparer(
     monkeypatch.setattr(desk.store, "decide_approval", lambda *args: False)
     with pytest.raises(ApprovalRefused) as caught:
         desk.approvals.decide("b2", "ben", True, "ok")
-    assert caught.value.code == "APPROVAL_DECIDED" and "meanwhile" in caught.value.detail
+    assert (caught.value.code, caught.value.detail) == (
+        "APPROVAL_DECIDED", "batch b2 was decided meanwhile by another operator.")
     assert [e["batch_id"] for e in desk.entries("approval_granted")] == ["b1"]
 
 
@@ -213,6 +227,10 @@ def test_listed_are_the_pending_and_the_approved_until_they_expire(desk: Desk) -
     desk.approvals.decide("rejected", "ben", False, "no")
     desk.approvals.decide("used", "ben", True, "ok")
     desk.approvals.gate("used", desk.queue_set("used"), "ana")
+    # Approved without an expiry (written around `decide`): the gate never runs it.
+    desk.approvals.prepare("no-expiry", desk.queue_set("no-expiry"), "ana", {}, "why")
+    with desk.store.transaction():
+        desk.store.decide_approval("no-expiry", "approved", "ben", utc_text(START), "ok", None)
     assert [a.batch_id for a in desk.approvals.listed()] == ["approved", "pending"]
     desk.clock.now = START + POLICY.ttl - timedelta(microseconds=1)
     assert [a.batch_id for a in desk.approvals.listed()] == ["approved", "pending"]
