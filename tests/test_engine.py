@@ -20,6 +20,7 @@ from services.demo import consent_for, workspace_on_emulator
 from services.emulator import SeedConfig
 from services.errors import ReconError, SquareAuthError, SquareInvalidRequest, SquareServerError
 from services.square_gateway import RetryPolicy
+from services.store import SQLiteStore
 from services.workspace import Workspace
 from tests.conftest import Emulator, make_emulator
 
@@ -70,6 +71,12 @@ def square_state(emulator: Emulator, order_id: str) -> tuple[str, int | None]:
     return record.state, record.version
 
 
+def intent_rows(workspace: Workspace) -> list[dict[str, Any]]:
+    store = workspace.store
+    assert isinstance(store, SQLiteStore)
+    return list(store.db["intents"].rows)
+
+
 def outcomes(workspace: Workspace) -> list[tuple[str, str, str]]:
     """(order, outcome, detail) of every outcome entry in the audit trail."""
     return [(e["order_id"], e["outcome"], e["detail"])
@@ -116,7 +123,7 @@ async def test_a_reread_square_refuses_fails_those_orders_with_its_code(
     assert sorted((r.order_id, r.outcome, r.reason, r.detail) for r in results) == sorted(
         (i.order_id, Outcome.FAILED, reason, f"{REREAD}{error}") for i in items)
     assert all(square_state(small, i.order_id) == ("OPEN", i.version) for i in items)
-    assert desk.open_intent_count() == 0 and desk.store.db["intents"].count == 0
+    assert desk.open_intent_count() == 0 and intent_rows(desk) == []
     assert {o: outcome for o, outcome, _ in outcomes(desk)} == {
         i.order_id: "failed" for i in items}
 
@@ -216,7 +223,7 @@ async def test_the_intent_holds_exactly_the_request_sent_and_the_consent_relied_
         assert {r.outcome for r in results} == {Outcome.COMPLETED}
         newest = {first.merchant.id: Z_NEWER, second.merchant.id: A_NEWER}
         shas = {c.consent_id: sha for m in newest for c, sha in workspace.consents_for(m)}
-        rows = {r["order_id"]: r for r in workspace.store.db["intents"].rows}
+        rows = {r["order_id"]: r for r in intent_rows(workspace)}
         for item in items:
             row, doc = rows[item.order_id], raw[item.order_id]
             assert (row["consent_id"], row["consent_sha256"]) == (
