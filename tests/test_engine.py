@@ -7,6 +7,7 @@ from the emulator's own state; the sentences are the ones the operator reads."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,11 +17,15 @@ import orjson
 import pytest
 
 from services.completion import ApprovedItem, Outcome
+from services.completion.journal import Run
+from services.completion.model import Intent
 from services.demo import consent_for, workspace_on_emulator
 from services.emulator import SeedConfig
 from services.errors import ReconError, SquareAuthError, SquareInvalidRequest, SquareServerError
+from services.processes import HOST
 from services.square_gateway import RetryPolicy
-from services.store import SQLiteStore
+from services.square_models import SquareOrder
+from services.store import Lease, SQLiteStore, utc_text
 from services.workspace import Workspace
 from tests.conftest import Emulator, make_emulator
 
@@ -247,3 +252,65 @@ async def test_the_intent_holds_exactly_the_request_sent_and_the_consent_relied_
              raw[i.order_id]["total_money"]["currency"]) for i in items}
     finally:
         await workspace.aclose()
+
+
+async def test_a_merchant_another_live_run_holds_is_left_alone_and_says_by_whom(
+        small: Emulator, desk: Workspace) -> None:
+    first = small.merchants[0].merchant.id
+    items = merchant_items(desk, first)
+    now = datetime.now(UTC)
+    lease = Lease(first, "bob", HOST, os.getppid(), utc_text(now), utc_text(now),
+                  utc_text(now + timedelta(minutes=5)), "bobs-token")
+    desk.store.take_lease(lease, lambda held: True)
+    _, results = await desk.engine().run(items)
+    assert {(r.outcome, r.reason, r.detail) for r in results} == {
+        (Outcome.SKIPPED, "LEASED", f"Another run holds this merchant: {lease.describe()}. "
+         "Its orders stay in the queue.")}
+    assert all(square_state(small, i.order_id) == ("OPEN", i.version) for i in items)
+
+
+async def test_open_intents_are_settled_before_the_run_and_an_unknown_one_is_not_resent(
+        small: Emulator, desk: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash left two intents open. One had applied: the next run reports it completed from
+    Square's state (the recovery entry, like `recover`'s, names no approved set) and sends
+    nothing for it. When Square cannot be asked about the other, it is not sent again."""
+    first = small.merchants[0].merchant.id
+    applied, unknown, fresh = merchant_items(desk, first)
+    engine = desk.engine()
+    crashed = Run("crashed", "sha", 2)
+    intents = [engine._check(i, SquareOrder.model_validate(
+        small.square.orders[i.order_id].copy_doc())) for i in (applied, unknown)]
+    assert all(isinstance(i, Intent) for i in intents)
+    assert engine.journal.write_intents(crashed, intents)  # type: ignore[arg-type]
+    small.square.update_order(first, applied.order_id, intents[0].body)  # type: ignore[union-attr]
+
+    engine = desk.engine()
+    real = engine.gateway.batch_retrieve
+    calls = 0
+
+    async def first_read_fails(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the settling read: Square unreachable, the intents stay open
+            raise SquareServerError(status=503, code="SERVICE_UNAVAILABLE", detail="down")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.gateway, "batch_retrieve", first_read_fails)
+    _, results = await engine.run([unknown, fresh])
+    monkeypatch.undo()
+    by_order = {r.order_id: (r.outcome, r.reason, r.detail) for r in results}
+    assert by_order[unknown.order_id] == (
+        Outcome.SKIPPED, "SQUARE_UNREACHABLE", "An earlier attempt's outcome is still "
+        "unknown: not sent again until `recon-console recover` settles it.")
+    assert by_order[fresh.order_id][0] is Outcome.COMPLETED
+    assert square_state(small, unknown.order_id) == ("OPEN", unknown.version)
+    assert desk.open_intent_count() == 2
+
+    _, results = await desk.engine().run([applied])
+    assert [(r.order_id, r.outcome) for r in results] == [(applied.order_id, Outcome.COMPLETED)]
+    [settled] = [e for e in desk.audit.entries(action="recovery")
+                 if e["order_id"] == applied.order_id]
+    assert (settled["outcome"], settled["batch_id"], settled["approved_set_sha256"]) == (
+        "completed", "crashed", "")
+    assert square_state(small, applied.order_id) == ("COMPLETED", applied.version + 1)
+    assert desk.open_intent_count() == 0  # the unknown one was settled (resent) too
