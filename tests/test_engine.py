@@ -6,6 +6,7 @@ from the emulator's own state; the sentences are the ones the operator reads."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -16,7 +17,8 @@ from typing import Any
 import orjson
 import pytest
 
-from services.completion import ApprovedItem, Outcome
+from services.completion import ApprovedItem, BatchProgress, Outcome
+from services.completion.approvals import Approvals, FourEyesPolicy
 from services.completion.journal import Run
 from services.completion.model import Intent
 from services.demo import consent_for, workspace_on_emulator
@@ -315,3 +317,76 @@ async def test_open_intents_are_settled_before_the_run_and_an_unknown_one_is_not
         "completed", "crashed", "")
     assert square_state(small, applied.order_id) == ("COMPLETED", applied.version + 1)
     assert desk.open_intent_count() == 0  # the unknown one was settled (resent) too
+
+
+async def test_a_consent_revoked_after_the_preview_skips_its_orders_by_that_reason(
+        small: Emulator, desk: Workspace) -> None:
+    first = small.merchants[0].merchant.id
+    items = merchant_items(desk, first)
+    desk.revoke_all_for_merchant(first, "Store owner", "in-house again")
+    _, results = await desk.engine().run(items)
+    assert {(r.outcome, r.reason) for r in results} == {(Outcome.SKIPPED, "CONSENT_REVOKED")}
+    assert all(r.detail.startswith("CONSENT_REVOKED: Consent was revoked ") for r in results)
+    assert intent_rows(desk) == []
+    assert all(square_state(small, i.order_id) == ("OPEN", i.version) for i in items)
+
+
+async def test_a_cancel_pressed_during_the_reread_sends_nothing_and_writes_no_intent(
+        small: Emulator, desk: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = small.merchants[0].merchant.id
+    items = merchant_items(desk, first)
+    engine = desk.engine()
+    cancel = asyncio.Event()
+    real = engine.gateway.batch_retrieve
+
+    async def cancelled_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        orders = await real(*args, **kwargs)
+        cancel.set()  # the operator pressed cancel while Square answered
+        return orders
+
+    monkeypatch.setattr(engine.gateway, "batch_retrieve", cancelled_meanwhile)
+    _, results = await engine.run(items, cancel=cancel)
+    assert sorted((r.order_id, r.outcome, r.reason, r.detail) for r in results) == sorted(
+        (i.order_id, Outcome.SKIPPED, "CANCELLED", "Cancelled before it was sent.")
+        for i in items)
+    assert intent_rows(desk) == []
+    assert all(square_state(small, i.order_id) == ("OPEN", i.version) for i in items)
+
+
+async def test_intents_the_database_refuses_are_not_sent(
+        small: Emulator, desk: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = small.merchants[0].merchant.id
+    items = merchant_items(desk, first)
+    engine = desk.engine()
+
+    async def refused(run: Run, intents: list[Intent]) -> bool:
+        engine.journal.broken = "the database refused a write (disk full)"
+        return False
+
+    monkeypatch.setattr(engine.journal, "commit_intents", refused)
+    _, results = await engine.run(items)
+    assert sorted((r.order_id, r.outcome, r.reason, r.detail) for r in results) == sorted(
+        (i.order_id, Outcome.SKIPPED, "DATABASE_UNWRITABLE",
+         "Not sent: the database refused a write (disk full).") for i in items)
+    assert all(square_state(small, i.order_id) == ("OPEN", i.version) for i in items)
+
+
+async def test_an_approved_batch_runs_under_its_approval_and_progress_counts_every_order(
+        small: Emulator, desk: Workspace) -> None:
+    first = small.merchants[0].merchant.id
+    items = merchant_items(desk, first)
+    engine = desk.engine()
+    engine.approvals.policy = FourEyesPolicy(max_orders=2)
+    approvals = Approvals(desk.store, desk.audit, engine.approvals.policy, desk.clock)
+    approvals.prepare("b1", items, "ana", {}, "3 orders, more than 2")
+    approvals.decide("b1", "ben", True, "checked")
+    seen: list[BatchProgress] = []
+    batch_id, results = await engine.run(items, batch_id="b1", on_progress=seen.append)
+    assert batch_id == "b1"
+    assert {r.outcome for r in results} == {Outcome.COMPLETED}
+    used = desk.store.approval("b1")
+    assert used is not None and (used.status, used.used_by) == ("used", "tester")
+    last = seen[-1]
+    assert (last.done, last.total, last.completed, last.skipped, last.failed,
+            last.backing_off, last.concurrency) == (3, 3, 3, 0, 0, False, 64)
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
