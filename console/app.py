@@ -18,9 +18,9 @@ from textual.screen import Screen
 
 from console.crash import crash_line, write_crash_log
 from console.messages import describe
-from console.safe_text import SafeText, printable, safe
+from console.safe_text import printable, safe
 from console.screens.base import CompleteRequested, ConsoleScreen, Refreshed
-from console.screens.confirm import ConfirmScreen, confirmation_text
+from console.screens.confirm import ConfirmScreen, confirmation_of
 from console.screens.help import HelpScreen
 from console.screens.merchants import MerchantsScreen
 from console.wording import plural
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from services.changes import ChangeFeed
     from services.completion import OrderResult
     from services.settings import ReconSettings
-    from services.workspace import Preview, Workspace
+    from services.workspace import Workspace
 
 SECOND_SCREENS = ("console.screens.approvals", "console.screens.audit",
                   "console.screens.progress", "console.screens.queue",
@@ -391,18 +391,6 @@ class ReconApp(App[int]):
                                 self.action_recover)
         if isinstance(screen, ConsoleScreen):
             yield from screen.palette_commands()
-
-
-def confirmation_of(workspace: Workspace, order_ids: Iterable[str]
-                    ) -> tuple[Preview, str | None, SafeText | None]:
-    """Runs in a worker thread: the preview of these orders, why it needs a second operator
-    (or None), and the confirmation's text; touches no widget."""
-    with workspace.own_connection() as own:
-        preview = own.preview(order_ids=list(order_ids))
-        if not preview.count:
-            return preview, None, None
-        why = own.needs_second_operator(preview)
-    return preview, why, confirmation_text(preview, why)
 
 
 def build_workspace(factory: Callable[[], Workspace]) -> Workspace:

@@ -156,14 +156,14 @@ async def test_preview_four_eyes_check_and_dialog_text_are_made_off_the_ui_threa
     """At 70,000 orders the four-eyes check (it prices every order) and the dialog's text
     cost the UI thread ~0.5 s: both are made in the preview's worker; the UI thread only
     mounts the finished dialog."""
-    import console.app as app_module
+    import console.screens.confirm as confirm_module
     texts: list[threading.Thread] = []
-    original_text = app_module.confirmation_text
+    original_text = confirm_module.confirmation_text
 
     def recorded(*args: Any) -> Any:
         texts.append(threading.current_thread())
         return original_text(*args)
-    monkeypatch.setattr(app_module, "confirmation_text", recorded)
+    monkeypatch.setattr(confirm_module, "confirmation_text", recorded)
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, merchants_loaded(app))
         await pilot.press("Q")

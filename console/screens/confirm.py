@@ -15,11 +15,26 @@ from console.safe_text import SafeText, safe
 from console.wording import money_text, plural
 
 if TYPE_CHECKING:  # types only (see console/app.py)
-    from services.workspace import Preview
+    from collections.abc import Iterable
+
+    from services.workspace import Preview, Workspace
 
 # Above either threshold the operator types the count (or the merchant's name).
 TYPED_COUNT_THRESHOLD = 10
 TYPED_AMOUNT_THRESHOLD = 100_000  # minor units per currency (1,000.00 USD)
+
+
+def confirmation_of(workspace: Workspace, order_ids: Iterable[str]
+                    ) -> tuple[Preview, str | None, SafeText | None]:
+    """Runs in a worker thread: the preview of these orders, why it needs a second operator
+    (or None), and the confirmation's text; touches no widget. For a new batch and for a
+    retry of the failed alike."""
+    with workspace.own_connection() as own:
+        preview = own.preview(order_ids=list(order_ids))
+        if not preview.count:
+            return preview, None, None
+        why = own.needs_second_operator(preview)
+    return preview, why, confirmation_text(preview, why)
 
 
 def needs_typing(preview: Preview) -> bool:

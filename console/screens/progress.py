@@ -167,8 +167,7 @@ class ProgressScreen(AppScreen):
                     "recorded.")
 
     async def action_retry_failed(self) -> None:
-        from console.app import confirmation_of
-        from console.screens.confirm import ConfirmScreen
+        from console.screens.confirm import ConfirmScreen, confirmation_of
         failed = [r.order_id for r in self.results if r.outcome is Outcome.FAILED]
         if self.recon.read_only:
             self.notify("Nothing to retry here: this console is read-only (--read-only).",
