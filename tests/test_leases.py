@@ -109,11 +109,14 @@ def test_an_expired_or_dead_holders_lease_is_taken_over(tmp_path: Path) -> None:
 
 async def test_an_unbeaten_lease_stops_being_held_when_its_time_is_up(tmp_path: Path) -> None:
     keeper = LeaseKeeper(Store(tmp_path / "l.db"), "alice", ttl_s=0.2)
+    before = time.monotonic()  # the deadline counts from inside take(): after this
     assert keeper.take("M1") is None
-    started = time.monotonic()
-    assert keeper.holds("M1")
+    if time.monotonic() - before < 0.15:  # unless a loaded machine spent the TTL in take()
+        assert keeper.holds("M1")
     await until(lambda: not keeper.holds("M1"))
-    assert time.monotonic() - started >= 0.2
+    # Not before its time, measured from before take(): a loaded machine's delay between
+    # take's clock and ours cannot fail it.
+    assert time.monotonic() - before >= 0.2
 
 
 async def test_the_heartbeat_extends_the_lease_in_the_database_and_in_holds(
