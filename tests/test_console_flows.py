@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
+from console.app import ReconApp
 from console.screens.audit import AuditScreen
 from console.screens.confirm import ConfirmScreen
 from console.screens.merchants import MerchantsScreen
@@ -18,6 +20,7 @@ from console.screens.progress import ProgressScreen
 from console.screens.queue import QueueScreen
 from console.widgets.order_table import OrderTable
 from services.completion import Outcome
+from services.demo import DemoEnvironment
 from services.emulator import FaultPlan
 from services.emulator.state import OrderRecord
 from tests.console_harness import app_for, demo, merchants_loaded, wait_until
@@ -81,25 +84,33 @@ async def test_whole_flow_merchants_to_audit(tmp_path: Path) -> None:
         assert entries.row_count == count
 
 
+async def three_failed_orders(pilot: Pilot[Any], app: ReconApp,
+                              environment: DemoEnvironment) -> ProgressScreen:
+    """Three orders of a small merchant sent while Square fails every UpdateOrder; returns
+    the finished progress screen."""
+    await wait_until(pilot, merchants_loaded(app))
+    await pilot.press("down", "down", "enter")  # a small merchant
+    await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+    table = app.screen.query_one(OrderTable)
+    await pilot.press("space", "space", "space")
+    assert len(table.selected) == 3
+    environment.emulator.set_faults(FaultPlan(server_error_rate=1.0,
+                                              operations=["UpdateOrder"]))
+    await pilot.press("c")
+    await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+    await pilot.press("y")
+    await wait_until(pilot, lambda: isinstance(app.screen, ProgressScreen))
+    progress = app.screen
+    assert isinstance(progress, ProgressScreen)
+    await wait_until(pilot, lambda: progress.finished)
+    return progress
+
+
 async def test_retry_only_the_failed(tmp_path: Path) -> None:
     environment = demo(tmp_path)
     app = app_for(environment)
     async with app.run_test(size=(160, 45)) as pilot:
-        await wait_until(pilot, merchants_loaded(app))
-        await pilot.press("down", "down", "enter")  # a small merchant
-        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
-        table = app.screen.query_one(OrderTable)
-        await pilot.press("space", "space", "space")
-        assert len(table.selected) == 3
-        environment.emulator.set_faults(FaultPlan(server_error_rate=1.0,
-                                                  operations=["UpdateOrder"]))
-        await pilot.press("c")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
-        await pilot.press("y")
-        await wait_until(pilot, lambda: isinstance(app.screen, ProgressScreen))
-        progress = app.screen
-        assert isinstance(progress, ProgressScreen)
-        await wait_until(pilot, lambda: progress.finished)
+        progress = await three_failed_orders(pilot, app, environment)
         assert {r.outcome for r in progress.results} == {Outcome.FAILED}
         environment.emulator.set_faults(FaultPlan())
         await pilot.press("f")
@@ -119,21 +130,7 @@ async def test_a_retry_keeps_to_the_consents_batch_limits_as_they_are_now(
     environment = demo(tmp_path)
     app = app_for(environment)
     async with app.run_test(size=(160, 45)) as pilot:
-        await wait_until(pilot, merchants_loaded(app))
-        await pilot.press("down", "down", "enter")  # a small merchant
-        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
-        table = app.screen.query_one(OrderTable)
-        await pilot.press("space", "space", "space")
-        assert len(table.selected) == 3
-        environment.emulator.set_faults(FaultPlan(server_error_rate=1.0,
-                                                  operations=["UpdateOrder"]))
-        await pilot.press("c")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
-        await pilot.press("y")
-        await wait_until(pilot, lambda: isinstance(app.screen, ProgressScreen))
-        progress = app.screen
-        assert isinstance(progress, ProgressScreen)
-        await wait_until(pilot, lambda: progress.finished)
+        progress = await three_failed_orders(pilot, app, environment)
         failed = [r.order_id for r in progress.results if r.outcome is Outcome.FAILED]
         assert len(failed) == 3
         environment.emulator.set_faults(FaultPlan())
