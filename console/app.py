@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from services.changes import ChangeFeed
     from services.completion import OrderResult
     from services.settings import ReconSettings
-    from services.workspace import Workspace
+    from services.workspace import Preview, Workspace
 
 SECOND_SCREENS = ("console.screens.approvals", "console.screens.audit",
                   "console.screens.progress", "console.screens.queue",
@@ -304,12 +304,8 @@ class ReconApp(App[int]):
             return
 
         def confirmed(approved: bool | None) -> None:
-            if approved and why and self.workspace is not None:
-                # Four-eyes: kept for another operator (Approvals, P); nothing is sent.
-                batch = self.workspace.prepare_batch(preview)
-                self.notify(f"This batch needs a second operator ({why}): prepared as batch "
-                            f"{batch.batch_id[:8]}; nothing was sent. Another operator "
-                            "approves it on the Approvals screen (P).", timeout=15)
+            if approved and why:
+                self.prepare_for_second_operator(preview, why)
             elif approved:
                 from console.screens.progress import ProgressScreen
                 self.push_screen(ProgressScreen(preview))
@@ -318,6 +314,16 @@ class ReconApp(App[int]):
                             "stay selected).")
 
         self.push_screen(ConfirmScreen(preview, why, text), confirmed)
+
+    def prepare_for_second_operator(self, preview: Preview, why: str,
+                                    what: str = "This batch") -> None:
+        """Four-eyes: the confirmed batch is kept for another operator (Approvals, P);
+        nothing is sent."""
+        assert self.workspace is not None
+        batch = self.workspace.prepare_batch(preview)
+        self.notify(f"{what} needs a second operator ({why}): prepared as batch "
+                    f"{batch.batch_id[:8]}; nothing was sent. Another operator approves it on "
+                    "the Approvals screen (P).", timeout=15)
 
     def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
                timeout: float | None = None, markup: bool = True) -> None:

@@ -188,10 +188,7 @@ class ProgressScreen(AppScreen):
 
         def confirmed(approved: bool | None) -> None:
             if approved and why:
-                batch = self.workspace.prepare_batch(retry)
-                self.notify(f"This retry needs a second operator ({why}): prepared as batch "
-                            f"{batch.batch_id[:8]}; nothing was sent. Another operator "
-                            "approves it on the Approvals screen (P).", timeout=15)
+                self.recon.prepare_for_second_operator(retry, why, "This retry")
             elif approved:
                 self.preview = retry
                 self.latest = None
