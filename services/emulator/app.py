@@ -70,11 +70,14 @@ def _openapi() -> dict[str, Any]:
     return document
 
 
+def _schema_root(schema_name: str) -> dict[str, Any]:
+    return {"components": _openapi()["components"],
+            "$ref": f"#/components/schemas/{schema_name}"}
+
+
 @cache
 def _validator(schema_name: str) -> OAS30Validator:
-    root = {"components": _openapi()["components"],
-            "$ref": f"#/components/schemas/{schema_name}"}
-    return OAS30Validator(root)
+    return OAS30Validator(_schema_root(schema_name))
 
 
 @cache
@@ -84,9 +87,7 @@ def _strict_prefilter(schema_name: str) -> jsonschema_rs.Validator:
     it refuses every null; Square Online's extra enum values too): a body it passes is a
     body the OpenAPI check passes (tests/test_emulator_schema_prefilter.py checks that over
     generated bodies), and anything else goes through the full check, which decides."""
-    root = {"components": _openapi()["components"],
-            "$ref": f"#/components/schemas/{schema_name}"}
-    return jsonschema_rs.Draft4Validator(root)
+    return jsonschema_rs.Draft4Validator(_schema_root(schema_name))
 
 
 # Fulfillment types Square Online returns although the published enum lacks them (§2 rule 6).
