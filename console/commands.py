@@ -15,9 +15,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from rich.console import Console
-from rich.table import Table
-
 from console.output import (
     EXIT_CANCELLED,
     EXIT_FAILURES,
@@ -41,8 +38,6 @@ from services.text_safety import printable
 from services.timestamps import parse_time
 from services.workspace import Preview, Workspace
 
-stderr = Console(stderr=True, highlight=False)
-
 # A listing's columns: (tsv header, table heading); a heading of None is tsv only (an id
 # the table leaves out for room, which a script needs).
 Columns = Sequence[tuple[str, str | None]]
@@ -60,6 +55,10 @@ def print_listing(args: argparse.Namespace, columns: Columns,
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
         return
+    # Rich's console and table are imported here: `--json` and tsv never need them (start-up).
+    from rich.console import Console
+    from rich.table import Table
+
     shown = [index for index, (_, heading) in enumerate(columns) if heading is not None]
     table = Table(*(columns[index][1] or "" for index in shown))
     for row in rows:
@@ -633,9 +632,12 @@ __all__ = ["EXIT_CANCELLED", "approve", "audit", "complete", "consent", "queue",
 def remind(args: argparse.Namespace, settings: ReconSettings) -> int:
     """`remind [send]`, `remind history`, `remind opt-out|opt-in` (see interfaces.md)."""
 
+    from rich.console import Console
+
     from services.reminders import ReminderProgress, ReminderService, SmtpTarget
     from services.reminders.smtp import smtp_target_from
 
+    stderr = Console(stderr=True, highlight=False)
     command = args.remind_command or "send"
     sending = command == "send" and not args.dry_run
     # A missing or bad SMTP set-up is a usage error before anything is read or written.

@@ -13,8 +13,8 @@ when nothing usable came back):
 - `HttpxWire`, for an `httpx.AsyncClient` handed in (tests serve the emulator in-process with
   `httpx.ASGITransport`, which aiohttp cannot reach).
 
-The official SDK keeps its own httpx client (`ShardedTransport` below) for the few calls it
-still makes. Same requests either way: path, JSON body, `Authorization: Bearer`,
+The official SDK keeps its own httpx client (`ShardedTransport`, services/sdk_transport.py) for
+the few calls it still makes. Same requests either way: path, JSON body, `Authorization: Bearer`,
 `Square-Version`; redirects are never followed (httpx's default).
 """
 
@@ -27,12 +27,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
-import httpx
-
 if TYPE_CHECKING:
     import aiohttp
+    import httpx
 
-__all__ = ["AiohttpWire", "HttpxWire", "ShardedTransport", "Wire", "WireFailure"]
+__all__ = ["AiohttpWire", "HttpxWire", "Wire", "WireFailure"]
 
 
 class WireFailure(Exception):
@@ -59,6 +58,8 @@ class HttpxWire:
     async def request(self, method: str, url: str, headers: Mapping[str, str],
                       content: bytes | None, timeout_s: float
                       ) -> tuple[int, bytes, Mapping[str, str]]:
+        import httpx  # loaded already: the caller made the client (kept off start-up)
+
         try:
             response = await self.http.request(method, url, headers=headers, content=content,
                                                timeout=timeout_s)
@@ -85,8 +86,11 @@ class AiohttpWire:
 
     def _tls_context(self) -> ssl.SSLContext:
         # httpx's trust store (certifi, or SSL_CERT_FILE/SSL_CERT_DIR): the same certificates
-        # are trusted whichever wire carries a request. Loading it costs ~50 ms: https only.
+        # are trusted whichever wire carries a request. Loading it costs ~50 ms, importing
+        # httpx ~70 ms more: https only.
         if self._tls is None:
+            import httpx
+
             self._tls = httpx.create_ssl_context()
         return self._tls
 
@@ -136,33 +140,3 @@ class AiohttpWire:
         session, self._session = self._session, None
         if session is not None and self._loop is asyncio.get_running_loop():
             await session.close()
-
-
-class ShardedTransport(httpx.AsyncBaseTransport):
-    """A pooled httpx transport for many concurrent requests to one host (the SDK's).
-
-    httpx's connection pool slows down sharply as concurrency grows (encode/httpx#3215:
-    measured here, 32 concurrent requests on loopback gave 170 req/s through one pool and
-    565 req/s through 32 pools of one connection). This keeps several small pools and hands
-    each request to the least busy one."""
-
-    def __init__(self, shards: int = 32, connections_per_shard: int = 2) -> None:
-        # One TLS context for all shards: loading the CA bundle costs ~50 ms each time.
-        tls = httpx.create_ssl_context()
-        self._shards = [httpx.AsyncHTTPTransport(
-            verify=tls, limits=httpx.Limits(max_connections=connections_per_shard,
-                                            max_keepalive_connections=connections_per_shard))
-            for _ in range(shards)]
-        self._busy = [0] * shards
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        index = min(range(len(self._shards)), key=self._busy.__getitem__)
-        self._busy[index] += 1
-        try:
-            return await self._shards[index].handle_async_request(request)
-        finally:
-            self._busy[index] -= 1
-
-    async def aclose(self) -> None:
-        for shard in self._shards:
-            await shard.aclose()

@@ -25,14 +25,11 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
 import msgspec
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
-from square import AsyncSquare
-from square.core.api_error import ApiError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from services.credentials import MerchantCredentials
@@ -47,7 +44,7 @@ from services.errors import (
     SquareUnavailable,
     TokenMerchantMismatch,
 )
-from services.http_transport import AiohttpWire, HttpxWire, ShardedTransport, Wire, WireFailure
+from services.http_transport import AiohttpWire, HttpxWire, Wire, WireFailure
 from services.square_models import (
     Location,
     Merchant,
@@ -57,6 +54,12 @@ from services.square_models import (
     decode_orders_batch,
     decode_search_page,
 )
+
+if TYPE_CHECKING:
+    # The SDK (~0.4 s of start-up with its pydantic models) and httpx (~70 ms) are imported
+    # where they are used: the SDK client's rare calls, and a client handed in by tests.
+    import httpx
+    from square import AsyncSquare
 
 __all__ = ["SQUARE_VERSION", "RetryPolicy", "SquareGateway", "error_from_response"]
 
@@ -161,6 +164,10 @@ class SquareGateway:
     def http(self) -> httpx.AsyncClient:
         """The SDK's HTTP client: the one handed in, or our own, made when first needed."""
         if self._http is None:
+            import httpx
+
+            from services.sdk_transport import ShardedTransport
+
             self._http = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.timeout_s),
                 transport=ShardedTransport(shards=max(1, self._max_connections // 2)))
@@ -214,6 +221,8 @@ class SquareGateway:
         key = _token_key(creds)
         client = self._sdk.get(key)
         if client is None:
+            from square import AsyncSquare
+
             secret = creds.access_token
             client = AsyncSquare(base_url=self.base_url, token=lambda: secret.get_secret_value(),
                                  httpx_client=self.http, version=SQUARE_VERSION,
@@ -222,6 +231,9 @@ class SquareGateway:
         return client
 
     async def _sdk_once(self, call: Callable[[], Awaitable[T]]) -> T:
+        import httpx
+        from square.core.api_error import ApiError
+
         try:
             # A total deadline as in `send`: httpx's own ones do not bound an ASGI answer.
             async with asyncio.timeout(self.timeout_s):

@@ -16,10 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-import httpx
 import orjson
 
 from services.audit import AuditAction, AuditTrail, VerifyReport
@@ -28,7 +27,6 @@ from services.checkpoints import CheckpointAnchor, default_checkpoint_dir
 from services.completion import (
     ApprovedItem,
     BatchProgress,
-    CompletionEngine,
     OrderResult,
     approved_set_sha256,
 )
@@ -79,6 +77,11 @@ from services.store import (
     utc_text,
 )
 from services.timestamps import parse_time
+
+if TYPE_CHECKING:
+    import httpx
+
+    from services.completion.engine import CompletionEngine
 
 __all__ = ["ConsentLine", "Hold", "MerchantDetail", "MerchantOverview", "Preview",
            "Workspace"]
@@ -621,6 +624,9 @@ class Workspace:
                        approved_set_sha256(items))
 
     def engine(self) -> CompletionEngine:
+        # Imported here: only completing and recovering need the engine (start-up cost).
+        from services.completion.engine import CompletionEngine
+
         ttl = self.settings.lease_ttl_s
         options = {"four_eyes": self.four_eyes, "lease_ttl_s": ttl,
                    "heartbeat_s": min(5.0, ttl / 3), **self.engine_options}

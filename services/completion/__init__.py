@@ -12,7 +12,8 @@
 - `engine`: `CompletionEngine`, which runs a batch through them.
 """
 
-from services.completion.engine import CompletionEngine
+from typing import TYPE_CHECKING, Any
+
 from services.completion.model import (
     NOT_RECORDED,
     ApprovedItem,
@@ -24,5 +25,17 @@ from services.completion.model import (
     idempotency_key,
 )
 
+if TYPE_CHECKING:
+    from services.completion.engine import CompletionEngine
+
 __all__ = ["NOT_RECORDED", "ApprovedItem", "BatchProgress", "CompletionEngine", "OrderResult",
            "Outcome", "SkipReason", "approved_set_sha256", "idempotency_key"]
+
+
+def __getattr__(name: str) -> Any:
+    # The engine is imported on first use: it pulls in the gateway, the journal and the
+    # limits, start-up cost that `queue` and the other commands completing nothing skip.
+    if name == "CompletionEngine":
+        from services.completion.engine import CompletionEngine
+        return CompletionEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
