@@ -26,7 +26,6 @@ from console.output import (
     print_json,
     print_json_stream,
 )
-from console.safe_text import safe
 from console.wording import format_money, preview_lines
 from services.completion import NOT_RECORDED, BatchProgress, Outcome, SkipReason
 from services.consent import ConsentStatus
@@ -55,9 +54,12 @@ def print_listing(args: argparse.Namespace, columns: Columns,
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
         return
-    # Rich's console and table are imported here: `--json` and tsv never need them (start-up).
+    # Rich (and our safe text on it) is imported here: `--json` and tsv never need it
+    # (start-up cost).
     from rich.console import Console
     from rich.table import Table
+
+    from console.safe_text import safe
 
     shown = [index for index, (_, heading) in enumerate(columns) if heading is not None]
     table = Table(*(columns[index][1] or "" for index in shown))
@@ -634,6 +636,7 @@ def remind(args: argparse.Namespace, settings: ReconSettings) -> int:
 
     from rich.console import Console
 
+    from console.safe_text import safe
     from services.reminders import ReminderProgress, ReminderService, SmtpTarget
     from services.reminders.smtp import smtp_target_from
 
