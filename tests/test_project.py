@@ -6,6 +6,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import LoopbackServer
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,3 +76,42 @@ def test_a_sqlite_command_does_not_load_the_postgresql_driver() -> None:
         cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+# What a `queue` run must not load: the official SDK (~0.4 s of start-up with its models; the
+# gateway's requests go over aiohttp and msgspec), httpx (~70 ms; the SDK's client and the
+# tests' in-process wire), Rich (only the table output), and the completion engine.
+NOT_LOADED_BY_QUEUE = ("square", "httpx", "rich", "services.completion.engine")
+
+
+@pytest.mark.loopback
+def test_a_sqlite_queue_run_loads_neither_the_square_sdk_nor_httpx(
+        tmp_path: Path, loopback: LoopbackServer) -> None:
+    """A real `queue --json` (SQLite, over loopback to the emulator: a full discovery, then a
+    refresh by change) imports only what it uses; the modules it loaded are listed at exit."""
+    import json
+    import os
+    import subprocess
+    import sys
+    emulator = loopback.emulator
+    credentials = tmp_path / "credentials.toml"
+    credentials.write_text("".join(f'[merchants.{m.merchant.id}]\naccess_token = '
+                                   f'"{emulator.token(i)}"\n'
+                                   for i, m in enumerate(emulator.merchants)))
+    credentials.chmod(0o600)
+    env = dict(os.environ, RECON_DB=str(tmp_path / "recon.db"), RECON_OPERATOR="test",
+               RECON_SQUARE_BASE_URL=loopback.base_url, RECON_CREDENTIALS=str(credentials))
+    listing = ("import atexit, runpy, sys\n"
+               "atexit.register(lambda: print('LOADED', *sorted(sys.modules), file=sys.stderr))\n"
+               "sys.argv = ['recon-console', 'queue', '--json', '--include-ineligible']\n"
+               "runpy.run_module('console.cli', run_name='__main__', alter_sys=True)\n")
+    for _ in ("discovery", "refresh"):
+        done = subprocess.run([sys.executable, "-c", listing], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout)["orders"]  # it really asked Square, over aiohttp
+        loaded = set(next(line for line in done.stderr.splitlines()
+                          if line.startswith("LOADED ")).split()[1:])
+        assert "aiohttp" in loaded
+        assert [name for name in NOT_LOADED_BY_QUEUE
+                if name in loaded or any(m.startswith(f"{name}.") for m in loaded)] == []
