@@ -230,3 +230,49 @@ async def test_hole2_identity_is_asked_once_per_token_under_concurrency(tmp_path
     checks = [token for _, path, token in seen if path == IDENTITY_CHECK]
     assert sorted(checks) == sorted([emulator.token(0), emulator.token(1)])
     assert [path for _, path, token in seen if token == emulator.token(1)] == [IDENTITY_CHECK]
+
+
+def token_status_naming_nobody(emulator: Emulator) -> list[tuple[str, str]]:
+    """RetrieveTokenStatus answered without `merchant_id`; (method, path) of every request."""
+    import orjson
+    from starlette.responses import Response
+
+    seen: list[tuple[str, str]] = []
+    handle = emulator.app._handle
+
+    async def strip(operation: Any, request: Request) -> Any:
+        seen.append((request.method, request.url.path))
+        response = await handle(operation, request)
+        if request.url.path == IDENTITY_CHECK and response.status_code == 200:
+            body = orjson.loads(response.body)
+            assert body.pop("merchant_id")
+            return Response(orjson.dumps(body), media_type="application/json")
+        return response
+
+    emulator.app._handle = strip  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize("wire", ["in-process", "loopback"])
+async def test_a_token_status_naming_nobody_is_settled_by_the_sdk_merchants_me(
+        wire: str) -> None:
+    """The SDK's one remaining call (imported only then, services/square_gateway.py): the
+    owner asked of `merchants/me`, over the client handed in or the gateway's own."""
+    from services.square_gateway import SquareGateway
+
+    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=1))
+    a, b = (m.merchant.id for m in emulator.merchants)
+    seen = token_status_naming_nobody(emulator)
+    right = MerchantCredentials(merchant_id=a, access_token=SecretStr(emulator.token(0)))
+    misfiled = MerchantCredentials(merchant_id=a, access_token=SecretStr(emulator.token(1)))
+    with LoopbackServer(emulator) as server:
+        gateway = (SquareGateway(emulator.base_url, async_http(emulator))
+                   if wire == "in-process" else SquareGateway(server.base_url))
+        try:
+            await gateway.ensure_identity(right)
+            with pytest.raises(TokenMerchantMismatch) as raised:
+                await gateway.ensure_identity(misfiled)
+            assert f"(…{b[-4:]})" in str(raised.value)  # B's, as merchants/me said
+        finally:
+            await gateway.aclose()
+    assert seen == [("POST", IDENTITY_CHECK), ("GET", "/v2/merchants/me")] * 2
