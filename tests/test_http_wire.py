@@ -5,6 +5,7 @@ unreachable host mapped to the same typed errors."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from services.errors import (
     SquareServerError,
     SquareUnavailable,
 )
-from services.http_transport import AiohttpWire
+from services.http_transport import AiohttpWire, trust_store_context
 from services.square_gateway import SQUARE_VERSION, RetryPolicy, SquareGateway
 from tests.conftest import Emulator, LoopbackServer, async_http
 
@@ -127,3 +128,33 @@ async def test_nothing_listening_is_square_unavailable(emulator: Emulator) -> No
             await gateway.token_status(creds(emulator))
     finally:
         await gateway.aclose()
+
+
+@pytest.mark.parametrize("where", ["certifi", "SSL_CERT_FILE", "SSL_CERT_DIR"])
+def test_https_trusts_exactly_what_httpx_trusts(
+        where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our https context is made without importing httpx (start-up cost), from the same trust
+    store as `httpx.create_ssl_context()`: certifi's bundle, or the one the environment names."""
+    import ssl
+
+    import certifi
+    import httpx
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    bundle = Path(certifi.where()).read_text()
+    one = bundle[bundle.index("-----BEGIN CERTIFICATE-----"):
+                 bundle.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")]
+    if where == "SSL_CERT_FILE":
+        (tmp_path / "one.pem").write_text(one + "\n")
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "one.pem"))
+    elif where == "SSL_CERT_DIR":
+        monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    ours, theirs = trust_store_context(), httpx.create_ssl_context()
+    assert ours.get_ca_certs() == theirs.get_ca_certs()
+    assert len(ours.get_ca_certs()) == {"certifi": bundle.count("BEGIN CERTIFICATE"),
+                                        "SSL_CERT_FILE": 1, "SSL_CERT_DIR": 0}[where]
+    assert ours.cert_store_stats() == theirs.cert_store_stats()
+    assert (ours.verify_mode, ours.check_hostname) == (ssl.CERT_REQUIRED, True)
+    assert (ours.minimum_version, ours.options) == (theirs.minimum_version, theirs.options)
+    assert AiohttpWire()._tls_context().get_ca_certs() == theirs.get_ca_certs()

@@ -115,3 +115,23 @@ def test_a_sqlite_queue_run_loads_neither_the_square_sdk_nor_httpx(
         assert "aiohttp" in loaded
         assert [name for name in NOT_LOADED_BY_QUEUE
                 if name in loaded or any(m.startswith(f"{name}.") for m in loaded)] == []
+
+
+def test_the_https_trust_store_does_not_load_httpx() -> None:
+    """Real Square is https: the gateway's TLS context must not cost every command httpx's
+    import (services/http_transport.py `trust_store_context`)."""
+    import os
+    import subprocess
+    import sys
+    for where in ("certifi", "SSL_CERT_FILE"):
+        env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+        if where == "SSL_CERT_FILE":
+            import certifi
+            env["SSL_CERT_FILE"] = certifi.where()
+        done = subprocess.run(
+            [sys.executable, "-c", "import sys; from services.http_transport import AiohttpWire; "
+             "context = AiohttpWire()._tls_context(); "
+             "print(len(context.get_ca_certs()) > 0, 'httpx' in sys.modules)"],
+            cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["True", "False"], where
