@@ -52,9 +52,8 @@ def test_a_writer_gives_up_after_the_busy_timeout(tmp_path: Path,
     holder.start()
     held.wait()
     start = time.monotonic()
-    with pytest.raises(sqlite3.OperationalError, match="locked"):
-        with store.transaction():
-            pass
+    with pytest.raises(sqlite3.OperationalError, match="locked"), store.transaction():
+        pass
     assert 0.15 <= time.monotonic() - start < 0.9
     holder.join()
     # The connection's own busy timeout is back (reads may meet a busy database too).
