@@ -53,7 +53,12 @@ def test_two_processes_discover_what_one_does(tmp_path: Path,
             monkeypatch.setenv("RECON_DB", str(db))
             assert main(["consent", "import", str(tmp_path / "consents.json")]) == 0
             results[processes] = _queue(capsys, monkeypatch, db, processes)
-    assert shared == [2]  # the second run was shared out, the first was not
+        assert shared == [2]  # the second run was shared out, the first was not
+        # A refresh by change reads little: not worth a second interpreter.
+        code, again = _queue(capsys, monkeypatch, tmp_path / "p2.db", 2)
+        assert shared == [2] and code == 1
+        assert {o["order_id"] for o in again["orders"]} == {
+            o["order_id"] for o in results[2][1]["orders"]}
     (code_one, one), (code_two, two) = results[1], results[2]
     assert code_one == code_two == 1  # the revoked merchant is a failure either way
 
