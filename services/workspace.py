@@ -661,7 +661,8 @@ class Workspace:
     @property
     def four_eyes(self) -> FourEyesPolicy:
         return FourEyesPolicy(self.settings.four_eyes_orders, self.settings.four_eyes_amount,
-                              timedelta(minutes=self.settings.approval_ttl_minutes))
+                              timedelta(minutes=self.settings.approval_ttl_minutes),
+                              timedelta(minutes=self.settings.four_eyes_window_minutes))
 
     @property
     def approvals(self) -> Approvals:
@@ -669,7 +670,7 @@ class Workspace:
 
     def needs_second_operator(self, preview: Preview) -> str | None:
         """Why this preview may only run with another operator's approval, or None."""
-        return self.approvals.why_needed(preview.items)
+        return self.approvals.why_needed(preview.items, self.operator)
 
     def prepare_batch(self, preview: Preview) -> Approval:
         """Store the preview (its exact set, hash and totals) for a second operator."""
