@@ -287,7 +287,7 @@ class ReconApp(App[int]):
     def on_complete_requested(self, message: CompleteRequested) -> None:
         self.start_completion(message.order_ids)
 
-    @work(exclusive=True, group="preview")
+    @work(exclusive=True, group="preview", description="preview")
     async def start_completion(self, order_ids: list[str]) -> None:
         """Preview the chosen orders, confirm, then run the batch on the progress screen.
         The preview reads the whole queue: in a thread, on a connection of its own; the

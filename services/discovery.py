@@ -42,7 +42,8 @@ from services.store import ORDER_COLUMNS, Store, utc_text
 from services.timestamps import parse_time
 
 __all__ = ["FULL_EVERY", "MARK_MARGIN", "NEEDED_SCOPES", "MerchantDiscovery", "TokenHealth",
-           "changes_query", "consent_signature", "discover", "order_row", "order_values"]
+           "changes_query", "consent_signature", "discover", "order_row", "order_values",
+           "reads_in_full"]
 
 NEEDED_SCOPES = ("ORDERS_READ", "ORDERS_WRITE", "PAYMENTS_READ", "MERCHANT_PROFILE_READ")
 TOKEN_EXPIRY_WARNING = timedelta(days=8)
@@ -127,6 +128,14 @@ def _plan(active: list[str], marks: dict[str, tuple[str, str]], synced: bool, fu
              if full or not synced or loc not in marks
              or now - parse_time(marks[loc][1]) >= FULL_EVERY]
     return whole, [loc for loc in active if loc not in whole]
+
+
+def reads_in_full(store: Store, merchant_id: str, full: bool, now: datetime) -> bool:
+    """Whether this refresh reads some of the merchant's orders in full: the heavy part of
+    a discovery (a refresh by change reads only what changed)."""
+    marks = store.order_marks(merchant_id)
+    return full or not marks or store.order_sync(merchant_id) is None or any(
+        now - parse_time(full_at) >= FULL_EVERY for _, full_at in marks.values())
 
 
 _Pages = tuple[list[list[OrderStruct]], list[list[OrderStruct]]]

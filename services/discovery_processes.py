@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import pickle
+import signal
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
-from typing import TYPE_CHECKING
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from services.discovery import MerchantDiscovery
@@ -40,7 +42,7 @@ def processes_for(merchants: int, wanted: int) -> int:
 
 def _discover_share(settings: ReconSettings, merchant_ids: list[str], now: datetime,
                     full: bool, concurrency: int) -> list[MerchantDiscovery]:
-    """In the second process: one share of the merchants, as `Workspace.refresh` does."""
+    """One share of the merchants, as `Workspace.refresh` does."""
     from services.discovery import discover
     from services.workspace import Workspace
 
@@ -56,23 +58,60 @@ def _discover_share(settings: ReconSettings, merchant_ids: list[str], now: datet
     return asyncio.run(run())
 
 
+def _child(answer: Connection, *args: Any) -> None:
+    """The second process: Ctrl-C is the console's to handle (it ends this process), and
+    whatever happens is sent back, an error included, never printed here."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        answer.send(("done", _discover_share(*args)))
+    except Exception as error:
+        try:  # as raised (a ConfigurationError stays one: exit 2), if it survives pickling
+            pickle.loads(pickle.dumps(error))
+        except Exception:
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        answer.send(("error", error))
+    finally:
+        answer.close()
+
+
 async def discover_in_processes(
         settings: ReconSettings, merchant_ids: Sequence[str], now: datetime, full: bool,
         concurrency: int, processes: int,
         here: Callable[[list[str], int], Awaitable[list[MerchantDiscovery]]]
 ) -> list[MerchantDiscovery]:
-    """Every merchant's report, in the order of `merchant_ids`: this process discovers its
-    share with `here(ids, concurrency)`, the others theirs in fresh processes, at once. The
-    merchants are dealt out in turn, so large and small ones spread alike; the concurrency
-    (merchants at once, toward Square) is shared out, not multiplied."""
+    """Every merchant's report: this process discovers its share with `here(ids,
+    concurrency)`, the others theirs in fresh processes, at once. The merchants are dealt out
+    in turn, so large and small ones spread alike; the concurrency (merchants at once, toward
+    Square) is shared out, not multiplied. A second process that dies without an answer
+    (killed, out of memory) costs time, not merchants: its share is discovered here. One
+    cancelled (Ctrl-C) or failing here is ended: discovery only reads Square, and each
+    merchant's rows are written in one transaction, so nothing is left half-written."""
     shares = [list(merchant_ids[index::processes]) for index in range(processes)]
     each = max(1, concurrency // processes)
-    loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(processes - 1,
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        others = [loop.run_in_executor(pool, _discover_share, settings, share, now, full, each)
-                  for share in shares[1:]]
-        mine = await here(shares[0], each)
-        results = [mine, *await asyncio.gather(*others)]
-    by_id = {report.merchant_id: report for result in results for report in result}
-    return [by_id[merchant_id] for merchant_id in merchant_ids]
+    context = multiprocessing.get_context("spawn")  # nothing of this loop or its sockets
+    children: list[tuple[multiprocessing.process.BaseProcess, Connection, list[str]]] = []
+    try:
+        for share in shares[1:]:
+            receiving, sending = context.Pipe(duplex=False)
+            started = context.Process(target=_child, daemon=True,
+                                      args=(sending, settings, share, now, full, each))
+            started.start()
+            sending.close()
+            children.append((started, receiving, share))
+        results = [await here(shares[0], each)]
+        for _, receiving, share in children:
+            try:
+                kind, value = await asyncio.to_thread(receiving.recv)
+            except EOFError:  # it died without a word
+                results.append(await here(share, each))
+                continue
+            if kind == "error":
+                raise value
+            results.append(value)
+    finally:
+        for child, receiving, _ in children:
+            if child.is_alive():
+                child.terminate()
+            child.join()
+            receiving.close()
+    return [report for result in results for report in result]

@@ -186,6 +186,9 @@ class ReconSettings(BaseSettings):
     four_eyes_orders: int = Field(200, ge=0)
     four_eyes_amount: Decimal = Field(Decimal("10000.00"), ge=0)
     approval_ttl_minutes: float = Field(30.0, gt=0)
+    # What an operator sent without a second operator in this many minutes counts with their
+    # next batch (batches split to stay under the threshold add up); 0: each batch alone.
+    four_eyes_window_minutes: float = Field(60.0, ge=0)
 
     # A merchant lease a dead holder keeps until it expires, in seconds; heart-beaten every
     # third of it (RECON_LEASE_TTL_S).

@@ -52,6 +52,7 @@ from services.discovery import (
     TokenHealth,
     discover,
     order_row,
+    reads_in_full,
 )
 from services.discovery_processes import discover_in_processes, processes_for
 from services.eligibility import (
@@ -434,12 +435,20 @@ class Workspace:
         # Other processes only where they can open all this one has: the settings' database
         # file or URL, credentials file and Square (not a client or credentials handed in),
         # and with no one waiting on each merchant's report as it comes.
-        processes = processes_for(len(wanted), self.discovery_processes) \
-            if on_merchant is None and self.store.location != ":memory:" else 1
+        processes, heavy = 1, []
+        if on_merchant is None and self.store.location != ":memory:" \
+                and self.discovery_processes > 1:
+            # Worth a second interpreter only for many merchants read in full (a first
+            # discovery, `--full`, the daily full read); those are shared out evenly.
+            heavy = [m for m in wanted if reads_in_full(self.store, m, full, now)]
+            processes = processes_for(len(heavy), self.discovery_processes)
         if processes > 1:
+            light = set(wanted) - set(heavy)
             reports = await discover_in_processes(
-                self.settings, wanted, now, full, self.settings.max_concurrent_merchants,
-                processes, here)
+                self.settings, heavy + [m for m in wanted if m in light], now, full,
+                self.settings.max_concurrent_merchants, processes, here)
+            order = {merchant_id: index for index, merchant_id in enumerate(wanted)}
+            reports.sort(key=lambda report: order[report.merchant_id])
         else:
             reports = await here(wanted, self.settings.max_concurrent_merchants)
         self.record_backlog([r.merchant_id for r in reports if r.refreshed])
@@ -658,7 +667,8 @@ class Workspace:
     @property
     def four_eyes(self) -> FourEyesPolicy:
         return FourEyesPolicy(self.settings.four_eyes_orders, self.settings.four_eyes_amount,
-                              timedelta(minutes=self.settings.approval_ttl_minutes))
+                              timedelta(minutes=self.settings.approval_ttl_minutes),
+                              timedelta(minutes=self.settings.four_eyes_window_minutes))
 
     @property
     def approvals(self) -> Approvals:
@@ -666,7 +676,7 @@ class Workspace:
 
     def needs_second_operator(self, preview: Preview) -> str | None:
         """Why this preview may only run with another operator's approval, or None."""
-        return self.approvals.why_needed(preview.items)
+        return self.approvals.why_needed(preview.items, self.operator)
 
     def prepare_batch(self, preview: Preview) -> Approval:
         """Store the preview (its exact set, hash and totals) for a second operator."""

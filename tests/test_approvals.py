@@ -362,3 +362,77 @@ def test_an_approval_claimed_by_another_run_meanwhile_sends_nothing(
         "APPROVAL_USED", "batch b1's approval was just used by another run, or expired: "
         "nothing was sent.")
     assert desk.entries("approval_used") == []
+
+
+# ---------------------------------------------------------------- batches split to stay under
+def _sent(desk: Desk, batch_id: str, operator: str, orders: list[tuple[str, int]],
+          outcome: str | None = "completed", minutes_ago: float = 10) -> None:
+    """Intents of a batch `operator` ran `minutes_ago`, settled with `outcome` (None: still
+    in doubt)."""
+    at = utc_text(desk.clock.now - timedelta(minutes=minutes_ago))
+    with desk.store.transaction():
+        desk.store.insert_batch(batch_id, operator, "sha", "[]")
+        desk.store.insert_intents([
+            {"intent_id": f"{batch_id}:{order_id}", "attempt": 1,
+             "idempotency_key": f"k-{batch_id}-{order_id}", "batch_id": batch_id,
+             "merchant_id": "M1", "order_id": order_id, "location_id": "L1", "version": 3,
+             "amount": amount, "currency": "USD", "consent_id": "C1", "consent_sha256": "s",
+             "operator": operator, "created_at": at, "body_json": "{}"}
+            for order_id, amount in orders])
+    if outcome is not None:
+        for order_id, _ in orders:
+            desk.store.settle_intent(f"{batch_id}:{order_id}", outcome, None, None, "")
+
+
+def test_what_an_operator_sent_unapproved_in_the_window_counts_with_the_next_batch(
+        desk: Desk) -> None:
+    """Three batches of two under a threshold of three are a batch of six: the second one
+    already needs a second operator. Another operator's batches are theirs."""
+    _sent(desk, "r1", "ana", [("P1", 1000), ("P2", 1000)])
+    one = [desk.queue("M1", "N1", 1000)]
+    two = [*one, desk.queue("M1", "N2", 1000)]
+    assert desk.approvals.why_needed(one, "ana") is None  # 2 + 1: at the threshold
+    refusal = desk.refused(None, two, "ana")                # 2 + 2: over it
+    assert refusal.code == "APPROVAL_MISSING"
+    assert ("4 orders, more than 3, counting the 2 orders ana sent without a second operator "
+            "in the last 60 minutes") in refusal.detail
+    # Names are typed: another spelling of ana is ana.
+    assert desk.approvals.why_needed(two, "  ANA") is not None
+    desk.approvals.gate(None, two, "ben")  # ben's own window is empty
+    # The batch's own orders are not counted twice (a retry of what was sent).
+    assert desk.approvals.why_needed([desk.queue("M1", "N3", 1000), ApprovedItem(
+        "M1", "P1", 3)], "ana") is None
+
+
+def test_the_window_adds_amounts_and_ends(desk: Desk) -> None:
+    _sent(desk, "r1", "ana", [("P1", 9000)], minutes_ago=59)
+    small = [desk.queue("M1", "N1", 2000)]  # 20.00 alone; 110.00 with the 90.00 sent
+    assert desk.approvals.why_needed(small, "ana") == (
+        "11000 USD (minor units), more than 100.00 USD, counting the 1 orders ana sent "
+        "without a second operator in the last 60 minutes")
+    desk.clock.now += timedelta(minutes=1, seconds=1)  # the first batch is out of the window
+    assert desk.approvals.why_needed(small, "ana") is None
+    desk.approvals.gate(None, small, "ana")
+
+
+def test_only_orders_sent_and_not_refused_in_unapproved_batches_count(desk: Desk) -> None:
+    _sent(desk, "failed", "ana", [("F1", 1000), ("F2", 1000)], outcome="failed")
+    _sent(desk, "skipped", "ana", [("S1", 1000), ("S2", 1000)], outcome="skipped")
+    approved = desk.queue_set("approved")  # 4 orders, run with ben's approval
+    desk.prepared_and_approved(approved, "approved")
+    desk.approvals.gate("approved", approved, "ana")
+    _sent(desk, "approved", "ana", [(i.order_id, 1000) for i in approved])
+    two = [desk.queue("M1", "N1", 1000), desk.queue("M1", "N2", 1000)]
+    assert desk.approvals.why_needed(two, "ana") is None
+    _sent(desk, "doubt", "ana", [("D1", 1000), ("D2", 1000)], outcome=None)  # may be done
+    assert desk.approvals.why_needed(two, "ana") == (
+        "4 orders, more than 3, counting the 2 orders ana sent without a second operator in "
+        "the last 60 minutes")
+
+
+def test_a_window_of_zero_looks_at_the_batch_alone(desk: Desk) -> None:
+    _sent(desk, "r1", "ana", [("P1", 1000), ("P2", 1000), ("P3", 1000)])
+    alone = Approvals(desk.store, desk.audit, FourEyesPolicy(
+        3, Decimal("100.00"), timedelta(minutes=30), timedelta(0)), desk.clock)
+    assert alone.why_needed([desk.queue("M1", "N1", 1000)], "ana") is None
+    assert desk.approvals.why_needed([desk.queue("M1", "N2", 1000)], "ana") is not None

@@ -53,7 +53,12 @@ def test_two_processes_discover_what_one_does(tmp_path: Path,
             monkeypatch.setenv("RECON_DB", str(db))
             assert main(["consent", "import", str(tmp_path / "consents.json")]) == 0
             results[processes] = _queue(capsys, monkeypatch, db, processes)
-    assert shared == [2]  # the second run was shared out, the first was not
+        assert shared == [2]  # the second run was shared out, the first was not
+        # A refresh by change reads little: not worth a second interpreter.
+        code, again = _queue(capsys, monkeypatch, tmp_path / "p2.db", 2)
+        assert shared == [2] and code == 1
+        assert {o["order_id"] for o in again["orders"]} == {
+            o["order_id"] for o in results[2][1]["orders"]}
     (code_one, one), (code_two, two) = results[1], results[2]
     assert code_one == code_two == 1  # the revoked merchant is a failure either way
 
@@ -74,3 +79,49 @@ def test_two_processes_discover_what_one_does(tmp_path: Path,
     assert [m["merchant_id"] for m in two["merchants"]] == sorted(
         m.merchant.id for m in emulator.merchants)
     assert sum(m["error"] is not None for m in two["merchants"]) == 1
+
+
+def _dies_without_a_word(answer: Any, *args: Any) -> None:
+    """A second process killed before it could answer (run in the spawned interpreter)."""
+    import os
+    os._exit(9)
+
+
+def _refuses(answer: Any, *args: Any) -> None:
+    from services.errors import ConfigurationError
+    answer.send(("error", ConfigurationError("the credentials file changed meanwhile")))
+
+
+@pytest.mark.loopback
+def test_a_second_process_that_dies_costs_time_not_merchants(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    emulator = make_emulator(SeedConfig(merchants=4, locations_per_merchant=1,
+                                        orders_per_location=5))
+    write_demo_files(tmp_path, emulator.merchants)
+    monkeypatch.setattr(discovery_processes, "MIN_MERCHANTS_PER_PROCESS", 2)
+    with LoopbackServer(emulator) as server:
+        monkeypatch.setenv("RECON_SQUARE_BASE_URL", server.base_url)
+        monkeypatch.setenv("RECON_CREDENTIALS", str(tmp_path / "credentials.toml"))
+        documents = {}
+        for name, child in (("one", None), ("died", _dies_without_a_word)):
+            db = tmp_path / f"{name}.db"
+            monkeypatch.setenv("RECON_DB", str(db))
+            assert main(["consent", "import", str(tmp_path / "consents.json")]) == 0
+            if child is not None:
+                monkeypatch.setattr(discovery_processes, "_child", child)
+            code, documents[name] = _queue(capsys, monkeypatch, db, 1 if child is None else 2)
+            assert code == 0
+        # Its merchants were discovered here instead: the same queue as one process's.
+        assert sorted(o["order_id"] for o in documents["died"]["orders"]) == sorted(
+            o["order_id"] for o in documents["one"]["orders"])
+        assert len(documents["died"]["merchants"]) == 4
+
+        monkeypatch.setattr(discovery_processes, "_child", _refuses)
+        monkeypatch.setenv("RECON_DB", str(tmp_path / "refused.db"))
+        assert main(["consent", "import", str(tmp_path / "consents.json")]) == 0
+        capsys.readouterr()
+        assert main(["queue", "--json"]) == 2  # its error is this command's: a usage error
+        out, err = capsys.readouterr()
+        assert out == "" and "the credentials file changed meanwhile" in err
+        assert "Traceback" not in err

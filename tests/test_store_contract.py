@@ -467,6 +467,39 @@ def test_approvals_decided_once_used_once(store: Store) -> None:
     assert used is not None and (used.status, used.used_by) == ("used", "ann")
 
 
+def test_sent_without_approval_since_a_moment(store: Store) -> None:
+    """Four-eyes' window: orders completed or in doubt since `since`, in batches that ran
+    without a used approval; failed and skipped ones, older ones and approved batches not."""
+    from services.store import Approval
+    old, new = utc_text(NOW - timedelta(hours=2)), utc_text(NOW)
+    with store.transaction():
+        for batch in ("B1", "B2", "B3"):
+            store.insert_batch(batch, "op", "sha", "[]")
+        store.insert_intents([
+            {**intent_row("DONE", 1), "created_at": new},
+            {**intent_row("DOUBT", 1), "created_at": new, "operator": "ann"},
+            {**intent_row("FAILED", 1), "created_at": new},
+            {**intent_row("SKIPPED", 1), "created_at": new},
+            {**intent_row("OLD", 1), "created_at": old},
+            {**intent_row("APPROVED", 1, batch_id="B2"), "created_at": new},
+            {**intent_row("PENDING", 1, batch_id="B3"), "created_at": new,
+             "amount": None, "currency": None}])
+        store.insert_approval(Approval("B2", "sha", "[]", "{}", 1, "x", "ann", new,
+                                       "approved", "bob", new, None, utc_text(
+                                           NOW + timedelta(minutes=5))))
+        store.insert_approval(Approval("B3", "sha", "[]", "{}", 1, "x", "ann", new, "pending"))
+    assert store.use_approval("B2", "ann", new)
+    for name, outcome in (("DONE", "completed"), ("FAILED", "failed"), ("SKIPPED", "skipped"),
+                          ("OLD", "completed"), ("APPROVED", "completed"),
+                          ("PENDING", "completed")):
+        batch = {"APPROVED": "B2", "PENDING": "B3"}.get(name, "B1")
+        store.settle_intent(f"{batch}:{name}:1", outcome, None, None, "")
+    since = utc_text(NOW - timedelta(hours=1))
+    assert sorted(store.sent_without_approval(since)) == [
+        ("ann", "DOUBT", 1250, "USD"), ("op", "DONE", 1250, "USD"),
+        ("op", "PENDING", None, None)]
+
+
 def test_order_amounts_from_the_queue_else_the_last_intent(store: Store) -> None:
     store.write_orders([order_values("A")])
     store.insert_batch("B1", "op", "sha", "[]")

@@ -173,7 +173,7 @@ class MerchantsScreen(ConsoleScreen):
             banner.add_class("error")
         self.load_overview(workspace)
 
-    @work(exclusive=True, group=LOAD_GROUP)
+    @work(exclusive=True, group=LOAD_GROUP, description="merchant overview")
     async def load_overview(self, workspace: Workspace) -> None:
         """The overview reads every open order: in a thread, on a connection of its own,
         which also writes its cells out, so the UI thread only paints them (exclusive: a

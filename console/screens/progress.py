@@ -79,7 +79,7 @@ class ProgressScreen(AppScreen):
             return self.finished
         return True
 
-    @work(exclusive=True, group="batch")
+    @work(exclusive=True, group="batch", description="batch")
     async def run_batch(self, items: list[ApprovedItem], batch_id: str | None = None) -> None:
         workspace = self.workspace
         self.finished = False

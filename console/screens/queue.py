@@ -325,7 +325,7 @@ class QueueScreen(ConsoleScreen):
             self._selection_money = selection_totals(selected, self.orders, self.kinds)
         self._show_selection()
 
-    @work(exclusive=True, group="selection")
+    @work(exclusive=True, group="selection", description="selection totals")
     async def _add_up_selection(self, selected: frozenset[str]) -> None:
         """Totals of a large selection, in a thread (exclusive: only the latest lands)."""
         self._selection_money = await asyncio.to_thread(selection_totals, selected,

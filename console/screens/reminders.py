@@ -255,7 +255,7 @@ class RemindersScreen(ConsoleScreen):
                 self.notify("Not confirmed: nothing was sent.")
         self.app.push_screen(ReminderConfirm(chosen), confirmed)
 
-    @work(thread=True, exclusive=True, group="reminders")
+    @work(thread=True, exclusive=True, group="reminders", description="reminders")
     def send_reminders(self, plans: list[ReminderPlan]) -> None:
         workspace = self.recon.workspace
         assert workspace is not None

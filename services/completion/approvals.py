@@ -44,11 +44,14 @@ def same_operator(one: str, other: str) -> bool:
 @dataclass(frozen=True)
 class FourEyesPolicy:
     """More than `max_orders` orders, or more than `max_amount` (major units) in any one
-    currency, needs a second operator; an approval is good for `ttl`."""
+    currency, needs a second operator; an approval is good for `ttl`. What the same operator
+    sent without a second operator in the last `window` counts with the batch: five batches
+    of 200 in an hour are a batch of 1,000, not five small ones (zero: the batch alone)."""
 
     max_orders: int = 200
     max_amount: Decimal = Decimal("10000.00")
     ttl: timedelta = timedelta(minutes=30)
+    window: timedelta = timedelta(minutes=60)
 
     def why_needed(self, count: int, totals: dict[str, int], unpriced: int = 0) -> str | None:
         """Why a batch of `count` orders with these totals (minor units per currency) needs
@@ -97,13 +100,37 @@ class Approvals:
             by_currency[currency] = by_currency.get(currency, 0) + amount
         return totals, unpriced
 
-    def why_needed(self, items: Sequence[ApprovedItem]) -> str | None:
+    def why_needed(self, items: Sequence[ApprovedItem], operator: str | None = None
+                   ) -> str | None:
+        """Why `operator`'s batch of `items` needs a second operator, or None: the batch
+        alone, then with what the same operator sent unapproved within the window."""
         per_merchant, unpriced = self.totals(items)
         overall: dict[str, int] = {}
         for by_currency in per_merchant.values():
             for currency, amount in by_currency.items():
                 overall[currency] = overall.get(currency, 0) + amount
-        return self.policy.why_needed(len(set(items)), overall, unpriced)
+        count = len(set(items))
+        why = self.policy.why_needed(count, overall, unpriced)
+        if why is not None or operator is None or not self.policy.window:
+            return why
+        since = utc_text(self.clock() - self.policy.window)
+        mine = {item.order_id for item in items}
+        recent: dict[str, tuple[int | None, str | None]] = {}
+        for sender, order_id, sent_amount, sent_currency in self.store.sent_without_approval(
+                since):
+            if order_id not in mine and same_operator(sender, operator):
+                recent[order_id] = (sent_amount, sent_currency)
+        for sent_amount, sent_currency in recent.values():
+            if sent_amount is None or sent_currency is None:
+                unpriced += 1
+            else:
+                overall[sent_currency] = overall.get(sent_currency, 0) + sent_amount
+        why = self.policy.why_needed(count + len(recent), overall, unpriced)
+        if why is None:
+            return None
+        minutes = f"{self.policy.window.total_seconds() / 60:g}"
+        return (f"{why}, counting the {len(recent)} orders {operator} sent without a second "
+                f"operator in the last {minutes} minutes")
 
     # ------------------------------------------------------------------ prepare and decide
     def prepare(self, batch_id: str, items: Sequence[ApprovedItem], operator: str,
@@ -178,7 +205,7 @@ class Approvals:
         sha = approved_set_sha256(approved)
         approval = self.store.approval(batch_id) if batch_id else None
         if approval is None:
-            why = self.why_needed(approved)
+            why = self.why_needed(approved, operator)
             if why is None:
                 return  # under the threshold: one operator is enough
             self._refuse(batch_id, sha, operator, "APPROVAL_MISSING",

@@ -554,6 +554,12 @@ class Store(ABC):
         """Claim an approved, unexpired batch for one run; False if it is not (any more)."""
 
     @abstractmethod
+    def sent_without_approval(self, since: str) -> list[tuple[str, str, int | None, str | None]]:
+        """(operator, order_id, amount, currency) of orders sent since `since` (intents
+        completed or still in doubt, not failed nor skipped) in batches that ran without a
+        second operator's approval: four-eyes counts them with an operator's next batch."""
+
+    @abstractmethod
     def order_amounts(self, order_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
         """order id -> (total amount, currency) among `order_ids`: from the queue, else from
         the order's latest intent (an order sent before, e.g. a retry of the failed)."""

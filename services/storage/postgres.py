@@ -192,6 +192,9 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("orders_created_at_index", """
         CREATE INDEX orders_merchant_created_at ON orders(merchant_id, created_at, order_id);
     """),
+    ("intents_created_at_index", """
+        CREATE INDEX intents_created_at ON intents(created_at);
+    """),
 ]
 
 _APPROVAL = ", ".join(Approval._fields)
@@ -811,6 +814,13 @@ class PostgresStore(Store):
             "UPDATE approvals SET status = 'used', used_by = %s, used_at = %s "
             "WHERE batch_id = %s AND status = 'approved' AND expires_at > %s",
             [used_by, used_at, batch_id, used_at]) == 1
+
+    def sent_without_approval(self, since: str) -> list[tuple[str, str, int | None, str | None]]:
+        return [(str(r[0]), str(r[1]), r[2], r[3]) for r in self._all(
+            "SELECT DISTINCT operator, order_id, amount, currency FROM intents i "
+            "WHERE created_at >= %s AND (outcome IS NULL OR outcome = 'completed') "
+            "AND NOT EXISTS (SELECT 1 FROM approvals a WHERE a.batch_id = i.batch_id "
+            "AND a.status = 'used')", [since])]
 
     def order_amounts(self, order_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
         ids = list(order_ids)
