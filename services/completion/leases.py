@@ -42,15 +42,24 @@ class LeaseKeeper:
 
     def take(self, merchant_id: str) -> Lease | None:
         """None when the lease is ours now; otherwise the live lease of whoever holds it."""
+        return self.take_all([merchant_id])[merchant_id]
+
+    def take_all(self, merchant_ids: list[str]) -> dict[str, Lease | None]:
+        """`take` for each merchant, in one transaction (one durable commit, not one each)."""
         now = now_utc()
-        mine = Lease(merchant_id, self.operator, HOST, os.getpid(), utc_text(now),
-                     utc_text(now), utc_text(now + timedelta(seconds=self.ttl_s)), self.token)
+        started, expires = utc_text(now), utc_text(now + timedelta(seconds=self.ttl_s))
+        mine = [Lease(merchant_id, self.operator, HOST, os.getpid(), started, started, expires,
+                      self.token) for merchant_id in merchant_ids]
         began = time.monotonic()
-        current = self.store.take_lease(mine, lambda lease: holder_gone(lease, now))
-        if current.token != self.token:
-            return current
-        self._deadline[merchant_id] = began + self.ttl_s
-        return None
+        in_force = self.store.take_leases(mine, lambda lease: holder_gone(lease, now))
+        holders: dict[str, Lease | None] = {}
+        for merchant_id, current in zip(merchant_ids, in_force, strict=True):
+            if current.token != self.token:
+                holders[merchant_id] = current
+            else:
+                self._deadline[merchant_id] = began + self.ttl_s
+                holders[merchant_id] = None
+        return holders
 
     def holds(self, merchant_id: str) -> bool:
         """Ours and not past its expiry as we last wrote it: nobody else can have it."""
