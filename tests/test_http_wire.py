@@ -127,3 +127,20 @@ async def test_nothing_listening_is_square_unavailable(emulator: Emulator) -> No
             await gateway.token_status(creds(emulator))
     finally:
         await gateway.aclose()
+
+
+def test_the_environment_proxy_is_chosen_per_scheme_and_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read once per origin (not parsed per request), as httpx would choose it: the scheme's
+    proxy, none for a host in NO_PROXY."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY",
+                 "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", "http://proxy.test:3128")
+    monkeypatch.setenv("no_proxy", "inside.test")
+    wire = AiohttpWire()
+    for _ in range(2):  # the second time from what the first one found
+        assert wire._proxy("http://square.test/v2/orders/O1") == "http://proxy.test:3128"
+        assert wire._proxy("http://inside.test:8080/v2/orders/O1") is None
+        assert wire._proxy("https://square.test/v2/orders/O1") is None
+        assert wire._proxy("http://square.test:8080") == "http://proxy.test:3128"
