@@ -344,6 +344,8 @@ def test_leases_taken_together(store: Store) -> None:
     assert store.take_leases(mine, expired) == [theirs, mine[1], mine[2]]
     assert [(lease.merchant_id, lease.token) for lease in store.leases()] == [
         ("M1", "t2"), ("M2", "t1"), ("M3", "t1")]
+    store.release_leases(["M1", "M2", "M3"], "t1")  # M1 is not t1's: kept
+    assert [(lease.merchant_id, lease.token) for lease in store.leases()] == [("M1", "t2")]
 
 
 def test_racing_takers_of_overlapping_merchants(store: Store, backend: Backend) -> None:

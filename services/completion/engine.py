@@ -168,7 +168,7 @@ class CompletionEngine:
                 await self.sender.budget.turn()  # let the console paint and take keys
         finally:
             await self.journal.drain()  # outcomes are durable before the lease lets anyone in
-            self.leases.release(merchant_id)
+            await self.leases.release_soon(merchant_id)
 
     async def _run_chunk(self, run: Run, merchant_id: str, creds: MerchantCredentials,
                          chunk: list[ApprovedItem], unsettled: set[str]) -> None:

@@ -429,6 +429,12 @@ class Store(ABC):
     @abstractmethod
     def release_lease(self, merchant_id: str, token: str) -> None: ...
 
+    def release_leases(self, merchant_ids: Sequence[str], token: str) -> None:
+        """`release_lease` for each, in one transaction (one durable commit for all)."""
+        with self.transaction():
+            for merchant_id in merchant_ids:
+                self.release_lease(merchant_id, token)
+
     @abstractmethod
     def leases(self) -> list[Lease]: ...
 

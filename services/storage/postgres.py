@@ -655,8 +655,11 @@ class PostgresStore(Store):
         return {r[0] for r in rows}
 
     def release_lease(self, merchant_id: str, token: str) -> None:
-        self._run("DELETE FROM leases WHERE merchant_id = %s AND token = %s",
-                  [merchant_id, token])
+        self.release_leases([merchant_id], token)
+
+    def release_leases(self, merchant_ids: Sequence[str], token: str) -> None:
+        self._run("DELETE FROM leases WHERE merchant_id = ANY(%s) AND token = %s",
+                  [list(merchant_ids), token])
 
     def leases(self) -> list[Lease]:
         return [Lease(*row) for row in self._all(

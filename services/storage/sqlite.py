@@ -744,9 +744,12 @@ class SQLiteStore(Store):
         return {r[0] for r in rows}
 
     def release_lease(self, merchant_id: str, token: str) -> None:
+        self.release_leases([merchant_id], token)
+
+    def release_leases(self, merchant_ids: Sequence[str], token: str) -> None:
         with self.transaction() as conn:
-            conn.execute("DELETE FROM leases WHERE merchant_id = ? AND token = ?",
-                         [merchant_id, token])
+            conn.executemany("DELETE FROM leases WHERE merchant_id = ? AND token = ?",
+                             [[merchant_id, token] for merchant_id in merchant_ids])
 
     def leases(self) -> list[Lease]:
         return [Lease(*row) for row in self.conn.execute(
