@@ -205,6 +205,51 @@ async def test_consent_revoked_mid_batch_stops_that_merchant_only(emulator: Emul
         await workspace.aclose()
 
 
+async def test_consent_revoked_by_another_console_stops_the_next_send(
+        emulator: Emulator, tmp_path: Path) -> None:
+    """The revocation comes through another connection (another console, another process):
+    this run's consents, read once per chunk of 100 before the intents, are read again at
+    each send, so nothing of the merchant is sent after the revocation is committed."""
+    workspace = await ready_workspace(emulator, tmp_path)
+    other = workspace_on_emulator(emulator.app, emulator.merchants, tmp_path / "recon.db",
+                                  "other-operator", timeout_s=2.0, retry=FAST_RETRY)
+    target = emulator.merchants[0].merchant.id
+    consent_id = workspace.consents_for(target)[0][0].consent_id
+    revoked: list[float] = []
+    sent_after: list[str] = []  # the target's UpdateOrders that left after the revocation
+    update_order = workspace.gateway.update_order
+
+    async def watched(creds: Any, order_id: str, body: dict[str, Any],
+                      timeout_s: float | None = None) -> Any:
+        if revoked and creds.merchant_id == target:
+            sent_after.append(order_id)
+        return await update_order(creds, order_id, body, timeout_s=timeout_s)
+
+    workspace.gateway.update_order = watched  # type: ignore[method-assign]
+
+    def progress(event: BatchProgress) -> None:
+        if event.completed >= 3 and not revoked:
+            other.revoke_consent(consent_id, "Owner", "changed their mind")  # committed
+            revoked.append(time.monotonic())
+
+    try:
+        preview = workspace.preview()
+        mine_approved = [i for i in preview.items if i.merchant_id == target]
+        assert len(mine_approved) > 6
+        before = versions(emulator)
+        emulator.app.set_faults(FaultPlan(latency_ms=2))
+        _, results = await workspace.complete(preview, on_progress=progress)
+        assert revoked
+        mine = [r for r in results if r.merchant_id == target]
+        assert any(r.reason == "CONSENT_REVOKED" for r in mine)
+        assert sum(r.outcome is Outcome.COMPLETED for r in mine) < len(mine_approved)
+        assert sent_after == []
+        assert_invariants(emulator, workspace, before, preview.items)
+    finally:
+        await other.aclose()
+        await workspace.aclose()
+
+
 async def test_consent_narrowed_mid_batch_is_not_relied_on(emulator: Emulator,
                                                            tmp_path: Path) -> None:
     """A new version of the consent (here: no longer covering Square Online) stops the

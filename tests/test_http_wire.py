@@ -158,3 +158,20 @@ def test_https_trusts_exactly_what_httpx_trusts(
     assert (ours.verify_mode, ours.check_hostname) == (ssl.CERT_REQUIRED, True)
     assert (ours.minimum_version, ours.options) == (theirs.minimum_version, theirs.options)
     assert AiohttpWire()._tls_context().get_ca_certs() == theirs.get_ca_certs()
+
+
+def test_the_environment_proxy_is_chosen_per_scheme_and_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read once per origin (not parsed per request), as httpx would choose it: the scheme's
+    proxy, none for a host in NO_PROXY."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY",
+                 "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", "http://proxy.test:3128")
+    monkeypatch.setenv("no_proxy", "inside.test")
+    wire = AiohttpWire()
+    for _ in range(2):  # the second time from what the first one found
+        assert wire._proxy("http://square.test/v2/orders/O1") == "http://proxy.test:3128"
+        assert wire._proxy("http://inside.test:8080/v2/orders/O1") is None
+        assert wire._proxy("https://square.test/v2/orders/O1") is None
+        assert wire._proxy("http://square.test:8080") == "http://proxy.test:3128"

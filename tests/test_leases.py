@@ -166,7 +166,7 @@ async def test_a_refused_heartbeat_or_release_is_not_raised(
     monkeypatch.setattr(store, "heartbeat_leases", locked)
     keeper.beat()  # tried again at the next beat; until then the lease runs its time
     assert keeper.holds("M1")
-    monkeypatch.setattr(store, "release_lease", locked)
+    monkeypatch.setattr(store, "release_leases", locked)
     keeper.release("M1")  # unreleased, it simply expires
     assert not keeper.holds("M1")
     assert row(store) == taken
@@ -189,3 +189,33 @@ async def test_while_work_runs_the_leases_are_beaten_and_released_at_the_end(
     assert store.leases() == []
     assert not keeper.holds("M1") and not keeper.holds("M2")
     assert keeper._task is not None and keeper._task.done()
+
+
+async def test_merchants_ending_together_release_their_leases_in_one_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "l.db")
+    keeper = LeaseKeeper(store, "alice", ttl_s=30.0)
+    other = LeaseKeeper(store, "bob", ttl_s=30.0)
+    assert keeper.take_all(["M1", "M2", "M3"]) == {"M1": None, "M2": None, "M3": None}
+    assert other.take("M4") is None
+    commits: list[list[str]] = []
+    release_leases = store.release_leases
+
+    def counted(merchant_ids: list[str], token: str) -> None:
+        commits.append(list(merchant_ids))
+        release_leases(merchant_ids, token)
+
+    monkeypatch.setattr(store, "release_leases", counted)
+    leases_after: dict[str, list[str]] = {}
+
+    async def end(merchant_id: str) -> None:
+        await keeper.release_soon(merchant_id)
+        leases_after[merchant_id] = [lease.merchant_id for lease in store.leases()]
+
+    await asyncio.gather(end("M1"), end("M2"), end("M4"))  # M4 is bob's: not touched
+    assert commits == [["M1", "M2"]]
+    assert leases_after == {m: ["M3", "M4"] for m in ("M1", "M2", "M4")}  # released on return
+    assert not keeper.holds("M1") and not keeper.holds("M2") and keeper.holds("M3")
+    await keeper.release_soon("M3")  # alone in its turn
+    assert commits == [["M1", "M2"], ["M3"]]
+    assert [lease.merchant_id for lease in store.leases()] == ["M4"]

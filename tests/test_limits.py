@@ -80,6 +80,31 @@ async def test_a_release_lets_exactly_the_free_slots_in() -> None:
     assert limit.in_flight == 0
 
 
+async def test_a_cancelled_waiter_neither_keeps_nor_loses_a_slot() -> None:
+    """A waiter cancelled while it waits leaves the queue; one cancelled after a release
+    handed it the slot (before it ran) gives the slot back to the next waiter."""
+    limit = AdaptiveLimit(1)
+    await limit.__aenter__()
+    gone = asyncio.create_task(limit.__aenter__())
+    handed = asyncio.create_task(limit.__aenter__())
+    last = asyncio.create_task(limit.__aenter__())
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0)
+    await limit.__aexit__()  # the slot goes to `handed`, the first still waiting
+    assert limit.in_flight == 1 and not last.done()
+    handed.cancel()  # before it got to run: the slot passes on to `last`
+    for task in (gone, handed):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await asyncio.wait_for(last, 5)
+    assert limit.in_flight == 1
+    await limit.__aexit__()
+    assert limit.in_flight == 0
+    async with limit:
+        assert limit.in_flight == 1
+
+
 def test_a_429_halves_the_limit_down_to_one_and_backs_off_for_the_wait(
         monkeypatch: pytest.MonkeyPatch) -> None:
     clock = FakeMonotonic(monkeypatch)

@@ -12,6 +12,7 @@ append-only, concurrent writers), signed checkpoints, migrations.
 from __future__ import annotations
 
 import multiprocessing
+import random
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -237,6 +238,22 @@ def test_intents_open_settle_once(store: Store) -> None:
             batch["open"]) == ("B1", "finished", 1, 0, 1)
 
 
+def test_intents_settled_together_settle_once(store: Store) -> None:
+    """The journal's group commit settles its outcomes in one call (one round trip on
+    PostgreSQL): each open intent gets its own outcome; a settled one keeps its first."""
+    with store.transaction():
+        store.insert_batch("B1", "op", "sha", "[]")
+        store.insert_intents([intent_row("O1", 1), intent_row("O2", 1), intent_row("O3", 1)])
+    store.settle_intent("B1:O3:1", "skipped", "LEASED", None, "first")
+    store.settle_intents([("B1:O1:1", "completed", None, None, "done"),
+                          ("B1:O2:1", "failed", "NOT_COMPLETED", "NOT_COMPLETED", "open"),
+                          ("B1:O3:1", "completed", None, None, "late")])
+    store.settle_intents([])
+    assert store.open_intents() == []
+    [batch] = store.recent_batches("M1")
+    assert (batch["completed"], batch["skipped"], batch["failed"]) == (1, 1, 1)
+
+
 def test_group_commit_keeps_the_good_parts(store: Store) -> None:
     """A part the database refuses is rolled back alone; the others commit together."""
     store.insert_batch("B1", "op", "sha", "[]")
@@ -308,6 +325,56 @@ def test_one_lease_among_racing_takers(store: Store, backend: Backend, tmp_path:
     for thread in threads:
         thread.join()
     assert len(won) == 1 and [lease.token for lease in store.leases()] == won
+
+
+def test_leases_taken_together(store: Store) -> None:
+    """A batch takes all its merchants' leases in one transaction: each is taken unless
+    another holder's is in force, as one `take_lease` each would."""
+    def expired(found: Lease) -> bool:
+        return found.expires_at <= utc_text(NOW)
+
+    live = NOW + timedelta(seconds=30)
+    theirs = lease("t2", live, operator="bob")
+    gone = Lease("M3", "cy", "host-b", 1, utc_text(NOW), utc_text(NOW),
+                 utc_text(NOW - timedelta(seconds=1)), "t3")
+    assert store.take_leases([theirs, gone], expired) == [theirs, gone]
+    mine = [theirs._replace(operator="ann", token="t1"),
+            theirs._replace(merchant_id="M2", operator="ann", token="t1"),
+            gone._replace(operator="ann", token="t1", expires_at=utc_text(live))]
+    assert store.take_leases(mine, expired) == [theirs, mine[1], mine[2]]
+    assert [(lease.merchant_id, lease.token) for lease in store.leases()] == [
+        ("M1", "t2"), ("M2", "t1"), ("M3", "t1")]
+    store.release_leases(["M1", "M2", "M3"], "t1")  # M1 is not t1's: kept
+    assert [(lease.merchant_id, lease.token) for lease in store.leases()] == [("M1", "t2")]
+
+
+def test_racing_takers_of_overlapping_merchants(store: Store, backend: Backend) -> None:
+    """Six takers, each its own store, take the leases of overlapping sets of merchants, in
+    different orders, at once: no deadlock, and each merchant has exactly one holder."""
+    results: dict[int, list[Lease]] = {}
+    start = threading.Barrier(6)
+    merchants = [f"M{i}" for i in range(8)]
+
+    def take(index: int) -> None:
+        own = open_store(backend.url or store.location)
+        try:
+            mine = [Lease(m, f"op{index}", "h", index, utc_text(NOW), utc_text(NOW),
+                          utc_text(NOW + timedelta(seconds=30)), f"t{index}")
+                    for m in random.Random(index).sample(merchants, 5)]
+            start.wait()
+            results[index] = own.take_leases(mine, lambda found: False)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 6  # none of them died (a deadlock is an error on PostgreSQL)
+    held = {lease.merchant_id: lease.token for lease in store.leases()}
+    for in_force in results.values():  # every taker was told the one holder there is
+        assert all(held[lease.merchant_id] == lease.token for lease in in_force)
 
 
 # ---------------------------------------------------------------------- the audit

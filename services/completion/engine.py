@@ -52,7 +52,7 @@ from services.errors import (
 )
 from services.square_gateway import SquareGateway
 from services.square_models import OrderLike
-from services.store import Store
+from services.store import Lease, Store
 
 __all__ = ["CompletionEngine"]
 
@@ -112,7 +112,10 @@ class CompletionEngine:
             by_merchant.setdefault(item.merchant_id, []).append(item)
         try:
             async with self.leases:
-                await asyncio.gather(*(self._run_merchant(run, merchant_id, merchant_items)
+                # Every lease at once: one durable commit, not one per merchant on the loop.
+                holders = self.leases.take_all([m for m in by_merchant if m in self.credentials])
+                await asyncio.gather(*(self._run_merchant(run, merchant_id, merchant_items,
+                                                          holders.get(merchant_id))
                                        for merchant_id, merchant_items in by_merchant.items()))
         finally:
             await self.journal.drain()
@@ -133,14 +136,14 @@ class CompletionEngine:
         for item in items:
             self.journal.without_intent(run, item, reason, detail, outcome)
 
-    async def _run_merchant(self, run: Run, merchant_id: str, items: list[ApprovedItem]
-                            ) -> None:
+    async def _run_merchant(self, run: Run, merchant_id: str, items: list[ApprovedItem],
+                            holder: Lease | None) -> None:
+        """`holder`: who held the merchant's lease when `run` took them (None: this run)."""
         creds = self.credentials.get(merchant_id)
         if creds is None:
             self._skip_all(run, items, SkipReason.NO_CREDENTIALS,
                            "No access token for this merchant.")
             return
-        holder = self.leases.take(merchant_id)
         if holder is not None:
             self._skip_all(run, items, SkipReason.LEASED,
                            f"Another run holds this merchant: {holder.describe()}. Its orders "
@@ -165,7 +168,7 @@ class CompletionEngine:
                 await self.sender.budget.turn()  # let the console paint and take keys
         finally:
             await self.journal.drain()  # outcomes are durable before the lease lets anyone in
-            self.leases.release(merchant_id)
+            await self.leases.release_soon(merchant_id)
 
     async def _run_chunk(self, run: Run, merchant_id: str, creds: MerchantCredentials,
                          chunk: list[ApprovedItem], unsettled: set[str]) -> None:
@@ -179,6 +182,10 @@ class CompletionEngine:
         except ReconError as error:
             self._reread_failed(run, merchant_id, chunk, error)
             return
+        # Read once for the chunk: the loop below never yields, so this is as fresh as one
+        # read per order. Not the last look: each send reads them again at its own moment
+        # (`Sender.consent_problem`), so a change committed meanwhile still stops it.
+        consents = self.consents_for(merchant_id)
         intents = []
         for item in chunk:
             if item.order_id in unsettled:
@@ -187,7 +194,7 @@ class CompletionEngine:
                     "An earlier attempt's outcome is still unknown: not sent again until "
                     "`recon-console recover` settles it.")
                 continue
-            intent_or_skip = self._check(item, current.get(item.order_id))
+            intent_or_skip = self._check(item, current.get(item.order_id), consents)
             if isinstance(intent_or_skip, Intent):
                 intents.append(intent_or_skip)
             else:
@@ -223,7 +230,8 @@ class CompletionEngine:
             code = error.code if isinstance(error, SquareApiError) else type(error).__name__
             self._skip_all(run, chunk, code, detail, Outcome.FAILED)
 
-    def _check(self, item: ApprovedItem, order: OrderLike | None
+    def _check(self, item: ApprovedItem, order: OrderLike | None,
+               consents: list[tuple[ConsentRecord, str]] | None = None
                ) -> Intent | tuple[SkipReason, str]:
         if order is None:
             return SkipReason.NOT_FOUND, "Square no longer returns this order."
@@ -233,7 +241,8 @@ class CompletionEngine:
             return (SkipReason.VERSION_CHANGED,
                     f"Version is now {order.version}, approved {item.version}: back to the "
                     "queue for a new decision.")
-        consents = self.consents_for(item.merchant_id)
+        if consents is None:
+            consents = self.consents_for(item.merchant_id)
         verdict = classify(order, [c for c, _ in consents], self.clock())
         if not verdict.eligible:
             return skip_for(verdict)

@@ -251,12 +251,10 @@ class IntentJournal:
 
     def _write_outcomes(self, store: Store, pending: list[_Pending],
                         entries: list[dict[str, Any]]) -> None:
-        for p in pending:
-            if p.intent is not None:
-                result = p.result
-                square_code = result.reason if result.outcome is Outcome.FAILED else None
-                store.settle_intent(p.intent.intent_id, result.outcome.value,
-                                    result.reason, square_code, result.detail)
+        store.settle_intents([
+            (p.intent.intent_id, p.result.outcome.value, p.result.reason,
+             p.result.reason if p.result.outcome is Outcome.FAILED else None, p.result.detail)
+            for p in pending if p.intent is not None])
         self.audit.using(store).append_many(None, entries)
         store.drop_completed_orders(
             [p.result.order_id for p in pending

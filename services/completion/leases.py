@@ -39,28 +39,62 @@ class LeaseKeeper:
         self.token = uuid.uuid4().hex
         self._deadline: dict[str, float] = {}  # merchant -> monotonic time our lease ends
         self._task: asyncio.Task[None] | None = None
+        self._releasing: list[str] = []  # waiting for `release_soon`'s commit
+        self._released = asyncio.Event()
 
     def take(self, merchant_id: str) -> Lease | None:
         """None when the lease is ours now; otherwise the live lease of whoever holds it."""
+        return self.take_all([merchant_id])[merchant_id]
+
+    def take_all(self, merchant_ids: list[str]) -> dict[str, Lease | None]:
+        """`take` for each merchant, in one transaction (one durable commit, not one each)."""
         now = now_utc()
-        mine = Lease(merchant_id, self.operator, HOST, os.getpid(), utc_text(now),
-                     utc_text(now), utc_text(now + timedelta(seconds=self.ttl_s)), self.token)
+        started, expires = utc_text(now), utc_text(now + timedelta(seconds=self.ttl_s))
+        mine = [Lease(merchant_id, self.operator, HOST, os.getpid(), started, started, expires,
+                      self.token) for merchant_id in merchant_ids]
         began = time.monotonic()
-        current = self.store.take_lease(mine, lambda lease: holder_gone(lease, now))
-        if current.token != self.token:
-            return current
-        self._deadline[merchant_id] = began + self.ttl_s
-        return None
+        in_force = self.store.take_leases(mine, lambda lease: holder_gone(lease, now))
+        holders: dict[str, Lease | None] = {}
+        for merchant_id, current in zip(merchant_ids, in_force, strict=True):
+            if current.token != self.token:
+                holders[merchant_id] = current
+            else:
+                self._deadline[merchant_id] = began + self.ttl_s
+                holders[merchant_id] = None
+        return holders
 
     def holds(self, merchant_id: str) -> bool:
         """Ours and not past its expiry as we last wrote it: nobody else can have it."""
         return self._deadline.get(merchant_id, 0.0) > time.monotonic()
 
     def release(self, merchant_id: str) -> None:
-        if self._deadline.pop(merchant_id, None) is None:
+        self.release_all([merchant_id])
+
+    def release_all(self, merchant_ids: list[str]) -> None:
+        """Those of them we hold, in one transaction."""
+        mine = [m for m in merchant_ids if self._deadline.pop(m, None) is not None]
+        if not mine:
             return
-        with contextlib.suppress(*database_errors()):  # unreleased, it simply expires
-            self.store.release_lease(merchant_id, self.token)
+        with contextlib.suppress(*database_errors()):  # unreleased, they simply expire
+            self.store.release_leases(mine, self.token)
+
+    async def release_soon(self, merchant_id: str) -> None:
+        """`release`, together with the merchants whose work ends in the same turn of the
+        loop (a batch's merchants end together): one durable commit for them, not one each
+        on the event loop. Returns once it is released."""
+        self._releasing.append(merchant_id)
+        if len(self._releasing) > 1:
+            await self._released.wait()  # the first of this turn's releases it
+            return
+        released = self._released = asyncio.Event()
+        try:
+            await asyncio.sleep(0)  # the others ending now run first and join
+        finally:
+            merchant_ids, self._releasing = self._releasing, []
+            try:
+                self.release_all(merchant_ids)
+            finally:
+                released.set()
 
     def beat(self) -> None:
         if not self._deadline:
@@ -92,5 +126,4 @@ class LeaseKeeper:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for merchant_id in list(self._deadline):
-            self.release(merchant_id)
+        self.release_all(list(self._deadline))

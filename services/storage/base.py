@@ -376,6 +376,12 @@ class Store(ABC):
                       square_code: str | None, detail: str) -> None:
         """Only an open intent is settled: a second writer never overwrites an outcome."""
 
+    def settle_intents(self, rows: Sequence[tuple[str, str, str | None, str | None, str]]
+                       ) -> None:
+        """`settle_intent` for many (intent_id, outcome, reason, square_code, detail)."""
+        for intent_id, outcome, reason, square_code, detail in rows:
+            self.settle_intent(intent_id, outcome, reason, square_code, detail)
+
     def drop_completed_order(self, order_id: str) -> None:
         self.drop_completed_orders([order_id])
 
@@ -409,12 +415,25 @@ class Store(ABC):
         """Atomically take `lease` unless another holder's lease is in force (`free` says
         whether a found lease's holder is gone). Returns the lease in force afterwards."""
 
+    def take_leases(self, leases: Sequence[Lease], free: Callable[[Lease], bool]
+                    ) -> list[Lease]:
+        """`take_lease` for each, in one transaction (one durable commit for all); the lease
+        in force afterwards for each, in order."""
+        with self.transaction():
+            return [self.take_lease(lease, free) for lease in leases]
+
     @abstractmethod
     def heartbeat_leases(self, token: str, heartbeat_at: str, expires_at: str) -> set[str]:
         """Extend every lease this holder still has; returns their merchant ids."""
 
     @abstractmethod
     def release_lease(self, merchant_id: str, token: str) -> None: ...
+
+    def release_leases(self, merchant_ids: Sequence[str], token: str) -> None:
+        """`release_lease` for each, in one transaction (one durable commit for all)."""
+        with self.transaction():
+            for merchant_id in merchant_ids:
+                self.release_lease(merchant_id, token)
 
     @abstractmethod
     def leases(self) -> list[Lease]: ...

@@ -746,16 +746,24 @@ class SQLiteStore(Store):
     def take_lease(self, lease: Lease, free: Callable[[Lease], bool]) -> Lease:
         """Atomically take `lease` unless another holder's lease is in force (`free` says
         whether a found lease's holder is gone). Returns the lease in force afterwards."""
+        return self.take_leases([lease], free)[0]
+
+    def take_leases(self, leases: Sequence[Lease], free: Callable[[Lease], bool]
+                    ) -> list[Lease]:
+        in_force: list[Lease] = []
         with self.transaction() as conn:
-            row = conn.execute("SELECT * FROM leases WHERE merchant_id = ?",
-                               [lease.merchant_id]).fetchone()
-            if row is not None:
-                current = Lease(*row)
-                if current.token != lease.token and not free(current):
-                    return current
-            conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         list(lease))
-        return lease
+            for lease in leases:
+                row = conn.execute("SELECT * FROM leases WHERE merchant_id = ?",
+                                   [lease.merchant_id]).fetchone()
+                if row is not None:
+                    current = Lease(*row)
+                    if current.token != lease.token and not free(current):
+                        in_force.append(current)
+                        continue
+                conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             list(lease))
+                in_force.append(lease)
+        return in_force
 
     def heartbeat_leases(self, token: str, heartbeat_at: str, expires_at: str
                          ) -> set[str]:
@@ -767,9 +775,12 @@ class SQLiteStore(Store):
         return {r[0] for r in rows}
 
     def release_lease(self, merchant_id: str, token: str) -> None:
+        self.release_leases([merchant_id], token)
+
+    def release_leases(self, merchant_ids: Sequence[str], token: str) -> None:
         with self.transaction() as conn:
-            conn.execute("DELETE FROM leases WHERE merchant_id = ? AND token = ?",
-                         [merchant_id, token])
+            conn.executemany("DELETE FROM leases WHERE merchant_id = ? AND token = ?",
+                             [[merchant_id, token] for merchant_id in merchant_ids])
 
     def leases(self) -> list[Lease]:
         return [Lease(*row) for row in self.conn.execute(
