@@ -14,16 +14,17 @@ gives it.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import pickle
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import multiprocessing.process
+    from multiprocessing.connection import Connection
+
     from services.discovery import MerchantDiscovery
     from services.settings import ReconSettings
 
@@ -86,6 +87,8 @@ async def discover_in_processes(
     (killed, out of memory) costs time, not merchants: its share is discovered here. One
     cancelled (Ctrl-C) or failing here is ended: discovery only reads Square, and each
     merchant's rows are written in one transaction, so nothing is left half-written."""
+    import multiprocessing  # here: ~20 ms of start-up that only a large discovery needs
+
     shares = [list(merchant_ids[index::processes]) for index in range(processes)]
     each = max(1, concurrency // processes)
     context = multiprocessing.get_context("spawn")  # nothing of this loop or its sockets
