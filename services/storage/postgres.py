@@ -203,6 +203,19 @@ _QUEUED = ("SELECT o.order_id, o.merchant_id, o.location_id, o.version, o.state,
            "o.eligible, o.reason, o.detail, o.consent_id, o.fulfillments, "
            "GREATEST(o.seen_at, COALESCE(s.fetched_at, o.seen_at)) "
            "FROM orders o LEFT JOIN order_sync s ON s.merchant_id = o.merchant_id WHERE true")
+# One `queue --json` order as JSON text, made by json_build_object: keys in the order of the
+# document interfaces.md describes. Its parameter: the merchants refreshed just now.
+_QUEUED_JSON = (
+    "SELECT json_build_object('merchant_id', o.merchant_id, 'order_id', o.order_id, "
+    "'location_id', o.location_id, 'version', o.version, 'state', o.state, "
+    "'source', o.source, "
+    "'total_money', json_build_object('amount', o.total_amount, 'currency', o.currency), "
+    "'net_amount_due_money', json_build_object('amount', o.due_amount, "
+    "'currency', o.currency), "
+    "'created_at', o.created_at, 'eligible', o.eligible <> 0, 'reason', o.reason, "
+    "'stale', NOT (o.merchant_id = ANY(%s)), "
+    "'fetched_at', GREATEST(o.seen_at, COALESCE(s.fetched_at, o.seen_at)))::text "
+    "FROM orders o LEFT JOIN order_sync s ON s.merchant_id = o.merchant_id WHERE true")
 _UPSERT_ORDER = (f"INSERT INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
                  f"({', '.join('%s' for _ in ORDER_COLUMNS)}) ON CONFLICT (order_id) DO UPDATE "
                  "SET " + ", ".join(f"{c} = excluded.{c}" for c in ORDER_COLUMNS[1:]))
@@ -497,6 +510,20 @@ class PostgresStore(Store):
         if ordered:
             sql += " ORDER BY o.merchant_id, o.created_at, o.order_id"
         return list(map(QueuedOrder._make, self._all(sql, params)))
+
+    def queued_orders_json(self, refreshed: Sequence[str], eligible_only: bool = False,
+                           merchant_ids: Sequence[str] | None = None, chunk: int = 5000
+                           ) -> Iterator[list[str]]:
+        sql = _QUEUED_JSON
+        params: list[Any] = [list(refreshed)]
+        if merchant_ids is not None:
+            sql += " AND o.merchant_id = ANY(%s)"
+            params.append(list(merchant_ids))
+        if eligible_only:
+            sql += " AND o.eligible = 1"
+        rows = self._all(sql + " ORDER BY o.merchant_id, o.created_at, o.order_id", params)
+        for start in range(0, len(rows), chunk):
+            yield [row[0] for row in rows[start:start + chunk]]
 
     def oldest_orders(self, merchant_id: str | None = None, limit: int = 200
                       ) -> list[QueuedOrder]:

@@ -275,6 +275,21 @@ _QUEUED_COLUMNS = ("o.order_id, o.merchant_id, o.location_id, o.version, o.state
                    # A refresh by change confirms unchanged orders without rewriting them.
                    "MAX(o.seen_at, COALESCE(s.fetched_at, o.seen_at))")
 _QUEUED_FROM = "orders o LEFT JOIN order_sync s ON s.merchant_id = o.merchant_id"
+# One `queue --json` order as JSON text, made by SQLite's json_object: keys in the order of the
+# document interfaces.md describes; `json('true')` is a JSON boolean, not the string "true".
+# {refreshed}: a placeholder per merchant refreshed just now (the others are stale); bound
+# one by one, not as a JSON array: json_each cuts text at a NUL.
+_QUEUED_JSON = (
+    "json_object('merchant_id', o.merchant_id, 'order_id', o.order_id, "
+    "'location_id', o.location_id, 'version', o.version, 'state', o.state, "
+    "'source', o.source, "
+    "'total_money', json_object('amount', o.total_amount, 'currency', o.currency), "
+    "'net_amount_due_money', json_object('amount', o.due_amount, 'currency', o.currency), "
+    "'created_at', o.created_at, "
+    "'eligible', json(CASE WHEN o.eligible THEN 'true' ELSE 'false' END), 'reason', o.reason, "
+    "'stale', json(CASE WHEN o.merchant_id IN ({refreshed}) "
+    "THEN 'false' ELSE 'true' END), "
+    "'fetched_at', MAX(o.seen_at, COALESCE(s.fetched_at, o.seen_at)))")
 _INSERT_ORDER = (f"INSERT OR REPLACE INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
                  f"({', '.join('?' for _ in ORDER_COLUMNS)})")
 
@@ -556,6 +571,22 @@ class SQLiteStore(Store):
         if ordered:  # the console sorts for itself
             sql += " ORDER BY o.merchant_id, o.created_at, o.order_id"
         return list(map(QueuedOrder._make, self.conn.execute(sql, params).fetchall()))
+
+    def queued_orders_json(self, refreshed: Sequence[str], eligible_only: bool = False,
+                           merchant_ids: Sequence[str] | None = None, chunk: int = 5000
+                           ) -> Iterator[list[str]]:
+        marks = ", ".join("?" * len(refreshed))
+        sql = f"SELECT {_QUEUED_JSON.format(refreshed=marks)} FROM {_QUEUED_FROM} WHERE 1=1"
+        params: list[Any] = list(refreshed)
+        if merchant_ids is not None:
+            sql += f" AND o.merchant_id IN ({', '.join('?' * len(merchant_ids))})"
+            params.extend(merchant_ids)
+        if eligible_only:
+            sql += " AND o.eligible = 1"
+        cursor = self.conn.execute(sql + " ORDER BY o.merchant_id, o.created_at, o.order_id",
+                                   params)
+        while rows := cursor.fetchmany(chunk):
+            yield [row[0] for row in rows]
 
     def oldest_orders(self, merchant_id: str | None = None, limit: int = 200
                       ) -> list[QueuedOrder]:
