@@ -126,3 +126,10 @@ def test_database_built_queue_json_is_the_per_order_document(
         assert any(HOSTILE in o["order_id"] for o in document["orders"])
     if refreshed == {"M1", "M3"}:
         assert {o["stale"] for o in document["orders"]} == {True, False}
+
+
+def test_plain_ascii_output_still_has_del_escaped() -> None:
+    """json_inert's shortcut for plain ASCII must not skip DEL, the one ASCII it escapes."""
+    from services.text_safety import json_inert
+    assert json_inert(b'{"a": "x\x7fy"}') == b'{"a": "x\\u007fy"}'
+    assert json_inert(b'{"a": "xy"}') == b'{"a": "xy"}'

@@ -110,17 +110,6 @@ class QueuedOrder(NamedTuple):
     fulfillments: str
     fetched_at: str | None = None   # when discovery last read it from Square (`seen_at`)
 
-    def to_json(self, stale: bool = False) -> dict[str, Any]:
-        """The `queue --json` shape of interfaces.md; `stale` when its merchant could not be
-        refreshed just now, so this is what Square said at `fetched_at`."""
-        return {"merchant_id": self.merchant_id, "order_id": self.order_id,
-                "location_id": self.location_id, "version": self.version, "state": self.state,
-                "source": self.source,
-                "total_money": {"amount": self.total_amount, "currency": self.currency},
-                "net_amount_due_money": {"amount": self.due_amount, "currency": self.currency},
-                "created_at": self.created_at, "eligible": bool(self.eligible),
-                "reason": self.reason, "stale": stale, "fetched_at": self.fetched_at}
-
 
 class Lease(NamedTuple):
     """Who works on a merchant right now (a row of `leases`)."""
