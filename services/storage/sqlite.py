@@ -22,6 +22,7 @@ from services.settings import default_db_path
 from services.storage.base import (
     AUDIT_COLUMNS,
     AUDIT_VERIFY_COLUMNS,
+    CANONICAL_TIME_GLOB,
     INTENT_COLUMNS,
     ORDER_COLUMNS,
     Approval,
@@ -290,6 +291,13 @@ _QUEUED_JSON = (
     "'stale', json(CASE WHEN o.merchant_id IN ({refreshed}) "
     "THEN 'false' ELSE 'true' END), "
     "'fetched_at', MAX(o.seen_at, COALESCE(s.fetched_at, o.seen_at)))")
+# A created_at of Square's form that is a real time: the GLOB, then what it cannot say (hour
+# under 24, month 01-12, year from 1, the day within its month: date() moves 02-30 to March).
+_CANONICAL_CREATED = (
+    f"(created_at GLOB '{CANONICAL_TIME_GLOB}' AND substr(created_at, 12, 2) < '24' "
+    "AND substr(created_at, 6, 2) BETWEEN '01' AND '12' AND substr(created_at, 1, 4) <> '0000' "
+    "AND (substr(created_at, 9, 2) BETWEEN '01' AND '28' "
+    "OR date(created_at, '+0 days') = substr(created_at, 1, 10)))")
 _INSERT_ORDER = (f"INSERT OR REPLACE INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
                  f"({', '.join('?' for _ in ORDER_COLUMNS)})")
 
@@ -608,6 +616,36 @@ class SQLiteStore(Store):
         return [r[0] for r in self.conn.execute(
             "SELECT created_at FROM orders WHERE merchant_id = ? AND eligible = 1",
             [merchant_id])]
+
+    def candidates_by_age(self, merchant_ids: Sequence[str], edges: Sequence[str]
+                          ) -> dict[str, tuple[int, ...] | None]:
+        if not merchant_ids:
+            return {}
+        sums = "".join(", sum(created_at <= ?)" for _ in edges)
+        rows = self.conn.execute(
+            f"SELECT merchant_id, count(*), sum({_CANONICAL_CREATED}){sums} FROM orders "
+            f"WHERE eligible = 1 AND merchant_id IN ({', '.join('?' * len(merchant_ids))}) "
+            "GROUP BY merchant_id", [*edges, *merchant_ids])
+        return {row[0]: tuple(row[1:2] + row[3:]) if row[2] == row[1] else None
+                for row in rows}
+
+    def candidates_by_day(self, merchant_ids: Sequence[str], time_of_day: str
+                          ) -> dict[str, list[tuple[str, int, int]] | None]:
+        if not merchant_ids:
+            return {}
+        found: dict[str, list[tuple[str, int, int]] | None] = {}
+        for merchant_id, day, count, early, canonical in self.conn.execute(
+                f"SELECT merchant_id, substr(created_at, 1, 10), count(*), "
+                f"sum(substr(created_at, 12, 12) <= ?), sum({_CANONICAL_CREATED}) "
+                f"FROM orders WHERE eligible = 1 "
+                f"AND merchant_id IN ({', '.join('?' * len(merchant_ids))}) GROUP BY 1, 2",
+                [time_of_day, *merchant_ids]):
+            days = found.setdefault(merchant_id, [])
+            if days is not None and canonical == count:
+                days.append((day, count, early))
+            else:
+                found[merchant_id] = None
+        return found
 
     def order_json(self, order_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",
