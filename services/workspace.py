@@ -432,31 +432,30 @@ class Workspace:
         today = now.astimezone(UTC).date()
         recorded, rebuilt = [], []
         first = {m for m in merchant_ids if not self.store.has_backlog_history(m)}
-        # Counted by the database from the text, not parsed here (issue 11: 100,000 times a
-        # refresh): how many were created at or before now - 1, 3, 7, 14 days; for a first
-        # snapshot, how many on each day, before or after now's time of day.
+        # Counted by the database from the text, not parsed here (issue 11: 100,000 times at
+        # every refresh): how many were created at or before now - n days, for the n that
+        # today's buckets need, and for a first snapshot those of the 29 days before too.
         moment = now.astimezone(UTC)
-        edges = [_millis_text(moment - timedelta(days=d)) for d in (1, 3, 7, 14)]
-        by_age = self.store.candidates_by_age([m for m in merchant_ids if m not in first],
-                                              edges)
-        by_day = self.store.candidates_by_day([m for m in merchant_ids if m in first],
-                                              _millis_text(moment)[11:23])
+        ages = {False: (1, 3, 7, 14), True: tuple(range(1, days + 14))}
+        counted: dict[str, tuple[int, ...] | None] = {}
+        for is_first, ns in ages.items():
+            counted.update(self.store.candidates_by_age(
+                [m for m in merchant_ids if (m in first) is is_first],
+                [_millis_text(moment - timedelta(days=n)) for n in ns]))
         for merchant_id in merchant_ids:
-            counted = by_age.get(merchant_id, (0, 0, 0, 0, 0))
-            if merchant_id not in first and counted is not None:
-                recorded.append((today.isoformat(), merchant_id, _buckets(*counted)))
-                continue
-            per_day = by_day.get(merchant_id, [])
-            if merchant_id in first and per_day is not None:
-                total, older = _older_by_day(per_day, today)
-            else:  # a created_at of another form than Square's: read here, as it was
+            ns = ages[merchant_id in first]
+            counts = counted.get(merchant_id, (0,) * (len(ns) + 1))
+            if counts is not None:
+                found = dict(zip(ns, counts[1:], strict=True))
+                total, older = counts[0], found.__getitem__
+            else:  # a created_at in another form than Square's: read here, as it always was
                 total, older = _older_parsed(self.store.candidate_created_at(merchant_id), now)
             recorded.append((today.isoformat(), merchant_id,
-                             _buckets(total, *(older(d) for d in (1, 3, 7, 14)))))
+                             _buckets(total, *(older(n) for n in (1, 3, 7, 14)))))
             if merchant_id in first:
                 for back in range(1, days):
                     rebuilt.append(((today - timedelta(days=back)).isoformat(), merchant_id,
-                                    _buckets(*(older(back + d) for d in (0, 1, 3, 7, 14)))))
+                                    _buckets(*(older(back + n) for n in (0, 1, 3, 7, 14)))))
         self.store.record_backlog(recorded, utc_text(now))
         self.store.record_backlog(rebuilt, utc_text(now), rebuilt=True)
 
@@ -858,22 +857,9 @@ def _buckets(total: int, day1: int, day3: int, day7: int, day14: int
     return (total - day1, day1 - day3, day3 - day7, day7 - day14, day14)
 
 
-def _older_by_day(per_day: Sequence[tuple[str, int, int]], today: date
-                  ) -> tuple[int, Callable[[int], int]]:
-    """From the candidates per day created (day, how many, how many by now's time of day):
-    how many there are, and how many were created at least n whole days before now."""
-    whole_days: dict[int, int] = {}
-    for day, count, early in per_day:
-        days = (today - date.fromisoformat(day)).days
-        whole_days[days] = whole_days.get(days, 0) + early
-        whole_days[days - 1] = whole_days.get(days - 1, 0) + count - early
-    return (sum(whole_days.values()),
-            lambda n: sum(count for days, count in whole_days.items() if days >= n))
-
-
 def _older_parsed(created_at: Iterable[str], now: datetime) -> tuple[int, Callable[[int], int]]:
-    """`_older_by_day` from the times themselves, each parsed once and sorted: a count is
-    one bisect."""
+    """How many there are, and how many were created at or before now - n days: from the
+    times themselves, each parsed once and sorted (a count is then one bisect)."""
     created = sorted(_micros(parse_time(text)) for text in created_at)
     end = _micros(now)
     return len(created), lambda n: bisect_right(created, end - n * _DAY_MICROS)

@@ -155,22 +155,19 @@ def test_database_counts_are_the_slow_counts(store: Store, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("text", [
-    "2026-02-30T10:00:00.000Z", "2026-02-29T10:00:00.000Z", "2026-04-31T10:00:00.000Z",
-    "2026-13-01T10:00:00.000Z", "2026-00-10T10:00:00.000Z", "2026-01-00T10:00:00.000Z",
-    "2026-01-01T24:00:00.000Z", "0000-01-01T10:00:00.000Z", "2026-01-01 10:00:00.000Z",
-    "2026-01-01T10:00:00,000Z", "2026-01-01T10:00:00.000+00:00", "not a time"])
-def test_only_real_times_of_square_form_are_counted_as_text(store: Store, text: str) -> None:
-    """Anything else goes back to Python, which reads (or refuses) it as it always did."""
+    "2026-01-01 10:00:00.000Z", "2026-01-01T10:00:00,000Z", "2026-01-01T10:00:00.000+00:00",
+    "2026-01-01T10:00:00Z", "2026-01-01T10:00:00.123456Z", "2026-01-01T10:00:00.12Z",
+    "2026-W01-4T10:00:00.000Z", "20260101T100000.000Z", "not a time"])
+def test_times_in_another_form_are_left_to_python(store: Store, text: str) -> None:
+    """Their text need not sort as their time: Python reads (or refuses) them, as always."""
     write(store, "M", ["2026-01-01T10:00:00.000Z", text], 0)
-    edges = ["2026-01-01T10:00:00.000Z"]
-    assert store.candidates_by_age(["M"], edges) == {"M": None}
-    assert store.candidates_by_day(["M"], "10:00:00.000") == {"M": None}
+    assert store.candidates_by_age(["M"], ["2026-01-01T10:00:00.000Z"]) == {"M": None}
 
 
-def test_real_times_of_square_form_are_counted(store: Store) -> None:
-    texts = ["2028-02-29T23:59:59.999Z", "2026-12-31T00:00:00.000Z", "2026-04-30T10:00:00.001Z"]
-    write(store, "M", texts, 0)
-    assert store.candidates_by_age(["M", "nobody"], ["2026-04-30T10:00:00.001Z"]) == \
-        {"M": (3, 1)}
-    assert sorted(store.candidates_by_day(["M"], "10:00:00.000")["M"] or []) == [
-        ("2026-04-30", 1, 0), ("2026-12-31", 1, 1), ("2028-02-29", 1, 0)]
+def test_times_in_square_form_are_counted_by_the_database(store: Store) -> None:
+    write(store, "M", ["2028-02-29T23:59:59.999Z", "2026-12-31T00:00:00.000Z",
+                       "2026-04-30T10:00:00.001Z"], 0)
+    edges = ["2027-01-01T00:00:00.000Z", "2026-12-31T00:00:00.000Z",
+             "2026-04-30T10:00:00.001Z", "2026-04-30T10:00:00.000Z"]
+    assert store.candidates_by_age(["M", "nobody"], edges) == {"M": (3, 2, 2, 1, 0)}
+    assert store.candidates_by_age([], edges) == {}

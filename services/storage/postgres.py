@@ -34,15 +34,16 @@ from services.settings import PG_POOL_MAX
 from services.storage.base import (
     AUDIT_COLUMNS,
     AUDIT_VERIFY_COLUMNS,
-    CANONICAL_TIME_REGEX,
     INTENT_COLUMNS,
     ORDER_COLUMNS,
+    SQUARE_TIME_LIKE,
     Approval,
     AuditBuilder,
     Lease,
     OperatorSession,
     QueuedOrder,
     Store,
+    edges_passed,
     utc_text,
 )
 
@@ -217,14 +218,6 @@ _QUEUED_JSON = (
     "'stale', NOT (o.merchant_id = ANY(%s)), "
     "'fetched_at', GREATEST(o.seen_at, COALESCE(s.fetched_at, o.seen_at)))::text "
     "FROM orders o LEFT JOIN order_sync s ON s.merchant_id = o.merchant_id WHERE true")
-# A created_at of Square's form that is a real time: the regex, then the day within its month
-# (a CASE: only then are its parts read as numbers; AND and OR may run in any order).
-# Compared as bytes (COLLATE "C"): a locale's collation may weigh punctuation apart.
-_CANONICAL_CREATED = (
-    f"CASE WHEN created_at ~ '{CANONICAL_TIME_REGEX}' AND substr(created_at, 1, 4) <> '0000' "
-    "THEN substr(created_at, 9, 2)::int <= 28 OR substr(created_at, 9, 2)::int <= extract("
-    "day FROM make_date(substr(created_at, 1, 4)::int, substr(created_at, 6, 2)::int, 1) "
-    "+ interval '1 month' - interval '1 day') ELSE false END")
 _UPSERT_ORDER = (f"INSERT INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
                  f"({', '.join('%s' for _ in ORDER_COLUMNS)}) ON CONFLICT (order_id) DO UPDATE "
                  "SET " + ", ".join(f"{c} = excluded.{c}" for c in ORDER_COLUMNS[1:]))
@@ -553,30 +546,23 @@ class PostgresStore(Store):
                           ) -> dict[str, tuple[int, ...] | None]:
         if not merchant_ids:
             return {}
-        sums = "".join(', count(*) FILTER (WHERE created_at <= %s COLLATE "C")' for _ in edges)
+        # Compared as bytes: a locale's collation may weigh punctuation apart.
+        passed, params = edges_passed(edges, placeholder='%s COLLATE "C"')
         rows = self._all(
-            f"SELECT merchant_id, count(*), count(*) FILTER (WHERE {_CANONICAL_CREATED}){sums} "
-            "FROM orders WHERE eligible = 1 AND merchant_id = ANY(%s) GROUP BY merchant_id",
-            [*edges, list(merchant_ids)])
-        return {row[0]: tuple(row[1:2] + row[3:]) if row[2] == row[1] else None
-                for row in rows}
-
-    def candidates_by_day(self, merchant_ids: Sequence[str], time_of_day: str
-                          ) -> dict[str, list[tuple[str, int, int]] | None]:
-        if not merchant_ids:
-            return {}
-        found: dict[str, list[tuple[str, int, int]] | None] = {}
-        for merchant_id, day, count, early, canonical in self._all(
-                "SELECT merchant_id, substr(created_at, 1, 10), count(*), count(*) FILTER "
-                "(WHERE substr(created_at, 12, 12) <= %s COLLATE \"C\"), count(*) FILTER "
-                f"(WHERE {_CANONICAL_CREATED}) FROM orders WHERE eligible = 1 "
-                "AND merchant_id = ANY(%s) GROUP BY 1, 2", [time_of_day, list(merchant_ids)]):
-            days = found.setdefault(merchant_id, [])
-            if days is not None and canonical == count:
-                days.append((day, count, early))
-            else:
+            f"SELECT merchant_id, {passed}, count(*), count(*) FILTER (WHERE created_at "
+            f"LIKE '{SQUARE_TIME_LIKE}') FROM orders WHERE eligible = 1 "
+            "AND merchant_id = ANY(%s) GROUP BY 1, 2", [*params, list(merchant_ids)])
+        found: dict[str, list[int] | None] = {}
+        for merchant_id, passed, count, square_form in rows:
+            counts = found.setdefault(merchant_id, [0] * (len(edges) + 1))
+            if counts is None or square_form != count:
                 found[merchant_id] = None
-        return found
+            else:
+                counts[passed] += count
+        # Those at or before edge i: every class that passed it.
+        return {merchant_id: None if counts is None else
+                (sum(counts), *(sum(counts[i:]) for i in range(1, len(edges) + 1)))
+                for merchant_id, counts in found.items()}
 
     def waiting_orders(self, reasons: Sequence[str]) -> list[tuple[Any, ...]]:
         return self._all(

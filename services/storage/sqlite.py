@@ -22,15 +22,16 @@ from services.settings import default_db_path
 from services.storage.base import (
     AUDIT_COLUMNS,
     AUDIT_VERIFY_COLUMNS,
-    CANONICAL_TIME_GLOB,
     INTENT_COLUMNS,
     ORDER_COLUMNS,
+    SQUARE_TIME_GLOB,
     Approval,
     AuditBuilder,
     Lease,
     OperatorSession,
     QueuedOrder,
     Store,
+    edges_passed,
     utc_text,
 )
 
@@ -291,13 +292,6 @@ _QUEUED_JSON = (
     "'stale', json(CASE WHEN o.merchant_id IN ({refreshed}) "
     "THEN 'false' ELSE 'true' END), "
     "'fetched_at', MAX(o.seen_at, COALESCE(s.fetched_at, o.seen_at)))")
-# A created_at of Square's form that is a real time: the GLOB, then what it cannot say (hour
-# under 24, month 01-12, year from 1, the day within its month: date() moves 02-30 to March).
-_CANONICAL_CREATED = (
-    f"(created_at GLOB '{CANONICAL_TIME_GLOB}' AND substr(created_at, 12, 2) < '24' "
-    "AND substr(created_at, 6, 2) BETWEEN '01' AND '12' AND substr(created_at, 1, 4) <> '0000' "
-    "AND (substr(created_at, 9, 2) BETWEEN '01' AND '28' "
-    "OR date(created_at, '+0 days') = substr(created_at, 1, 10)))")
 _INSERT_ORDER = (f"INSERT OR REPLACE INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
                  f"({', '.join('?' for _ in ORDER_COLUMNS)})")
 
@@ -621,31 +615,23 @@ class SQLiteStore(Store):
                           ) -> dict[str, tuple[int, ...] | None]:
         if not merchant_ids:
             return {}
-        sums = "".join(", sum(created_at <= ?)" for _ in edges)
+        passed, params = edges_passed(edges)
         rows = self.conn.execute(
-            f"SELECT merchant_id, count(*), sum({_CANONICAL_CREATED}){sums} FROM orders "
-            f"WHERE eligible = 1 AND merchant_id IN ({', '.join('?' * len(merchant_ids))}) "
-            "GROUP BY merchant_id", [*edges, *merchant_ids])
-        return {row[0]: tuple(row[1:2] + row[3:]) if row[2] == row[1] else None
-                for row in rows}
-
-    def candidates_by_day(self, merchant_ids: Sequence[str], time_of_day: str
-                          ) -> dict[str, list[tuple[str, int, int]] | None]:
-        if not merchant_ids:
-            return {}
-        found: dict[str, list[tuple[str, int, int]] | None] = {}
-        for merchant_id, day, count, early, canonical in self.conn.execute(
-                f"SELECT merchant_id, substr(created_at, 1, 10), count(*), "
-                f"sum(substr(created_at, 12, 12) <= ?), sum({_CANONICAL_CREATED}) "
-                f"FROM orders WHERE eligible = 1 "
-                f"AND merchant_id IN ({', '.join('?' * len(merchant_ids))}) GROUP BY 1, 2",
-                [time_of_day, *merchant_ids]):
-            days = found.setdefault(merchant_id, [])
-            if days is not None and canonical == count:
-                days.append((day, count, early))
-            else:
+            f"SELECT merchant_id, {passed}, count(*), "
+            f"sum(created_at GLOB '{SQUARE_TIME_GLOB}') FROM orders WHERE eligible = 1 "
+            f"AND merchant_id IN ({', '.join('?' * len(merchant_ids))}) GROUP BY 1, 2",
+            [*params, *merchant_ids])
+        found: dict[str, list[int] | None] = {}
+        for merchant_id, passed, count, square_form in rows:
+            counts = found.setdefault(merchant_id, [0] * (len(edges) + 1))
+            if counts is None or square_form != count:
                 found[merchant_id] = None
-        return found
+            else:
+                counts[passed] += count
+        # Those at or before edge i: every class that passed it.
+        return {merchant_id: None if counts is None else
+                (sum(counts), *(sum(counts[i:]) for i in range(1, len(edges) + 1)))
+                for merchant_id, counts in found.items()}
 
     def order_json(self, order_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",
