@@ -83,8 +83,9 @@ def print_json_stream(key: str, items: Iterable[Any], rest: dict[str, Any],
         buffer.flush()
 
 
-def print_json_objects(key: str, chunks: Iterable[Sequence[str]], rest: dict[str, Any]) -> None:
-    """`print_json({key: [...], **rest})` for items that are JSON objects already (text), as
+def print_json_objects(key: str, chunks: Iterable[Sequence[bytes]], rest: dict[str, Any]
+                       ) -> None:
+    """`print_json({key: [...], **rest})` for items that are JSON objects already (UTF-8), as
     the store writes `queue --json`'s orders: one per line, a chunk at a time, with no
     object per item in Python (issue 11). The same document as `print_json` (parsed), with
     the same escaping of what a terminal would act on."""
@@ -103,7 +104,7 @@ def print_json_objects(key: str, chunks: Iterable[Sequence[str]], rest: dict[str
     first = True
     for chunk in chunks:
         if chunk:
-            write((b"\n    " if first else b",\n    ") + ",\n    ".join(chunk).encode())
+            write((b"\n    " if first else b",\n    ") + b",\n    ".join(chunk))
             first = False
     write(b"]" if first else b"\n  ]")
     for name, value in rest.items():

@@ -346,9 +346,9 @@ class Store(ABC):
     @abstractmethod
     def queued_orders_json(self, refreshed: Sequence[str], eligible_only: bool = False,
                            merchant_ids: Sequence[str] | None = None, chunk: int = 5000
-                           ) -> Iterator[list[str]]:
+                           ) -> Iterator[list[bytes]]:
         """`queue --json`'s orders (interfaces.md), in `queued_orders`' order, each a JSON
-        object built by the database itself, a chunk at a time: keys, values and their order
+        object (UTF-8) built by the database itself, a chunk at a time: keys, values and their order
         as `queue --json` has always written them; `"stale": true` for merchants not in
         `refreshed`. No object per order in Python: 100,000 orders as dicts and through
         orjson cost 4x more CPU (issue 11). The text is not yet `json_inert`: the caller

@@ -515,7 +515,7 @@ class PostgresStore(Store):
 
     def queued_orders_json(self, refreshed: Sequence[str], eligible_only: bool = False,
                            merchant_ids: Sequence[str] | None = None, chunk: int = 5000
-                           ) -> Iterator[list[str]]:
+                           ) -> Iterator[list[bytes]]:
         sql = _QUEUED_JSON
         params: list[Any] = [list(refreshed)]
         if merchant_ids is not None:
@@ -525,7 +525,7 @@ class PostgresStore(Store):
             sql += " AND o.eligible = 1"
         rows = self._all(sql + " ORDER BY o.merchant_id, o.created_at, o.order_id", params)
         for start in range(0, len(rows), chunk):
-            yield [row[0] for row in rows[start:start + chunk]]
+            yield [row[0].encode() for row in rows[start:start + chunk]]
 
     def oldest_orders(self, merchant_id: str | None = None, limit: int = 200
                       ) -> list[QueuedOrder]:

@@ -576,9 +576,11 @@ class SQLiteStore(Store):
 
     def queued_orders_json(self, refreshed: Sequence[str], eligible_only: bool = False,
                            merchant_ids: Sequence[str] | None = None, chunk: int = 5000
-                           ) -> Iterator[list[str]]:
+                           ) -> Iterator[list[bytes]]:
         marks = ", ".join("?" * len(refreshed))
-        sql = f"SELECT {_QUEUED_JSON.format(refreshed=marks)} FROM {_QUEUED_FROM} WHERE 1=1"
+        # As bytes (BLOB): written as they come, no text decoded and encoded again.
+        sql = (f"SELECT CAST({_QUEUED_JSON.format(refreshed=marks)} AS BLOB) "
+               f"FROM {_QUEUED_FROM} WHERE 1=1")
         params: list[Any] = list(refreshed)
         if merchant_ids is not None:
             sql += f" AND o.merchant_id IN ({', '.join('?' * len(merchant_ids))})"
