@@ -160,7 +160,17 @@ def two_operators(args: argparse.Namespace, cluster: LocalCluster | None
     latency = args.pair_latency_ms
     with workspace(args, cluster, latency) as (env, merchants):
         first, second = halves(merchants)
-        alone = {"A": complete(env, "alice", first), "B": complete(env, "bob", second)}
+        emulator = int(env["BENCH_EMULATOR_PID"])
+        alone = {}
+        for half, operator, chosen in (("A", "alice", first), ("B", "bob", second)):
+            before = (resource.getrusage(resource.RUSAGE_CHILDREN), _cpu(emulator),
+                      server_cpu(cluster))
+            alone[half] = complete(env, operator, chosen)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # Everything the run made the machine do: its client, the emulator, the server.
+            alone[half]["cpu"] = (after.ru_utime + after.ru_stime - before[0].ru_utime
+                                  - before[0].ru_stime + _cpu(emulator) - before[1]
+                                  + server_cpu(cluster) - before[2])
     with workspace(args, cluster, latency) as (env, merchants):
         first, second = halves(merchants)
         emulator = int(env["BENCH_EMULATOR_PID"])
@@ -264,6 +274,15 @@ def main() -> None:
             print(f"   {name:<11} {half:<5} {alone:7.2f}s {together:8.2f}s "
                   f"{together / alone:6.2f}  {verdict(together / alone):<13} "
                   f"{done['completed']} (other {done['other']})")
+        # The cores' floor: both runs' CPU cannot take less wall time than it fills on all
+        # cores, so no store and no code can bring a half below this ratio on this machine.
+        floor = med([{"wall": (p["A alone"]["cpu"] + p["B alone"]["cpu"])
+                      / (os.cpu_count() or 1)} for p in pairs[name]])
+        best = max(floor / med([p[f"{h} alone"] for p in pairs[name]]) for h in "AB")
+        print(f"   {name:<11} alone: A {med([p['A alone'] for p in pairs[name]], 'cpu'):.1f} + "
+              f"B {med([p['B alone'] for p in pairs[name]], 'cpu'):.1f} CPU s (client, "
+              f"emulator, server); at once they need >= {floor:.2f} s of all "
+              f"{os.cpu_count()} cores: the lowest ratio this machine allows is {best:.2f}")
         pair = [p["pair"] for p in pairs[name]]
         print(f"   {name:<11} together: {med(pair, 'cpu'):.1f} CPU s (clients, emulator, "
               f"server) in {med(pair):.2f} s on {os.cpu_count()} cores = "

@@ -37,7 +37,7 @@ from services.errors import (
     TokenMerchantMismatch,
 )
 from services.square_gateway import SquareGateway
-from services.square_models import Location, OrderLike, decode_order, encode_order
+from services.square_models import Location, OrderLike, OrderStruct, decode_order, encode_order
 from services.store import ORDER_COLUMNS, Store, utc_text
 from services.timestamps import parse_time
 
@@ -120,37 +120,62 @@ def consent_signature(view: ConsentView) -> str:
     return hashlib.sha256(orjson.dumps(parts)).hexdigest()
 
 
+def _plan(active: list[str], marks: dict[str, tuple[str, str]], synced: bool, full: bool,
+          now: datetime) -> tuple[list[str], list[str]]:
+    """(locations read in full, locations read by change) of a merchant's refresh."""
+    whole = [loc for loc in active
+             if full or not synced or loc not in marks
+             or now - parse_time(marks[loc][1]) >= FULL_EVERY]
+    return whole, [loc for loc in active if loc not in whole]
+
+
+_Pages = tuple[list[list[OrderStruct]], list[list[OrderStruct]]]
+
+
+async def _fetch(gateway: SquareGateway, creds: MerchantCredentials, whole: list[str],
+                 by_change: list[str], marks: dict[str, tuple[str, str]]) -> _Pages:
+    """The SearchOrders pages of a plan: OPEN orders of `whole`, changes at `by_change`."""
+    full_pages: list[list[OrderStruct]] = []
+    for start in range(0, len(whole), 10):
+        async for page in gateway.search_orders(creds, whole[start:start + 10],
+                                                OPEN_ORDERS_QUERY):
+            full_pages.append(page)
+    change_pages: list[list[OrderStruct]] = []
+    for start in range(0, len(by_change), 10):
+        chunk = by_change[start:start + 10]
+        since = min(parse_time(marks[loc][0]) for loc in chunk) - MARK_MARGIN
+        async for page in gateway.search_orders(creds, chunk, changes_query(since)):
+            change_pages.append(page)
+    return full_pages, change_pages
+
 
 async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
                        active: list[str], consents: Sequence[ConsentRecord], now: datetime,
-                       full: bool, merchant_row: dict[str, object]) -> None:
+                       full: bool, merchant_row: dict[str, object],
+                       early: tuple[list[str], asyncio.Task[_Pages]] | None = None) -> None:
     """Read the merchant's orders from Square (in full or by change) and write them, with
-    the merchant's row, in one transaction."""
+    the merchant's row, in one transaction. `early`: the same reads, started with the
+    locations stored at the last refresh (active ones, in order); used only if Square's
+    locations are still those."""
     merchant_id = creds.merchant_id
     seen_at = utc_text(now)
     view = ConsentView.build(consents, now)
     signature = consent_signature(view)
     marks = store.order_marks(merchant_id)
     sync = store.order_sync(merchant_id)
-    whole = [loc for loc in active
-             if full or sync is None or loc not in marks
-             or now - parse_time(marks[loc][1]) >= FULL_EVERY]
-    by_change = [loc for loc in active if loc not in whole]
-    rows: list[tuple[Any, ...]] = []
-    for start in range(0, len(whole), 10):
-        async for page in gateway.search_orders(creds, whole[start:start + 10],
-                                                OPEN_ORDERS_QUERY):
-            rows.extend(order_values(order, merchant_id, consents, now, seen_at, view)
-                        for order in page)
+    whole, by_change = _plan(active, marks, sync is not None, full, now)
+    if early is not None and early[0] == active:
+        full_pages, change_pages = await early[1]
+    else:
+        full_pages, change_pages = await _fetch(gateway, creds, whole, by_change, marks)
+    rows: list[tuple[Any, ...]] = [order_values(order, merchant_id, consents, now, seen_at, view)
+                                   for page in full_pages for order in page]
     # Sorted by UPDATED_AT, an order changed while we page comes again later: the last wins.
     changed: dict[str, tuple[Any, ...] | None] = {}
-    for start in range(0, len(by_change), 10):
-        chunk = by_change[start:start + 10]
-        since = min(parse_time(marks[loc][0]) for loc in chunk) - MARK_MARGIN
-        async for page in gateway.search_orders(creds, chunk, changes_query(since)):
-            for order in page:
-                changed[order.id] = (order_values(order, merchant_id, consents, now, seen_at,
-                                                  view) if order.state == "OPEN" else None)
+    for page in change_pages:
+        for order in page:
+            changed[order.id] = (order_values(order, merchant_id, consents, now, seen_at, view)
+                                 if order.state == "OPEN" else None)
     rows.extend(row for row in changed.values() if row is not None)
     with store.cache_transaction():
         store.upsert_merchant(merchant_row)
@@ -176,10 +201,35 @@ async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCred
         store.save_order_sync(merchant_id, seen_at, signature)
 
 
+def _start_early_reads(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
+                       full: bool, now: datetime
+                       ) -> tuple[list[str], asyncio.Task[_Pages]] | None:
+    """The order reads of this refresh, started beside the profile and locations requests
+    with the ACTIVE locations stored last time (a round trip less per merchant): only the
+    token's identity must come first, and it has. None for a merchant never read."""
+    stored = store.merchant(creds.merchant_id)
+    if not stored or not stored.get("locations_json"):
+        return None
+    active = [str(loc["id"]) for loc in orjson.loads(str(stored["locations_json"]))
+              if loc.get("status") == "ACTIVE"]
+    marks = store.order_marks(creds.merchant_id)
+    whole, by_change = _plan(active, marks, store.order_sync(creds.merchant_id) is not None,
+                             full, now)
+    return active, asyncio.ensure_future(_fetch(gateway, creds, whole, by_change, marks))
+
+
+def _drop(task: asyncio.Task[_Pages]) -> None:
+    """Cancel early reads nobody used (Square's locations had changed, or the merchant
+    failed), and retrieve their error, so none is reported as never retrieved."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
 async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
                         consents: Sequence[ConsentRecord], now: datetime, full: bool = False
                         ) -> MerchantDiscovery:
     report = MerchantDiscovery(creds.merchant_id)
+    early: tuple[list[str], asyncio.Task[_Pages]] | None = None
     row: dict[str, object] = {"merchant_id": creds.merchant_id,
                               "sync_time": creds.sync_time.strftime("%H:%M")
                               if creds.sync_time else None}
@@ -200,7 +250,9 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
         else:
             report.token_health = TokenHealth.VALID
         row.update(token_expires_at=status.expires_at, token_scopes=",".join(status.scopes))
-        # Both at once (the token's identity is settled by now): one round trip less.
+        if "ORDERS_READ" not in missing:
+            early = _start_early_reads(gateway, store, creds, full, now)
+        # All at once (the token's identity is settled by now): two round trips less.
         merchant_or_error, locations_or_error = await asyncio.gather(
             gateway.merchant(creds), gateway.locations(creds), return_exceptions=True)
         for outcome in (merchant_or_error, locations_or_error):
@@ -225,7 +277,7 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
                             "completed until the merchant re-authorizes.")
         row.update(token_health=report.token_health, discovery_error=report.error,
                    discovered_at=utc_text(now))
-        await _read_orders(gateway, store, creds, active, consents, now, full, row)
+        await _read_orders(gateway, store, creds, active, consents, now, full, row, early)
         report.refreshed = True
         report.orders, report.eligible = store.merchant_order_counts(creds.merchant_id)
         return report
@@ -239,6 +291,9 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
             store.save_order_marks(creds.merchant_id, {})
     except ReconError as error:
         report.error = str(error)
+    finally:
+        if early is not None:
+            _drop(early[1])
     row.update(token_health=report.token_health, discovery_error=report.error,
                discovered_at=utc_text(now))
     with store.cache_transaction():

@@ -98,6 +98,9 @@ class ReconSettings(BaseSettings):
     keymap: Path = Field(default_factory=default_keymap_path)
     # Concurrency and retry knobs; the defaults suit Square's unpublished limits.
     max_concurrent_merchants: int = Field(16, ge=1)
+    # A discovery of many merchants is shared out over this many processes (at most the
+    # machine's cores; services/discovery_processes.py). 1: all in the console's own.
+    discovery_processes: int = Field(2, ge=1, le=16)
     read_retries: int = Field(4, ge=0)
     request_timeout_s: float = Field(20.0, gt=0)
     # Reminders (services/reminders): `smtp://user@host:587` (STARTTLS) or `smtps://...:465`;

@@ -55,6 +55,7 @@ from services.discovery import (
     discover,
     order_row,
 )
+from services.discovery_processes import discover_in_processes, processes_for
 from services.eligibility import (
     ConsentView,
     EligibilityReason,
@@ -190,6 +191,9 @@ class Workspace:
     # Why the last automatic checkpoint was not written (a batch never fails for it).
     checkpoint_problem: str | None = None
     presence: Presence | None = None  # this process's operator session, once online
+    # Processes a large discovery may use (services/discovery_processes.py): set by `open`
+    # from the settings when the workspace is all of the settings' own making.
+    discovery_processes: int = 1
 
     @classmethod
     def open(cls, settings: ReconSettings, http: httpx.AsyncClient | None = None,
@@ -198,7 +202,9 @@ class Workspace:
         store = open_store(settings.db, pg_pool_max=settings.pg_pool_max)
         gateway = SquareGateway(settings.base_url, http, timeout_s=settings.request_timeout_s,
                                 retry=retry or RetryPolicy(attempts=settings.read_retries + 1))
-        return cls(settings=settings, store=store, gateway=gateway, _credentials=credentials)
+        return cls(settings=settings, store=store, gateway=gateway, _credentials=credentials,
+                   discovery_processes=settings.discovery_processes
+                   if http is None and credentials is None else 1)
 
     @property
     def audit(self) -> AuditTrail:
@@ -414,10 +420,25 @@ class Workspace:
             if unknown:
                 raise ConfigurationError(f"Unknown merchant {unknown[0]}: it has no entry in "
                                          f"{self.settings.credentials}.")
-        reports = await discover(self.gateway, self.store, credentials,
-                                 self.consents_by_merchant(), self.clock(),
-                                 concurrency=self.settings.max_concurrent_merchants,
-                                 merchant_ids=merchant_ids, on_merchant=on_merchant, full=full)
+        now = self.clock()
+        wanted = list(merchant_ids) if merchant_ids is not None else sorted(credentials)
+        consents = self.consents_by_merchant()
+
+        async def here(ids: list[str], concurrency: int) -> list[MerchantDiscovery]:
+            return await discover(self.gateway, self.store, credentials, consents, now,
+                                  concurrency=concurrency, merchant_ids=ids,
+                                  on_merchant=on_merchant, full=full)
+        # Other processes only where they can open all this one has: the settings' database
+        # file or URL, credentials file and Square (not a client or credentials handed in),
+        # and with no one waiting on each merchant's report as it comes.
+        processes = processes_for(len(wanted), self.discovery_processes) \
+            if on_merchant is None and self.store.location != ":memory:" else 1
+        if processes > 1:
+            reports = await discover_in_processes(
+                self.settings, wanted, now, full, self.settings.max_concurrent_merchants,
+                processes, here)
+        else:
+            reports = await here(wanted, self.settings.max_concurrent_merchants)
         self.record_backlog([r.merchant_id for r in reports if r.refreshed])
         return reports
 

@@ -7,6 +7,7 @@ Tokens never come here: no table has a column for them.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,29 @@ __all__ = ["SQLiteStore"]
 
 migrations = Migrations("recon-console")
 _AUTOCHECKPOINT_PAGES = 1000  # SQLite's default
+_BUSY_TIMEOUT_S = 30.0
+_BUSY_POLL_S = 0.001
+
+
+def _begin_immediate(conn: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE, waiting up to `_BUSY_TIMEOUT_S` for another process's write to end.
+    Polled every millisecond rather than left to SQLite's busy handler, whose sleeps grow to
+    100 ms: with two processes writing short transactions (two operators, a discovery shared
+    over two processes) those sleeps, not the writes, set the pace."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as error:
+                if (getattr(error, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY
+                        or time.monotonic() >= deadline):
+                    raise
+            time.sleep(_BUSY_POLL_S)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
 
 
 @migrations()
@@ -333,7 +357,7 @@ class SQLiteStore(Store):
             if self.path.parent.is_dir():
                 create_private(self.path)
         # Made in one thread (the demo builds it in a worker), then used by one at a time.
-        conn = sqlite3.connect(str(path), isolation_level=None, timeout=30,
+        conn = sqlite3.connect(str(path), isolation_level=None, timeout=_BUSY_TIMEOUT_S,
                                check_same_thread=False)
         self.db = Database(conn)
         if migrate:
@@ -352,7 +376,7 @@ class SQLiteStore(Store):
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT: one writer at a time, durable on return."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        _begin_immediate(self.conn)
         try:
             yield self.conn
         except BaseException:
@@ -698,7 +722,7 @@ class SQLiteStore(Store):
         conn = self.conn
         errors: list[BaseException | None] = [None] * len(parts)
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            _begin_immediate(conn)
             try:
                 for index, part in enumerate(parts):
                     conn.execute("SAVEPOINT part")
