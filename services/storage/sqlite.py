@@ -303,8 +303,8 @@ _QUEUED_COLUMNS = ("o.order_id, o.merchant_id, o.location_id, o.version, o.state
 _QUEUED_FROM = "orders o LEFT JOIN order_sync s ON s.merchant_id = o.merchant_id"
 # One `queue --json` order as JSON text, made by SQLite's json_object: keys in the order of the
 # document interfaces.md describes; `json('true')` is a JSON boolean, not the string "true".
-# {refreshed}: a placeholder per merchant refreshed just now (the others are stale); bound
-# one by one, not as a JSON array: json_each cuts text at a NUL.
+# {stale}: a placeholder per merchant not refreshed just now (usually none: a row then tests
+# nothing); bound one by one, not as a JSON array: json_each cuts text at a NUL.
 _QUEUED_JSON = (
     "json_object('merchant_id', o.merchant_id, 'order_id', o.order_id, "
     "'location_id', o.location_id, 'version', o.version, 'state', o.state, "
@@ -313,8 +313,7 @@ _QUEUED_JSON = (
     "'net_amount_due_money', json_object('amount', o.due_amount, 'currency', o.currency), "
     "'created_at', o.created_at, "
     "'eligible', json(CASE WHEN o.eligible THEN 'true' ELSE 'false' END), 'reason', o.reason, "
-    "'stale', json(CASE WHEN o.merchant_id IN ({refreshed}) "
-    "THEN 'false' ELSE 'true' END), "
+    "'stale', json(CASE WHEN o.merchant_id IN ({stale}) THEN 'true' ELSE 'false' END), "
     "'fetched_at', MAX(o.seen_at, COALESCE(s.fetched_at, o.seen_at)))")
 _INSERT_ORDER = (f"INSERT OR REPLACE INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
                  f"({', '.join('?' for _ in ORDER_COLUMNS)})")
@@ -601,11 +600,13 @@ class SQLiteStore(Store):
     def queued_orders_json(self, refreshed: Sequence[str], eligible_only: bool = False,
                            merchant_ids: Sequence[str] | None = None, chunk: int = 5000
                            ) -> Iterator[list[bytes]]:
-        marks = ", ".join("?" * len(refreshed))
+        fresh = set(refreshed)
+        stale = [merchant_id for (merchant_id,) in self.conn.execute(
+            "SELECT DISTINCT merchant_id FROM orders") if merchant_id not in fresh]
         # As bytes (BLOB): written as they come, no text decoded and encoded again.
-        sql = (f"SELECT CAST({_QUEUED_JSON.format(refreshed=marks)} AS BLOB) "
+        sql = (f"SELECT CAST({_QUEUED_JSON.format(stale=', '.join('?' * len(stale)))} AS BLOB) "
                f"FROM {_QUEUED_FROM} WHERE 1=1")
-        params: list[Any] = list(refreshed)
+        params: list[Any] = stale
         if merchant_ids is not None:
             sql += f" AND o.merchant_id IN ({', '.join('?' * len(merchant_ids))})"
             params.extend(merchant_ids)
