@@ -163,10 +163,14 @@ def measure(store: Store, runs: int, label: str) -> None:
         for figure in ("output", "backlog, first snapshot", "backlog, later snapshot")}
     backlogs = (("per order (before)", per_candidate_backlog),
                 ("by the database (now)", Workspace.record_backlog))
-    # A first snapshot happens once per merchant: each side takes every other merchant.
-    for offset, (name, backlog) in enumerate(backlogs):
-        sides["backlog, first snapshot"][name].append(
-            cpu(lambda b=backlog, o=offset: b(workspace, merchants[o::2])) * 2)
+    # A first snapshot happens once per merchant: each run of each side takes its own share of
+    # the merchants (scaled up to all of them).
+    shares = 2 * runs
+    for run in range(runs):
+        for offset, (name, backlog) in enumerate(backlogs):
+            share = merchants[2 * run + offset::shares]
+            sides["backlog, first snapshot"][name].append(
+                cpu(lambda b=backlog, m=share: b(workspace, m)) * len(merchants) / len(share))
     sizes = {}
     for _ in range(runs):
         for name, work in (("per order (before)", per_order_output),
@@ -178,8 +182,8 @@ def measure(store: Store, runs: int, label: str) -> None:
             sides["backlog, later snapshot"][name].append(
                 cpu(lambda b=backlog: b(workspace, merchants)))
     print(f"{label}: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
-          f"(shared); CPU s of this process, medians of {runs} (a first snapshot: one run, "
-          "half the merchants each, doubled)")
+          f"(shared); CPU s of this process, medians of {runs} (a first snapshot: each run "
+          f"on 1/{2 * runs} of the merchants, scaled)")
     for figure, results in sides.items():
         before, now = (statistics.median(v) for v in results.values())
         print(f"  {figure:<24} before {before:6.3f} s   now {now:6.3f} s   "
