@@ -24,7 +24,7 @@ from console.output import (
     err,
     install_cancel,
     print_json,
-    print_json_stream,
+    print_json_objects,
 )
 from console.wording import format_money, preview_lines
 from services.completion import NOT_RECORDED, BatchProgress, Outcome, SkipReason
@@ -180,8 +180,6 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
             await _recover_first(workspace)
             reports = await workspace.refresh(args.merchant, full=args.full)
             refreshed = {r.merchant_id for r in reports if r.refreshed}
-            orders = [o for o in workspace.queue(include_ineligible=args.include_ineligible)
-                      if not args.merchant or o.merchant_id in args.merchant]
             now = workspace.clock()
             names = workspace.merchant_names()
             failed = [r for r in reports if not r.refreshed]
@@ -200,8 +198,10 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
             # Exit 1: an unreachable or refused merchant is a failure, not a quiet success.
             code = EXIT_FAILURES if failed else EXIT_OK
             if args.json:
-                print_json_stream("orders", (o.to_json(o.merchant_id not in refreshed)
-                                             for o in orders),
+                # Built by the database, not an object per order (issue 11).
+                print_json_objects("orders", workspace.store.queued_orders_json(
+                    sorted(refreshed), eligible_only=not args.include_ineligible,
+                    merchant_ids=args.merchant or None),
                                   {"merchants": [{"merchant_id": r.merchant_id,
                                                   "business_name": r.business_name,
                                                   "token_health": r.token_health,
@@ -209,6 +209,8 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
                                                   "eligible": r.eligible,
                                                   "stale": not r.refreshed} for r in reports]})
                 return code
+            orders = [o for o in workspace.queue(include_ineligible=args.include_ineligible)
+                      if not args.merchant or o.merchant_id in args.merchant]
             stale = any(o.merchant_id not in refreshed for o in orders)
             full = args.output_format == "tsv"
             print_listing(args, [("merchant", "merchant"), ("merchant_id", None),

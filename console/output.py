@@ -9,7 +9,7 @@ import itertools
 import os
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -17,7 +17,7 @@ import orjson
 from services.text_safety import json_inert
 
 __all__ = ["EXIT_CANCELLED", "EXIT_FAILURES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "err",
-           "install_cancel", "print_json", "print_json_stream"]
+           "install_cancel", "print_json", "print_json_objects", "print_json_stream"]
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 # Four-eyes: nothing was sent, because the batch needs (or lacks) a second operator's approval.
@@ -74,6 +74,38 @@ def print_json_stream(key: str, items: Iterable[Any], rest: dict[str, Any],
         inner = orjson.dumps(batch, default=str, option=options)[2:-2]
         write((b"\n" if first else b",\n") + b"  " + inner.replace(b"\n", b"\n  "))
         first = False
+    write(b"]" if first else b"\n  ]")
+    for name, value in rest.items():
+        write(b",\n  " + orjson.dumps(name) + b": " + orjson.dumps(
+            value, default=str, option=options).replace(b"\n", b"\n  "))
+    write(b"\n}\n")
+    if buffer is not None:
+        buffer.flush()
+
+
+def print_json_objects(key: str, chunks: Iterable[Sequence[bytes]], rest: dict[str, Any]
+                       ) -> None:
+    """`print_json({key: [...], **rest})` for items that are JSON objects already (UTF-8), as
+    the store writes `queue --json`'s orders: one per line, a chunk at a time, with no
+    object per item in Python (issue 11). The same document as `print_json` (parsed), with
+    the same escaping of what a terminal would act on."""
+    options = _JSON_OPTIONS
+    buffer = getattr(sys.stdout, "buffer", None)
+
+    def write(data: bytes) -> None:
+        data = json_inert(data)
+        if buffer is None:
+            sys.stdout.write(data.decode())
+        else:
+            buffer.write(data)
+
+    sys.stdout.flush()
+    write(b"{\n  " + orjson.dumps(key) + b": [")
+    first = True
+    for chunk in chunks:
+        if chunk:
+            write((b"\n    " if first else b",\n    ") + b",\n    ".join(chunk))
+            first = False
     write(b"]" if first else b"\n  ]")
     for name, value in rest.items():
         write(b",\n  " + orjson.dumps(name) + b": " + orjson.dumps(

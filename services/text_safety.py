@@ -81,8 +81,16 @@ def json_line(document: Any) -> str:
 
 
 def json_inert(data: bytes) -> bytes:
-    """Serialized JSON (UTF-8) with what `json_line` escapes escaped too: same document."""
-    if _JSON_UNSAFE_BYTES.search(data) is None:  # the common case costs one scan
+    """Serialized JSON (UTF-8) with what `json_line` escapes escaped too: same document.
+
+    Safe on a whole document, not only on its strings: every character escaped here is DEL or
+    beyond ASCII, and outside its strings JSON is ASCII punctuation, digits, literals and
+    whitespace only, so a match is always inside a string, where `\\uXXXX` means the same."""
+    # Plain ASCII without DEL (the common case, 55 MB of `queue --json`): two C scans, ~40x
+    # faster than the regex's.
+    if data.isascii() and b"\x7f" not in data:
+        return data
+    if _JSON_UNSAFE_BYTES.search(data) is None:
         return data
     return _JSON_UNSAFE_BYTES.sub(
         lambda m: f"\\u{ord(m.group().decode()):04x}".encode(), data)

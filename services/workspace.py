@@ -464,18 +464,31 @@ class Workspace:
         now = self.clock()
         today = now.astimezone(UTC).date()
         recorded, rebuilt = [], []
+        first = {m for m in merchant_ids if not self.store.has_backlog_history(m)}
+        # Counted by the database from the text, not parsed here (issue 11: 100,000 times at
+        # every refresh): how many were created at or before now - n days, for the n that
+        # today's buckets need, and for a first snapshot those of the 29 days before too.
+        moment = now.astimezone(UTC)
+        ages = {False: (1, 3, 7, 14), True: tuple(range(1, days + 14))}
+        counted: dict[str, tuple[int, ...] | None] = {}
+        for is_first, ns in ages.items():
+            counted.update(self.store.candidates_by_age(
+                [m for m in merchant_ids if (m in first) is is_first],
+                [_millis_text(moment - timedelta(days=n)) for n in ns]))
         for merchant_id in merchant_ids:
-            # Each creation time parsed once and sorted: a day's counts are then five bisects,
-            # not a pass over every candidate per day (30 x 100,000 parses, issue 11).
-            created = sorted(_micros(parse_time(text)) for text in
-                             self.store.candidate_created_at(merchant_id))
-            if not self.store.has_backlog_history(merchant_id):
-                for back in range(1, days):
-                    moment = now - timedelta(days=back)
-                    rebuilt.append(((today - timedelta(days=back)).isoformat(), merchant_id,
-                                    _sorted_age_buckets(created, _micros(moment), True)))
+            ns = ages[merchant_id in first]
+            counts = counted.get(merchant_id, (0,) * (len(ns) + 1))
+            if counts is not None:
+                found = dict(zip(ns, counts[1:], strict=True))
+                total, older = counts[0], found.__getitem__
+            else:  # a created_at in another form than Square's: read here, as it always was
+                total, older = _older_parsed(self.store.candidate_created_at(merchant_id), now)
             recorded.append((today.isoformat(), merchant_id,
-                             _sorted_age_buckets(created, _micros(now), False)))
+                             _buckets(total, *(older(n) for n in (1, 3, 7, 14)))))
+            if merchant_id in first:
+                for back in range(1, days):
+                    rebuilt.append(((today - timedelta(days=back)).isoformat(), merchant_id,
+                                    _buckets(*(older(back + n) for n in (0, 1, 3, 7, 14)))))
         self.store.record_backlog(recorded, utc_text(now))
         self.store.record_backlog(rebuilt, utc_text(now), rebuilt=True)
 
@@ -868,15 +881,25 @@ def _micros(moment: datetime) -> int:
     return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
-def _sorted_age_buckets(created: Sequence[int], now: int, existing_only: bool
-                        ) -> tuple[int, int, int, int, int]:
-    """`age_buckets` over sorted creation times (microseconds) at `now`; `existing_only`
-    leaves out those created after `now` (otherwise they count as under a day, as there)."""
-    # An age of d days or more is a creation at or before now - d days.
-    edges = [bisect_right(created, now - days * _DAY_MICROS) for days in (14, 7, 3, 1)]
-    end = bisect_right(created, now) if existing_only else len(created)
-    return (end - edges[3], edges[3] - edges[2], edges[2] - edges[1], edges[1] - edges[0],
-            edges[0])
+def _millis_text(moment: datetime) -> str:
+    """`moment` (UTC) in Square's form, to the millisecond below: a time of that form is at
+    or before `moment` exactly when it is at or before this text."""
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+
+
+def _buckets(total: int, day1: int, day3: int, day7: int, day14: int
+             ) -> tuple[int, int, int, int, int]:
+    """`age_buckets` from how many there are and how many are at least 1, 3, 7, 14 days old
+    (a count is then the difference of two)."""
+    return (total - day1, day1 - day3, day3 - day7, day7 - day14, day14)
+
+
+def _older_parsed(created_at: Iterable[str], now: datetime) -> tuple[int, Callable[[int], int]]:
+    """How many there are, and how many were created at or before now - n days: from the
+    times themselves, each parsed once and sorted (a count is then one bisect)."""
+    created = sorted(_micros(parse_time(text)) for text in created_at)
+    end = _micros(now)
+    return len(created), lambda n: bisect_right(created, end - n * _DAY_MICROS)
 
 
 def _instant(text: str | None) -> datetime | None:

@@ -36,12 +36,14 @@ from services.storage.base import (
     AUDIT_VERIFY_COLUMNS,
     INTENT_COLUMNS,
     ORDER_COLUMNS,
+    SQUARE_TIME_LIKE,
     Approval,
     AuditBuilder,
     Lease,
     OperatorSession,
     QueuedOrder,
     Store,
+    edges_passed,
     utc_text,
 )
 
@@ -206,6 +208,19 @@ _QUEUED = ("SELECT o.order_id, o.merchant_id, o.location_id, o.version, o.state,
            "o.eligible, o.reason, o.detail, o.consent_id, o.fulfillments, "
            "GREATEST(o.seen_at, COALESCE(s.fetched_at, o.seen_at)) "
            "FROM orders o LEFT JOIN order_sync s ON s.merchant_id = o.merchant_id WHERE true")
+# One `queue --json` order as JSON text, made by json_build_object: keys in the order of the
+# document interfaces.md describes. Its parameter: the merchants refreshed just now.
+_QUEUED_JSON = (
+    "SELECT json_build_object('merchant_id', o.merchant_id, 'order_id', o.order_id, "
+    "'location_id', o.location_id, 'version', o.version, 'state', o.state, "
+    "'source', o.source, "
+    "'total_money', json_build_object('amount', o.total_amount, 'currency', o.currency), "
+    "'net_amount_due_money', json_build_object('amount', o.due_amount, "
+    "'currency', o.currency), "
+    "'created_at', o.created_at, 'eligible', o.eligible <> 0, 'reason', o.reason, "
+    "'stale', NOT (o.merchant_id = ANY(%s)), "
+    "'fetched_at', GREATEST(o.seen_at, COALESCE(s.fetched_at, o.seen_at)))::text "
+    "FROM orders o LEFT JOIN order_sync s ON s.merchant_id = o.merchant_id WHERE true")
 _UPSERT_ORDER = (f"INSERT INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
                  f"({', '.join('%s' for _ in ORDER_COLUMNS)}) ON CONFLICT (order_id) DO UPDATE "
                  "SET " + ", ".join(f"{c} = excluded.{c}" for c in ORDER_COLUMNS[1:]))
@@ -501,6 +516,20 @@ class PostgresStore(Store):
             sql += " ORDER BY o.merchant_id, o.created_at, o.order_id"
         return list(map(QueuedOrder._make, self._all(sql, params)))
 
+    def queued_orders_json(self, refreshed: Sequence[str], eligible_only: bool = False,
+                           merchant_ids: Sequence[str] | None = None, chunk: int = 5000
+                           ) -> Iterator[list[bytes]]:
+        sql = _QUEUED_JSON
+        params: list[Any] = [list(refreshed)]
+        if merchant_ids is not None:
+            sql += " AND o.merchant_id = ANY(%s)"
+            params.append(list(merchant_ids))
+        if eligible_only:
+            sql += " AND o.eligible = 1"
+        rows = self._all(sql + " ORDER BY o.merchant_id, o.created_at, o.order_id", params)
+        for start in range(0, len(rows), chunk):
+            yield [row[0].encode() for row in rows[start:start + chunk]]
+
     def oldest_orders(self, merchant_id: str | None = None, limit: int = 200
                       ) -> list[QueuedOrder]:
         sql = _QUEUED
@@ -515,6 +544,28 @@ class PostgresStore(Store):
         return [r[0] for r in self._all(
             "SELECT created_at FROM orders WHERE merchant_id = %s AND eligible = 1",
             [merchant_id])]
+
+    def candidates_by_age(self, merchant_ids: Sequence[str], edges: Sequence[str]
+                          ) -> dict[str, tuple[int, ...] | None]:
+        if not merchant_ids:
+            return {}
+        # Compared as bytes: a locale's collation may weigh punctuation apart.
+        passed, params = edges_passed(edges, placeholder='%s COLLATE "C"')
+        rows = self._all(
+            f"SELECT merchant_id, {passed}, count(*), count(*) FILTER (WHERE created_at "
+            f"LIKE '{SQUARE_TIME_LIKE}') FROM orders WHERE eligible = 1 "
+            "AND merchant_id = ANY(%s) GROUP BY 1, 2", [*params, list(merchant_ids)])
+        found: dict[str, list[int] | None] = {}
+        for merchant_id, passed, count, square_form in rows:
+            counts = found.setdefault(merchant_id, [0] * (len(edges) + 1))
+            if counts is None or square_form != count:
+                found[merchant_id] = None
+            else:
+                counts[passed] += count
+        # Those at or before edge i: every class that passed it.
+        return {merchant_id: None if counts is None else
+                (sum(counts), *(sum(counts[i:]) for i in range(1, len(edges) + 1)))
+                for merchant_id, counts in found.items()}
 
     def waiting_orders(self, reasons: Sequence[str]) -> list[tuple[Any, ...]]:
         return self._all(

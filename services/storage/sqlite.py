@@ -25,12 +25,14 @@ from services.storage.base import (
     AUDIT_VERIFY_COLUMNS,
     INTENT_COLUMNS,
     ORDER_COLUMNS,
+    SQUARE_TIME_GLOB,
     Approval,
     AuditBuilder,
     Lease,
     OperatorSession,
     QueuedOrder,
     Store,
+    edges_passed,
     utc_text,
 )
 
@@ -306,6 +308,20 @@ _QUEUED_COLUMNS = ("o.order_id, o.merchant_id, o.location_id, o.version, o.state
                    # A refresh by change confirms unchanged orders without rewriting them.
                    "MAX(o.seen_at, COALESCE(s.fetched_at, o.seen_at))")
 _QUEUED_FROM = "orders o LEFT JOIN order_sync s ON s.merchant_id = o.merchant_id"
+# One `queue --json` order as JSON text, made by SQLite's json_object: keys in the order of the
+# document interfaces.md describes; `json('true')` is a JSON boolean, not the string "true".
+# {stale}: a placeholder per merchant not refreshed just now (usually none: a row then tests
+# nothing); bound one by one, not as a JSON array: json_each cuts text at a NUL.
+_QUEUED_JSON = (
+    "json_object('merchant_id', o.merchant_id, 'order_id', o.order_id, "
+    "'location_id', o.location_id, 'version', o.version, 'state', o.state, "
+    "'source', o.source, "
+    "'total_money', json_object('amount', o.total_amount, 'currency', o.currency), "
+    "'net_amount_due_money', json_object('amount', o.due_amount, 'currency', o.currency), "
+    "'created_at', o.created_at, "
+    "'eligible', json(CASE WHEN o.eligible THEN 'true' ELSE 'false' END), 'reason', o.reason, "
+    "'stale', json(CASE WHEN o.merchant_id IN ({stale}) THEN 'true' ELSE 'false' END), "
+    "'fetched_at', MAX(o.seen_at, COALESCE(s.fetched_at, o.seen_at)))")
 _INSERT_ORDER = (f"INSERT OR REPLACE INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
                  f"({', '.join('?' for _ in ORDER_COLUMNS)})")
 
@@ -588,6 +604,26 @@ class SQLiteStore(Store):
             sql += " ORDER BY o.merchant_id, o.created_at, o.order_id"
         return list(map(QueuedOrder._make, self.conn.execute(sql, params).fetchall()))
 
+    def queued_orders_json(self, refreshed: Sequence[str], eligible_only: bool = False,
+                           merchant_ids: Sequence[str] | None = None, chunk: int = 5000
+                           ) -> Iterator[list[bytes]]:
+        fresh = set(refreshed)
+        stale = [merchant_id for (merchant_id,) in self.conn.execute(
+            "SELECT DISTINCT merchant_id FROM orders") if merchant_id not in fresh]
+        # As bytes (BLOB): written as they come, no text decoded and encoded again.
+        sql = (f"SELECT CAST({_QUEUED_JSON.format(stale=', '.join('?' * len(stale)))} AS BLOB) "
+               f"FROM {_QUEUED_FROM} WHERE 1=1")
+        params: list[Any] = stale
+        if merchant_ids is not None:
+            sql += f" AND o.merchant_id IN ({', '.join('?' * len(merchant_ids))})"
+            params.extend(merchant_ids)
+        if eligible_only:
+            sql += " AND o.eligible = 1"
+        cursor = self.conn.execute(sql + " ORDER BY o.merchant_id, o.created_at, o.order_id",
+                                   params)
+        while rows := cursor.fetchmany(chunk):
+            yield [row[0] for row in rows]
+
     def oldest_orders(self, merchant_id: str | None = None, limit: int = 200
                       ) -> list[QueuedOrder]:
         sql = f"SELECT {_QUEUED_COLUMNS} FROM {_QUEUED_FROM}"
@@ -608,6 +644,28 @@ class SQLiteStore(Store):
         return [r[0] for r in self.conn.execute(
             "SELECT created_at FROM orders WHERE merchant_id = ? AND eligible = 1",
             [merchant_id])]
+
+    def candidates_by_age(self, merchant_ids: Sequence[str], edges: Sequence[str]
+                          ) -> dict[str, tuple[int, ...] | None]:
+        if not merchant_ids:
+            return {}
+        passed, params = edges_passed(edges)
+        rows = self.conn.execute(
+            f"SELECT merchant_id, {passed}, count(*), "
+            f"sum(created_at GLOB '{SQUARE_TIME_GLOB}') FROM orders WHERE eligible = 1 "
+            f"AND merchant_id IN ({', '.join('?' * len(merchant_ids))}) GROUP BY 1, 2",
+            [*params, *merchant_ids])
+        found: dict[str, list[int] | None] = {}
+        for merchant_id, passed, count, square_form in rows:
+            counts = found.setdefault(merchant_id, [0] * (len(edges) + 1))
+            if counts is None or square_form != count:
+                found[merchant_id] = None
+            else:
+                counts[passed] += count
+        # Those at or before edge i: every class that passed it.
+        return {merchant_id: None if counts is None else
+                (sum(counts), *(sum(counts[i:]) for i in range(1, len(edges) + 1)))
+                for merchant_id, counts in found.items()}
 
     def order_json(self, order_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",
