@@ -37,7 +37,15 @@ from services.errors import (
     TokenMerchantMismatch,
 )
 from services.square_gateway import SquareGateway
-from services.square_models import Location, OrderLike, OrderStruct, decode_order, encode_order
+from services.square_models import (
+    Classifiable,
+    Location,
+    OrderStruct,
+    StoredOrder,
+    decode_order,
+    encode_stored,
+    stored_order,
+)
 from services.store import ORDER_COLUMNS, Store, utc_text
 from services.timestamps import parse_time
 
@@ -81,24 +89,28 @@ class MerchantDiscovery:
     locations: list[Location] = field(default_factory=list)
 
 
-def _fulfillment_summary(order: OrderLike) -> str:
-    return ",".join(f"{f.type}:{f.state}" for f in order.fulfillments)
+def _fulfillment_summary(order: StoredOrder) -> str:
+    return ",".join([f"{f.type}:{f.state}" for f in order.fulfillments])
 
 
-def order_values(order: OrderLike, merchant_id: str, consents: Sequence[ConsentRecord],
+def order_values(order: Classifiable, merchant_id: str, consents: Sequence[ConsentRecord],
                  now: datetime, seen_at: str, view: ConsentView | None = None
                  ) -> tuple[Any, ...]:
-    """The `orders` row of one order, in `ORDER_COLUMNS` order."""
-    verdict = classify(order, consents, now, view)
-    return (order.id, merchant_id, order.location_id, order.version, order.state,
-            order.source_name, order.reference_id, order.total_amount, order.currency,
-            order.amount_due, order.created_at, order.updated_at, int(verdict.eligible),
-            verdict.reason.value if verdict.reason else None, verdict.detail,
-            verdict.consent.consent_id if verdict.consent else None,
-            _fulfillment_summary(order), encode_order(order), seen_at)
+    """The `orders` row of one order, in `ORDER_COLUMNS` order. 100,000 of these per full
+    discovery: the order is turned into the stored one first, whose plain fields are read
+    (classified, written) faster than the slim order's properties."""
+    stored = stored_order(order)
+    verdict = classify(stored, consents, now, view)
+    reason, consent = verdict.reason, verdict.consent
+    return (stored.id, merchant_id, stored.location_id, stored.version, stored.state,
+            stored.source_name, stored.reference_id, stored.total_amount, stored.currency,
+            stored.amount_due, stored.created_at, stored.updated_at, int(verdict.eligible),
+            reason.value if reason else None, verdict.detail,
+            consent.consent_id if consent else None,
+            _fulfillment_summary(stored), encode_stored(stored), seen_at)
 
 
-def order_row(order: OrderLike, merchant_id: str, consents: Sequence[ConsentRecord],
+def order_row(order: Classifiable, merchant_id: str, consents: Sequence[ConsentRecord],
               now: datetime, seen_at: str, view: ConsentView | None = None
               ) -> dict[str, object]:
     return dict(zip(ORDER_COLUMNS, order_values(order, merchant_id, consents, now, seen_at,

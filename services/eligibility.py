@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from services.consent import DEFAULT_ORDER_SOURCES, ConsentRecord, ConsentStatus
-from services.square_models import OrderLike
+from services.square_models import Classifiable
 from services.timestamps import parse_time
 
 __all__ = ["Classification", "ConsentView", "EligibilityReason", "apply_batch_limits",
@@ -79,7 +79,7 @@ class ConsentView:
     now: datetime
     # (location_id, source) -> the consent that covers such an order now, or why none does:
     # the same for every order of a page, so worked out once (issue 11).
-    chosen: dict[tuple[str, str | None], ConsentRecord | Classification] = field(
+    chosen: dict[tuple[str, str | None], _Covered | Classification] = field(
         default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -89,15 +89,35 @@ class ConsentView:
                    sources or frozenset(DEFAULT_ORDER_SOURCES), now)
 
 
+@dataclass(frozen=True)
+class _Covered:
+    """The consent in force for some orders, with what every one of them is compared with
+    (worked out once per `ConsentView`: classify runs 100,000 times per discovery)."""
+    consent: ConsentRecord
+    min_age: timedelta | None
+    too_young_after: datetime   # with a min_age: created after this (now - min_age) is too recent
+    too_recent: Classification
+    eligible: Classification
+
+    @classmethod
+    def of(cls, consent: ConsentRecord, now: datetime) -> _Covered:
+        hours = consent.scope.min_order_age_hours
+        min_age = timedelta(hours=hours) if hours else None
+        return cls(consent, min_age, now - min_age if min_age is not None else now,
+                   Classification(False, EligibilityReason.TOO_RECENT,
+                                  f"Younger than {hours} h.", consent),
+                   Classification(True, None, "Fully paid, open, consented.", consent))
+
+
 def _choose_consent(view: ConsentView, location_id: str, source: str | None
-                    ) -> ConsentRecord | Classification:
+                    ) -> _Covered | Classification:
     """The consent in force for an order at this location from this source (the latest to
     take effect), or the refusal when none is."""
     covering = [(c, status) for c, status in zip(view.consents, view.statuses, strict=True)
                 if c.covers_location(location_id) and c.covers_source(source)]
     active = [c for c, status in covering if status is ConsentStatus.ACTIVE]
     if active:
-        return max(active, key=lambda c: c.effective_from)
+        return _Covered.of(max(active, key=lambda c: c.effective_from), view.now)
     if not view.consents:
         return Classification(False, EligibilityReason.NO_CONSENT,
                               "The merchant has not consented.")
@@ -110,59 +130,63 @@ def _choose_consent(view: ConsentView, location_id: str, source: str | None
                           _consent_detail(status, statuses[status]), statuses[status])
 
 
-def classify(order: OrderLike, consents: Sequence[ConsentRecord], now: datetime,
+def classify(order: Classifiable, consents: Sequence[ConsentRecord], now: datetime,
              view: ConsentView | None = None) -> Classification:
     """Pass `view` (built once from the same consents and `now`) when classifying many."""
-    def no(reason: EligibilityReason, detail: str,
-           consent: ConsentRecord | None = None) -> Classification:
-        return Classification(False, reason, detail, consent)
-
-    if order.state != "OPEN":
-        return no(EligibilityReason.NOT_OPEN, f"Order is {order.state}.")
+    state = order.state
+    if state != "OPEN":
+        return Classification(False, EligibilityReason.NOT_OPEN, f"Order is {state}.")
     if view is None:
         view = ConsentView.build(consents, now)
-    if order.source_name not in view.sources:
-        return no(EligibilityReason.OUTSIDE_CONSENT_SCOPE,
-                  f"Source {order.source_name or 'unknown'!r} is not covered.")
+    source = order.source_name
+    if source not in view.sources:
+        return Classification(False, EligibilityReason.OUTSIDE_CONSENT_SCOPE,
+                              f"Source {source or 'unknown'!r} is not covered.")
     if order.refunds or order.returns:
-        return no(EligibilityReason.REFUNDED, "Has refunds or returns: needs a person.")
-    uncaptured = [t for t in order.tenders if t.card_status in _UNCAPTURED]
-    if uncaptured:
-        return no(EligibilityReason.PAYMENT_NOT_CAPTURED,
-                  f"Card payment is {uncaptured[0].card_status}, not captured.")
-    if not order.tenders:
-        return no(EligibilityReason.NOT_FULLY_PAID, "No payment has been taken.")
-    if order.amount_due > 0:
+        return Classification(False, EligibilityReason.REFUNDED,
+                              "Has refunds or returns: needs a person.")
+    tenders = order.tenders
+    for tender in tenders:
+        status = tender.card_status
+        if status in _UNCAPTURED:
+            return Classification(False, EligibilityReason.PAYMENT_NOT_CAPTURED,
+                                  f"Card payment is {status}, not captured.")
+    if not tenders:
+        return Classification(False, EligibilityReason.NOT_FULLY_PAID,
+                              "No payment has been taken.")
+    due = order.amount_due
+    if due > 0:
         # Minor units, labelled: the detail panel shows "due 1.50 USD" beside this sentence.
-        return no(EligibilityReason.NOT_FULLY_PAID,
-                  f"Still due: {order.amount_due} in minor units of {order.currency}.")
+        return Classification(False, EligibilityReason.NOT_FULLY_PAID,
+                              f"Still due: {due} in minor units of {order.currency}.")
     if order.version is None:
-        return no(EligibilityReason.MANUAL_ONLY,
-                  "No version: complete it in the Square Dashboard.")
-    key = (order.location_id, order.source_name)
+        return Classification(False, EligibilityReason.MANUAL_ONLY,
+                              "No version: complete it in the Square Dashboard.")
+    key = (order.location_id, source)
     chosen = view.chosen.get(key)
     if chosen is None:
         chosen = view.chosen[key] = _choose_consent(view, *key)
     if isinstance(chosen, Classification):
         return chosen
-    consent = chosen
-    scope = consent.scope
-    if scope.min_order_age_hours:
-        age = now - parse_time(order.created_at)
-        if age < timedelta(hours=scope.min_order_age_hours):
-            return no(EligibilityReason.TOO_RECENT,
-                      f"Younger than {scope.min_order_age_hours} h.", consent)
-    limit = scope.max_amount_per_batch
+    if chosen.min_age is not None:
+        # now - created < min_age, as created > now - min_age (worked out once per view).
+        after = chosen.too_young_after if now == view.now else now - chosen.min_age
+        if parse_time(order.created_at) > after:
+            return chosen.too_recent
+    consent = chosen.consent
+    limit = consent.scope.max_amount_per_batch
     if limit is not None:
-        if limit.currency != order.currency:
-            return no(EligibilityReason.OUTSIDE_CONSENT_SCOPE,
-                      f"Consent's amount limit is in {limit.currency}, order in "
-                      f"{order.currency}.", consent)
-        if order.total_amount > limit.amount:
-            return no(EligibilityReason.OVER_AMOUNT_LIMIT,
-                      f"Total {order.total_amount} exceeds the consent's batch limit of "
-                      f"{limit.amount} (minor units of {limit.currency}).", consent)
-    return Classification(True, None, "Fully paid, open, consented.", consent)
+        currency = order.currency
+        if limit.currency != currency:
+            return Classification(False, EligibilityReason.OUTSIDE_CONSENT_SCOPE,
+                                  f"Consent's amount limit is in {limit.currency}, order in "
+                                  f"{currency}.", consent)
+        total = order.total_amount
+        if total > limit.amount:
+            return Classification(False, EligibilityReason.OVER_AMOUNT_LIMIT,
+                                  f"Total {total} exceeds the consent's batch limit of "
+                                  f"{limit.amount} (minor units of {limit.currency}).", consent)
+    return chosen.eligible
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ are plain strings, because Square adds values (`DIGITAL`, `IN_STORE`) without no
 Two flavours of the order: pydantic models for the low-volume edges (completion, tests), and
 msgspec Structs (`OrderStruct`) for SearchOrders pages, where 100,000 orders are decoded per
 discovery and msgspec decodes a page into them ~6x faster than pydantic (issue 11). Both have
-the same fields, names and properties, so `classify` takes either (`OrderLike`).
+the same fields, names and properties, so `classify` takes either (`OrderLike`), and the order
+as `orders` stores it (`StoredOrder`) too.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["Fulfillment", "LineItem", "Location", "Merchant", "Money", "OrderLike", "OrderStruct",
-           "SearchPageStruct", "SquareOrder", "Tender", "TokenStatus", "decode_order",
-           "decode_order_envelope", "decode_orders_batch", "decode_search_page", "encode_order"]
+__all__ = ["Classifiable", "Fulfillment", "LineItem", "Location", "Merchant", "Money", "OrderLike",
+           "OrderStruct", "SearchPageStruct", "SquareOrder", "StoredOrder", "Tender", "TokenStatus",
+           "decode_order", "decode_order_envelope", "decode_orders_batch", "decode_search_page",
+           "encode_order", "encode_stored", "order_document", "stored_order"]
 
 TERMINAL_FULFILLMENT_STATES = frozenset({"COMPLETED", "CANCELED", "FAILED"})
 
@@ -271,10 +273,64 @@ class OrderEnvelopeStruct(_S):
 
 
 OrderLike = SquareOrder | OrderStruct
-"""What `classify` and `order_row` take: either flavour of the same slim order."""
+"""Either flavour of the same slim order, as read from Square."""
+
+
+# ---------------------------------------------------------------------- the stored order
+# What `orders.order_json` keeps (issue 11): only what classification and the detail panel
+# read, as positional arrays. About 290 bytes an order against 860 for the slim order as
+# JSON: writing 100,000 of those was a third of a full discovery (the row, the WAL and the
+# checkpoint). Rows written before are slim-order objects; `decode_order` and
+# `order_document` read both (an array starts with `[`, an object with `{`).
+
+class StoredItem(_S, array_like=True):
+    name: str | None = None
+    quantity: str = "1"
+    amount: int = 0
+    currency: str = ""
+
+
+class StoredTender(_S, array_like=True):
+    type: str = ""
+    card_status: str | None = None
+    amount: int = 0
+    currency: str = ""
+
+
+class StoredFulfillment(_S, array_like=True):
+    type: str = ""
+    state: str = ""
+
+
+class StoredOrder(_S, array_like=True, tag=1):
+    """The order as stored: encoded `[1, id, location_id, ...]` (the tag is the format's
+    version). Its fields have the names of the slim order's properties, so `classify` reads
+    it as it reads the others."""
+    id: str
+    location_id: str
+    state: str
+    created_at: str
+    version: int | None = None
+    source_name: str | None = None
+    reference_id: str | None = None
+    updated_at: str | None = None
+    total_amount: int = 0
+    currency: str = ""
+    amount_due: int = 0
+    line_items: tuple[StoredItem, ...] = ()
+    tenders: tuple[StoredTender, ...] = ()
+    fulfillments: tuple[StoredFulfillment, ...] = ()
+    # Kept whole: rare, and only whether there are any matters to classification.
+    refunds: tuple[dict[str, Any], ...] = ()
+    returns: tuple[dict[str, Any], ...] = ()
+
+
+Classifiable = OrderLike | StoredOrder
+"""What `classify` and `order_row` take: an order read from Square or from `orders`."""
 
 _PAGE_DECODER = msgspec.json.Decoder(SearchPageStruct)
 _ORDER_DECODER = msgspec.json.Decoder(OrderStruct)
+_STORED_DECODER = msgspec.json.Decoder(StoredOrder)
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -299,13 +355,81 @@ def decode_order_envelope(data: bytes) -> OrderStruct | None:
     return _ENVELOPE_DECODER.decode(data).order
 
 
-def decode_order(data: str | bytes) -> OrderStruct:
-    """An order as stored in `orders.order_json` (either flavour wrote it)."""
-    return _ORDER_DECODER.decode(data)
+def _is_stored(data: str | bytes) -> bool:
+    return data[:1] in ("[", b"[")
 
 
-def encode_order(order: OrderLike) -> str:
-    """The slim order as `orders.order_json` keeps it (the detail panel reads it)."""
-    if isinstance(order, OrderStruct):
-        return _ENCODER.encode(order).decode()
-    return order.model_dump_json(exclude_defaults=True)
+def decode_order(data: str | bytes) -> StoredOrder | OrderStruct:
+    """An order as stored in `orders.order_json` (either format, see `StoredOrder`)."""
+    return _STORED_DECODER.decode(data) if _is_stored(data) else _ORDER_DECODER.decode(data)
+
+
+def _money(money: Money | MoneyStruct | None) -> tuple[int, str]:
+    return (money.amount, money.currency) if money is not None else (0, "")
+
+
+def stored_order(order: Classifiable) -> StoredOrder:
+    """The order as `orders.order_json` keeps it."""
+    if isinstance(order, StoredOrder):
+        return order
+    items: tuple[LineItem | LineItemStruct, ...]
+    tenders: tuple[Tender | TenderStruct, ...]
+    fulfillments: tuple[Fulfillment | FulfillmentStruct, ...]
+    if isinstance(order, OrderStruct):  # discovery's: its fields, not its properties
+        items, tenders = order.line_items_ or (), order.tenders_ or ()
+        fulfillments = order.fulfillments_ or ()
+        refunds, returns = order.refunds_ or (), order.returns_ or ()
+    else:
+        items, tenders, fulfillments = order.line_items, order.tenders, order.fulfillments
+        refunds, returns = order.refunds, order.returns
+    source, due = order.source, order.net_amount_due_money
+    return StoredOrder(
+        order.id, order.location_id, order.state, order.created_at, order.version,
+        source.name if source is not None else None, order.reference_id, order.updated_at,
+        *_money(order.total_money), due.amount if due is not None else 0,
+        tuple([StoredItem(i.name, i.quantity, *_money(i.total_money)) for i in items]),
+        tuple([StoredTender(t.type, t.card_details.status if t.card_details else None,
+                            *_money(t.amount_money)) for t in tenders]),
+        tuple([StoredFulfillment(f.type, f.state) for f in fulfillments]),
+        tuple(refunds), tuple(returns))
+
+
+def encode_stored(order: StoredOrder) -> str:
+    return _ENCODER.encode(order).decode()
+
+
+def encode_order(order: Classifiable) -> str:
+    """The order as `orders.order_json` keeps it (see `StoredOrder`)."""
+    return encode_stored(stored_order(order))
+
+
+def _slim(order: StoredOrder) -> OrderStruct:
+    """The slim order a stored one was made from, less what no reader needs (ids, uids)."""
+    def money(amount: int, currency: str) -> MoneyStruct:
+        return MoneyStruct(amount, currency)
+    return OrderStruct(
+        id=order.id, location_id=order.location_id, state=order.state,
+        created_at=order.created_at, reference_id=order.reference_id, version=order.version,
+        source=SourceStruct(order.source_name) if order.source_name is not None else None,
+        updated_at=order.updated_at, total_money=money(order.total_amount, order.currency),
+        net_amount_due_money=money(order.amount_due, order.currency),
+        tenders_=tuple(TenderStruct(type=t.type, amount_money=money(t.amount, t.currency),
+                                    card_details=CardDetailsStruct(t.card_status)
+                                    if t.card_status is not None else None)
+                       for t in order.tenders) or None,
+        fulfillments_=tuple(FulfillmentStruct(type=f.type, state=f.state)
+                            for f in order.fulfillments) or None,
+        line_items_=tuple(LineItemStruct(name=i.name, quantity=i.quantity,
+                                         total_money=money(i.amount, i.currency))
+                          for i in order.line_items) or None,
+        refunds_=order.refunds or None, returns_=order.returns or None)
+
+
+def order_document(data: str | bytes) -> dict[str, Any]:
+    """`orders.order_json` as the detail panel reads it: the slim order's JSON object
+    (Square's names, default values left out), whichever format the row has."""
+    if _is_stored(data):
+        document: dict[str, Any] = msgspec.to_builtins(_slim(_STORED_DECODER.decode(data)))
+    else:
+        document = msgspec.json.decode(data)
+    return document

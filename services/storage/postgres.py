@@ -31,6 +31,7 @@ from services.consent import ConsentRecord, Revocation, record_sha256
 from services.database_url import connect_kwargs, display_url
 from services.errors import ConfigurationError
 from services.settings import PG_POOL_MAX
+from services.square_models import order_document
 from services.storage.base import (
     AUDIT_COLUMNS,
     AUDIT_VERIFY_COLUMNS,
@@ -575,7 +576,7 @@ class PostgresStore(Store):
 
     def order_json(self, order_id: str) -> dict[str, Any] | None:
         row = self._one("SELECT order_json FROM orders WHERE order_id = %s", [order_id])
-        return orjson.loads(row[0]) if row else None
+        return order_document(row[0]) if row else None
 
     # ------------------------------------------------------------------ batches and intents
     def insert_batch(self, batch_id: str, operator: str, approved_sha256: str,

@@ -20,6 +20,7 @@ from services.consent import ConsentRecord, Revocation, record_sha256
 from services.errors import ConfigurationError
 from services.private_files import create_private
 from services.settings import default_db_path
+from services.square_models import order_document
 from services.storage.base import (
     AUDIT_COLUMNS,
     AUDIT_VERIFY_COLUMNS,
@@ -670,7 +671,7 @@ class SQLiteStore(Store):
     def order_json(self, order_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",
                                 [order_id]).fetchone()
-        return orjson.loads(row[0]) if row else None
+        return order_document(row[0]) if row else None
 
     # ------------------------------------------------------------------ batches and intents
     # The intent journal's SQL. Callers that pass no connection run inside a transaction they
