@@ -64,6 +64,8 @@ MARK_MARGIN = timedelta(minutes=5)
 # Past this, a location is read in full again: a safety net for anything the marks missed
 # (an order that reached Square late with an old `updated_at`, a skew beyond the margin).
 FULL_EVERY = timedelta(days=1)
+# How long a merchant's order writes may wait to be committed with others' (`_Commits`).
+COMMIT_WINDOW = timedelta(milliseconds=100)
 
 
 class TokenHealth:
@@ -170,14 +172,71 @@ async def _fetch(gateway: SquareGateway, creds: MerchantCredentials, whole: list
     return full_pages, change_pages
 
 
+class _Commits:
+    """Merchants' order writes, committed several at a time (issue 11).
+
+    Order ids are random, so one merchant's 500 rows touch ~400 pages of the order_id
+    index, and each commit writes every page it touched to the log: 200 commits of one
+    merchant each wrote ~400 MB for 100,000 orders, mostly the same index pages again. A
+    merchant's write (`commit`) therefore waits, in memory, until every merchant in
+    progress is waiting too or `window_s` has passed, and all waiting writes are made in
+    one transaction. The database is locked only while they are written (no await inside),
+    so other writers (the other discovery process, another console) wait no longer than
+    before. No savepoint per merchant (re-changing pages under a savepoint copies them
+    first, which cost more than the grouping saved): when one write fails, the whole
+    transaction is rolled back, and every merchant in it raises that error (which fails
+    the refresh; the merchants keep what they had, marks included)."""
+
+    def __init__(self, store: Store, window_s: float) -> None:
+        self.store = store
+        self.window_s = window_s
+        self.running = 0          # merchants in progress (inside the concurrency gate)
+        self.parts: list[Callable[[], None]] = []
+        self.done: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    async def commit(self, part: Callable[[], None]) -> None:
+        """Make `part`'s writes, with others, in one transaction; return once committed."""
+        loop = asyncio.get_running_loop()
+        if self.done is None:
+            self.done = loop.create_future()
+            self.timer = loop.call_later(self.window_s, self.flush)
+        done = self.done
+        self.parts.append(part)
+        self.flush_if_all_wait()
+        await asyncio.shield(done)
+
+    def flush_if_all_wait(self) -> None:
+        """Nothing else can come while every merchant in progress waits: commit now."""
+        if self.parts and len(self.parts) >= self.running:
+            self.flush()
+
+    def flush(self) -> None:
+        parts, done, timer = self.parts, self.done, self.timer
+        self.parts, self.done, self.timer = [], None, None
+        if timer is not None:
+            timer.cancel()
+        if done is None:
+            return
+        try:
+            with self.store.cache_transaction():
+                for part in parts:
+                    part()
+        except Exception as error:
+            done.set_exception(error)
+            done.exception()  # raised in each waiting merchant; none left unretrieved
+        else:
+            done.set_result(None)
+
+
 async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
                        active: list[str], consents: Sequence[ConsentRecord], now: datetime,
-                       full: bool, merchant_row: dict[str, object],
+                       full: bool, merchant_row: dict[str, object], commits: _Commits,
                        early: tuple[list[str], asyncio.Task[_Pages]] | None = None) -> None:
     """Read the merchant's orders from Square (in full or by change) and write them, with
-    the merchant's row, in one transaction. `early`: the same reads, started with the
-    locations stored at the last refresh (active ones, in order); used only if Square's
-    locations are still those."""
+    the merchant's row, in one transaction (`commits`). `early`: the same reads, started
+    with the locations stored at the last refresh (active ones, in order); used only if
+    Square's locations are still those."""
     merchant_id = creds.merchant_id
     seen_at = utc_text(now)
     view = ConsentView.build(consents, now)
@@ -198,7 +257,8 @@ async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCred
             changed[order.id] = (order_values(order, merchant_id, consents, now, seen_at, view)
                                  if order.state == "OPEN" else None)
     rows.extend(row for row in changed.values() if row is not None)
-    with store.cache_transaction():
+
+    def write() -> None:
         store.upsert_merchant(merchant_row)
         store.drop_orders(merchant_id, keep_locations=active, at_locations=whole,
                           order_ids=[oid for oid, row in changed.items() if row is None])
@@ -220,6 +280,7 @@ async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCred
         store.save_order_marks(merchant_id, {
             loc: (seen_at, seen_at if loc in whole else marks[loc][1]) for loc in active})
         store.save_order_sync(merchant_id, seen_at, signature)
+    await commits.commit(write)
 
 
 def _start_early_reads(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
@@ -247,8 +308,8 @@ def _drop(task: asyncio.Task[_Pages]) -> None:
 
 
 async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
-                        consents: Sequence[ConsentRecord], now: datetime, full: bool = False
-                        ) -> MerchantDiscovery:
+                        consents: Sequence[ConsentRecord], now: datetime, full: bool,
+                        commits: _Commits) -> MerchantDiscovery:
     report = MerchantDiscovery(creds.merchant_id)
     early: tuple[list[str], asyncio.Task[_Pages]] | None = None
     row: dict[str, object] = {"merchant_id": creds.merchant_id,
@@ -298,7 +359,8 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
                             "completed until the merchant re-authorizes.")
         row.update(token_health=report.token_health, discovery_error=report.error,
                    discovered_at=utc_text(now))
-        await _read_orders(gateway, store, creds, active, consents, now, full, row, early)
+        await _read_orders(gateway, store, creds, active, consents, now, full, row, commits,
+                           early)
         report.refreshed = True
         report.orders, report.eligible = store.merchant_order_counts(creds.merchant_id)
         return report
@@ -331,13 +393,24 @@ async def discover(gateway: SquareGateway, store: Store,
     """`full`: read every order again instead of what changed since the last refresh."""
     wanted = list(merchant_ids) if merchant_ids is not None else sorted(credentials)
     gate = asyncio.Semaphore(concurrency)
+    commits = _Commits(store, COMMIT_WINDOW.total_seconds())
 
     async def one(merchant_id: str) -> MerchantDiscovery:
         async with gate:
-            report = await _discover_one(gateway, store, credentials[merchant_id],
-                                         consents.get(merchant_id, []), now, full)
+            commits.running += 1
+            try:
+                report = await _discover_one(gateway, store, credentials[merchant_id],
+                                             consents.get(merchant_id, []), now, full,
+                                             commits)
+            finally:
+                commits.running -= 1
+                commits.flush_if_all_wait()
         if on_merchant is not None:
             on_merchant(report)
         return report
 
-    return list(await asyncio.gather(*(one(m) for m in wanted)))
+    with store.large_writes():
+        try:
+            return list(await asyncio.gather(*(one(m) for m in wanted)))
+        finally:
+            commits.flush()  # the writes of merchants cancelled while they waited

@@ -16,7 +16,7 @@ import sqlite3
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -210,6 +210,11 @@ class Store(ABC):
     def cache_transaction(self) -> AbstractContextManager[Any]:
         """A transaction for what can be read from Square again: atomic, and allowed to commit
         without waiting for the disk (a later durable commit makes it durable too)."""
+
+    def large_writes(self) -> AbstractContextManager[Any]:
+        """Around many cache transactions in a row (a discovery): whatever makes them cheaper
+        (the SQLite store: a larger page cache); nothing here."""
+        return nullcontext()
 
     @abstractmethod
     def commit_group(self, parts: Sequence[Callable[[Store], None]]

@@ -409,6 +409,18 @@ class SQLiteStore(Store):
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
 
+    @contextmanager
+    def large_writes(self) -> Iterator[None]:
+        """A page cache of up to 64 MB meanwhile (2 MB by default): a discovery's commits
+        touch most of the order_id index (random ids), which then stays in memory rather
+        than being read back from the log for every commit (issue 11)."""
+        pages = self.conn.execute("PRAGMA cache_size").fetchone()[0]
+        self.conn.execute("PRAGMA cache_size = -65536")
+        try:
+            yield
+        finally:
+            self.conn.execute(f"PRAGMA cache_size = {int(pages)}")
+
     def close(self) -> None:
         self.conn.close()
 
