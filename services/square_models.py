@@ -317,9 +317,9 @@ class StoredOrder(_S, array_like=True, tag=1):
     total_amount: int = 0
     currency: str = ""
     amount_due: int = 0
-    line_items: tuple[StoredItem, ...] = ()
-    tenders: tuple[StoredTender, ...] = ()
-    fulfillments: tuple[StoredFulfillment, ...] = ()
+    line_items: list[StoredItem] = msgspec.field(default_factory=list)
+    tenders: list[StoredTender] = msgspec.field(default_factory=list)
+    fulfillments: list[StoredFulfillment] = msgspec.field(default_factory=list)
     # Kept whole: rare, and only whether there are any matters to classification.
     refunds: tuple[dict[str, Any], ...] = ()
     returns: tuple[dict[str, Any], ...] = ()
@@ -364,10 +364,6 @@ def decode_order(data: str | bytes) -> StoredOrder | OrderStruct:
     return _STORED_DECODER.decode(data) if _is_stored(data) else _ORDER_DECODER.decode(data)
 
 
-def _money(money: Money | MoneyStruct | None) -> tuple[int, str]:
-    return (money.amount, money.currency) if money is not None else (0, "")
-
-
 def stored_order(order: Classifiable) -> StoredOrder:
     """The order as `orders.order_json` keeps it."""
     if isinstance(order, StoredOrder):
@@ -382,16 +378,26 @@ def stored_order(order: Classifiable) -> StoredOrder:
     else:
         items, tenders, fulfillments = order.line_items, order.tenders, order.fulfillments
         refunds, returns = order.refunds, order.returns
-    source, due = order.source, order.net_amount_due_money
+    # Plain loops, money read inline: 100,000 orders per discovery (issue 11).
+    stored_items = []
+    for item in items:
+        money = item.total_money
+        stored_items.append(StoredItem(item.name, item.quantity, money.amount, money.currency)
+                            if money is not None else StoredItem(item.name, item.quantity))
+    stored_tenders = []
+    for tender in tenders:
+        money, card = tender.amount_money, tender.card_details
+        status = card.status if card is not None else None
+        stored_tenders.append(StoredTender(tender.type, status, money.amount, money.currency)
+                              if money is not None else StoredTender(tender.type, status))
+    source, total, due = order.source, order.total_money, order.net_amount_due_money
     return StoredOrder(
         order.id, order.location_id, order.state, order.created_at, order.version,
         source.name if source is not None else None, order.reference_id, order.updated_at,
-        *_money(order.total_money), due.amount if due is not None else 0,
-        tuple([StoredItem(i.name, i.quantity, *_money(i.total_money)) for i in items]),
-        tuple([StoredTender(t.type, t.card_details.status if t.card_details else None,
-                            *_money(t.amount_money)) for t in tenders]),
-        tuple([StoredFulfillment(f.type, f.state) for f in fulfillments]),
-        tuple(refunds), tuple(returns))
+        total.amount if total is not None else 0, total.currency if total is not None else "",
+        due.amount if due is not None else 0, stored_items, stored_tenders,
+        [StoredFulfillment(f.type, f.state) for f in fulfillments], tuple(refunds),
+        tuple(returns))
 
 
 def encode_stored(order: StoredOrder) -> str:
