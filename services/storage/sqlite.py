@@ -411,11 +411,11 @@ class SQLiteStore(Store):
 
     @contextmanager
     def large_writes(self) -> Iterator[None]:
-        """A page cache of up to 64 MB meanwhile (2 MB by default): a discovery's commits
+        """A page cache of up to 32 MB meanwhile (2 MB by default): a discovery's commits
         touch most of the order_id index (random ids), which then stays in memory rather
         than being read back from the log for every commit (issue 11)."""
         pages = self.conn.execute("PRAGMA cache_size").fetchone()[0]
-        self.conn.execute("PRAGMA cache_size = -65536")
+        self.conn.execute("PRAGMA cache_size = -32768")
         try:
             yield
         finally:
