@@ -13,7 +13,8 @@ UPDATED_AT as Square requires: OPEN ones are written anew, the others removed. A
 no mark, or whose last full read is older than `FULL_EVERY`, or every location under
 `full=True`, is read in full (OPEN orders) and its rows replaced. Stored rows whose verdict may
 have moved since (the merchant's consent view changed, or only time: TOO_RECENT) are classified
-again from their `order_json`. Everything a merchant's refresh writes goes in one transaction.
+again from their `order_json`. Everything a merchant's refresh writes goes in one transaction
+(with other merchants' writes of the moment: `_Commits`).
 """
 
 from __future__ import annotations
