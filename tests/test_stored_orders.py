@@ -23,12 +23,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from console.widgets.order_detail import OrderDetail
 from services.consent import ConsentRecord
 from services.discovery import order_values
 from services.eligibility import ConsentView, classify
 from services.square_models import decode_order, decode_search_page
-from services.store import SQLiteStore
+from services.storage import open_store
+from services.store import SQLiteStore, Store
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 SEEN_AT = "2026-11-26T12:00:00.000000Z"
@@ -184,9 +187,9 @@ def render(order: Any, document: dict[str, Any] | None) -> list[str]:
     return plain
 
 
-def observe(directory: Path) -> list[dict[str, Any]]:
+def observe(directory: Path, store: Store | None = None) -> list[dict[str, Any]]:
     """What discovery writes for these orders, read back as the queue and the panel do."""
-    store = SQLiteStore(directory / "orders.db")
+    store = store or SQLiteStore(directory / "orders.db")
     every = consents()
     try:
         for merchant_id, records in every.items():
@@ -256,6 +259,22 @@ def test_stored_documents_classify_as_their_rows(tmp_path: Path) -> None:
         verdict = classify(decode_order(seen["order_json"]), every[row[1]], NOW)
         assert (int(verdict.eligible), verdict.reason, verdict.detail) == (
             row[11], row[12], row[13])
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_both_stores_give_the_panel_and_the_verdicts_as_before(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    store = (SQLiteStore(tmp_path / "o.db") if backend == "sqlite"
+             else open_store(request.getfixturevalue("pg_url")))
+    before = json.loads(BEFORE.read_text())
+    now = observe(tmp_path, store)  # closes the store
+    every = consents()
+    assert [seen["row"][:16] for seen in now] == [was["row"][:16] for was in before]
+    assert [seen["panel"] for seen in now] == [was["panel"] for was in before]
+    for seen in now:
+        verdict = classify(decode_order(seen["order_json"]), every[seen["row"][1]], NOW)
+        assert (int(verdict.eligible), verdict.reason, verdict.detail) == tuple(
+            seen["row"][11:14])
 
 
 if __name__ == "record" and os.environ.get("RECORD_BEFORE"):
