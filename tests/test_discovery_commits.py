@@ -117,3 +117,17 @@ async def test_writes_of_cancelled_merchants_are_still_made_on_the_way_out(tmp_p
     commits.flush()  # what `discover` does in its `finally`
     assert rows_of(tmp_path / "c.db") == {"M1"}
     store.close()
+
+
+def test_the_larger_page_cache_lasts_as_long_as_the_discovery(tmp_path: Path) -> None:
+    """32 MB while a discovery writes (its commits keep the order_id index in memory), the
+    connection's own size again afterwards, even when the discovery fails."""
+    store = SQLiteStore(tmp_path / "c.db")
+    before = store.conn.execute("PRAGMA cache_size").fetchone()[0]
+    with store.large_writes():
+        assert store.conn.execute("PRAGMA cache_size").fetchone()[0] == -32768
+    assert store.conn.execute("PRAGMA cache_size").fetchone()[0] == before
+    with pytest.raises(RuntimeError), store.large_writes():
+        raise RuntimeError("a merchant's write failed")
+    assert store.conn.execute("PRAGMA cache_size").fetchone()[0] == before
+    store.close()
