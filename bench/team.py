@@ -28,6 +28,7 @@ the two-operator ratio then measures the cores, not the store.
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -97,12 +98,20 @@ def complete(env: dict[str, str], operator: str, merchants: list[str] | None) ->
                           capture_output=True)
     wall = time.perf_counter() - start
     try:
-        summary = json.loads(done.stdout)["summary"]
+        document = json.loads(done.stdout)
+        summary = document["summary"]
     except (ValueError, KeyError):
         raise SystemExit(f"complete ({operator}) failed ({done.returncode}): "
                          f"{done.stderr.decode()[-2000:]}") from None
+    # Why the others were not completed, so an odd run explains itself.
+    reasons = collections.Counter(f"{r['outcome']} {r['reason']}"
+                                  for r in document.get("results", [])
+                                  if r["outcome"] != "completed")
+    if document.get("refused"):
+        reasons[f"refused {document['refused'].get('reason')}"] += 1
     return {"wall": wall, "completed": summary["completed"],
-            "other": summary["skipped"] + summary["failed"]}
+            "other": summary["skipped"] + summary["failed"],
+            "why": ", ".join(f"{n} {why}" for why, n in reasons.most_common(3))}
 
 
 def halves(merchants: list[str]) -> tuple[list[str], list[str]]:
@@ -270,10 +279,13 @@ def main() -> None:
         for half in "AB":
             alone = med([p[f"{half} alone"] for p in pairs[name]])
             together = med([p[f"{half} together"] for p in pairs[name]])
-            done = pairs[name][0][f"{half} together"]
+            # The worst round's: a round that did not complete everything is not hidden.
+            done = min((p[f"{half} together"] for p in pairs[name]),
+                       key=lambda r: r["completed"])
             print(f"   {name:<11} {half:<5} {alone:7.2f}s {together:8.2f}s "
                   f"{together / alone:6.2f}  {verdict(together / alone):<13} "
-                  f"{done['completed']} (other {done['other']})")
+                  f"{done['completed']} (other {done['other']}"
+                  f"{': ' + done['why'] if done['why'] else ''})")
         # The cores' floor: both runs' CPU cannot take less wall time than it fills on all
         # cores, so no store and no code can bring a half below this ratio on this machine.
         floor = med([{"wall": (p["A alone"]["cpu"] + p["B alone"]["cpu"])
