@@ -9,7 +9,7 @@ import itertools
 import os
 import signal
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -50,11 +50,9 @@ def print_json(document: Any) -> None:
     buffer.flush()
 
 
-def print_json_stream(key: str, items: Iterable[Any], rest: dict[str, Any],
-                      chunk: int = 5000) -> None:
-    """`print_json({key: list(items), **rest})`, byte for byte, written a chunk of items at a
-    time: 100,000 queued orders as dicts at once cost ~150 MB (issue 11)."""
-    options = _JSON_OPTIONS
+def _print_document(key: str, blocks: Iterable[bytes], rest: dict[str, Any]) -> None:
+    """`{key: [...], **rest}` as `print_json` lays it out, the list written a block at a time
+    (each block: some of its items, already indented and comma-joined), each write escaped."""
     buffer = getattr(sys.stdout, "buffer", None)
 
     def write(data: bytes) -> None:
@@ -66,21 +64,32 @@ def print_json_stream(key: str, items: Iterable[Any], rest: dict[str, Any],
 
     sys.stdout.flush()
     write(b"{\n  " + orjson.dumps(key) + b": [")
-    iterator = iter(items)
     first = True
-    while batch := list(itertools.islice(iterator, chunk)):
-        # "[\n  {...},\n  {...}\n]" -> its items, one level deeper (strings in JSON hold
-        # no raw newlines, so every newline is indentation).
-        inner = orjson.dumps(batch, default=str, option=options)[2:-2]
-        write((b"\n" if first else b",\n") + b"  " + inner.replace(b"\n", b"\n  "))
-        first = False
+    for block in blocks:
+        if block:
+            write((b"\n" if first else b",\n") + block)
+            first = False
     write(b"]" if first else b"\n  ]")
     for name, value in rest.items():
         write(b",\n  " + orjson.dumps(name) + b": " + orjson.dumps(
-            value, default=str, option=options).replace(b"\n", b"\n  "))
+            value, default=str, option=_JSON_OPTIONS).replace(b"\n", b"\n  "))
     write(b"\n}\n")
     if buffer is not None:
         buffer.flush()
+
+
+def print_json_stream(key: str, items: Iterable[Any], rest: dict[str, Any],
+                      chunk: int = 5000) -> None:
+    """`print_json({key: list(items), **rest})`, byte for byte, written a chunk of items at a
+    time: 100,000 queued orders as dicts at once cost ~150 MB (issue 11)."""
+    def blocks() -> Iterator[bytes]:
+        iterator = iter(items)
+        while batch := list(itertools.islice(iterator, chunk)):
+            # "[\n  {...},\n  {...}\n]" -> its items, one level deeper (strings in JSON hold
+            # no raw newlines, so every newline is indentation).
+            inner = orjson.dumps(batch, default=str, option=_JSON_OPTIONS)[2:-2]
+            yield b"  " + inner.replace(b"\n", b"\n  ")
+    _print_document(key, blocks(), rest)
 
 
 def print_json_objects(key: str, chunks: Iterable[Sequence[bytes]], rest: dict[str, Any]
@@ -89,30 +98,7 @@ def print_json_objects(key: str, chunks: Iterable[Sequence[bytes]], rest: dict[s
     the store writes `queue --json`'s orders: one per line, a chunk at a time, with no
     object per item in Python (issue 11). The same document as `print_json` (parsed), with
     the same escaping of what a terminal would act on."""
-    options = _JSON_OPTIONS
-    buffer = getattr(sys.stdout, "buffer", None)
-
-    def write(data: bytes) -> None:
-        data = json_inert(data)
-        if buffer is None:
-            sys.stdout.write(data.decode())
-        else:
-            buffer.write(data)
-
-    sys.stdout.flush()
-    write(b"{\n  " + orjson.dumps(key) + b": [")
-    first = True
-    for chunk in chunks:
-        if chunk:
-            write((b"\n    " if first else b",\n    ") + b",\n    ".join(chunk))
-            first = False
-    write(b"]" if first else b"\n  ]")
-    for name, value in rest.items():
-        write(b",\n  " + orjson.dumps(name) + b": " + orjson.dumps(
-            value, default=str, option=options).replace(b"\n", b"\n  "))
-    write(b"\n}\n")
-    if buffer is not None:
-        buffer.flush()
+    _print_document(key, (b"    " + b",\n    ".join(chunk) for chunk in chunks if chunk), rest)
 
 
 def install_cancel(loop: asyncio.AbstractEventLoop, cancel: asyncio.Event) -> None:
