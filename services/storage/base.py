@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -106,6 +106,24 @@ def edges_passed(edges: Sequence[str], at: int = 0, placeholder: str = "?"
     before, before_params = edges_passed(edges[:middle], at, placeholder)
     return (f"CASE WHEN created_at <= {placeholder} THEN {after} ELSE {before} END",
             [edges[middle], *after_params, *before_params])
+
+
+def counts_at_edges(rows: Iterable[Sequence[Any]], edges: Sequence[str]
+                    ) -> dict[str, tuple[int, ...] | None]:
+    """`candidates_by_age`'s answer from its query's rows (merchant, edges passed, count,
+    how many in Square's form): per merchant, how many at all and at or before each edge;
+    None for a merchant with a time in another form (Python counts those)."""
+    found: dict[str, list[int] | None] = {}
+    for merchant_id, passed, count, square_form in rows:
+        counts = found.setdefault(merchant_id, [0] * (len(edges) + 1))
+        if counts is None or square_form != count:
+            found[merchant_id] = None
+        else:
+            counts[passed] += count
+    # Those at or before edge i: every class that passed it.
+    return {merchant_id: None if counts is None else
+            (sum(counts), *(sum(counts[i:]) for i in range(1, len(edges) + 1)))
+            for merchant_id, counts in found.items()}
 
 
 class QueuedOrder(NamedTuple):

@@ -44,6 +44,7 @@ from services.storage.base import (
     OperatorSession,
     QueuedOrder,
     Store,
+    counts_at_edges,
     edges_passed,
     utc_text,
 )
@@ -556,17 +557,7 @@ class PostgresStore(Store):
             f"SELECT merchant_id, {passed}, count(*), count(*) FILTER (WHERE created_at "
             f"LIKE '{SQUARE_TIME_LIKE}') FROM orders WHERE eligible = 1 "
             "AND merchant_id = ANY(%s) GROUP BY 1, 2", [*params, list(merchant_ids)])
-        found: dict[str, list[int] | None] = {}
-        for merchant_id, passed, count, square_form in rows:
-            counts = found.setdefault(merchant_id, [0] * (len(edges) + 1))
-            if counts is None or square_form != count:
-                found[merchant_id] = None
-            else:
-                counts[passed] += count
-        # Those at or before edge i: every class that passed it.
-        return {merchant_id: None if counts is None else
-                (sum(counts), *(sum(counts[i:]) for i in range(1, len(edges) + 1)))
-                for merchant_id, counts in found.items()}
+        return counts_at_edges(rows, edges)
 
     def waiting_orders(self, reasons: Sequence[str]) -> list[tuple[Any, ...]]:
         return self._all(

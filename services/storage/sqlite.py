@@ -33,6 +33,7 @@ from services.storage.base import (
     OperatorSession,
     QueuedOrder,
     Store,
+    counts_at_edges,
     edges_passed,
     utc_text,
 )
@@ -668,17 +669,7 @@ class SQLiteStore(Store):
             f"sum(created_at GLOB '{SQUARE_TIME_GLOB}') FROM orders WHERE eligible = 1 "
             f"AND merchant_id IN ({', '.join('?' * len(merchant_ids))}) GROUP BY 1, 2",
             [*params, *merchant_ids])
-        found: dict[str, list[int] | None] = {}
-        for merchant_id, passed, count, square_form in rows:
-            counts = found.setdefault(merchant_id, [0] * (len(edges) + 1))
-            if counts is None or square_form != count:
-                found[merchant_id] = None
-            else:
-                counts[passed] += count
-        # Those at or before edge i: every class that passed it.
-        return {merchant_id: None if counts is None else
-                (sum(counts), *(sum(counts[i:]) for i in range(1, len(edges) + 1)))
-                for merchant_id, counts in found.items()}
+        return counts_at_edges(rows, edges)
 
     def order_json(self, order_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",
