@@ -27,17 +27,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import orjson
 
-from console.output import print_json_objects, print_json_stream
+from console.output import print_json_objects
 from services.settings import ReconSettings
 from services.square_gateway import SquareGateway
 from services.storage import ORDER_COLUMNS, open_store
-from services.storage.base import QueuedOrder, Store
+from services.storage.base import Store
 from services.timestamps import parse_time
 from services.workspace import Workspace, _micros
+from tests.test_queue_output import per_order_document
 
 MERCHANTS = 200
 
@@ -101,17 +101,8 @@ def sink(keep: bool = False) -> Iterator[_Sink]:
 
 
 def per_order_output(store: Store, refreshed: set[str]) -> None:
-    """`queue --json` as it was before issue 11's change (kept here to measure it)."""
-    def to_json(o: QueuedOrder) -> dict[str, Any]:
-        return {"merchant_id": o.merchant_id, "order_id": o.order_id,
-                "location_id": o.location_id, "version": o.version, "state": o.state,
-                "source": o.source,
-                "total_money": {"amount": o.total_amount, "currency": o.currency},
-                "net_amount_due_money": {"amount": o.due_amount, "currency": o.currency},
-                "created_at": o.created_at, "eligible": bool(o.eligible),
-                "reason": o.reason, "stale": o.merchant_id not in refreshed,
-                "fetched_at": o.fetched_at}
-    print_json_stream("orders", (to_json(o) for o in store.queued_orders()), {"merchants": []})
+    """`queue --json` as it was before issue 11's change: the test's reference, measured."""
+    per_order_document(store, refreshed, False, None, {"merchants": []})
 
 
 def database_output(store: Store, refreshed: set[str]) -> None:
