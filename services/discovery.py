@@ -147,10 +147,11 @@ def _plan(active: list[str], marks: dict[str, tuple[str, str]], synced: bool, fu
 
 def reads_in_full(store: Store, merchant_id: str, full: bool, now: datetime) -> bool:
     """Whether this refresh reads some of the merchant's orders in full: the heavy part of
-    a discovery (a refresh by change reads only what changed)."""
+    a discovery (a refresh by change reads only what changed). `_plan`'s rule, over the
+    locations read last time (a merchant never read has none: read in full)."""
     marks = store.order_marks(merchant_id)
-    return full or not marks or store.order_sync(merchant_id) is None or any(
-        now - parse_time(full_at) >= FULL_EVERY for _, full_at in marks.values())
+    synced = store.order_sync(merchant_id) is not None
+    return not marks or bool(_plan(list(marks), marks, synced, full, now)[0])
 
 
 _Pages = tuple[list[list[OrderStruct]], list[list[OrderStruct]]]
