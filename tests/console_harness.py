@@ -52,10 +52,16 @@ def screen_loading(app: object) -> bool:
 def merchants_loaded(app: ReconApp) -> Callable[[], bool]:
     from textual.widgets import DataTable
 
+    from console.screens.base import LOAD_GROUP
+
     def check() -> bool:
         try:
+            # And no overview load still running: the refresh's own reload may land after
+            # the first rows and the "Refreshed" status (a snapshot then raced it).
             return app.screen.query_one("#merchants", DataTable).row_count > 0 and \
-                app.status.startswith("Refreshed")
+                app.status.startswith("Refreshed") and not any(
+                    worker.group == LOAD_GROUP and not worker.is_finished
+                    for worker in app.workers)
         except Exception:
             return False
     return check
