@@ -305,3 +305,37 @@ def test_bad_keymap_is_a_one_line_error(tmp_path: Path) -> None:
         load_keymap(bad)
     assert "\n" not in str(error.value)
     assert load_keymap(tmp_path / "missing.toml") == {}
+
+
+async def test_a_reload_changes_only_the_cells_that_changed(tmp_path: Path) -> None:
+    """A live reload comes once a second while another operator sends: the same merchants in
+    the same order keep their rows (no clear: no flicker, no header at the empty table's
+    widths for a frame), and a changed value still shows."""
+    environment = demo(tmp_path)
+    app = app_for(environment)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        screen = app.screen
+        assert isinstance(screen, MerchantsScreen)
+        table = screen.query_one("#merchants", DataTable)
+        clears = 0
+        clear = table.clear
+
+        def counted_clear(columns: bool = False) -> Any:
+            nonlocal clears
+            clears += 1
+            return clear(columns)
+        table.clear = counted_clear  # type: ignore[method-assign]
+        before = [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+        screen.reload()
+        await wait_until(pilot, merchants_loaded(app))
+        assert clears == 0
+        assert [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)] == before
+
+        # Square now reports another name for the first merchant: a refresh shows it.
+        first = screen.rows[0].merchant_id
+        environment.emulator.square.merchants[first].business_name = "Maple & Main Books Ltd"
+        await pilot.press("r")
+        await wait_until(pilot, lambda: str(table.get_row(first)[0]) == "Maple & Main Books Ltd")
+        assert clears == 0
+        assert [str(c) for c in table.get_row_at(1)] == before[1]

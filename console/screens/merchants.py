@@ -98,6 +98,13 @@ def overview_cells(row: MerchantOverview, now: datetime, reminded: dict[str, str
                  "red" if row.error else "yellow"))
 
 
+def same_cells(a: Cells, b: Cells | None) -> bool:
+    """Text, style and spans (Rich's Text == leaves the style out)."""
+    return b is not None and len(a) == len(b) and all(
+        x.plain == y.plain and x.style == y.style and x.spans == y.spans
+        for x, y in zip(a, b, strict=True))
+
+
 @dataclass(frozen=True)
 class OverviewData:
     """The merchants screen's data, read and written out as cells off the UI thread."""
@@ -141,6 +148,8 @@ class MerchantsScreen(ConsoleScreen):
         self.reminders_only = False
         self.rows: list[MerchantOverview] = []
         self._cells: dict[str, Cells] = {}
+        self._shown_keys: list[str] = []           # the table's rows, in order
+        self._shown_cells: dict[str, Cells] = {}   # and what each shows
         self._online = SafeText()
 
     def compose(self) -> ComposeResult:
@@ -185,27 +194,39 @@ class MerchantsScreen(ConsoleScreen):
         self._show_detail(self._current_merchant())
 
     def _fill(self) -> None:
+        """Show `rows`. The same merchants in the same order (a live reload, once a second
+        while another operator sends) change only the cells that changed: clearing and
+        refilling would flicker, and for a frame paint the header at the empty table's widths."""
         table = self.query_one("#merchants", DataTable)
-        current = None
-        if table.row_count and table.cursor_row is not None:
-            try:
-                current = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-            except Exception:
-                current = None
-        table.clear()
         rows = [r for r in self.rows if not self.reminders_only or
                 (r.consent_status in ("none", "expired", "revoked", "not_yet_effective")
                  and r.waiting_without_consent)]
-        for row in rows:
-            cells: Cells = self._cells[row.merchant_id]  # SafeText, from overview_cells
-            table.add_row(*cells, key=row.merchant_id)
+        keys = [row.merchant_id for row in rows]
+        if keys and keys == self._shown_keys:
+            for key in keys:
+                cells: Cells = self._cells[key]
+                if not same_cells(cells, self._shown_cells.get(key)):
+                    for column, cell in zip(table.columns, cells, strict=True):
+                        table.update_cell(key, column, cell, update_width=True)
+        else:
+            current = None
+            if table.row_count and table.cursor_row is not None:
+                try:
+                    current = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+                except Exception:
+                    current = None
+            table.clear()
+            for row in rows:  # SafeText cells, from overview_cells
+                table.add_row(*self._cells[row.merchant_id], key=row.merchant_id)
+            if current is not None:
+                for index, row in enumerate(rows):
+                    if row.merchant_id == current:
+                        table.move_cursor(row=index)
+        self._shown_keys = keys
+        self._shown_cells = {key: self._cells[key] for key in keys}
         title = "Reminder list: merchants without usable consent who have waiting orders" \
             if self.reminders_only else f"Merchants ({len(rows)}), most urgent first"
         self.query_one("#title", Static).update(safe(title))
-        if current is not None:
-            for index, row in enumerate(rows):
-                if row.merchant_id == current:
-                    table.move_cursor(row=index)
 
     def _show_online(self, sessions: list[OperatorSession] | None = None) -> None:
         """`sessions`: as the overview's worker read them, else read now (a one-row-per-
