@@ -216,8 +216,9 @@ class MerchantsScreen(ConsoleScreen):
                 except Exception:
                     current = None
             table.clear()
-            for row in rows:  # SafeText cells, from overview_cells
-                table.add_row(*self._cells[row.merchant_id], key=row.merchant_id)
+            for row in rows:
+                cells = self._cells[row.merchant_id]  # SafeText, from overview_cells
+                table.add_row(*cells, key=row.merchant_id)
             if current is not None:
                 for index, row in enumerate(rows):
                     if row.merchant_id == current:
