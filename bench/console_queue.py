@@ -124,9 +124,18 @@ class LagMonitor:
     def __init__(self) -> None:
         self.longest = 0.0
         self.longest_cpu = 0.0
+        self.longest_gc = 0.0  # the longest cyclic-GC pass in any thread (it holds the GIL)
+        self._gc_start = 0.0
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.longest_gc = max(self.longest_gc, time.perf_counter() - self._gc_start)
 
     def reset(self) -> None:
-        self.longest = self.longest_cpu = 0.0
+        self.longest = self.longest_cpu = self.longest_gc = 0.0
 
     async def run(self) -> None:
         while True:
@@ -190,6 +199,7 @@ async def probe(db: Path, orders: int, runs: int, cycles: int, cycle_all: bool
             await pilot.pause()
             out["load_stalls"].append(lag.longest)
             out["load_cpu"].append(lag.longest_cpu)
+            out.setdefault("load_gc", []).append(lag.longest_gc)
         screen = app.screen
         table = screen.query_one(OrderTable)
         out["rows"] = len(table.rows)
@@ -204,6 +214,7 @@ async def probe(db: Path, orders: int, runs: int, cycles: int, cycle_all: bool
         await pilot.pause()
         out["filter_stall"] = lag.longest
         out["filter_cpu"] = lag.longest_cpu
+        out["filter_gc"] = lag.longest_gc
         out["matching"] = len(table.view)
         table.apply_filter("")
         screen.action_kind("1")  # candidates: what a batch would send
@@ -221,6 +232,7 @@ async def probe(db: Path, orders: int, runs: int, cycles: int, cycle_all: bool
         await pilot.pause()
         out["select_all_stall"] = lag.longest
         out["select_all_cpu"] = lag.longest_cpu
+        out["select_all_gc"] = lag.longest_gc
         out["selected"] = count
         # Sort (o: by age -> by total) until the rows are in the new order; the selection
         # must be the same after it. On main the sort runs in the key's handler.
@@ -232,6 +244,7 @@ async def probe(db: Path, orders: int, runs: int, cycles: int, cycle_all: bool
         await pilot.pause()
         out["sort_stall"] = lag.longest
         out["sort_cpu"] = lag.longest_cpu
+        out["sort_gc"] = lag.longest_gc
         if len(table.selected) != count:
             raise SystemExit("bench: the sort lost the selection")
         # Preview: `c` until the confirmation is up.
@@ -243,6 +256,7 @@ async def probe(db: Path, orders: int, runs: int, cycles: int, cycle_all: bool
         await pilot.pause()
         out["preview_stall"] = lag.longest
         out["preview_cpu"] = lag.longest_cpu
+        out["preview_gc"] = lag.longest_gc
         app.screen.dismiss(False)
         await pilot.pause()
         app.pop_screen()
@@ -257,6 +271,7 @@ async def probe(db: Path, orders: int, runs: int, cycles: int, cycle_all: bool
         await pilot.pause()
         out["overview_stall"] = lag.longest
         out["overview_cpu"] = lag.longest_cpu
+        out["overview_gc"] = lag.longest_gc
         # Memory over repeated opens and closes.
         merchant_id = None if cycle_all else "M000"
         per_cycle = orders if cycle_all else len(workspace.queue("M000", ordered=False))
@@ -405,22 +420,28 @@ def report(sides: list[tuple[str, dict[str, Any]]], stock: dict[str, float] | No
     row(f"  all {mine['rows']:,} loaded ({runs})", "worker", "fulls")
     row("  longest stall while loading", "<= 50 ms", "load_stalls")
     row("    UI-thread CPU in that stall", "<= 50 ms", "load_cpu")
+    row("    longest garbage collection", "", "load_gc")
     row(f"filter '{NEEDLE}' to {mine['matching']:,} rows", "<= 100 ms", "filter")
     row("  longest stall", "<= 50 ms", "filter_stall")
     row("    UI-thread CPU in that stall", "<= 50 ms", "filter_cpu")
+    row("    longest garbage collection", "", "filter_gc")
     row(f"select all {mine['selected']:,} matching", "<= 150 ms", "select_all")
     row("  until their totals are on screen", "", "select_all_totals")
     row("  longest stall", "<= 50 ms", "select_all_stall")
     row("    UI-thread CPU in that stall", "<= 50 ms", "select_all_cpu")
+    row("    longest garbage collection", "", "select_all_gc")
     row(f"sort {mine['rows']:,} by total, {mine['selected']:,} selected", "worker", "sort")
     row("  longest stall", "<= 50 ms", "sort_stall")
     row("    UI-thread CPU in that stall", "<= 50 ms", "sort_cpu")
+    row("    longest garbage collection", "", "sort_gc")
     row(f"preview of {mine['selected']:,}: c to confirmation", "worker", "preview")
     row("  longest stall", "<= 50 ms", "preview_stall")
     row("    UI-thread CPU in that stall", "<= 50 ms", "preview_cpu")
+    row("    longest garbage collection", "", "preview_gc")
     row("merchant overview: reload until rows", "worker", "overview")
     row("  longest stall", "<= 50 ms", "overview_stall")
     row("    UI-thread CPU in that stall", "<= 50 ms", "overview_cpu")
+    row("    longest garbage collection", "", "overview_gc")
     for label, side in sides:
         rss = side["rss"]
         growth = (rss[-1] - rss[0]) / rss[0] * 100

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -148,7 +149,7 @@ class World:
 
 def snapshot(workspace: Workspace) -> list[Any]:
     """Every order as the queue and the detail panel see it, except when it was read."""
-    return [(o._replace(fetched_at=None), workspace.store.order_json(o.order_id))
+    return [(msgspec.structs.replace(o, fetched_at=None), workspace.store.order_json(o.order_id))
             for o in workspace.queue()]
 
 

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from console.widgets.order_detail import OrderDetail
@@ -201,7 +202,8 @@ def observe(directory: Path, store: Store | None = None) -> list[dict[str, Any]]
                 store.write_orders(rows)
         documents = {order_id: document for merchant_id in every
                      for order_id, document in store.orders_json(merchant_id)}
-        return [{"row": list(queued), "panel": render(queued, store.order_json(queued.order_id)),
+        return [{"row": list(msgspec.structs.astuple(queued)),
+                 "panel": render(queued, store.order_json(queued.order_id)),
                  "order_json": documents[queued.order_id]} for queued in store.queued_orders()]
     finally:
         store.close()

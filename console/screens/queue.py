@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from textual import work
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -45,9 +46,9 @@ def age_text(created_at: str, now: datetime) -> str:
     return f"{age.seconds // 3600}h{age.seconds % 3600 // 60:02d}m"
 
 
-@dataclass(frozen=True, slots=True)
-class QueueLine:
-    """What a queue row needs to be drawn: the order and its names."""
+class QueueLine(msgspec.Struct, frozen=True, gc=False):
+    """What a queue row needs to be drawn: the order and its names (untracked by the garbage
+    collector, as QueuedOrder is: it refers to nothing that could refer back)."""
 
     order: QueuedOrder
     merchant: str

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import msgspec
 from rich.segment import Segment
 from rich.style import Style
 from textual import events
@@ -37,8 +38,11 @@ class Column:
     align_right: bool = False
 
 
-class TableRow(NamedTuple):
-    """One row: cells are formatted from `payload` only when the row is on screen."""
+class TableRow(msgspec.Struct, frozen=True, gc=False):
+    """One row: cells are formatted from `payload` only when the row is on screen. Not
+    tracked by the garbage collector (a 100,000-row table then costs a full collection
+    nothing; it runs holding the GIL, so it stalled the UI): `payload` must not refer back
+    to its row, or that cycle would never be freed."""
 
     key: str
     haystack: str                   # lower-case text the filter searches

@@ -516,7 +516,7 @@ class PostgresStore(Store):
             sql += " AND o.eligible = 1"
         if ordered:
             sql += " ORDER BY o.merchant_id, o.created_at, o.order_id"
-        return list(map(QueuedOrder._make, self._all(sql, params)))
+        return list(itertools.starmap(QueuedOrder, self._all(sql, params)))
 
     def queued_orders_json(self, refreshed: Sequence[str], eligible_only: bool = False,
                            merchant_ids: Sequence[str] | None = None, chunk: int = 5000
@@ -540,7 +540,7 @@ class PostgresStore(Store):
             sql += " AND o.merchant_id = %s"
             params.append(merchant_id)
         sql += " ORDER BY o.created_at, o.order_id LIMIT %s"
-        return list(map(QueuedOrder._make, self._all(sql, [*params, limit])))
+        return list(itertools.starmap(QueuedOrder, self._all(sql, [*params, limit])))
 
     def candidate_created_at(self, merchant_id: str) -> list[str]:
         return [r[0] for r in self._all(

@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import starmap
 from pathlib import Path
 from typing import Any
 
@@ -616,7 +617,7 @@ class SQLiteStore(Store):
             sql += " AND o.eligible = 1"
         if ordered:  # the console sorts for itself
             sql += " ORDER BY o.merchant_id, o.created_at, o.order_id"
-        return list(map(QueuedOrder._make, self.conn.execute(sql, params).fetchall()))
+        return list(starmap(QueuedOrder, self.conn.execute(sql, params).fetchall()))
 
     def queued_orders_json(self, refreshed: Sequence[str], eligible_only: bool = False,
                            merchant_ids: Sequence[str] | None = None, chunk: int = 5000
@@ -652,7 +653,7 @@ class SQLiteStore(Store):
                     "LIMIT ?)")
             params.append(limit)
         sql += " ORDER BY o.created_at, o.order_id LIMIT ?"
-        return list(map(QueuedOrder._make, self.conn.execute(sql, [*params, limit])))
+        return list(starmap(QueuedOrder, self.conn.execute(sql, [*params, limit])))
 
     def candidate_created_at(self, merchant_id: str) -> list[str]:
         return [r[0] for r in self.conn.execute(
