@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
+import msgspec
+
 from services.consent import DEFAULT_ORDER_SOURCES, ConsentRecord, ConsentStatus
 from services.square_models import Classifiable
 from services.timestamps import parse_time
@@ -189,8 +191,10 @@ def classify(order: Classifiable, consents: Sequence[ConsentRecord], now: dateti
     return chosen.eligible
 
 
-@dataclass(frozen=True)
-class LimitedItem:
+class LimitedItem(msgspec.Struct, frozen=True, gc=False):
+    """Untracked by the garbage collector (its consent never refers back to it): the 70,000
+    of a large preview triggered full collections that stalled the console's UI thread."""
+
     key: tuple[str, str]
     consent: ConsentRecord
     amount: int

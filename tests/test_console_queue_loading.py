@@ -20,6 +20,7 @@ from console.screens.confirm import ConfirmScreen
 from console.screens.merchants import MerchantsScreen
 from console.screens.queue import QueueScreen
 from console.widgets.order_table import OrderTable
+from services.eligibility import LimitedItem
 from services.workspace import Workspace
 from tests.console_harness import app_for, demo, merchants_loaded, wait_until
 
@@ -284,3 +285,10 @@ async def test_a_loaded_queue_costs_the_garbage_collector_nothing(app: ReconApp)
         tracked = [type(item).__name__ for row in table.rows
                    for item in (row, row.payload, row.payload.order) if gc.is_tracked(item)]
         assert tracked == []
+        # And what a preview makes per order (its approved items, the batch limits' items).
+        workspace = app.workspace
+        assert workspace is not None
+        preview = workspace.preview(order_ids=[row.key for row in table.rows], record=False)
+        assert preview.items and not any(gc.is_tracked(item) for item in preview.items)
+        consent = next(iter(workspace.consents_by_merchant().values()))[0]
+        assert not gc.is_tracked(LimitedItem(("M", "O"), consent, 100))

@@ -617,7 +617,7 @@ class SQLiteStore(Store):
             sql += " AND o.eligible = 1"
         if ordered:  # the console sorts for itself
             sql += " ORDER BY o.merchant_id, o.created_at, o.order_id"
-        return list(starmap(QueuedOrder, self.conn.execute(sql, params).fetchall()))
+        return list(starmap(QueuedOrder, self.conn.execute(sql, params)))
 
     def queued_orders_json(self, refreshed: Sequence[str], eligible_only: bool = False,
                            merchant_ids: Sequence[str] | None = None, chunk: int = 5000
