@@ -168,7 +168,11 @@ async def probe(db: Path, orders: int, runs: int, cycles: int, cycle_all: bool
     settings = ReconSettings(db=db, credentials=db.parent / "none.toml",
                              square_base_url="https://unused.invalid", operator="bench")
     workspace = Workspace.open(settings, credentials={})
-    app = ReconApp(workspace, refresh_on_start=False)
+    # As the CLI makes it (an older tree's console may not have the option).
+    import inspect
+    as_cli = {"freeze_heap_after_start": True} \
+        if "freeze_heap_after_start" in inspect.signature(ReconApp).parameters else {}
+    app = ReconApp(workspace, refresh_on_start=False, **as_cli)
     lag = LagMonitor()
     out: dict[str, Any] = {"firsts": [], "fulls": [], "load_stalls": [], "load_cpu": []}
 

@@ -62,8 +62,10 @@ class ReconApp(App[int]):
     def __init__(self, workspace: Workspace | None = None, *,
                  workspace_factory: Callable[[], Workspace] | None = None,
                  read_only: bool = False, refresh_on_start: bool = True,
-                 subtitle: str = "") -> None:
+                 subtitle: str = "", freeze_heap_after_start: bool = False) -> None:
         super().__init__()
+        # The console's own process only (tests run many apps in one; see on_refreshed).
+        self.freeze_heap_after_start = freeze_heap_after_start
         self.workspace: Workspace | None = workspace
         self.workspace_factory = workspace_factory
         self.read_only = read_only
@@ -263,6 +265,9 @@ class ReconApp(App[int]):
                 await asyncio.sleep(5)
 
     def on_refreshed(self, message: Refreshed) -> None:
+        if self.freeze_heap_after_start:
+            self.freeze_heap_after_start = False
+            self.call_after_refresh(freeze_heap)
         try:
             version = self.changes.version() if self.changes is not None else None
         except Exception:
@@ -444,11 +449,22 @@ def load_keymap(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in document.items()}
 
 
+def freeze_heap() -> None:
+    """Once, when the console has started (modules imported, workspace and first screen up):
+    what lives now lives as long as the process, and the cyclic collector need not walk it
+    again. A full collection walks every tracked object holding the GIL, and 100,000 of
+    Textual's, the modules' and the demo emulator's made each one a UI stall of 50-200 ms.
+    Collected first, so no garbage is kept."""
+    import gc
+    gc.collect()
+    gc.freeze()
+
+
 def run_console(settings: ReconSettings, read_only: bool = False) -> int:
     from services.workspace import Workspace
     workspace = Workspace.open(settings)
     workspace.credentials(required=False)  # a bad file is shown in the console, not fatal
-    app = ReconApp(workspace, read_only=read_only,
+    app = ReconApp(workspace, read_only=read_only, freeze_heap_after_start=True,
                    subtitle=f"Square: {settings.target}  operator {settings.operator}")
     app.set_keymap(load_keymap(settings.keymap))
     app.run()
@@ -495,7 +511,7 @@ def run_demo(settings: ReconSettings, read_only: bool = False, seed: int = 7) ->
         from services.demo import build_demo
         return build_demo(seed=seed, operator=settings.operator, mail=True).workspace
 
-    app = ReconApp(workspace_factory=factory, read_only=read_only,
+    app = ReconApp(workspace_factory=factory, read_only=read_only, freeze_heap_after_start=True,
                    subtitle=f"DEMO  Square: local emulator (in-process)  "
                             f"operator {settings.operator}")
     app.set_keymap(load_keymap(settings.keymap))

@@ -112,8 +112,9 @@ class QueueData:
 FIRST_PAGE = 300
 # The collector stays on while a queue is read. Paused (gc.disable), the big collection that
 # followed fell on the UI thread: up to 0.8 s of its CPU at 100,000 orders, against under 0.1 s
-# left on (measured 2026-12-02). No gc.freeze() either: what it freezes (popped screens among
-# it) is never freed; RSS stays within 1% over 40 open/close cycles without it.
+# left on (measured 2026-12-02). No gc.freeze() per load either: what it freezes (popped
+# screens among it) is never freed. The rows are untracked instead (QueuedOrder, QueueLine,
+# TableRow), and the console freezes only what lives from its start (console.app.freeze_heap).
 # Above this many selected orders the selection's totals are added up in a worker thread.
 SELECTION_IN_WORKER = 5_000
 
