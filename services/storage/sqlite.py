@@ -309,8 +309,8 @@ def intents_created_at_index(db: Database) -> None:
 def change_counter_per_statement(db: Database) -> None:
     """The writes a completion makes for every order (an intent settled, a completed order
     dropped) bump the change counter once per statement from the store's code
-    (`_bump_if`), not once per row from a trigger: one bump per group commit tells a
-    console as much as a hundred. Only `SQLiteStore` writes these tables."""
+    (`SQLiteStore._changing`), not once per row from a trigger: one bump per group commit
+    tells a console as much as a hundred. Only `SQLiteStore` writes these tables."""
     for name in ("orders_changed_delete", "orders_changed_update", "intents_changed_update"):
         db.execute(f"DROP TRIGGER IF EXISTS {name}")
 
