@@ -479,7 +479,7 @@ async def test_hole5_an_outcome_the_database_refuses_is_never_reported_completed
             raise sqlite3.OperationalError("database is locked")
 
         # On the class: the journal writes through its own store (a second connection).
-        monkeypatch.setattr(type(workspace.store), "settle_intent", locked)
+        monkeypatch.setattr(type(workspace.store), "settle_intents", locked)
         emulator.app.set_faults(FaultPlan(latency_ms=5))
         _, results = await workspace.complete(preview)
         emulator.app.set_faults(FaultPlan())

@@ -96,7 +96,7 @@ def test_hole5_complete_says_outcomes_not_recorded_and_exits_1(
         def locked(self: SQLiteStore, *args: object) -> None:
             raise sqlite3.OperationalError("database is locked")
 
-        monkeypatch.setattr(SQLiteStore, "settle_intent", locked)
+        monkeypatch.setattr(SQLiteStore, "settle_intents", locked)
         code = main(["complete", "--all-merchants", "--yes", "--json"])
         captured = capsys.readouterr()
         monkeypatch.undo()

@@ -193,7 +193,7 @@ async def test_an_outcome_the_database_refuses_is_never_reported_completed(
     done, moved, later = intent("O1"), intent("O2"), intent("O3")
     try:
         assert await journal.commit_intents(run, [done, moved])
-        monkeypatch.setattr(type(store), "settle_intent", _locked)
+        monkeypatch.setattr(type(store), "settle_intents", _locked)
         journal.outcome(run, done, OrderResult.of(done.item, Outcome.COMPLETED, None, "ok"))
         journal.outcome(run, moved, OrderResult.of(moved.item, Outcome.SKIPPED,
                                                    SkipReason.VERSION_CHANGED, "moved"))
@@ -238,7 +238,7 @@ async def test_a_refused_outcome_does_not_undo_intents_committed_with_it(
     first, second = intent("O1"), intent("O2")
     try:
         assert await journal.commit_intents(run, [first])
-        monkeypatch.setattr(type(store), "settle_intent", _locked)
+        monkeypatch.setattr(type(store), "settle_intents", _locked)
         journal.outcome(run, first, OrderResult.of(first.item, Outcome.COMPLETED, None, "ok"))
         assert not await journal.commit_intents(run, [second])  # same group as the outcome
         await journal.drain()
@@ -384,7 +384,7 @@ async def test_a_refused_group_never_reports_completed_whatever_comes_before_it(
     moved, done = intent("O1"), intent("O2")
     try:
         assert await journal.commit_intents(run, [moved, done])
-        monkeypatch.setattr(type(store), "settle_intent", _locked)
+        monkeypatch.setattr(type(store), "settle_intents", _locked)
         journal.without_intent(run, ApprovedItem("M1", "O0", 3), SkipReason.LEASED, "held")
         journal.outcome(run, moved, OrderResult.of(moved.item, Outcome.SKIPPED,
                                                    SkipReason.VERSION_CHANGED, "moved"))
@@ -408,7 +408,7 @@ async def test_once_broken_an_outcome_says_why_it_was_not_recorded(
     first, second = intent("O1"), intent("O2")
     try:
         assert await journal.commit_intents(run, [first, second])
-        monkeypatch.setattr(type(store), "settle_intent", _locked)
+        monkeypatch.setattr(type(store), "settle_intents", _locked)
         journal.outcome(run, first, OrderResult.of(first.item, Outcome.COMPLETED, None, "ok"))
         await journal.drain()
         monkeypatch.undo()  # the database would take it now, but the journal is broken
@@ -433,7 +433,7 @@ def test_without_a_running_loop_a_refused_outcome_is_never_reported_completed(
     journal.begin_batch(run, [])
     first, second = intent("O1"), intent("O2")
     assert journal.write_intents(run, [first, second])
-    monkeypatch.setattr(type(store), "settle_intent", _locked)
+    monkeypatch.setattr(type(store), "settle_intents", _locked)
     journal.outcome(run, first, OrderResult.of(first.item, Outcome.COMPLETED, None, "ok"))
     monkeypatch.undo()  # the database would take it now, but the journal is broken
     journal.outcome(run, second, OrderResult.of(second.item, Outcome.COMPLETED, None, "ok"))

@@ -599,6 +599,39 @@ def test_change_counter_moves_for_changes_not_heartbeats(store: Store) -> None:
     assert store.change_version() > after_lease
 
 
+def test_change_counter_moves_for_settled_intents_and_dropped_or_reclassified_orders(
+        store: Store) -> None:
+    """What a completion and a refresh change in bulk (SQLite bumps once per statement from
+    the store's code, not from row triggers): every one of these writes moves the counter,
+    inside a transaction or on its own."""
+    with store.transaction():
+        store.write_orders([order_values(f"O{n}") for n in range(6)])
+        store.insert_batch("B1", "op", "sha", "[]")
+        store.insert_intents([intent_row(f"O{n}", 1) for n in range(3)])
+    writes: list[tuple[str, bool, Callable[[], None]]] = [  # (name, in a transaction, write)
+        ("settle_intent", False, lambda: store.settle_intent("B1:O0:1", "completed", None,
+                                                              None, "")),
+        ("settle_intents", True, lambda: store.settle_intents(
+            [("B1:O1:1", "failed", "X", "X", ""), ("B1:O2:1", "skipped", "Y", None, "")])),
+        ("drop_completed_orders", False, lambda: store.drop_completed_orders(["O0", "O1"])),
+        ("update_verdicts", True, lambda: store.update_verdicts(
+            [(0, "NO_CONSENT", "", None, "O2")])),
+        ("drop_orders by id", True, lambda: store.drop_orders("M1", order_ids=["O3"])),
+        ("drop_orders at locations", True, lambda: store.drop_orders("M1",
+                                                                      at_locations=["L1"])),
+    ]
+    for name, in_transaction, write in writes:
+        before = store.change_version()
+        if in_transaction:
+            with store.transaction():
+                write()
+        else:
+            write()
+        assert store.change_version() > before, name
+    assert [r["intent_id"] for r in store.open_intents()] == []
+    assert store.queued_orders("M1") == []
+
+
 def test_operator_sessions(store: Store) -> None:
     from services.store import OperatorSession
     ana = OperatorSession("s1", "ana", "host", 1, "console", utc_text(NOW), utc_text(NOW))

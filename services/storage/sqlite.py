@@ -246,7 +246,9 @@ def m008_approvals(db: Database) -> None:
 # A row trigger costs ~5-20 us per row, so the bulk paths bump once through a companion row:
 # a refresh writes its orders in the transaction that updates the merchant's row, and a batch
 # inserts its intents after its `batches` row. An order deleted or re-classified bumps itself
-# (completions, revocations, a token found to be another merchant's).
+# (completions, revocations, a token found to be another merchant's): since the migration
+# change_counter_per_statement, once per statement from `SQLiteStore._changing`, as do
+# settled intents.
 _CHANGE_TRIGGERS = {
     "orders": ("DELETE", "UPDATE"),
     "merchants": ("INSERT", "UPDATE"),
@@ -302,6 +304,16 @@ def intents_created_at_index(db: Database) -> None:
     """Four-eyes counts an operator's recent batches that ran without approval: the intents
     of the last hour, found by time, not by reading every intent ever sent."""
     db.execute("CREATE INDEX intents_created_at ON intents(created_at)")
+
+
+@migrations()
+def change_counter_per_statement(db: Database) -> None:
+    """The writes a completion makes for every order (an intent settled, a completed order
+    dropped) bump the change counter once per statement from the store's code
+    (`SQLiteStore._changing`), not once per row from a trigger: one bump per group commit
+    tells a console as much as a hundred. Only `SQLiteStore` writes these tables."""
+    for name in ("orders_changed_delete", "orders_changed_update", "intents_changed_update"):
+        db.execute(f"DROP TRIGGER IF EXISTS {name}")
 
 
 _INTENT_COLUMNS = ", ".join(INTENT_COLUMNS)
@@ -525,7 +537,7 @@ class SQLiteStore(Store):
     def replace_orders(self, merchant_id: str, rows: list[dict[str, Any]]) -> None:
         """What discovery saw for a merchant replaces what was there."""
         with self.transaction() as conn:
-            conn.execute("DELETE FROM orders WHERE merchant_id = ?", [merchant_id])
+            self._changing("DELETE FROM orders WHERE merchant_id = ?", [[merchant_id]])
             if rows:
                 columns = list(rows[0])
                 # OR REPLACE: an order id is Square's, unique across merchants; a row left under
@@ -548,16 +560,16 @@ class SQLiteStore(Store):
         """Delete the merchant's orders: those outside `keep_locations`, those at
         `at_locations`, or those named."""
         if keep_locations is not None:
-            self.conn.execute(
+            self._changing(
                 f"DELETE FROM orders WHERE merchant_id = ? AND location_id NOT IN "
-                f"({', '.join('?' for _ in keep_locations)})", [merchant_id, *keep_locations])
+                f"({', '.join('?' for _ in keep_locations)})", [[merchant_id, *keep_locations]])
         if at_locations:
-            self.conn.execute(
+            self._changing(
                 f"DELETE FROM orders WHERE merchant_id = ? AND location_id IN "
-                f"({', '.join('?' for _ in at_locations)})", [merchant_id, *at_locations])
+                f"({', '.join('?' for _ in at_locations)})", [[merchant_id, *at_locations]])
         if order_ids:
-            self.conn.executemany("DELETE FROM orders WHERE merchant_id = ? AND order_id = ?",
-                                  [(merchant_id, order_id) for order_id in order_ids])
+            self._changing("DELETE FROM orders WHERE merchant_id = ? AND order_id = ?",
+                           [(merchant_id, order_id) for order_id in order_ids])
 
     def orders_json(self, merchant_id: str, reason: str | None = None
                     ) -> list[tuple[str, str]]:
@@ -573,8 +585,8 @@ class SQLiteStore(Store):
     def update_verdicts(self, rows: Sequence[tuple[int, str | None, str, str | None, str]]
                         ) -> None:
         """(eligible, reason, detail, consent_id, order_id) for orders classified anew."""
-        self.conn.executemany("UPDATE orders SET eligible = ?, reason = ?, detail = ?, "
-                              "consent_id = ? WHERE order_id = ?", rows)
+        self._changing("UPDATE orders SET eligible = ?, reason = ?, detail = ?, "
+                       "consent_id = ? WHERE order_id = ?", rows)
 
     def order_marks(self, merchant_id: str) -> dict[str, tuple[str, str]]:
         """location_id -> (mark, full_at) of the merchant's last refreshes."""
@@ -710,14 +722,30 @@ class SQLiteStore(Store):
     def settle_intent(self, intent_id: str, outcome: str, reason: str | None,
                       square_code: str | None, detail: str) -> None:
         """Only an open intent is settled: a second writer never overwrites an outcome."""
-        self.conn.execute(
-            "UPDATE intents SET outcome = ?, reason = ?, square_code = ?, detail = ?, "
-            "settled_at = ? WHERE intent_id = ? AND outcome IS NULL",
-            [outcome, reason, square_code, detail, utc_text(), intent_id])
+        self.settle_intents([(intent_id, outcome, reason, square_code, detail)])
+
+    def settle_intents(self, rows: Sequence[tuple[str, str, str | None, str | None, str]]
+                       ) -> None:
+        settled_at = utc_text()  # one statement for the group (base: one call per row)
+        self._changing("UPDATE intents SET outcome = ?, reason = ?, square_code = ?, "
+                       "detail = ?, settled_at = ? WHERE intent_id = ? AND outcome IS NULL",
+                       [(outcome, reason, code, detail, settled_at, intent_id)
+                        for intent_id, outcome, reason, code, detail in rows])
 
     def drop_completed_orders(self, order_ids: list[str]) -> None:
-        self.conn.executemany("DELETE FROM orders WHERE order_id = ?",
-                              [[order_id] for order_id in order_ids])
+        self._changing("DELETE FROM orders WHERE order_id = ?",
+                       [[order_id] for order_id in order_ids])
+
+    def _changing(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """`sql` for each of `rows`, then one change-counter bump if a row changed, in one
+        transaction (the caller's, else its own): the orders and intents tables have no
+        per-row change triggers (migration change_counter_per_statement)."""
+        if not self.conn.in_transaction:
+            with self.transaction():
+                self._changing(sql, rows)
+            return
+        if rows and self.conn.executemany(sql, rows).rowcount > 0:
+            self.conn.execute("UPDATE change_counter SET version = version + 1 WHERE id = 1")
 
     def writer(self) -> SQLiteStore | None:
         """A second connection to the same file for the completion journal's writer thread
