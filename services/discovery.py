@@ -174,14 +174,40 @@ async def _fetch(gateway: SquareGateway, creds: MerchantCredentials, whole: list
     return full_pages, change_pages
 
 
+class _Slot:
+    """A merchant's place among those reading from Square at once (`concurrency`). Given back
+    (`leave`) as soon as its reads are done: its writes then wait to be committed with others'
+    (`_Commits`) while the next merchant's requests are already on their way, so the latency
+    of Square and the CPU of writing overlap instead of taking turns."""
+
+    def __init__(self, gate: asyncio.Semaphore, commits: _Commits) -> None:
+        self.gate, self.commits, self.held = gate, commits, False
+
+    async def __aenter__(self) -> _Slot:
+        await self.gate.acquire()
+        self.held = True
+        self.commits.running += 1
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.leave()
+
+    def leave(self) -> None:
+        if self.held:
+            self.held = False
+            self.commits.running -= 1
+            self.gate.release()
+            self.commits.flush_if_all_wait()
+
+
 class _Commits:
     """Merchants' order writes, committed several at a time (issue 11).
 
     Order ids are random, so one merchant's 500 rows touch ~400 pages of the order_id
     index, and each commit writes every page it touched to the log: 200 commits of one
     merchant each wrote ~400 MB for 100,000 orders, mostly the same index pages again. A
-    merchant's write (`commit`) therefore waits, in memory, until every merchant in
-    progress is waiting too or `window_s` has passed, and all waiting writes are made in
+    merchant's write (`commit`) therefore waits, in memory, until no merchant is reading
+    from Square any more (`running`: those holding a `_Slot`) or `window_s` has passed, and all waiting writes are made in
     one transaction. The database is locked only while they are written (no await inside),
     so other writers (the other discovery process, another console) wait no longer than
     before. No savepoint per merchant (re-changing pages under a savepoint copies them
@@ -192,7 +218,7 @@ class _Commits:
     def __init__(self, store: Store, window_s: float) -> None:
         self.store = store
         self.window_s = window_s
-        self.running = 0          # merchants in progress (inside the concurrency gate)
+        self.running = 0          # merchants reading from Square (holding a `_Slot`)
         self.parts: list[Callable[[], None]] = []
         self.done: asyncio.Future[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -209,7 +235,7 @@ class _Commits:
         await asyncio.shield(done)
 
     def flush_if_all_wait(self) -> None:
-        """Nothing else can come while every merchant in progress waits: commit now."""
+        """Nothing else can come while no merchant is still reading: commit now."""
         if self.parts and len(self.parts) >= self.running:
             self.flush()
 
@@ -234,7 +260,8 @@ class _Commits:
 async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
                        active: list[str], consents: Sequence[ConsentRecord], now: datetime,
                        full: bool, merchant_row: dict[str, object], commits: _Commits,
-                       early: tuple[list[str], asyncio.Task[_Pages]] | None = None) -> None:
+                       slot: _Slot, early: tuple[list[str], asyncio.Task[_Pages]] | None = None
+                       ) -> None:
     """Read the merchant's orders from Square (in full or by change) and write them, with
     the merchant's row, in one transaction (`commits`). `early`: the same reads, started
     with the locations stored at the last refresh (active ones, in order); used only if
@@ -282,6 +309,7 @@ async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCred
         store.save_order_marks(merchant_id, {
             loc: (seen_at, seen_at if loc in whole else marks[loc][1]) for loc in active})
         store.save_order_sync(merchant_id, seen_at, signature)
+    slot.leave()  # done with Square: the next merchant's reads overlap this one's commit
     await commits.commit(write)
 
 
@@ -311,7 +339,7 @@ def _drop(task: asyncio.Task[_Pages]) -> None:
 
 async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
                         consents: Sequence[ConsentRecord], now: datetime, full: bool,
-                        commits: _Commits) -> MerchantDiscovery:
+                        commits: _Commits, slot: _Slot) -> MerchantDiscovery:
     report = MerchantDiscovery(creds.merchant_id)
     early: tuple[list[str], asyncio.Task[_Pages]] | None = None
     row: dict[str, object] = {"merchant_id": creds.merchant_id,
@@ -362,7 +390,7 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
         row.update(token_health=report.token_health, discovery_error=report.error,
                    discovered_at=utc_text(now))
         await _read_orders(gateway, store, creds, active, consents, now, full, row, commits,
-                           early)
+                           slot, early)
         report.refreshed = True
         report.orders, report.eligible = store.merchant_order_counts(creds.merchant_id)
         return report
@@ -398,15 +426,10 @@ async def discover(gateway: SquareGateway, store: Store,
     commits = _Commits(store, COMMIT_WINDOW.total_seconds())
 
     async def one(merchant_id: str) -> MerchantDiscovery:
-        async with gate:
-            commits.running += 1
-            try:
-                report = await _discover_one(gateway, store, credentials[merchant_id],
-                                             consents.get(merchant_id, []), now, full,
-                                             commits)
-            finally:
-                commits.running -= 1
-                commits.flush_if_all_wait()
+        async with _Slot(gate, commits) as slot:
+            report = await _discover_one(gateway, store, credentials[merchant_id],
+                                         consents.get(merchant_id, []), now, full, commits,
+                                         slot)
         if on_merchant is not None:
             on_merchant(report)
         return report
