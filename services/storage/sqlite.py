@@ -565,7 +565,9 @@ class SQLiteStore(Store):
         sql = "SELECT order_id, order_json FROM orders WHERE merchant_id = ?"
         params = [merchant_id]
         if reason is not None:
-            sql += " AND reason = ?"
+            # Only ineligible orders have a reason: the (merchant_id, eligible) index then
+            # reads those rows alone, not all of the merchant's (issue 11: every refresh).
+            sql += " AND eligible = 0 AND reason = ?"
             params.append(reason)
         return [(str(r[0]), r[1]) for r in self.conn.execute(sql, params)]
 
