@@ -175,18 +175,17 @@ async def _fetch(gateway: SquareGateway, creds: MerchantCredentials, whole: list
 
 
 class _Slot:
-    """A merchant's place among those reading from Square at once (`concurrency`). Given back
+    """A merchant's place among those talking to Square at once (`concurrency`). Given back
     (`leave`) as soon as its reads are done: its writes then wait to be committed with others'
-    (`_Commits`) while the next merchant's requests are already on their way, so the latency
-    of Square and the CPU of writing overlap instead of taking turns."""
+    (`_Commits`) while the next merchant's requests are already on their way, so Square's
+    latency and the CPU of writing overlap instead of taking turns."""
 
-    def __init__(self, gate: asyncio.Semaphore, commits: _Commits) -> None:
-        self.gate, self.commits, self.held = gate, commits, False
+    def __init__(self, gate: asyncio.Semaphore) -> None:
+        self.gate, self.held = gate, False
 
     async def __aenter__(self) -> _Slot:
         await self.gate.acquire()
         self.held = True
-        self.commits.running += 1
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -195,30 +194,28 @@ class _Slot:
     def leave(self) -> None:
         if self.held:
             self.held = False
-            self.commits.running -= 1
             self.gate.release()
-            self.commits.flush_if_all_wait()
 
 
 class _Commits:
     """Merchants' order writes, committed several at a time (issue 11).
 
-    Order ids are random, so one merchant's 500 rows touch ~400 pages of the order_id index, and
-    each commit writes every page it touched to the log: 200 commits of one merchant each wrote
-    ~400 MB for 100,000 orders, mostly the same index pages again. A merchant's write (`commit`)
-    therefore waits, in memory, until no merchant is reading from Square any more (`running`:
-    those holding a `_Slot`) or `window_s` has passed, and all waiting writes are made in one
-    transaction. The database is locked only while they are written (no await inside), so other
-    writers (the other discovery process, another console) wait no longer than before. No
-    savepoint per merchant (re-changing pages under a savepoint copies them first, which cost
-    more than the grouping saved): when one write fails, the whole transaction is rolled back,
-    and every merchant in it raises that error (which fails the refresh; the merchants keep what
-    they had, marks included)."""
+    Order ids are random, so one merchant's 500 rows touch ~400 pages of the order_id
+    index, and each commit writes every page it touched to the log: 200 commits of one
+    merchant each wrote ~400 MB for 100,000 orders, mostly the same index pages again. A
+    merchant's write (`commit`) therefore waits, in memory, until every merchant in
+    progress is waiting too or `window_s` has passed, and all waiting writes are made in
+    one transaction. The database is locked only while they are written (no await inside),
+    so other writers (the other discovery process, another console) wait no longer than
+    before. No savepoint per merchant (re-changing pages under a savepoint copies them
+    first, which cost more than the grouping saved): when one write fails, the whole
+    transaction is rolled back, and every merchant in it raises that error (which fails
+    the refresh; the merchants keep what they had, marks included)."""
 
     def __init__(self, store: Store, window_s: float) -> None:
         self.store = store
         self.window_s = window_s
-        self.running = 0          # merchants reading from Square (holding a `_Slot`)
+        self.running = 0          # merchants in progress (started, not yet written)
         self.parts: list[Callable[[], None]] = []
         self.done: asyncio.Future[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -235,7 +232,7 @@ class _Commits:
         await asyncio.shield(done)
 
     def flush_if_all_wait(self) -> None:
-        """Nothing else can come while no merchant is still reading: commit now."""
+        """Nothing else can come while every merchant in progress waits: commit now."""
         if self.parts and len(self.parts) >= self.running:
             self.flush()
 
@@ -432,10 +429,15 @@ async def discover(gateway: SquareGateway, store: Store,
     commits = _Commits(store, COMMIT_WINDOW.total_seconds())
 
     async def one(merchant_id: str) -> MerchantDiscovery:
-        async with _Slot(gate, commits) as slot:
-            report = await _discover_one(gateway, store, credentials[merchant_id],
-                                         consents.get(merchant_id, []), now, full, commits,
-                                         slot)
+        async with _Slot(gate) as slot:
+            commits.running += 1
+            try:
+                report = await _discover_one(gateway, store, credentials[merchant_id],
+                                             consents.get(merchant_id, []), now, full,
+                                             commits, slot)
+            finally:
+                commits.running -= 1
+                commits.flush_if_all_wait()
         if on_merchant is not None:
             on_merchant(report)
         return report
