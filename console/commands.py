@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -173,12 +173,48 @@ def _age(now: datetime, moment: str | None) -> str:
     return f"{seconds}s"
 
 
+def _orders_json_meanwhile(workspace: Workspace, args: argparse.Namespace,
+                           ) -> tuple[Callable[[list[Any]], None], Callable[[], Any]]:
+    """`queue --json`'s orders read by a second connection in a worker thread, started once the
+    refresh has written them, while this thread records the backlog history: SQLite builds the
+    JSON without holding the GIL, on the other core (issue 11). (start, result): `result` is
+    the chunks, or the store's own generator where no second connection can be opened."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from services.storage.sqlite import SQLiteStore
+
+    store = workspace.store
+    future: Future[list[list[bytes]]] | None = None
+
+    def read(refreshed: list[str]) -> list[list[bytes]]:
+        reader = SQLiteStore(store.location, migrate=False)
+        try:
+            return list(reader.queued_orders_json(
+                refreshed, eligible_only=not args.include_ineligible,
+                merchant_ids=args.merchant or None))
+        finally:
+            reader.close()
+
+    def start(reports: list[Any]) -> None:
+        nonlocal future
+        if isinstance(store, SQLiteStore) and store.location != ":memory:":
+            pool = ThreadPoolExecutor(1)
+            future = pool.submit(read, sorted(r.merchant_id for r in reports if r.refreshed))
+            pool.shutdown(wait=False)  # its thread ends with the read
+
+    def result() -> Any:
+        return future.result() if future is not None else None
+    return start, result
+
+
 def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
     async def run() -> int:
         workspace = Workspace.open(settings)
         try:
             await _recover_first(workspace)
-            reports = await workspace.refresh(args.merchant, full=args.full)
+            start, orders_json = _orders_json_meanwhile(workspace, args)
+            reports = await workspace.refresh(args.merchant, full=args.full,
+                                              on_written=start if args.json else None)
             refreshed = {r.merchant_id for r in reports if r.refreshed}
             now = workspace.clock()
             names = workspace.merchant_names()
@@ -199,7 +235,9 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
             code = EXIT_FAILURES if failed else EXIT_OK
             if args.json:
                 # Built by the database, not an object per order (issue 11).
-                print_json_objects("orders", workspace.store.queued_orders_json(
+                chunks = orders_json()
+                print_json_objects("orders", chunks if chunks is not None else
+                                   workspace.store.queued_orders_json(
                     sorted(refreshed), eligible_only=not args.include_ineligible,
                     merchant_ids=args.merchant or None),
                                   {"merchants": [{"merchant_id": r.merchant_id,
