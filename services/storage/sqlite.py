@@ -517,8 +517,12 @@ class SQLiteStore(Store):
         return list(self.db["merchants"].rows_where(order_by="merchant_id"))
 
     def merchant(self, merchant_id: str) -> dict[str, Any] | None:
-        rows = list(self.db["merchants"].rows_where("merchant_id = ?", [merchant_id]))
-        return rows[0] if rows else None
+        # Plain SQL: sqlite-utils' rows_where first lists the schema's tables and views (a
+        # refresh asks once per merchant).
+        cursor = self.conn.execute("SELECT * FROM merchants WHERE merchant_id = ?",
+                                   [merchant_id])
+        row = cursor.fetchone()
+        return dict(zip([c[0] for c in cursor.description], row, strict=True)) if row else None
 
     # ------------------------------------------------------------------ orders
     def replace_orders(self, merchant_id: str, rows: list[dict[str, Any]]) -> None:
