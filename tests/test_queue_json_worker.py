@@ -1,5 +1,5 @@
-"""`queue --json` reads its orders in a worker thread (a second SQLite connection) while the
-backlog history is recorded (console/commands.py: `_orders_json_meanwhile`, issue 11). The
+"""`queue --json` writes its document from a worker thread (a second SQLite connection) while the
+backlog history is recorded (console/commands.py: `_queue_json_meanwhile`, issue 11). The
 document must be the one the store gives once the command is over, byte for byte: in
 particular, read only after every merchant's refresh is written."""
 
