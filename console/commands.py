@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -173,12 +173,61 @@ def _age(now: datetime, moment: str | None) -> str:
     return f"{seconds}s"
 
 
+def _queue_document_rest(reports: Sequence[Any]) -> dict[str, Any]:
+    """`queue --json`'s document after its orders: the merchants refreshed just now."""
+    return {"merchants": [{"merchant_id": r.merchant_id, "business_name": r.business_name,
+                           "token_health": r.token_health, "error": r.error,
+                           "open_orders": r.orders, "eligible": r.eligible,
+                           "stale": not r.refreshed} for r in reports]}
+
+
+def _queue_json_meanwhile(workspace: Workspace, args: argparse.Namespace
+                          ) -> tuple[Callable[[list[Any]], None], Callable[[], bool]]:
+    """`queue --json`'s document written by a worker thread with a second connection, started
+    once the refresh has written every merchant, while this thread records the backlog
+    history: SQLite builds the orders' JSON without holding the GIL, on the other core
+    (issue 11). (start, written): `written` waits for the document; False where no second
+    connection can be opened (then the caller writes it)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from services.storage.sqlite import SQLiteStore
+
+    store = workspace.store
+    future: Future[None] | None = None
+
+    def write(reports: list[Any]) -> None:
+        reader = SQLiteStore(store.location, migrate=False)
+        try:
+            print_json_objects("orders", reader.queued_orders_json(
+                sorted(r.merchant_id for r in reports if r.refreshed),
+                eligible_only=not args.include_ineligible,
+                merchant_ids=args.merchant or None), _queue_document_rest(reports))
+        finally:
+            reader.close()
+
+    def start(reports: list[Any]) -> None:
+        nonlocal future
+        if isinstance(store, SQLiteStore) and store.location != ":memory:":
+            pool = ThreadPoolExecutor(1)
+            future = pool.submit(write, reports)
+            pool.shutdown(wait=False)  # its thread ends with the document
+
+    def written() -> bool:
+        if future is None:
+            return False
+        future.result()
+        return True
+    return start, written
+
+
 def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
     async def run() -> int:
         workspace = Workspace.open(settings)
         try:
             await _recover_first(workspace)
-            reports = await workspace.refresh(args.merchant, full=args.full)
+            start, written = _queue_json_meanwhile(workspace, args)
+            reports = await workspace.refresh(args.merchant, full=args.full,
+                                              on_written=start if args.json else None)
             refreshed = {r.merchant_id for r in reports if r.refreshed}
             now = workspace.clock()
             names = workspace.merchant_names()
@@ -199,15 +248,10 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
             code = EXIT_FAILURES if failed else EXIT_OK
             if args.json:
                 # Built by the database, not an object per order (issue 11).
-                print_json_objects("orders", workspace.store.queued_orders_json(
-                    sorted(refreshed), eligible_only=not args.include_ineligible,
-                    merchant_ids=args.merchant or None),
-                                  {"merchants": [{"merchant_id": r.merchant_id,
-                                                  "business_name": r.business_name,
-                                                  "token_health": r.token_health,
-                                                  "error": r.error, "open_orders": r.orders,
-                                                  "eligible": r.eligible,
-                                                  "stale": not r.refreshed} for r in reports]})
+                if not written():
+                    print_json_objects("orders", workspace.store.queued_orders_json(
+                        sorted(refreshed), eligible_only=not args.include_ineligible,
+                        merchant_ids=args.merchant or None), _queue_document_rest(reports))
                 return code
             orders = [o for o in workspace.queue(include_ineligible=args.include_ineligible)
                       if not args.merchant or o.merchant_id in args.merchant]

@@ -416,8 +416,11 @@ class Workspace:
     # ------------------------------------------------------------------ discovery and queue
     async def refresh(self, merchant_ids: Sequence[str] | None = None,
                       on_merchant: Callable[[MerchantDiscovery], None] | None = None,
-                      full: bool = False) -> list[MerchantDiscovery]:
-        """By change since the last refresh; `full` re-reads every order."""
+                      full: bool = False,
+                      on_written: Callable[[list[MerchantDiscovery]], None] | None = None
+                      ) -> list[MerchantDiscovery]:
+        """By change since the last refresh; `full` re-reads every order. `on_written`: called
+        once every merchant's orders are written, before the backlog history is recorded."""
         credentials = self.credentials()
         if merchant_ids is not None:
             unknown = [m for m in merchant_ids if m not in credentials]
@@ -451,6 +454,8 @@ class Workspace:
             reports.sort(key=lambda report: order[report.merchant_id])
         else:
             reports = await here(wanted, self.settings.max_concurrent_merchants)
+        if on_written is not None:
+            on_written(reports)
         self.record_backlog([r.merchant_id for r in reports if r.refreshed])
         return reports
 

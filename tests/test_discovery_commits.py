@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,3 +132,47 @@ def test_the_larger_page_cache_lasts_as_long_as_the_discovery(tmp_path: Path) ->
         raise RuntimeError("a merchant's write failed")
     assert store.conn.execute("PRAGMA cache_size").fetchone()[0] == before
     store.close()
+
+
+async def test_the_next_merchant_reads_while_one_waits_for_its_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a refresh by change, a merchant done with Square gives its place back before its
+    write is committed: with two at once, the third starts while the first waits for the
+    second. Made certain here: the second's order read is held until the third has asked
+    Square something (the place kept until the commit: no third merchant, the second never
+    ends, the wait times out)."""
+    from datetime import UTC, datetime, timedelta
+
+    from services import discovery
+    from services.demo import workspace_on_emulator
+    from services.emulator import SeedConfig
+    from tests.conftest import make_emulator
+
+    # No commit by the clock: only a merchant's place given back lets the third one start.
+    monkeypatch.setattr(discovery, "COMMIT_WINDOW", timedelta(seconds=60))
+    emulator = make_emulator(SeedConfig(merchants=3, orders_per_location=3))
+    workspace = workspace_on_emulator(emulator.app, emulator.merchants, tmp_path / "r.db",
+                                      "tester")
+    first, second, third = sorted(emulator.merchants, key=lambda m: m.merchant.id)
+    third_asked = asyncio.Event()
+    handle = emulator.app._handle
+
+    async def spy(operation: Any, request: Any) -> Any:
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if bearer == third.token.token:
+            third_asked.set()
+        elif bearer == second.token.token and request.url.path == "/v2/orders/search":
+            await third_asked.wait()
+        return await handle(operation, request)
+
+    try:
+        await discovery.discover(workspace.gateway, workspace.store, workspace.credentials(),
+                                 {}, datetime.now(UTC), concurrency=2)  # read in full
+        emulator.app._handle = spy  # type: ignore[method-assign]
+        reports = await asyncio.wait_for(discovery.discover(
+            workspace.gateway, workspace.store, workspace.credentials(), {},
+            datetime.now(UTC), concurrency=2), timeout=10)
+        assert [r.merchant_id for r in reports if r.refreshed] == sorted(
+            m.merchant.id for m in (first, second, third))
+    finally:
+        await workspace.aclose()

@@ -530,8 +530,12 @@ class SQLiteStore(Store):
         return list(self.db["merchants"].rows_where(order_by="merchant_id"))
 
     def merchant(self, merchant_id: str) -> dict[str, Any] | None:
-        rows = list(self.db["merchants"].rows_where("merchant_id = ?", [merchant_id]))
-        return rows[0] if rows else None
+        # Plain SQL: sqlite-utils' rows_where first lists the schema's tables and views (a
+        # refresh asks once per merchant).
+        cursor = self.conn.execute("SELECT * FROM merchants WHERE merchant_id = ?",
+                                   [merchant_id])
+        row = cursor.fetchone()
+        return dict(zip([c[0] for c in cursor.description], row, strict=True)) if row else None
 
     # ------------------------------------------------------------------ orders
     def replace_orders(self, merchant_id: str, rows: list[dict[str, Any]]) -> None:
@@ -578,7 +582,9 @@ class SQLiteStore(Store):
         sql = "SELECT order_id, order_json FROM orders WHERE merchant_id = ?"
         params = [merchant_id]
         if reason is not None:
-            sql += " AND reason = ?"
+            # Only ineligible orders have a reason: the (merchant_id, eligible) index then
+            # reads those rows alone, not all of the merchant's (issue 11: every refresh).
+            sql += " AND eligible = 0 AND reason = ?"
             params.append(reason)
         return [(str(r[0]), r[1]) for r in self.conn.execute(sql, params)]
 
