@@ -208,6 +208,34 @@ def test_backlog_history(store: Store) -> None:
     assert store.has_backlog_history("M1") and not store.has_backlog_history("M2")
 
 
+
+def test_one_call_with_a_row_given_twice(store: Store) -> None:
+    """A group's rows go to PostgreSQL as one statement (which may not touch a row twice):
+    a key given twice in one call ends as one write per row, in order, would leave it."""
+    store.write_orders([order_values("A", reason="first"), order_values("B"),
+                        order_values("A", eligible=0, reason="last")])
+    assert [(o.order_id, o.eligible, o.reason) for o in store.queued_orders("M1")] == [
+        ("A", 0, "last"), ("B", 1, None)]
+    store.update_verdicts([(1, None, "x", "C1", "A"), (0, "NO_CONSENT", "y", None, "A")])
+    assert [(o.order_id, o.reason) for o in store.queued_orders("M1")] == [
+        ("A", "NO_CONSENT"), ("B", None)]
+    store.record_backlog([("2026-11-25", "M1", (1, 1, 1, 1, 1)),
+                          ("2026-11-25", "M1", (2, 2, 2, 2, 2))], "t1", rebuilt=True)
+    assert store.backlog_history("M1", "2026-11-01") == {"2026-11-25": ((1, 1, 1, 1, 1), True)}
+    store.record_backlog([("2026-11-25", "M1", (3, 3, 3, 3, 3)),
+                          ("2026-11-25", "M1", (4, 4, 4, 4, 4))], "t2")
+    assert store.backlog_history("M1", "2026-11-01") == {
+        "2026-11-25": ((4, 4, 4, 4, 4), False)}
+    with store.transaction():
+        store.insert_batch("B1", "op", "sha", "[]")
+        store.insert_intents([intent_row("O1", 1), intent_row("O1", 2)])
+    assert store.next_attempts([("O1", 3), ("O1", 3), ("O2", 3)]) == {("O1", 3): 3,
+                                                                       ("O2", 3): 1}
+    store.settle_intents([("B1:O1:1", "completed", None, None, "first"),
+                          ("B1:O1:1", "failed", "X", "X", "second")])
+    [batch] = store.recent_batches("M1")
+    assert (batch["completed"], batch["failed"], batch["open"]) == (1, 0, 1)
+
 # ---------------------------------------------------------------------- intents
 def intent_row(order_id: str, attempt: int, batch_id: str = "B1") -> dict[str, Any]:
     return {"intent_id": f"{batch_id}:{order_id}:{attempt}", "attempt": attempt,
