@@ -37,7 +37,7 @@ from services.completion.model import (
     skip_for,
 )
 from services.completion.recovery import Recovery
-from services.completion.sending import Sender
+from services.completion.sending import ConsentReads, RemoteConsents, Sender
 from services.consent import ConsentRecord
 from services.credentials import MerchantCredentials
 from services.eligibility import classify
@@ -92,6 +92,8 @@ class CompletionEngine:
                              max_per_merchant=max_per_merchant, max_attempts=max_attempts,
                              max_rate_limit_waits=max_rate_limit_waits,
                              attempt_timeout_s=attempt_timeout_s, on_change=self._progress)
+        if isinstance(store, RemoteConsents):  # each read a round trip: off the loop
+            self.sender.consent_reads = ConsentReads(store, consents_for)
         self.recovery = Recovery(gateway, self.journal, self.leases, self.sender, credentials,
                                  consents_for, clock)
 

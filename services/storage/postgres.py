@@ -259,6 +259,9 @@ class PostgresStore(Store):
     """One PostgreSQL database, shared by every thread of the process (and by the team)."""
 
     _MARK = "%s"
+    # Moved by every consent or revocation this process writes, through any store object
+    # (hence on the class): see `consent_writes`.
+    _consent_writes = 0
 
     def __init__(self, url: str, *, password: str | None = None,
                  max_connections: int = PG_POOL_MAX, migrate: bool = True) -> None:
@@ -366,6 +369,7 @@ class PostgresStore(Store):
     def save_consent(self, record: ConsentRecord, document: dict[str, Any], operator: str,
                      source: str) -> tuple[str, int]:
         digest = record_sha256(document)
+        PostgresStore._consent_writes += 1
         with self.transaction():
             # One writer per consent id at a time: two imports never pick the same version.
             self._run("SELECT pg_advisory_xact_lock(hashtext('consent:' || %s))",
@@ -417,6 +421,7 @@ class PostgresStore(Store):
         revocation = record.revocation
         assert revocation is not None
         revoked_at = utc_text(revocation.revoked_at)
+        PostgresStore._consent_writes += 1
         with self.transaction():
             earlier = self._one("SELECT 1 FROM consent_revocations WHERE consent_id = %s AND "
                                 "revoked_at <= %s", [record.consent_id, revoked_at])
@@ -434,6 +439,12 @@ class PostgresStore(Store):
         row = self._one("SELECT (SELECT COUNT(*) FROM consents) + "
                         "(SELECT COUNT(*) FROM consent_revocations)")
         return int(row[0]) if row else 0
+
+    def consent_writes(self) -> int:
+        """A number that moves whenever this process writes a consent or a revocation (before
+        the write): a `consents_revision` read in another thread while it moved may predate
+        the write (services/completion/sending.ConsentReads reads again)."""
+        return PostgresStore._consent_writes
 
     def consent_versions(self, consent_id: str) -> int:
         row = self._one("SELECT COUNT(*) FROM consents WHERE consent_id = %s", [consent_id])
