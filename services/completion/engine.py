@@ -187,7 +187,9 @@ class CompletionEngine:
         # Read once for the chunk: the loop below never yields, so this is as fresh as one
         # read per order. Not the last look: each send reads them again at its own moment
         # (`Sender.consent_problem`), so a change committed meanwhile still stops it.
-        consents = self.consents_for(merchant_id)
+        reads = self.sender.consent_reads
+        consents = (self.consents_for(merchant_id) if reads is None
+                    else await reads.current(merchant_id))
         intents = []
         for item in chunk:
             if item.order_id in unsettled:

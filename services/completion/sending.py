@@ -76,7 +76,9 @@ class ConsentReads:
         known = self._known.get(merchant_id)
         if known is not None and known[0] == revision:
             return known[1]
-        records = self.consents_for(merchant_id)  # its own read: at least as recent
+        # Its own reads (at least as recent), off the loop too.
+        records = await asyncio.get_running_loop().run_in_executor(
+            None, self.consents_for, merchant_id)
         self._known[merchant_id] = (revision, records)
         return records
 
