@@ -199,6 +199,22 @@ def test_queue_write_drop_and_marks(store: Store) -> None:
     assert [o.order_id for o in store.queued_orders()] == ["Z"]
 
 
+def test_a_refused_write_rolls_back_the_cache_transaction(store: Store) -> None:
+    """All or nothing, also where the writes are pipelined (PostgreSQL): the refusal is
+    raised, and what came before it is not kept."""
+    store.insert_batch("B0", "op", "sha", "[]")
+    with pytest.raises(database_errors()), store.cache_transaction():
+        store.write_orders([order_values("A")])
+        store.save_order_sync("M1", "2026-11-26T11:30:00.000000Z", "sig")
+        store.insert_batch("B0", "op", "sha", "[]")  # the same id again: refused
+        store.save_order_marks("M1", {"L1": ("m1", "f1")})
+    assert store.queued_orders() == [] and store.order_sync("M1") is None
+    assert store.order_marks("M1") == {}
+    with store.cache_transaction():  # and the store goes on working
+        store.write_orders([order_values("A")])
+        assert [o.order_id for o in store.queued_orders()] == ["A"]  # a read inside
+    assert [o.order_id for o in store.queued_orders()] == ["A"]
+
 def test_backlog_history(store: Store) -> None:
     store.record_backlog([("2026-11-25", "M1", (1, 2, 3, 4, 5))], "t1", rebuilt=True)
     store.record_backlog([("2026-11-25", "M1", (9, 9, 9, 9, 9))], "t2", rebuilt=True)
