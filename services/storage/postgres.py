@@ -333,11 +333,9 @@ class PostgresStore(Store):
 
     @contextmanager
     def cache_transaction(self) -> Iterator[psycopg.Connection[Any]]:
-        # Pipelined: the writes go out without waiting for each one's answer (a refresh makes
-        # ~10 statements a merchant: one round trip at the commit, not ten on the event
-        # loop); a read inside waits for its own. A refused write raises by the commit at the
-        # latest, and rolls all back. Nothing inside may rely on a write's rowcount.
-        with self.transaction() as conn, conn.pipeline():
+        # (Not pipelined: psycopg 3.3's pipeline hung here, client and server each waiting
+        # for the other, once a refresh's rows made a message larger than the socket buffer.)
+        with self.transaction() as conn:
             # Data Square gives again: no wait for the WAL flush (still atomic; a later
             # durable commit flushes it too).
             conn.execute("SET LOCAL synchronous_commit = off")
