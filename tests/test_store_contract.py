@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -319,6 +320,52 @@ def test_group_commit_keeps_the_good_parts(store: Store) -> None:
     assert isinstance(errors[1], database_errors())
     assert sorted(r["order_id"] for r in store.open_intents()) == ["O1", "O2"]
 
+
+
+def test_group_commits_of_two_writers_never_deadlock(store: Store) -> None:
+    """Two processes' journals: one group appends its intents' entries (the audit head) and
+    then settles outcomes (the change counter); another settles first, then appends. Each
+    waits for the other's lock unless every group takes them in the same order."""
+    with store.transaction():
+        store.insert_batch("B1", "op", "sha", "[]")
+        store.insert_intents([intent_row("O1", 1), intent_row("O2", 1)])
+    b_settled = threading.Event()
+    errors: dict[str, list[BaseException | None]] = {}
+
+    def entry(order_id: str) -> dict[str, Any]:
+        return {"operator": "op", "action": AuditAction.OUTCOME, "order_id": order_id}
+
+    def a_intents(s: Store) -> None:
+        s.insert_intents([intent_row("O3", 1)])
+        AuditTrail(s).append_many(None, [entry("O3")])  # the head, locked to the commit
+        b_settled.wait(1.0)  # (never set when the other writer waits for this one first)
+
+    def a_outcomes(s: Store) -> None:
+        s.settle_intents([("B1:O1:1", "completed", None, None, "a")])
+
+    def b_outcomes(s: Store) -> None:
+        s.settle_intents([("B1:O2:1", "completed", None, None, "b")])
+        b_settled.set()
+        AuditTrail(s).append_many(None, [entry("O2")])
+
+    def group(name: str, parts: list[Callable[[Store], None]], after: float) -> None:
+        time.sleep(after)
+        writer = store.writer() or store
+        try:
+            errors[name] = writer.commit_group(parts)
+        finally:
+            if writer is not store:
+                writer.close()
+
+    threads = [threading.Thread(target=group, args=("a", [a_intents, a_outcomes], 0.0)),
+               threading.Thread(target=group, args=("b", [b_outcomes], 0.2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == {"a": [None, None], "b": [None]}
+    assert [r["order_id"] for r in store.open_intents()] == ["O3"]
+    assert AuditTrail(store).verify().ok
 
 # ---------------------------------------------------------------------- leases
 def lease(token: str, expires: datetime, operator: str = "ann") -> Lease:

@@ -346,6 +346,12 @@ class PostgresStore(Store):
         errors: list[BaseException | None] = [None] * len(parts)
         try:
             with self.transaction() as conn:
+                # The change counter's row before the audit head, the order every other
+                # writer takes them in (a change, its trigger bumping the counter, then its
+                # audit entry). Taken as the parts come, a group whose intents part appended
+                # (the head) before its outcomes part bumped the counter deadlocked with
+                # another process's group doing the reverse.
+                conn.execute("SELECT 1 FROM change_counter WHERE id = 1 FOR UPDATE")
                 for index, part in enumerate(parts):
                     try:
                         with conn.transaction():  # a savepoint per part
