@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -199,6 +200,22 @@ def test_queue_write_drop_and_marks(store: Store) -> None:
     assert [o.order_id for o in store.queued_orders()] == ["Z"]
 
 
+def test_a_refused_write_rolls_back_the_cache_transaction(store: Store) -> None:
+    """All or nothing, also where the writes are pipelined (PostgreSQL): the refusal is
+    raised, and what came before it is not kept."""
+    store.insert_batch("B0", "op", "sha", "[]")
+    with pytest.raises(database_errors()), store.cache_transaction():
+        store.write_orders([order_values("A")])
+        store.save_order_sync("M1", "2026-11-26T11:30:00.000000Z", "sig")
+        store.insert_batch("B0", "op", "sha", "[]")  # the same id again: refused
+        store.save_order_marks("M1", {"L1": ("m1", "f1")})
+    assert store.queued_orders() == [] and store.order_sync("M1") is None
+    assert store.order_marks("M1") == {}
+    with store.cache_transaction():  # and the store goes on working
+        store.write_orders([order_values("A")])
+        assert [o.order_id for o in store.queued_orders()] == ["A"]  # a read inside
+    assert [o.order_id for o in store.queued_orders()] == ["A"]
+
 def test_backlog_history(store: Store) -> None:
     store.record_backlog([("2026-11-25", "M1", (1, 2, 3, 4, 5))], "t1", rebuilt=True)
     store.record_backlog([("2026-11-25", "M1", (9, 9, 9, 9, 9))], "t2", rebuilt=True)
@@ -207,6 +224,34 @@ def test_backlog_history(store: Store) -> None:
     assert store.backlog_history("M1", "2026-11-01") == {"2026-11-25": ((0, 0, 0, 0, 1), False)}
     assert store.has_backlog_history("M1") and not store.has_backlog_history("M2")
 
+
+
+def test_one_call_with_a_row_given_twice(store: Store) -> None:
+    """A group's rows go to PostgreSQL as one statement (which may not touch a row twice):
+    a key given twice in one call ends as one write per row, in order, would leave it."""
+    store.write_orders([order_values("A", reason="first"), order_values("B"),
+                        order_values("A", eligible=0, reason="last")])
+    assert [(o.order_id, o.eligible, o.reason) for o in store.queued_orders("M1")] == [
+        ("A", 0, "last"), ("B", 1, None)]
+    store.update_verdicts([(1, None, "x", "C1", "A"), (0, "NO_CONSENT", "y", None, "A")])
+    assert [(o.order_id, o.reason) for o in store.queued_orders("M1")] == [
+        ("A", "NO_CONSENT"), ("B", None)]
+    store.record_backlog([("2026-11-25", "M1", (1, 1, 1, 1, 1)),
+                          ("2026-11-25", "M1", (2, 2, 2, 2, 2))], "t1", rebuilt=True)
+    assert store.backlog_history("M1", "2026-11-01") == {"2026-11-25": ((1, 1, 1, 1, 1), True)}
+    store.record_backlog([("2026-11-25", "M1", (3, 3, 3, 3, 3)),
+                          ("2026-11-25", "M1", (4, 4, 4, 4, 4))], "t2")
+    assert store.backlog_history("M1", "2026-11-01") == {
+        "2026-11-25": ((4, 4, 4, 4, 4), False)}
+    with store.transaction():
+        store.insert_batch("B1", "op", "sha", "[]")
+        store.insert_intents([intent_row("O1", 1), intent_row("O1", 2)])
+    assert store.next_attempts([("O1", 3), ("O1", 3), ("O2", 3)]) == {("O1", 3): 3,
+                                                                       ("O2", 3): 1}
+    store.settle_intents([("B1:O1:1", "completed", None, None, "first"),
+                          ("B1:O1:1", "failed", "X", "X", "second")])
+    [batch] = store.recent_batches("M1")
+    assert (batch["completed"], batch["failed"], batch["open"]) == (1, 0, 1)
 
 # ---------------------------------------------------------------------- intents
 def intent_row(order_id: str, attempt: int, batch_id: str = "B1") -> dict[str, Any]:
@@ -275,6 +320,52 @@ def test_group_commit_keeps_the_good_parts(store: Store) -> None:
     assert isinstance(errors[1], database_errors())
     assert sorted(r["order_id"] for r in store.open_intents()) == ["O1", "O2"]
 
+
+
+def test_group_commits_of_two_writers_never_deadlock(store: Store) -> None:
+    """Two processes' journals: one group appends its intents' entries (the audit head) and
+    then settles outcomes (the change counter); another settles first, then appends. Each
+    waits for the other's lock unless every group takes them in the same order."""
+    with store.transaction():
+        store.insert_batch("B1", "op", "sha", "[]")
+        store.insert_intents([intent_row("O1", 1), intent_row("O2", 1)])
+    b_settled = threading.Event()
+    errors: dict[str, list[BaseException | None]] = {}
+
+    def entry(order_id: str) -> dict[str, Any]:
+        return {"operator": "op", "action": AuditAction.OUTCOME, "order_id": order_id}
+
+    def a_intents(s: Store) -> None:
+        s.insert_intents([intent_row("O3", 1)])
+        AuditTrail(s).append_many(None, [entry("O3")])  # the head, locked to the commit
+        b_settled.wait(1.0)  # (never set when the other writer waits for this one first)
+
+    def a_outcomes(s: Store) -> None:
+        s.settle_intents([("B1:O1:1", "completed", None, None, "a")])
+
+    def b_outcomes(s: Store) -> None:
+        s.settle_intents([("B1:O2:1", "completed", None, None, "b")])
+        b_settled.set()
+        AuditTrail(s).append_many(None, [entry("O2")])
+
+    def group(name: str, parts: list[Callable[[Store], None]], after: float) -> None:
+        time.sleep(after)
+        writer = store.writer() or store
+        try:
+            errors[name] = writer.commit_group(parts)
+        finally:
+            if writer is not store:
+                writer.close()
+
+    threads = [threading.Thread(target=group, args=("a", [a_intents, a_outcomes], 0.0)),
+               threading.Thread(target=group, args=("b", [b_outcomes], 0.2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == {"a": [None, None], "b": [None]}
+    assert [r["order_id"] for r in store.open_intents()] == ["O3"]
+    assert AuditTrail(store).verify().ok
 
 # ---------------------------------------------------------------------- leases
 def lease(token: str, expires: datetime, operator: str = "ann") -> Lease:

@@ -37,7 +37,7 @@ from services.completion.model import (
     skip_for,
 )
 from services.completion.recovery import Recovery
-from services.completion.sending import Sender
+from services.completion.sending import ConsentReads, RemoteConsents, Sender
 from services.consent import ConsentRecord
 from services.credentials import MerchantCredentials
 from services.eligibility import classify
@@ -92,6 +92,8 @@ class CompletionEngine:
                              max_per_merchant=max_per_merchant, max_attempts=max_attempts,
                              max_rate_limit_waits=max_rate_limit_waits,
                              attempt_timeout_s=attempt_timeout_s, on_change=self._progress)
+        if isinstance(store, RemoteConsents):  # each read a round trip: off the loop
+            self.sender.consent_reads = ConsentReads(store, consents_for)
         self.recovery = Recovery(gateway, self.journal, self.leases, self.sender, credentials,
                                  consents_for, clock)
 
@@ -153,10 +155,13 @@ class CompletionEngine:
             # What a gone holder (or a crash) left open is settled before anything new; an
             # order that settling completed is reported as such (e.g. retrying the failed).
             recovered = Run("recovery", "", 0)
-            await self.recovery.settle_merchant(recovered, merchant_id)
+            had_open = await self.recovery.settle_merchant(recovered, merchant_id)
             settled = {(r.order_id, r.version): r for r in recovered.results
                        if r.outcome is Outcome.COMPLETED}
-            unsettled = {row["order_id"] for row in self.store.open_intents(merchant_id)}
+            # (None open before settling: none after. Not read again: a round trip less on
+            # the event loop per merchant, on PostgreSQL.)
+            unsettled = ({row["order_id"] for row in self.store.open_intents(merchant_id)}
+                         if had_open else set())
             for item in items:
                 if (item.order_id, item.version) in settled:
                     run.add(settled[item.order_id, item.version])
@@ -185,7 +190,9 @@ class CompletionEngine:
         # Read once for the chunk: the loop below never yields, so this is as fresh as one
         # read per order. Not the last look: each send reads them again at its own moment
         # (`Sender.consent_problem`), so a change committed meanwhile still stops it.
-        consents = self.consents_for(merchant_id)
+        reads = self.sender.consent_reads
+        consents = (self.consents_for(merchant_id) if reads is None
+                    else await reads.current(merchant_id))
         intents = []
         for item in chunk:
             if item.order_id in unsettled:

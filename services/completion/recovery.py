@@ -53,24 +53,25 @@ class Recovery:
         await self.journal.drain()
         return [r for r in run.results if r.reason != "OUTCOME_UNKNOWN"]
 
-    async def settle_merchant(self, run: Run, merchant_id: str) -> None:
-        """Settle one merchant's open intents; the caller holds (or we take) its lease."""
+    async def settle_merchant(self, run: Run, merchant_id: str) -> bool:
+        """Settle one merchant's open intents; the caller holds (or we take) its lease.
+        False when it had none (nothing can be left open either)."""
         if not self.leases.holds(merchant_id):
             holder = self.leases.take(merchant_id)
             if holder is not None:
                 count = len(self.journal.store.open_intents(merchant_id))
                 self.left_alone.append(f"{merchant_id}: {count} open intent(s) left to "
                                        f"{holder.describe()}")
-                return
+                return count > 0
         rows = self.journal.store.open_intents(merchant_id)
         creds = self.credentials.get(merchant_id)
         if not rows or creds is None:
-            return  # without credentials Square cannot be asked: the intents stay open
+            return bool(rows)  # without credentials Square cannot be asked: they stay open
         try:
             current = {o.id: o for o in await self.gateway.batch_retrieve(
                 creds, sorted({r["order_id"] for r in rows}))}
         except ReconError:
-            return  # unreachable: they stay open for the next `recover`
+            return True  # unreachable: they stay open for the next `recover`
         completed: set[str] = set()
         for row in rows:
             intent = Intent.from_row(row)
@@ -87,6 +88,7 @@ class Recovery:
                 completed.add(intent.item.order_id)
             self.journal.outcome(run, intent, result, action=AuditAction.RECOVERY)
         await self.journal.drain()
+        return True
 
     async def _settle(self, run: Run, creds: MerchantCredentials, intent: Intent,
                       order: OrderLike | None) -> OrderResult | None:

@@ -11,6 +11,8 @@ import asyncio
 import time
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
+from typing import Protocol, runtime_checkable
 
 from services.completion.journal import IntentJournal, Run
 from services.completion.leases import LeaseKeeper
@@ -28,7 +30,84 @@ from services.errors import (
 )
 from services.square_gateway import SquareGateway
 
-__all__ = ["Sender"]
+__all__ = ["ConsentReads", "Sender"]
+
+Consents = list[tuple[ConsentRecord, str]]
+
+
+@runtime_checkable
+class RemoteConsents(Protocol):
+    """A store each call of which is a round trip to a server (PostgreSQL)."""
+
+    def consents_revision(self) -> int: ...
+
+    def consent_writes(self) -> int: ...
+
+
+class ConsentReads:
+    """The consents as the database holds them when a send asks, for a store each read of
+    which is a round trip to a server. One blocking read per send, on the event loop, held
+    every other send and every answer for a round trip each time; here a send awaits a read of
+    the consents' revision (`consents_revision`) that BEGINS AFTER it asked, in a thread, so a
+    change committed before the send asked is seen, as by a read of its own. The sends that
+    ask while one read is under way share the next one. The records themselves are read again
+    (`consents_for`) only when the revision moved.
+
+    The loop runs on during the read: a consent written meanwhile by this process (the
+    console's own revoke, on the loop) may have missed it, so then the read is taken again.
+    A write by another process while the read is under way is concurrent with the send,
+    as with a read on the loop."""
+
+    def __init__(self, store: RemoteConsents,
+                 consents_for: Callable[[str], Consents]) -> None:
+        self.store = store
+        self.consents_for = consents_for
+        self._known: dict[str, tuple[int, Consents]] = {}  # merchant -> (revision, records)
+        self._running: asyncio.Future[int] | None = None
+        self._next: asyncio.Future[int] | None = None  # starts when `_running` ends
+
+    async def current(self, merchant_id: str) -> Consents:
+        while True:
+            writes = self.store.consent_writes()
+            # Shielded: one waiter cancelled (the batch cancelled) leaves the read to the rest.
+            revision = await asyncio.shield(self._revision())
+            if self.store.consent_writes() == writes:
+                break
+        known = self._known.get(merchant_id)
+        if known is not None and known[0] == revision:
+            return known[1]
+        # Its own reads (at least as recent), off the loop too.
+        records = await asyncio.get_running_loop().run_in_executor(
+            None, self.consents_for, merchant_id)
+        self._known[merchant_id] = (revision, records)
+        return records
+
+    def _revision(self) -> asyncio.Future[int]:
+        """The next read to begin: begun now if none is under way, else as that one ends."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        future = self._next
+        if self._running is None:
+            self._start()
+        return future
+
+    def _start(self) -> None:
+        future, self._next = self._next, None
+        assert future is not None
+        self._running = future
+        read = asyncio.get_running_loop().run_in_executor(None, self.store.consents_revision)
+        read.add_done_callback(partial(self._ended, future))
+
+    def _ended(self, future: asyncio.Future[int], read: asyncio.Future[int]) -> None:
+        self._running = None
+        if not future.done():
+            error = read.exception()
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(read.result())
+        if self._next is not None:
+            self._start()
 
 
 class Sender:
@@ -57,6 +136,8 @@ class Sender:
         self.max_per_merchant = max(per_merchant, max_per_merchant)
         self.merchant_limits: dict[str, AdaptiveLimit] = {}
         self.budget = LoopBudget()
+        # None: each send reads the consents itself, on the loop (SQLite: a local read).
+        self.consent_reads: ConsentReads | None = None
 
     def merchant_limit(self, merchant_id: str) -> AdaptiveLimit:
         limit = self.merchant_limits.get(merchant_id)
@@ -83,8 +164,11 @@ class Sender:
             return SkipReason.SQUARE_UNREACHABLE, self.breaker.open[merchant_id]
         return None
 
-    def consent_problem(self, intent: Intent) -> tuple[SkipReason, str] | None:
-        consents = self.consents_for(intent.item.merchant_id)
+    def consent_problem(self, intent: Intent, consents: Consents | None = None
+                        ) -> tuple[SkipReason, str] | None:
+        """`consents`: the merchant's, read at this moment (`ConsentReads`); else read here."""
+        if consents is None:
+            consents = self.consents_for(intent.item.merchant_id)
         relied, sha = next(((c, sha) for c, sha in consents
                             if c.consent_id == intent.consent_id), (None, None))
         if relied is None:
@@ -123,10 +207,12 @@ class Sender:
                     if not uncertain:  # nothing of this intent can have reached Square
                         # Let the console paint and take keys (see LoopBudget).
                         await self.budget.turn()
+                        consents = (None if self.consent_reads is None else
+                                    await self.consent_reads.current(item.merchant_id))
                         # The last look, right before the call (after any wait for a slot):
                         # a cancel, a revocation or a lost lease stops it here.
                         stop = (self.stop_reason(run, item.merchant_id)
-                                or self.consent_problem(intent))
+                                or self.consent_problem(intent, consents))
                         if stop is not None:
                             return result(Outcome.SKIPPED, stop[0], stop[1])
                     started = time.monotonic()

@@ -223,15 +223,45 @@ _QUEUED_JSON = (
     "'stale', NOT (o.merchant_id = ANY(%s)), "
     "'fetched_at', GREATEST(o.seen_at, COALESCE(s.fetched_at, o.seen_at)))::text "
     "FROM orders o LEFT JOIN order_sync s ON s.merchant_id = o.merchant_id WHERE true")
-_UPSERT_ORDER = (f"INSERT INTO orders ({', '.join(ORDER_COLUMNS)}) VALUES "
-                 f"({', '.join('%s' for _ in ORDER_COLUMNS)}) ON CONFLICT (order_id) DO UPDATE "
-                 "SET " + ", ".join(f"{c} = excluded.{c}" for c in ORDER_COLUMNS[1:]))
+# Column types, for the arrays `_unnest` passes: a whole group of rows is one statement (one
+# round trip, one firing of the statement-level change trigger, one plan) instead of one each.
+_ORDER_TYPES = {c: "bigint" if c in ("version", "total_amount", "due_amount") else
+                "integer" if c == "eligible" else "text" for c in ORDER_COLUMNS}
+_INTENT_TYPES = {c: "bigint" if c in ("version", "amount") else
+                 "integer" if c == "attempt" else "text" for c in INTENT_COLUMNS}
+_UPSERT_ORDER = (f"INSERT INTO orders ({', '.join(ORDER_COLUMNS)}) SELECT * FROM "
+                 "{unnest} ON CONFLICT (order_id) DO UPDATE SET "
+                 + ", ".join(f"{c} = excluded.{c}" for c in ORDER_COLUMNS[1:]))
+
+
+def _unnest(types: Sequence[str]) -> str:
+    """unnest() of one array parameter per column, in `types`' order."""
+    return "unnest(" + ", ".join(f"%s::{t}[]" for t in types) + ")"
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """`rows` as one list per column: `_unnest`'s parameters."""
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    for row in rows:
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
+
+
+def _last_of_each(rows: Sequence[Sequence[Any]], key: Callable[[Sequence[Any]], Any]
+                  ) -> list[Sequence[Any]]:
+    """One row per key, the last given (what one upsert per row, in order, leaves): an
+    upsert of one statement may not touch a row twice."""
+    return list({key(row): row for row in rows}.values())
 
 
 class PostgresStore(Store):
     """One PostgreSQL database, shared by every thread of the process (and by the team)."""
 
     _MARK = "%s"
+    # Moved by every consent or revocation this process writes, through any store object
+    # (hence on the class): see `consent_writes`.
+    _consent_writes = 0
 
     def __init__(self, url: str, *, password: str | None = None,
                  max_connections: int = PG_POOL_MAX, migrate: bool = True) -> None:
@@ -303,6 +333,8 @@ class PostgresStore(Store):
 
     @contextmanager
     def cache_transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        # (Not pipelined: psycopg 3.3's pipeline hung here, client and server each waiting
+        # for the other, once a refresh's rows made a message larger than the socket buffer.)
         with self.transaction() as conn:
             # Data Square gives again: no wait for the WAL flush (still atomic; a later
             # durable commit flushes it too).
@@ -314,6 +346,12 @@ class PostgresStore(Store):
         errors: list[BaseException | None] = [None] * len(parts)
         try:
             with self.transaction() as conn:
+                # The change counter's row before the audit head, the order every other
+                # writer takes them in (a change, its trigger bumping the counter, then its
+                # audit entry). Taken as the parts come, a group whose intents part appended
+                # (the head) before its outcomes part bumped the counter deadlocked with
+                # another process's group doing the reverse.
+                conn.execute("SELECT 1 FROM change_counter WHERE id = 1 FOR UPDATE")
                 for index, part in enumerate(parts):
                     try:
                         with conn.transaction():  # a savepoint per part
@@ -339,6 +377,7 @@ class PostgresStore(Store):
     def save_consent(self, record: ConsentRecord, document: dict[str, Any], operator: str,
                      source: str) -> tuple[str, int]:
         digest = record_sha256(document)
+        PostgresStore._consent_writes += 1
         with self.transaction():
             # One writer per consent id at a time: two imports never pick the same version.
             self._run("SELECT pg_advisory_xact_lock(hashtext('consent:' || %s))",
@@ -390,6 +429,7 @@ class PostgresStore(Store):
         revocation = record.revocation
         assert revocation is not None
         revoked_at = utc_text(revocation.revoked_at)
+        PostgresStore._consent_writes += 1
         with self.transaction():
             earlier = self._one("SELECT 1 FROM consent_revocations WHERE consent_id = %s AND "
                                 "revoked_at <= %s", [record.consent_id, revoked_at])
@@ -407,6 +447,12 @@ class PostgresStore(Store):
         row = self._one("SELECT (SELECT COUNT(*) FROM consents) + "
                         "(SELECT COUNT(*) FROM consent_revocations)")
         return int(row[0]) if row else 0
+
+    def consent_writes(self) -> int:
+        """A number that moves whenever this process writes a consent or a revocation (before
+        the write): a `consents_revision` read in another thread while it moved may predate
+        the write (services/completion/sending.ConsentReads reads again)."""
+        return PostgresStore._consent_writes
 
     def consent_versions(self, consent_id: str) -> int:
         row = self._one("SELECT COUNT(*) FROM consents WHERE consent_id = %s", [consent_id])
@@ -443,7 +489,9 @@ class PostgresStore(Store):
                            [[row[c] for c in columns] for row in rows])
 
     def write_orders(self, rows: Sequence[Sequence[Any]]) -> None:
-        self._many(_UPSERT_ORDER, rows)
+        if rows:
+            self._run(_UPSERT_ORDER.format(unnest=_unnest(list(_ORDER_TYPES.values()))),
+                      _columns(_last_of_each(rows, lambda row: row[0]), len(ORDER_COLUMNS)))
 
     def drop_orders(self, merchant_id: str, *, keep_locations: Sequence[str] | None = None,
                     at_locations: Sequence[str] | None = None,
@@ -473,8 +521,13 @@ class PostgresStore(Store):
 
     def update_verdicts(self, rows: Sequence[tuple[int, str | None, str, str | None, str]]
                         ) -> None:
-        self._many("UPDATE orders SET eligible = %s, reason = %s, detail = %s, "
-                   "consent_id = %s WHERE order_id = %s", rows)
+        if rows:  # one statement for all (see `_unnest`)
+            self._run("UPDATE orders o SET eligible = v.eligible, reason = v.reason, "
+                      "detail = v.detail, consent_id = v.consent_id FROM "
+                      + _unnest(["integer", "text", "text", "text", "text"])
+                      + " AS v(eligible, reason, detail, consent_id, order_id) "
+                      "WHERE o.order_id = v.order_id",
+                      _columns(_last_of_each(rows, lambda row: row[4]), 5))
 
     def order_marks(self, merchant_id: str) -> dict[str, tuple[str, str]]:
         return {str(r[0]): (str(r[1]), str(r[2])) for r in self._all(
@@ -580,15 +633,20 @@ class PostgresStore(Store):
                   [status, utc_text(), batch_id])
 
     def next_attempts(self, pairs: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        # One index lookup per order (order_id leads the UNIQUE index): `order_id = ANY(%s)`
+        # was planned as a scan of every intent, each compared with every id given.
         found = {(r[0], r[1]): r[2] for r in self._all(
-            "SELECT order_id, version, MAX(attempt) FROM intents WHERE order_id = ANY(%s) "
-            "GROUP BY order_id, version", [[order_id for order_id, _ in pairs]])}
+            "SELECT o.order_id, i.version, i.attempt FROM unnest(%s::text[]) AS o(order_id) "
+            "CROSS JOIN LATERAL (SELECT version, MAX(attempt) AS attempt FROM intents "
+            "WHERE order_id = o.order_id GROUP BY version) AS i",
+            [list(dict.fromkeys(order_id for order_id, _ in pairs))])}
         return {pair: found.get(pair, 0) + 1 for pair in pairs}
 
     def insert_intents(self, rows: list[dict[str, Any]]) -> None:
-        self._many(f"INSERT INTO intents ({_INTENTS}) VALUES "
-                   f"({', '.join('%s' for _ in INTENT_COLUMNS)})",
-                   [[row[n] for n in INTENT_COLUMNS] for row in rows])
+        if rows:  # one statement for all (see `_unnest`)
+            self._run(f"INSERT INTO intents ({_INTENTS}) SELECT * FROM "
+                      + _unnest(list(_INTENT_TYPES.values())),
+                      [[row[n] for row in rows] for n in INTENT_COLUMNS])
 
     def settle_intent(self, intent_id: str, outcome: str, reason: str | None,
                       square_code: str | None, detail: str) -> None:
@@ -598,11 +656,17 @@ class PostgresStore(Store):
 
     def settle_intents(self, rows: Sequence[tuple[str, str, str | None, str | None, str]]
                        ) -> None:
-        settled_at = utc_text()  # one statement, pipelined: one round trip for the group
-        self._many("UPDATE intents SET outcome = %s, reason = %s, square_code = %s, "
-                   "detail = %s, settled_at = %s WHERE intent_id = %s AND outcome IS NULL",
-                   [(outcome, reason, code, detail, settled_at, intent_id)
-                    for intent_id, outcome, reason, code, detail in rows])
+        if not rows:
+            return
+        # One statement for the group (see `_unnest`); an intent given twice keeps its first
+        # outcome, as one UPDATE each, in order, would (`outcome IS NULL`).
+        first = list({row[0]: row for row in reversed(rows)}.values())
+        self._run("UPDATE intents i SET outcome = v.outcome, reason = v.reason, "
+                  "square_code = v.square_code, detail = v.detail, settled_at = %s FROM "
+                  + _unnest(["text"] * 5)
+                  + " AS v(intent_id, outcome, reason, square_code, detail) "
+                  "WHERE i.intent_id = v.intent_id AND i.outcome IS NULL",
+                  [utc_text(), *_columns(first, 5)])
 
     def drop_completed_orders(self, order_ids: list[str]) -> None:
         if order_ids:
@@ -642,11 +706,17 @@ class PostgresStore(Store):
             "DO UPDATE SET under_1d = excluded.under_1d, d1_3 = excluded.d1_3, "
             "d3_7 = excluded.d3_7, d7_14 = excluded.d7_14, d14_plus = excluded.d14_plus, "
             "recorded_at = excluded.recorded_at, rebuilt = excluded.rebuilt")
-        with self.transaction():
-            self._many("INSERT INTO backlog_history VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                       f"ON CONFLICT (day, merchant_id) {action}",
-                       [[day, merchant_id, *counts, recorded_at, int(rebuilt)]
-                        for day, merchant_id, counts in rows])
+        if not rows:
+            return
+        # One statement (see `_unnest`): a (day, merchant) given twice ends as one row each
+        # would leave it (the first kept by DO NOTHING, the last by DO UPDATE).
+        values = _last_of_each([[day, merchant_id, *counts, recorded_at, int(rebuilt)]
+                                for day, merchant_id, counts in (rows[::-1] if rebuilt
+                                                                 else rows)],
+                               lambda row: (row[0], row[1]))
+        self._run("INSERT INTO backlog_history SELECT * FROM "
+                  + _unnest(["text", "text", *["integer"] * 5, "text", "integer"])
+                  + f" ON CONFLICT (day, merchant_id) {action}", _columns(values, 9))
 
     def has_backlog_history(self, merchant_id: str) -> bool:
         return self._one("SELECT 1 FROM backlog_history WHERE merchant_id = %s LIMIT 1",
@@ -684,14 +754,18 @@ class PostgresStore(Store):
                     in_force.append(current)  # another holder's, in force
                 else:
                     in_force.append(lease)
-            self._many("INSERT INTO leases VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-                       "ON CONFLICT (merchant_id) DO UPDATE SET operator = excluded.operator, "
-                       "host = excluded.host, pid = excluded.pid, "
-                       "started_at = excluded.started_at, "
-                       "heartbeat_at = excluded.heartbeat_at, "
-                       "expires_at = excluded.expires_at, token = excluded.token",
-                       [list(lease) for lease, now in zip(leases, in_force, strict=True)
-                        if now is lease])
+            taken = _last_of_each([lease for lease, now in zip(leases, in_force, strict=True)
+                                   if now is lease], lambda lease: lease[0])
+            if taken:  # one statement for all (see `_unnest`)
+                self._run("INSERT INTO leases SELECT * FROM "
+                          + _unnest(["text", "text", "text", "integer", "text", "text", "text",
+                                     "text"])
+                          + " ON CONFLICT (merchant_id) DO UPDATE SET "
+                          "operator = excluded.operator, host = excluded.host, "
+                          "pid = excluded.pid, started_at = excluded.started_at, "
+                          "heartbeat_at = excluded.heartbeat_at, "
+                          "expires_at = excluded.expires_at, token = excluded.token",
+                          _columns(taken, 8))
         return in_force
 
     def heartbeat_leases(self, token: str, heartbeat_at: str, expires_at: str) -> set[str]:
