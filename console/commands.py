@@ -32,7 +32,7 @@ from services.consent import ConsentStatus
 from services.errors import ApprovalRefused, ConfigurationError, ConsentFileError, ReconError
 from services.private_files import open_private
 from services.settings import ReconSettings
-from services.store import Approval, utc_text
+from services.store import Approval, Store, utc_text
 from services.text_safety import printable
 from services.timestamps import parse_time
 from services.workspace import Preview, Workspace
@@ -173,12 +173,17 @@ def _age(now: datetime, moment: str | None) -> str:
     return f"{seconds}s"
 
 
-def _queue_document_rest(reports: Sequence[Any]) -> dict[str, Any]:
-    """`queue --json`'s document after its orders: the merchants refreshed just now."""
-    return {"merchants": [{"merchant_id": r.merchant_id, "business_name": r.business_name,
-                           "token_health": r.token_health, "error": r.error,
-                           "open_orders": r.orders, "eligible": r.eligible,
-                           "stale": not r.refreshed} for r in reports]}
+def _print_queue_document(store: Store, reports: Sequence[Any],
+                          args: argparse.Namespace) -> None:
+    """`queue --json`'s document: the orders, built by the database, not an object per order
+    (issue 11); then the merchants refreshed just now."""
+    print_json_objects("orders", store.queued_orders_json(
+        sorted(r.merchant_id for r in reports if r.refreshed),
+        eligible_only=not args.include_ineligible, merchant_ids=args.merchant or None),
+        {"merchants": [{"merchant_id": r.merchant_id, "business_name": r.business_name,
+                        "token_health": r.token_health, "error": r.error,
+                        "open_orders": r.orders, "eligible": r.eligible,
+                        "stale": not r.refreshed} for r in reports]})
 
 
 def _queue_json_meanwhile(workspace: Workspace, args: argparse.Namespace
@@ -198,10 +203,7 @@ def _queue_json_meanwhile(workspace: Workspace, args: argparse.Namespace
     def write(reports: list[Any]) -> None:
         reader = SQLiteStore(store.location, migrate=False)
         try:
-            print_json_objects("orders", reader.queued_orders_json(
-                sorted(r.merchant_id for r in reports if r.refreshed),
-                eligible_only=not args.include_ineligible,
-                merchant_ids=args.merchant or None), _queue_document_rest(reports))
+            _print_queue_document(reader, reports, args)
         finally:
             reader.close()
 
@@ -247,11 +249,8 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
             # Exit 1: an unreachable or refused merchant is a failure, not a quiet success.
             code = EXIT_FAILURES if failed else EXIT_OK
             if args.json:
-                # Built by the database, not an object per order (issue 11).
                 if not written():
-                    print_json_objects("orders", workspace.store.queued_orders_json(
-                        sorted(refreshed), eligible_only=not args.include_ineligible,
-                        merchant_ids=args.merchant or None), _queue_document_rest(reports))
+                    _print_queue_document(workspace.store, reports, args)
                 return code
             orders = [o for o in workspace.queue(include_ineligible=args.include_ineligible)
                       if not args.merchant or o.merchant_id in args.merchant]

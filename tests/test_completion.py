@@ -26,7 +26,7 @@ from services.processes import HOST
 from services.square_gateway import RetryPolicy
 from services.square_models import SquareOrder
 from services.store import Lease, utc_text
-from services.workspace import Workspace
+from services.workspace import Preview, Workspace
 from tests.conftest import Emulator, make_emulator
 
 FAST_RETRY = RetryPolicy(attempts=8, base_delay_s=0.01, max_delay_s=1.0)
@@ -205,14 +205,13 @@ async def test_consent_revoked_mid_batch_stops_that_merchant_only(emulator: Emul
         await workspace.aclose()
 
 
-async def test_consent_revoked_by_another_console_stops_the_next_send(
-        emulator: Emulator, tmp_path: Path) -> None:
-    """The revocation comes through another connection (another console, another process):
-    this run's consents, read once per chunk of 100 before the intents, are read again at
-    each send, so nothing of the merchant is sent after the revocation is committed."""
-    workspace = await ready_workspace(emulator, tmp_path)
-    other = workspace_on_emulator(emulator.app, emulator.merchants, tmp_path / "recon.db",
-                                  "other-operator", timeout_s=2.0, retry=FAST_RETRY)
+async def complete_while_another_revokes(emulator: Emulator, workspace: Workspace,
+                                         other: Workspace
+                                         ) -> tuple[Preview, dict[str, tuple[str, int | None]]]:
+    """A whole batch, during which `other` (another console's connection) revokes the first
+    merchant's consent after the third completion: that merchant is then skipped as
+    CONSENT_REVOKED and nothing more of it is sent. (preview, versions before), for the
+    caller's invariants (SQLite's and PostgreSQL's tests)."""
     target = emulator.merchants[0].merchant.id
     consent_id = workspace.consents_for(target)[0][0].consent_id
     revoked: list[float] = []
@@ -232,18 +231,30 @@ async def test_consent_revoked_by_another_console_stops_the_next_send(
             other.revoke_consent(consent_id, "Owner", "changed their mind")  # committed
             revoked.append(time.monotonic())
 
+    preview = workspace.preview()
+    mine_approved = [i for i in preview.items if i.merchant_id == target]
+    assert len(mine_approved) > 6
+    before = versions(emulator)
+    emulator.app.set_faults(FaultPlan(latency_ms=2))
+    _, results = await workspace.complete(preview, on_progress=progress)
+    assert revoked
+    mine = [r for r in results if r.merchant_id == target]
+    assert any(r.reason == "CONSENT_REVOKED" for r in mine)
+    assert sum(r.outcome is Outcome.COMPLETED for r in mine) < len(mine_approved)
+    assert sent_after == []
+    return preview, before
+
+
+async def test_consent_revoked_by_another_console_stops_the_next_send(
+        emulator: Emulator, tmp_path: Path) -> None:
+    """The revocation comes through another connection (another console, another process):
+    this run's consents, read once per chunk of 100 before the intents, are read again at
+    each send, so nothing of the merchant is sent after the revocation is committed."""
+    workspace = await ready_workspace(emulator, tmp_path)
+    other = workspace_on_emulator(emulator.app, emulator.merchants, tmp_path / "recon.db",
+                                  "other-operator", timeout_s=2.0, retry=FAST_RETRY)
     try:
-        preview = workspace.preview()
-        mine_approved = [i for i in preview.items if i.merchant_id == target]
-        assert len(mine_approved) > 6
-        before = versions(emulator)
-        emulator.app.set_faults(FaultPlan(latency_ms=2))
-        _, results = await workspace.complete(preview, on_progress=progress)
-        assert revoked
-        mine = [r for r in results if r.merchant_id == target]
-        assert any(r.reason == "CONSENT_REVOKED" for r in mine)
-        assert sum(r.outcome is Outcome.COMPLETED for r in mine) < len(mine_approved)
-        assert sent_after == []
+        preview, before = await complete_while_another_revokes(emulator, workspace, other)
         assert_invariants(emulator, workspace, before, preview.items)
     finally:
         await other.aclose()

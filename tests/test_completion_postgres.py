@@ -12,19 +12,17 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import psycopg
 
-from services.completion import ApprovedItem, BatchProgress, Outcome
+from services.completion import ApprovedItem
 from services.completion.sending import ConsentReads
 from services.consent import ConsentStatus
 from services.demo import consent_for, workspace_on_emulator
-from services.emulator import FaultPlan
 from services.storage.postgres import PostgresStore
 from services.workspace import Workspace
 from tests.conftest import Emulator
-from tests.test_completion import ENGINE, FAST_RETRY, versions
+from tests.test_completion import ENGINE, FAST_RETRY, complete_while_another_revokes, versions
 
 
 async def team_workspace(emulator: Emulator, pg_url: str, home: Path, operator: str,
@@ -165,37 +163,8 @@ async def test_consent_revoked_by_another_console_stops_the_next_send_on_postgre
     workspace = await team_workspace(emulator, pg_url, tmp_path / "a", "ann")
     other = await team_workspace(emulator, pg_url, tmp_path / "b", "bob", consents=False)
     await workspace.refresh()
-    target = emulator.merchants[0].merchant.id
-    consent_id = workspace.consents_for(target)[0][0].consent_id
-    revoked: list[float] = []
-    sent_after: list[str] = []  # the target's UpdateOrders that left after the revocation
-    update_order = workspace.gateway.update_order
-
-    async def watched(creds: Any, order_id: str, body: dict[str, Any],
-                      timeout_s: float | None = None) -> Any:
-        if revoked and creds.merchant_id == target:
-            sent_after.append(order_id)
-        return await update_order(creds, order_id, body, timeout_s=timeout_s)
-
-    workspace.gateway.update_order = watched  # type: ignore[method-assign]
-
-    def progress(event: BatchProgress) -> None:
-        if event.completed >= 3 and not revoked:
-            other.revoke_consent(consent_id, "Owner", "changed their mind")  # committed
-            revoked.append(time.monotonic())
-
     try:
-        preview = workspace.preview()
-        mine_approved = [i for i in preview.items if i.merchant_id == target]
-        assert len(mine_approved) > 6
-        before = versions(emulator)
-        emulator.app.set_faults(FaultPlan(latency_ms=2))
-        _, results = await workspace.complete(preview, on_progress=progress)
-        assert revoked
-        mine = [r for r in results if r.merchant_id == target]
-        assert any(r.reason == "CONSENT_REVOKED" for r in mine)
-        assert sum(r.outcome is Outcome.COMPLETED for r in mine) < len(mine_approved)
-        assert sent_after == []
+        preview, before = await complete_while_another_revokes(emulator, workspace, other)
         assert_invariants(emulator, workspace, pg_url, before, preview.items)
     finally:
         await other.aclose()
