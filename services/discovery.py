@@ -427,14 +427,19 @@ async def discover(gateway: SquareGateway, store: Store,
                    consents: dict[str, list[ConsentRecord]], now: datetime, *,
                    concurrency: int = 16, merchant_ids: Sequence[str] | None = None,
                    on_merchant: Callable[[MerchantDiscovery], None] | None = None,
-                   full: bool = False) -> list[MerchantDiscovery]:
-    """`full`: read every order again instead of what changed since the last refresh."""
+                   full: bool = False, claim: Callable[[int], bool] | None = None
+                   ) -> list[MerchantDiscovery]:
+    """`full`: read every order again instead of what changed since the last refresh.
+    `claim(index)`: whether this process takes `merchant_ids[index]` (False: another process
+    has it, and this one reports nothing of it), asked as its turn comes (in order)."""
     wanted = list(merchant_ids) if merchant_ids is not None else sorted(credentials)
     gate = asyncio.Semaphore(concurrency)
     commits = _Commits(store, COMMIT_WINDOW.total_seconds())
 
-    async def one(merchant_id: str) -> MerchantDiscovery:
+    async def one(index: int, merchant_id: str) -> MerchantDiscovery | None:
         async with _Slot(gate) as slot:
+            if claim is not None and not claim(index):
+                return None
             commits.running += 1
             try:
                 report = await _discover_one(gateway, store, credentials[merchant_id],
@@ -449,6 +454,7 @@ async def discover(gateway: SquareGateway, store: Store,
 
     with store.large_writes():
         try:
-            return list(await asyncio.gather(*(one(m) for m in wanted)))
+            return [report for report in await asyncio.gather(
+                *(one(index, m) for index, m in enumerate(wanted))) if report is not None]
         finally:
             commits.flush()  # the writes of merchants cancelled while they waited
