@@ -161,4 +161,4 @@ def test_merchants_a_dead_process_had_taken_are_discovered_here(
     reports = asyncio.run(discovery_processes.discover_in_processes(
         None, ids, None, False, 4, 2, here))  # type: ignore[arg-type]
     assert calls == [(ids, True), ([ids[1], ids[3]], False)]
-    assert sorted(reports) == ids and len(reports) == len(ids)
+    assert sorted(map(str, reports)) == ids and len(reports) == len(ids)
