@@ -274,6 +274,12 @@ async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCred
         full_pages, change_pages = await early[1]
     else:
         full_pages, change_pages = await _fetch(gateway, creds, whole, by_change, marks)
+    # Done with Square: the next merchant's requests are on their way while this one's rows
+    # are made and wait to be committed with others' (`_Commits`), so Square's latency and
+    # this work overlap instead of taking turns. Commit groups stay as large (a full read of
+    # 100,000 orders over two processes: ~8 merchants a commit either way), and the wall
+    # of a full discovery in the parent spent waiting for answers went from ~1.0 to ~0.6 s.
+    slot.leave()
     rows: list[tuple[Any, ...]] = [order_values(order, merchant_id, consents, now, seen_at, view)
                                    for page in full_pages for order in page]
     # Sorted by UPDATED_AT, an order changed while we page comes again later: the last wins.
@@ -312,12 +318,6 @@ async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCred
         store.save_order_marks(merchant_id, {
             loc: (seen_at, seen_at if loc in whole else marks[loc][1]) for loc in active})
         store.save_order_sync(merchant_id, seen_at, signature)
-    if not whole:
-        # Done with Square: the next merchant's reads overlap this one's wait for the commit.
-        # A merchant read in full keeps its place until written: its ~500 rows then go in
-        # groups as large as before (smaller, more frequent commits of a full discovery
-        # rewrote more index pages: ~1 s more CPU over 100,000 orders).
-        slot.leave()
     await commits.commit(write)
 
 
