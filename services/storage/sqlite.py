@@ -43,6 +43,7 @@ __all__ = ["SQLiteStore"]
 
 migrations = Migrations("recon-console")
 _AUTOCHECKPOINT_PAGES = 1000  # SQLite's default
+_PAGE_SIZE = 16384
 _BUSY_TIMEOUT_S = 30.0
 _BUSY_POLL_S = 0.001
 
@@ -383,6 +384,11 @@ class SQLiteStore(Store):
         self.db = Database(conn)
         if migrate:
             _refuse_foreign(conn, path)  # before anything is written into it
+        # Pages of 16 KB, not 4: a discovery of 100,000 orders writes a quarter as many log
+        # frames (each written and checksummed on its own), ~0.3 s less CPU, and reads were
+        # no slower (issue 11). Takes effect only in a new, empty database; one made before
+        # keeps its size.
+        self.db.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
         if isinstance(self.path, Path):
             self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
