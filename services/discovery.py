@@ -274,6 +274,12 @@ async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCred
         full_pages, change_pages = await early[1]
     else:
         full_pages, change_pages = await _fetch(gateway, creds, whole, by_change, marks)
+    # Done with Square: the next merchant's requests are on their way while this one's rows
+    # are made and wait to be committed with others' (`_Commits`), so Square's latency and
+    # this work overlap instead of taking turns. Commit groups stay as large (a full read of
+    # 100,000 orders over two processes: ~8 merchants a commit either way), and the wall
+    # of a full discovery in the parent spent waiting for answers went from ~1.0 to ~0.6 s.
+    slot.leave()
     rows: list[tuple[Any, ...]] = [order_values(order, merchant_id, consents, now, seen_at, view)
                                    for page in full_pages for order in page]
     # Sorted by UPDATED_AT, an order changed while we page comes again later: the last wins.
@@ -312,12 +318,6 @@ async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCred
         store.save_order_marks(merchant_id, {
             loc: (seen_at, seen_at if loc in whole else marks[loc][1]) for loc in active})
         store.save_order_sync(merchant_id, seen_at, signature)
-    if not whole:
-        # Done with Square: the next merchant's reads overlap this one's wait for the commit.
-        # A merchant read in full keeps its place until written: its ~500 rows then go in
-        # groups as large as before (smaller, more frequent commits of a full discovery
-        # rewrote more index pages: ~1 s more CPU over 100,000 orders).
-        slot.leave()
     await commits.commit(write)
 
 
@@ -427,14 +427,19 @@ async def discover(gateway: SquareGateway, store: Store,
                    consents: dict[str, list[ConsentRecord]], now: datetime, *,
                    concurrency: int = 16, merchant_ids: Sequence[str] | None = None,
                    on_merchant: Callable[[MerchantDiscovery], None] | None = None,
-                   full: bool = False) -> list[MerchantDiscovery]:
-    """`full`: read every order again instead of what changed since the last refresh."""
+                   full: bool = False, claim: Callable[[int], bool] | None = None
+                   ) -> list[MerchantDiscovery]:
+    """`full`: read every order again instead of what changed since the last refresh.
+    `claim(index)`: whether this process takes `merchant_ids[index]` (False: another process
+    has it, and this one reports nothing of it), asked as its turn comes (in order)."""
     wanted = list(merchant_ids) if merchant_ids is not None else sorted(credentials)
     gate = asyncio.Semaphore(concurrency)
     commits = _Commits(store, COMMIT_WINDOW.total_seconds())
 
-    async def one(merchant_id: str) -> MerchantDiscovery:
+    async def one(index: int, merchant_id: str) -> MerchantDiscovery | None:
         async with _Slot(gate) as slot:
+            if claim is not None and not claim(index):
+                return None
             commits.running += 1
             try:
                 report = await _discover_one(gateway, store, credentials[merchant_id],
@@ -449,6 +454,7 @@ async def discover(gateway: SquareGateway, store: Store,
 
     with store.large_writes():
         try:
-            return list(await asyncio.gather(*(one(m) for m in wanted)))
+            return [report for report in await asyncio.gather(
+                *(one(index, m) for index, m in enumerate(wanted))) if report is not None]
         finally:
             commits.flush()  # the writes of merchants cancelled while they waited

@@ -9,6 +9,11 @@ or database connections is inherited) that opens the same settings, reads its cr
 and consents from the same files and database, classifies at the same moment, and gives
 back its merchants' reports. The merchants' order of the reports stays as one process
 gives it.
+
+The merchants are not dealt out beforehand: every process walks the same list and takes the
+next merchant nobody has taken yet (`_claimer`, a byte per merchant in shared memory), so
+the second process, which starts ~0.5 s later (a fresh interpreter's imports), simply takes
+fewer, and both finish together instead of this one waiting for the other's last merchants.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import multiprocessing.process
     from multiprocessing.connection import Connection
+    from multiprocessing.sharedctypes import SynchronizedArray
 
     from services.discovery import MerchantDiscovery
     from services.settings import ReconSettings
@@ -41,9 +47,22 @@ def processes_for(merchants: int, wanted: int) -> int:
     return max(1, min(wanted, os.cpu_count() or 1, merchants // MIN_MERCHANTS_PER_PROCESS))
 
 
+def _claimer(taken: SynchronizedArray[int], number: int) -> Callable[[int], bool]:
+    """`discover`'s claim for process `number` (1: the console's own): merchant `index` is
+    its own if nobody took it before."""
+    def claim(index: int) -> bool:
+        with taken.get_lock():
+            if taken[index]:
+                return False
+            taken[index] = number
+            return True
+    return claim
+
+
 def _discover_share(settings: ReconSettings, merchant_ids: list[str], now: datetime,
-                    full: bool, concurrency: int) -> list[MerchantDiscovery]:
-    """One share of the merchants, as `Workspace.refresh` does."""
+                    full: bool, concurrency: int, taken: SynchronizedArray[int], number: int
+                    ) -> list[MerchantDiscovery]:
+    """The merchants this process takes (`_claimer`), as `Workspace.refresh` does."""
     from services.discovery import discover
     from services.workspace import Workspace
 
@@ -53,7 +72,7 @@ def _discover_share(settings: ReconSettings, merchant_ids: list[str], now: datet
             return await discover(workspace.gateway, workspace.store, workspace.credentials(),
                                   workspace.consents_by_merchant(), now,
                                   concurrency=concurrency, merchant_ids=merchant_ids,
-                                  full=full)
+                                  full=full, claim=_claimer(taken, number))
         finally:
             await workspace.aclose()
     return asyncio.run(run())
@@ -78,35 +97,41 @@ def _child(answer: Connection, *args: Any) -> None:
 async def discover_in_processes(
         settings: ReconSettings, merchant_ids: Sequence[str], now: datetime, full: bool,
         concurrency: int, processes: int,
-        here: Callable[[list[str], int], Awaitable[list[MerchantDiscovery]]]
+        here: Callable[[list[str], int, Callable[[int], bool] | None],
+                       Awaitable[list[MerchantDiscovery]]]
 ) -> list[MerchantDiscovery]:
-    """Every merchant's report: this process discovers its share with `here(ids,
-    concurrency)`, the others theirs in fresh processes, at once. The merchants are dealt out
-    in turn, so large and small ones spread alike; the concurrency (merchants at once, toward
-    Square) is shared out, not multiplied. A second process that dies without an answer
-    (killed, out of memory) costs time, not merchants: its share is discovered here. One
-    cancelled (Ctrl-C) or failing here is ended: discovery only reads Square, and each
-    merchant's rows are written in one transaction, so nothing is left half-written."""
+    """Every merchant's report: this process discovers those it takes with `here(ids,
+    concurrency, claim)`, the others theirs in fresh processes, at once (see the module's
+    note); the concurrency (merchants at once, toward Square) is shared out, not multiplied.
+    A second process that dies without an answer (killed, out of memory) costs time, not
+    merchants: those it had taken are discovered here (again, for those it had written: a
+    merchant's rows are replaced in one transaction). One cancelled (Ctrl-C) or failing here
+    is ended: discovery only reads Square, and each merchant's rows are written in one
+    transaction, so nothing is left half-written."""
     import multiprocessing  # here: ~20 ms of start-up that only a large discovery needs
 
-    shares = [list(merchant_ids[index::processes]) for index in range(processes)]
+    ids = list(merchant_ids)
     each = max(1, concurrency // processes)
     context = multiprocessing.get_context("spawn")  # nothing of this loop or its sockets
-    children: list[tuple[multiprocessing.process.BaseProcess, Connection, list[str]]] = []
+    # Which process took each merchant: 0 nobody yet, 1 this one, 2... the others.
+    taken = context.Array("b", len(ids))
+    children: list[tuple[multiprocessing.process.BaseProcess, Connection, int]] = []
     try:
-        for share in shares[1:]:
+        for number in range(2, processes + 1):
             receiving, sending = context.Pipe(duplex=False)
             started = context.Process(target=_child, daemon=True,
-                                      args=(sending, settings, share, now, full, each))
+                                      args=(sending, settings, ids, now, full, each, taken,
+                                            number))
             started.start()
             sending.close()
-            children.append((started, receiving, share))
-        results = [await here(shares[0], each)]
-        for _, receiving, share in children:
+            children.append((started, receiving, number))
+        results = [await here(ids, each, _claimer(taken, 1))]
+        for _, receiving, number in children:
             try:
                 kind, value = await asyncio.to_thread(receiving.recv)
             except EOFError:  # it died without a word
-                results.append(await here(share, each))
+                results.append(await here([m for index, m in enumerate(ids)
+                                           if taken[index] == number], each, None))
                 continue
             if kind == "error":
                 raise value

@@ -431,10 +431,11 @@ class Workspace:
         wanted = list(merchant_ids) if merchant_ids is not None else sorted(credentials)
         consents = self.consents_by_merchant()
 
-        async def here(ids: list[str], concurrency: int) -> list[MerchantDiscovery]:
+        async def here(ids: list[str], concurrency: int,
+                       claim: Callable[[int], bool] | None = None) -> list[MerchantDiscovery]:
             return await discover(self.gateway, self.store, credentials, consents, now,
                                   concurrency=concurrency, merchant_ids=ids,
-                                  on_merchant=on_merchant, full=full)
+                                  on_merchant=on_merchant, full=full, claim=claim)
         # Other processes only where they can open all this one has: the settings' database
         # file or URL, credentials file and Square (not a client or credentials handed in),
         # and with no one waiting on each merchant's report as it comes.

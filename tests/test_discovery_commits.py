@@ -136,11 +136,11 @@ def test_the_larger_page_cache_lasts_as_long_as_the_discovery(tmp_path: Path) ->
 
 async def test_the_next_merchant_reads_while_one_waits_for_its_commit(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """In a refresh by change, a merchant done with Square gives its place back before its
-    write is committed: with two at once, the third starts while the first waits for the
-    second. Made certain here: the second's order read is held until the third has asked
-    Square something (the place kept until the commit: no third merchant, the second never
-    ends, the wait times out)."""
+    """A merchant done with Square gives its place back before its write is committed, in
+    a full read as in a refresh by change: with two at once, the third starts while the
+    first waits for the second. Made certain here: the second's order read is held until
+    the third has asked Square something (the place kept until the commit: no third
+    merchant, the second never ends, the wait times out)."""
     from datetime import UTC, datetime, timedelta
 
     from services import discovery
@@ -165,14 +165,14 @@ async def test_the_next_merchant_reads_while_one_waits_for_its_commit(
             await third_asked.wait()
         return await handle(operation, request)
 
+    emulator.app._handle = spy  # type: ignore[method-assign]
     try:
-        await discovery.discover(workspace.gateway, workspace.store, workspace.credentials(),
-                                 {}, datetime.now(UTC), concurrency=2)  # read in full
-        emulator.app._handle = spy  # type: ignore[method-assign]
-        reports = await asyncio.wait_for(discovery.discover(
-            workspace.gateway, workspace.store, workspace.credentials(), {},
-            datetime.now(UTC), concurrency=2), timeout=10)
-        assert [r.merchant_id for r in reports if r.refreshed] == sorted(
-            m.merchant.id for m in (first, second, third))
+        for _read in ("in full", "by change"):
+            third_asked.clear()
+            reports = await asyncio.wait_for(discovery.discover(
+                workspace.gateway, workspace.store, workspace.credentials(), {},
+                datetime.now(UTC), concurrency=2), timeout=10)
+            assert [r.merchant_id for r in reports if r.refreshed] == sorted(
+                m.merchant.id for m in (first, second, third))
     finally:
         await workspace.aclose()

@@ -125,3 +125,40 @@ def test_a_second_process_that_dies_costs_time_not_merchants(
         out, err = capsys.readouterr()
         assert out == "" and "the credentials file changed meanwhile" in err
         assert "Traceback" not in err
+
+
+def _takes_two_then_dies(answer: Any, settings: Any, ids: list[str], now: Any, full: bool,
+                         concurrency: int, taken: Any, number: int, marker: str = "") -> None:
+    """A second process that took the second and fourth merchants, then was killed."""
+    import os
+    from pathlib import Path
+
+    for index in (1, 3):
+        assert discovery_processes._claimer(taken, number)(index)
+    Path(ids[0]).with_name("taken").write_text("")
+    os._exit(9)
+
+
+def test_merchants_a_dead_process_had_taken_are_discovered_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every merchant is discovered exactly once by whoever took it first, and those a second
+    process had taken when it died are discovered here after all."""
+    import asyncio
+    import time
+
+    ids = [str(tmp_path / f"M{n}") for n in range(5)]  # names the child can write beside
+    monkeypatch.setattr(discovery_processes, "_child", _takes_two_then_dies)
+    calls: list[tuple[list[str], bool]] = []
+
+    async def here(merchants: list[str], concurrency: int, claim: Any) -> list[Any]:
+        if claim is not None:  # let the child take its two first
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "taken").exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        calls.append((merchants, claim is not None))
+        return [m for index, m in enumerate(merchants) if claim is None or claim(index)]
+
+    reports = asyncio.run(discovery_processes.discover_in_processes(
+        None, ids, None, False, 4, 2, here))  # type: ignore[arg-type]
+    assert calls == [(ids, True), ([ids[1], ids[3]], False)]
+    assert sorted(map(str, reports)) == ids and len(reports) == len(ids)

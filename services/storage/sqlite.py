@@ -42,7 +42,9 @@ from services.storage.base import (
 __all__ = ["SQLiteStore"]
 
 migrations = Migrations("recon-console")
-_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default
+# SQLite's default autocheckpoint, 1,000 pages of 4 KB, kept in bytes whatever the page size.
+_AUTOCHECKPOINT_BYTES = 1000 * 4096
+_PAGE_SIZE = 16384
 _BUSY_TIMEOUT_S = 30.0
 _BUSY_POLL_S = 0.001
 
@@ -383,8 +385,16 @@ class SQLiteStore(Store):
         self.db = Database(conn)
         if migrate:
             _refuse_foreign(conn, path)  # before anything is written into it
+        # Pages of 16 KB, not 4: a discovery of 100,000 orders writes a quarter as many log
+        # frames (each written and checksummed on its own), ~0.3 s less CPU, and reads were
+        # no slower (issue 11). Takes effect only in a new, empty database; one made before
+        # keeps its size.
+        self.db.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
         if isinstance(self.path, Path):
             self.db.execute("PRAGMA journal_mode=WAL")
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        self.autocheckpoint = max(1, _AUTOCHECKPOINT_BYTES // page_size)
+        self.db.execute(f"PRAGMA wal_autocheckpoint={self.autocheckpoint}")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         if migrate:
@@ -421,7 +431,7 @@ class SQLiteStore(Store):
                 yield conn
         finally:
             self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
+            self.conn.execute(f"PRAGMA wal_autocheckpoint={self.autocheckpoint}")
 
     @contextmanager
     def large_writes(self) -> Iterator[None]:
