@@ -41,7 +41,7 @@ def _drain(held: list[Collection[object]]) -> None:
     # the loop's variable and its own argument): had the caller dropped one after this
     # thread took its items apart, the caller would have freed them all at once.
     deadline = time.monotonic() + WAIT_S
-    while (any(sys.getrefcount(c) > 3 for c in held)  # noqa: PLR2004
+    while (any(sys.getrefcount(c) > 3 for c in held)
            and time.monotonic() < deadline):
         time.sleep(0.001)
     pieces: list[object] = []

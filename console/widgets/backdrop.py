@@ -44,6 +44,6 @@ class FrozenBackdrop:
         assert self._background is not None
         size = (options.max_width, options.height)
         if self._size != size:
-            self._segments = list(self._background.__rich_console__(console, options))
+            self._segments = list(console.render(self._background, options))
             self._size = size
         return self._segments

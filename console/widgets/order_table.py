@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, MutableSet, Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
@@ -83,7 +84,8 @@ class KeySet(MutableSet[str]):
         self.members = {}
 
     def update(self, keys: Iterable[str]) -> None:
-        self.members.update(dict.fromkeys(keys))
+        added = dict.fromkeys(keys)
+        self.members.update(added)
 
     def keep_only(self, keys: Collection[str]) -> None:
         """Drop the keys not in `keys`."""
@@ -136,11 +138,25 @@ class SortedData(NamedTuple):
 
 
 def kind_bases(rows: Sequence[TableRow], order: tuple[int, ...]) -> Bases:
-    bases: Bases = {None: (order, tuple([rows[i].haystack for i in order]))}
+    haystacks = _side_by_side([rows[i].haystack for i in order])
+    bases: Bases = {None: (order, haystacks)}
     for kind in {row.kind for row in rows}:
-        positions = tuple([i for i in order if rows[i].kind == kind])
-        bases[kind] = (positions, tuple([rows[i].haystack for i in positions]))
+        mine = [rows[i].kind == kind for i in order]
+        bases[kind] = (tuple(compress(order, mine)), tuple(compress(haystacks, mine)))
     return bases
+
+
+def _side_by_side(texts: list[str]) -> tuple[str, ...]:
+    """Copies of `texts` made one after another, so they lie in memory in the order a filter
+    reads them: the rows' own haystacks, made in the database's order and read in the sort's,
+    cost the filter a cache miss each (~60 ms over 100,000 rows, against ~15 ms in order)."""
+    if not texts:
+        return ()
+    copies = "\x00".join(texts).split("\x00")
+    if len(copies) != len(texts):  # a text holds the separator: copied one by one
+        copies = [text.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
+                  for text in texts]
+    return tuple(copies)
 
 
 def sorted_positions(rows: Sequence[TableRow], sort_key: SortKey, column: int | None,
@@ -343,6 +359,7 @@ class OrderTable(FollowFocus, ScrollView, can_focus=True):
         (nothing changes) when the rows were swapped meanwhile."""
         if data.rows is not self.rows or data.sort != (self.sort_column, self.sort_reverse):
             return False
+        release_gradually(self._haystacks())  # the previous order's copies
         self._order, self._bases, self._ordered_for = data.order, data.bases, data.sort
         self._rebuild_view(keep=self.current_key)
         return True
@@ -507,6 +524,10 @@ class OrderTable(FollowFocus, ScrollView, can_focus=True):
     def _release(self) -> None:
         """Free the rows (and the ints of their positions) off the UI thread, in slices,
         once this table has let go of them."""
-        release_gradually(self.rows, self.index, self._order or ())
+        release_gradually(self.rows, self.index, self._order or (), self._haystacks())
+
+    def _haystacks(self) -> tuple[str, ...]:
+        """The filter's copies of the rows' haystacks (every kind's are among them)."""
+        return self._bases[None][1] if self._bases and None in self._bases else ()
 
 
