@@ -24,5 +24,5 @@ def by_tuples(rows: list[TableRow], column: int | None, reverse: bool) -> list[i
 def test_sort_is_by_value_then_key_either_way(payloads: dict[str, tuple[int, str]],
                                               column: int | None, reverse: bool) -> None:
     rows = [TableRow(key, "", "candidate", payload) for key, payload in payloads.items()]
-    assert sorted_positions(rows, lambda payload, c: payload[c], column, reverse) == \
+    assert list(sorted_positions(rows, lambda payload, c: payload[c], column, reverse)) == \
         by_tuples(rows, column, reverse)

@@ -16,6 +16,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Footer, Header, Input, Static
 
+from console.heap import release_gradually
 from console.safe_text import safe
 from console.screens.base import LOAD_GROUP, CompleteRequested, ConsoleScreen
 from console.widgets.order_detail import OrderDetail
@@ -249,6 +250,7 @@ class QueueScreen(ConsoleScreen):
                          complete=limit is None, leased=leased)
 
     def _show(self, data: QueueData) -> None:
+        release_gradually(self.orders)  # the orders replaced, freed off the UI thread
         self.orders, self.holds, self.kinds = data.orders, data.holds, data.kinds
         self._now = data.now
         self._held_text = data.held_text
@@ -320,7 +322,7 @@ class QueueScreen(ConsoleScreen):
         selected = table.selected
         if len(selected) > SELECTION_IN_WORKER:
             self._selection_money = None  # shown as "…" until the worker has added them up
-            self._add_up_selection(frozenset(selected))
+            self._add_up_selection(tuple(selected))
         else:
             # A larger selection's totals still being added up would land over these.
             self.workers.cancel_group(self, "selection")
@@ -328,7 +330,7 @@ class QueueScreen(ConsoleScreen):
         self._show_selection()
 
     @work(exclusive=True, group="selection", description="selection totals")
-    async def _add_up_selection(self, selected: frozenset[str]) -> None:
+    async def _add_up_selection(self, selected: tuple[str, ...]) -> None:
         """Totals of a large selection, in a thread (exclusive: only the latest lands)."""
         self._selection_money = await asyncio.to_thread(selection_totals, selected,
                                                         self.orders, self.kinds)
@@ -434,12 +436,16 @@ class QueueScreen(ConsoleScreen):
         # The selection holds only keys of rows the table has (`set_data` keeps those): a
         # plain copy, as a filter over 70,000 keys cost the UI thread ~0.1 s. The preview
         # drops anything no longer in the queue, in its worker.
-        chosen = list(table.selected)
+        chosen = list(table.selected.members)
         if not chosen:
             self.notify("Select orders first: space selects, a selects all matching.",
                         severity="warning")
             return
         self.post_message(CompleteRequested(chosen))
+
+    def on_unmount(self) -> None:
+        release_gradually(self.orders)  # a popped queue's orders, freed off the UI thread
+        self.orders, self.kinds = {}, {}
 
     def palette_commands(self) -> Iterable[SystemCommand]:
         yield SystemCommand("Select all matching", "Select every order the filter shows",
