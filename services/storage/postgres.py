@@ -202,6 +202,10 @@ MIGRATIONS: list[tuple[str, str]] = [
 ]
 
 _APPROVAL = ", ".join(Approval._fields)
+# Both tables only grow, so their sizes together only grow (serial ids may commit out of order
+# across sessions; counts cannot go back).
+_CONSENTS_REVISION = ("SELECT (SELECT COUNT(*) FROM consents) + "
+                      "(SELECT COUNT(*) FROM consent_revocations)")
 _CURSOR_NAMES = itertools.count(1)
 _MIGRATION_LOCK = 0x7265636F6E  # pg_advisory_xact_lock key: one migrating process at a time
 _INTENTS = ", ".join(INTENT_COLUMNS)
@@ -464,11 +468,12 @@ class PostgresStore(Store):
                            source])
 
     def consents_revision(self) -> int:
-        # Both tables only grow, so their sizes together only grow (serial ids may commit
-        # out of order across sessions; counts cannot go back).
-        row = self._one("SELECT (SELECT COUNT(*) FROM consents) + "
-                        "(SELECT COUNT(*) FROM consent_revocations)")
+        row = self._one(_CONSENTS_REVISION)
         return int(row[0]) if row else 0
+
+    def consents_revision_reader(self) -> ConsentsRevisionReader:
+        """`consents_revision` for the event loop: services/completion/sending.ConsentReads."""
+        return ConsentsRevisionReader(self)
 
     def consent_writes(self) -> int:
         """A number that moves whenever this process writes a consent or a revocation (before
@@ -1026,6 +1031,29 @@ class PostgresStore(Store):
         feed = ListenChangeFeed(self)
         self._feeds.append(feed)
         return feed
+
+
+class ConsentsRevisionReader:
+    """`consents_revision` read on the event loop, over an async connection of its own
+    (opened at the first read, closed by `aclose`): no thread to wait for the GIL behind the
+    loop, no hop back to the loop with the answer."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def read(self) -> int:
+        if self._conn is None:
+            self._conn = await psycopg.AsyncConnection.connect(str(self.store.location),
+                                                               **self.store._kwargs)
+        cursor = await self._conn.execute(_CONSENTS_REVISION)
+        row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
 
 
 class ListenChangeFeed:
