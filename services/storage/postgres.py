@@ -998,11 +998,13 @@ class PostgresStore(Store):
 
     def order_amounts(self, order_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
         ids = list(order_ids)
+        # %b: a batch's thousands of ids as a binary array; as text, psycopg escapes each one
+        # with a regex (~8 ms of CPU for 5,000, against ~2).
         found = {str(r[0]): (int(r[1]), str(r[2])) for r in self._all(
             "SELECT order_id, amount, currency FROM intents WHERE amount IS NOT NULL "
-            "AND order_id = ANY(%s) ORDER BY created_at, attempt", [ids])}
+            "AND order_id = ANY(%b) ORDER BY created_at, attempt", [ids])}
         found.update({str(r[0]): (int(r[1]), str(r[2])) for r in self._all(
-            "SELECT order_id, total_amount, currency FROM orders WHERE order_id = ANY(%s)",
+            "SELECT order_id, total_amount, currency FROM orders WHERE order_id = ANY(%b)",
             [ids])})
         return found
 
