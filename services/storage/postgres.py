@@ -250,6 +250,12 @@ def _records(rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> str:
     return orjson.dumps([dict(zip(columns, row, strict=True)) for row in rows]).decode()
 
 
+_AUDIT_TYPES = {c: "bigint" if c in ("seq", "version", "amount") else "text"
+                for c in AUDIT_COLUMNS}
+_APPEND_AUDIT = (f"WITH appended AS (INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) SELECT "
+                 f"{', '.join(AUDIT_COLUMNS)} FROM {_recordset(_AUDIT_TYPES)}) "
+                 "UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1")
+_APPEND_AS_JSON = 5000  # entries; more go by COPY, streamed
 _UPSERT_ORDER = (f"INSERT INTO orders ({', '.join(ORDER_COLUMNS)}) SELECT "
                  f"{', '.join(ORDER_COLUMNS)} FROM {_recordset(_ORDER_TYPES)} "
                  "ON CONFLICT (order_id) DO UPDATE SET "
@@ -344,18 +350,27 @@ class PostgresStore(Store):
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        # `_local.head`: the audit head (seq, hash) as this transaction has it, its row locked
+        # (None: not read yet). Appends after the first need not read it again.
         conn = getattr(self._local, "conn", None)
         if conn is not None:  # nested: a savepoint of the thread's transaction
+            head = self._local.head
             with conn.transaction():
-                yield conn
+                try:
+                    yield conn
+                except BaseException:
+                    self._local.head = head  # rolled back to the savepoint, and its lock
+                    raise
             return
         with self.pool.connection() as conn:
             self._local.conn = conn
+            self._local.head = None
             try:
                 with conn.transaction():
                     yield conn
             finally:
                 self._local.conn = None
+                self._local.head = None
 
     @contextmanager
     def cache_transaction(self) -> Iterator[psycopg.Connection[Any]]:
@@ -377,13 +392,22 @@ class PostgresStore(Store):
                 # audit entry). Taken as the parts come, a group whose intents part appended
                 # (the head) before its outcomes part bumped the counter deadlocked with
                 # another process's group doing the reverse.
-                conn.execute("SELECT 1 FROM change_counter WHERE id = 1 FOR UPDATE")
+                # Then the audit head's, in the same round trip (two statements, run in
+                # order): every part appends.
+                cursor = conn.execute("SELECT 1 FROM change_counter WHERE id = 1 FOR UPDATE; "
+                                      "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+                cursor.nextset()
+                row = cursor.fetchone()
+                assert row is not None, "audit_head has lost its row"
+                self._local.head = (int(row[0]), row[1])
                 for index, part in enumerate(parts):
+                    head = self._local.head
                     try:
                         with conn.transaction():  # a savepoint per part
                             part(self)
                     except psycopg.Error as error:
                         errors[index] = error
+                        self._local.head = head  # its appends rolled back
         except Exception as error:  # the commit itself failed: none of it is durable
             return [error] * len(parts)
         return errors
@@ -820,20 +844,39 @@ class PostgresStore(Store):
 
     # ------------------------------------------------------------------ audit
     def append_audit(self, build: AuditBuilder) -> list[dict[str, Any]]:
-        with self.transaction():
+        if getattr(self._local, "conn", None) is None:
+            with self.transaction():
+                return self._append_audit(build)
+        # Inside the thread's transaction, without a savepoint of its own (two round trips
+        # each): an error here aborts that transaction, or the savepoint around it (a group
+        # commit's part), which puts the head back (`transaction`, `commit_group`).
+        return self._append_audit(build)
+
+    def _append_audit(self, build: AuditBuilder) -> list[dict[str, Any]]:
+        head = self._local.head
+        if head is None:
             # The head row's lock is held to COMMIT: the next writer reads the head this
             # transaction leaves, so every entry links to the one committed before it.
             row = self._one("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
             assert row is not None, "audit_head has lost its row"
-            entries = build(int(row[0]), row[1])
-            if entries:
-                # COPY: one statement for a whole group commit's entries.
-                with self._conn() as conn, conn.cursor() as cursor, cursor.copy(
-                        f"COPY audit ({', '.join(AUDIT_COLUMNS)}) FROM STDIN") as copy:
-                    for entry in entries:
-                        copy.write_row([entry[k] for k in AUDIT_COLUMNS])
-                self._run("UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1",
-                          [entries[-1]["seq"], entries[-1]["hash"]])
+            head = (int(row[0]), row[1])
+        entries = build(*head)
+        if not entries:
+            self._local.head = head
+            return entries
+        if len(entries) <= _APPEND_AS_JSON:
+            # A group commit's entries and the head's move: one statement, one round trip.
+            self._run(_APPEND_AUDIT, [orjson.dumps(
+                [{k: entry[k] for k in AUDIT_COLUMNS} for entry in entries]).decode(),
+                entries[-1]["seq"], entries[-1]["hash"]])
+        else:  # many (a migration's): COPY streams them
+            with self._conn() as conn, conn.cursor() as cursor, cursor.copy(
+                    f"COPY audit ({', '.join(AUDIT_COLUMNS)}) FROM STDIN") as copy:
+                for entry in entries:
+                    copy.write_row([entry[k] for k in AUDIT_COLUMNS])
+            self._run("UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1",
+                      [entries[-1]["seq"], entries[-1]["hash"]])
+        self._local.head = (entries[-1]["seq"], entries[-1]["hash"])
         return entries
 
     def _stream(self, sql: str, params: Sequence[Any], size: int
