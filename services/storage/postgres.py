@@ -400,6 +400,9 @@ class PostgresStore(Store):
                 row = cursor.fetchone()
                 assert row is not None, "audit_head has lost its row"
                 self._local.head = (int(row[0]), row[1])
+                if len(parts) == 1:  # refused, it is refused alone either way: no savepoint
+                    parts[0](self)
+                    return errors
                 for index, part in enumerate(parts):
                     head = self._local.head
                     try:
