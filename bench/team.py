@@ -22,7 +22,8 @@ and server CPU seconds are printed beside the completion times: client, emulator
 share the machine's cores, so on a small machine two operators at once compete for CPU, and
 the two-operator ratio then measures the cores, not the store.
 
-    .venv/bin/python -m bench.team [--rounds 3] [--postgres-only] [--verify-entries 0]
+    .venv/bin/python -m bench.team [--rounds 3] [--postgres-only | --completion-only]
+                                   [--verify-entries 0]
 """
 
 from __future__ import annotations
@@ -217,10 +218,14 @@ def main() -> None:
                         help="the emulator's latency for the two-operator runs")
     parser.add_argument("--postgres-only", action="store_true",
                         help="two operators on PostgreSQL only (not on SQLite)")
+    parser.add_argument("--completion-only", action="store_true",
+                        help="part 1 only: no two-operator runs")
     parser.add_argument("--verify-entries", type=int, default=0,
                         help="also time `audit verify` over this many entries on PostgreSQL")
     args = parser.parse_args()
     stores = ["PostgreSQL"] if args.postgres_only else ["SQLite", "PostgreSQL"]
+    if args.completion_only:
+        stores = []
     loads = [os.getloadavg()[0]]
     full: dict[str, list[dict[str, Any]]] = {"SQLite": [], "PostgreSQL": []}
     pairs: dict[str, list[dict[str, dict[str, Any]]]] = {name: [] for name in stores}
@@ -268,6 +273,10 @@ def main() -> None:
               f"server {med(runs, 'server_cpu'):.1f})")
     print(f"   PostgreSQL / SQLite = {postgres / sqlite:.2f}  (target: PostgreSQL within 20% "
           f"of SQLite, <= 1.20: {verdict(postgres / sqlite)})")
+    if not stores:  # --completion-only
+        if verify_line:
+            print(f"\n3. {verify_line}")
+        return
     print()
     first, second = halves([f"m{i}" for i in range(args.merchants)])
     print(f"2. two operators at once on disjoint halves ({len(first)} + {len(second)} "

@@ -1,15 +1,13 @@
-"""The completion engine's consent look at send time on PostgreSQL (`sending.ConsentReads`): each
-read of the database is a round trip there, so it runs in a thread and the sends asking at
-once share one; these tests hold a read inside the database call to show what a send is
-still guaranteed: it sees every change committed before it asked, and a change this process
-makes while a read is under way."""
+"""The completion engine's consent look at send time on PostgreSQL (`sending.ConsentReads`):
+each read of the database is a round trip there, so the sends asking at once share one (read
+on the event loop, over an async connection); these tests hold a read inside the database
+call to show what a send is still guaranteed: it sees every change committed before it
+asked, and a change this process makes while a read is under way."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -70,9 +68,10 @@ class HeldRead:
         # process's, which no counter here can see).
         self.local_writes = local_writes
         self.reads = 0
-        self.inside = threading.Event()
-        self.go = threading.Event()
+        self.inside = asyncio.Event()
+        self.go = asyncio.Event()
         self.go.set()
+        self.reader = store.consents_revision_reader()
 
     def hold(self) -> None:
         self.inside.clear()
@@ -81,22 +80,25 @@ class HeldRead:
     def release(self) -> None:
         self.go.set()
 
-    def consents_revision(self) -> int:
-        revision = self.store.consents_revision()
+    def consents_revision_reader(self) -> HeldRead:
+        return self
+
+    async def read(self) -> int:
+        revision = await self.reader.read()
         self.reads += 1
         self.inside.set()
-        assert self.go.wait(30)
+        await asyncio.wait_for(self.go.wait(), 30)
         return revision
+
+    async def aclose(self) -> None:
+        await self.reader.aclose()
 
     def consent_writes(self) -> int:
         return self.store.consent_writes() if self.local_writes else 0
 
 
-async def until(event: threading.Event) -> None:
-    deadline = time.monotonic() + 30
-    while not event.is_set():
-        assert time.monotonic() < deadline, "the read never started"
-        await asyncio.sleep(0.001)
+async def until(event: asyncio.Event) -> None:
+    await asyncio.wait_for(event.wait(), 30)  # else: the read never started
 
 
 async def test_a_send_sees_what_was_committed_before_it_asked(
@@ -128,6 +130,7 @@ async def test_a_send_sees_what_was_committed_before_it_asked(
         assert held.reads <= 4  # five sends, one read between them (and the first's)
     finally:
         held.release()
+        await reads.aclose()
         await other.aclose()
         await workspace.aclose()
 
@@ -153,6 +156,7 @@ async def test_a_consent_written_here_during_a_read_is_read_again(
         assert record.status_at(datetime.now(UTC)) is ConsentStatus.REVOKED
     finally:
         held.release()
+        await reads.aclose()
         await workspace.aclose()
 
 
@@ -169,3 +173,24 @@ async def test_consent_revoked_by_another_console_stops_the_next_send_on_postgre
     finally:
         await other.aclose()
         await workspace.aclose()
+
+
+async def test_a_lost_revision_connection_is_opened_again(pg_url: str) -> None:
+    """The consents' revision reader's connection, cut (a server restart, a killed backend):
+    that read fails, the next one opens another connection instead of failing the batch."""
+    store = PostgresStore(pg_url)
+    reader = store.consents_revision_reader()
+    try:
+        first = await reader.read()
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                          "datname = current_database() AND pid <> pg_backend_pid() AND "
+                          "query LIKE 'SELECT (SELECT COUNT(*) FROM consents)%'")
+        try:
+            await reader.read()
+        except psycopg.OperationalError:
+            pass  # cut while idle: the read that finds it so fails
+        assert await reader.read() == first
+    finally:
+        await reader.aclose()
+        store.close()

@@ -321,6 +321,38 @@ def test_group_commit_keeps_the_good_parts(store: Store) -> None:
     assert sorted(r["order_id"] for r in store.open_intents()) == ["O1", "O2"]
 
 
+def test_a_refused_part_takes_its_audit_entries_back_with_it(store: Store) -> None:
+    """A part that appended to the audit and was then refused leaves no entry, and the next
+    part's entries link to the last kept one: the chain neither forks nor breaks."""
+    store.insert_batch("B1", "op", "sha", "[]")
+
+    def entry(order_id: str) -> dict[str, Any]:
+        return {"operator": "op", "action": AuditAction.INTENT, "order_id": order_id}
+
+    def good(name: str) -> Callable[[Store], None]:
+        def part(s: Store) -> None:
+            s.insert_intents([intent_row(name, 1)])
+            AuditTrail(s).append_many(None, [entry(name)])
+        return part
+
+    def refused(s: Store) -> None:
+        AuditTrail(s).append_many(None, [entry("O3"), entry("O3")])
+        s.insert_intents([intent_row("O1", 1)])  # O1's again: refused
+
+    writer = store.writer() or store
+    try:
+        errors = writer.commit_group([good("O1"), refused, good("O2")])
+    finally:
+        if writer is not store:
+            writer.close()
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], database_errors())
+    trail = AuditTrail(store)
+    assert [e["order_id"] for e in trail.entries()] == ["O1", "O2"]
+    report = trail.verify()
+    assert report.ok and report.entries == 2, report.sentence()
+
+
 
 def test_group_commits_of_two_writers_never_deadlock(store: Store) -> None:
     """Two processes' journals: one group appends its intents' entries (the audit head) and

@@ -92,7 +92,7 @@ class CompletionEngine:
                              max_per_merchant=max_per_merchant, max_attempts=max_attempts,
                              max_rate_limit_waits=max_rate_limit_waits,
                              attempt_timeout_s=attempt_timeout_s, on_change=self._progress)
-        if isinstance(store, RemoteConsents):  # each read a round trip: off the loop
+        if isinstance(store, RemoteConsents):  # each read a round trip: shared
             self.sender.consent_reads = ConsentReads(store, consents_for)
         self.recovery = Recovery(gateway, self.journal, self.leases, self.sender, credentials,
                                  consents_for, clock)
@@ -122,6 +122,7 @@ class CompletionEngine:
         finally:
             await self.journal.drain()
             self.journal.close()
+            await self._close_reads()
         self.journal.finish_batch(run)
         self._progress(run)
         return run.batch_id, run.results
@@ -132,6 +133,11 @@ class CompletionEngine:
         finally:
             await self.journal.drain()
             self.journal.close()
+            await self._close_reads()
+
+    async def _close_reads(self) -> None:
+        if self.sender.consent_reads is not None:
+            await self.sender.consent_reads.aclose()
 
     def _skip_all(self, run: Run, items: Sequence[ApprovedItem], reason: str,
                   detail: str, outcome: Outcome = Outcome.SKIPPED) -> None:
