@@ -198,15 +198,16 @@ class _QueueJsonMeanwhile:
     merchant before it in the document's order is done, so SQLite builds the JSON on the
     other core while this thread waits for Square, not after. A merchant's orders are one
     text (`queued_orders_json_joined`): the thread takes the GIL once a merchant, not once an
-    order. The text is kept until the refresh is over, then written (`print`): a refresh
-    that fails prints no document, as before.
+    order. The text is kept until every merchant is written, then written out by the
+    thread while this one records the backlog history: a refresh that fails before prints
+    no document, as before.
 
     The merchants that may gain or lose orders are those refreshed (the `--merchant`s, else
     every merchant with credentials); any other merchant's orders are as stored already.
     If the refresh's reports are not for exactly those, the document is built afterwards,
     as without a worker."""
 
-    GROUP = 16  # merchants written between two wakes of the thread
+    GROUP = 32  # merchants written between two wakes of the thread
 
     def __init__(self, workspace: Workspace, args: argparse.Namespace) -> None:
         import threading
@@ -219,7 +220,7 @@ class _QueueJsonMeanwhile:
         self.written: dict[str, bool] = {}    # merchant -> refreshed, as each one is done
         self.reports: list[Any] | None = None  # every merchant's: the refresh is over
         self.abandoned = False
-        self.blocks: list[bytes] | None = None
+        self.printed = False
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         if args.json and isinstance(self.store, SQLiteStore) and \
@@ -257,9 +258,13 @@ class _QueueJsonMeanwhile:
         try:
             reader = SQLiteStore(self.store.location, migrate=False)
             try:
-                self.blocks = self._blocks(reader, refreshed)
+                blocks = self._blocks(reader, refreshed)
             finally:
                 reader.close()
+            if blocks is not None and self.reports is not None:
+                print_json_objects("orders", ([block] for block in blocks),
+                                   _merchants_part(self.reports))
+                self.printed = True
         except BaseException as error:  # raised by `print`, in the command's thread
             self.error = error
 
@@ -286,8 +291,10 @@ class _QueueJsonMeanwhile:
                     if ready or over:
                         break
                     self.changed.wait()
-            blocks.extend(reader.queued_orders_json_joined(
-                ready, OBJECTS_SEPARATOR, eligible_only=not self.args.include_ineligible))
+            block = reader.queued_orders_json_joined(
+                ready, OBJECTS_SEPARATOR, eligible_only=not self.args.include_ineligible)
+            if block:
+                blocks.append(block)
             done += len(ready)
             if over and not ready:
                 break
@@ -296,19 +303,15 @@ class _QueueJsonMeanwhile:
             return None
         return blocks
 
-    def print(self, reports: list[Any]) -> bool:
-        """Write the document; False where the caller must build it (no worker, or not the
-        merchants it expected)."""
+    def written_out(self) -> bool:
+        """Wait for the document; False where the caller must build it (no worker, or not
+        the merchants it expected)."""
         if self.thread is None:
             return False
         self.thread.join()
         if self.error is not None:
             raise self.error
-        if self.blocks is None:
-            return False
-        print_json_objects("orders", ([block] for block in self.blocks),
-                           _merchants_part(reports))
-        return True
+        return self.printed
 
 
 def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
@@ -343,7 +346,7 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
             # Exit 1: an unreachable or refused merchant is a failure, not a quiet success.
             code = EXIT_FAILURES if failed else EXIT_OK
             if args.json:
-                if not document.print(reports):
+                if not document.written_out():
                     _print_queue_document(workspace.store, reports, args)
                 return code
             orders = [o for o in workspace.queue(include_ineligible=args.include_ineligible)

@@ -179,8 +179,7 @@ def test_reports_for_other_merchants_than_expected_build_the_document_after(
         reports = [report(m) for m in merchants]
         document.merchant_written(reports[0])
         document.all_written(reports)
-        capsysbinary.readouterr()
-        built = document.print(reports)
+        built = document.written_out()
         assert built is (len(expected) == len(merchants))
         meanwhile = capsysbinary.readouterr().out
         _print_queue_document(store, reports, args)

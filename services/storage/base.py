@@ -382,10 +382,10 @@ class Store(ABC):
 
     @abstractmethod
     def queued_orders_json_joined(self, merchants: Sequence[tuple[str, bool]], separator: str,
-                                  eligible_only: bool = False) -> Iterator[bytes]:
+                                  eligible_only: bool = False) -> bytes:
         """`queued_orders_json`'s objects of `merchants` (each with whether it is stale), in
-        that order: per merchant with orders, its objects joined by `separator` in one text
-        (UTF-8), by the database."""
+        that order, joined by `separator` in one text (UTF-8; empty without any), by the
+        database."""
 
     @abstractmethod
     def merchants_with_orders(self) -> list[str]:

@@ -588,18 +588,17 @@ class PostgresStore(Store):
             yield [row[0].encode() for row in rows[start:start + chunk]]
 
     def queued_orders_json_joined(self, merchants: Sequence[tuple[str, bool]], separator: str,
-                                  eligible_only: bool = False) -> Iterator[bytes]:
+                                  eligible_only: bool = False) -> bytes:
         if not merchants:
-            return
-        sql = (f"SELECT m.id, (SELECT string_agg({_QUEUED_OBJECT.format(stale='m.stale')}, %s "
-               f"ORDER BY o.created_at, o.order_id) {_QUEUED_FROM} AND o.merchant_id = m.id"
-               f"{' AND o.eligible = 1' if eligible_only else ''}) "
-               "FROM unnest(%s::text[], %s::boolean[]) AS m(id, stale)")
-        joined = dict(self._all(sql, [separator, [m for m, _ in merchants],
-                                      [stale for _, stale in merchants]]))
-        for merchant_id, _ in merchants:
-            if joined.get(merchant_id) is not None:
-                yield joined[merchant_id].encode()
+            return b""
+        sql = (f"SELECT string_agg(part, %s ORDER BY k) FROM (SELECT m.k, (SELECT string_agg("
+               f"{_QUEUED_OBJECT.format(stale='m.stale')}, %s ORDER BY o.created_at, "
+               f"o.order_id) {_QUEUED_FROM} AND o.merchant_id = m.id"
+               f"{' AND o.eligible = 1' if eligible_only else ''}) AS part FROM "
+               "unnest(%s::text[], %s::boolean[]) WITH ORDINALITY AS m(id, stale, k)) parts")
+        row = self._one(sql, [separator, separator, [m for m, _ in merchants],
+                              [stale for _, stale in merchants]])
+        return row[0].encode() if row and row[0] is not None else b""
 
     def merchants_with_orders(self) -> list[str]:
         return sorted(row[0] for row in self._all("SELECT DISTINCT merchant_id FROM orders"))

@@ -659,33 +659,37 @@ class SQLiteStore(Store):
             yield [row[0] for row in rows]
 
     def queued_orders_json_joined(self, merchants: Sequence[tuple[str, bool]], separator: str,
-                                  eligible_only: bool = False) -> Iterator[bytes]:
+                                  eligible_only: bool = False) -> bytes:
         """`queued_orders_json`'s objects of these merchants, each given with whether it is
-        stale, in this order: per merchant with orders, its objects joined by `separator` in
-        one text, by SQLite. A thread building `queue --json` beside the event loop then takes
-        the GIL once a merchant, not once an order (where it waited up to the switch interval
-        each time the loop held it: seconds for 100,000 orders; issue 11)."""
+        stale, in this order, joined by `separator` in one text, by SQLite. A thread building
+        `queue --json` beside the event loop then takes the GIL once, not once an order
+        (where it waited each time the loop held it, and the loop then waited for the
+        thread to be scheduled: seconds for 100,000 orders on a busy machine; issue 11)."""
         if len(merchants) > 500:  # SQLite's limit of 32,766 parameters, far off
-            for start in range(0, len(merchants), 500):
-                yield from self.queued_orders_json_joined(merchants[start:start + 500],
-                                                          separator, eligible_only)
-            return
+            return separator.encode().join(part for part in (
+                self.queued_orders_json_joined(merchants[start:start + 500], separator,
+                                               eligible_only)
+                for start in range(0, len(merchants), 500)) if part)
         if not merchants:
-            return
-        # The ORDER BY of a subquery is kept under an aggregate (SQLite never flattens one
-        # into an aggregate query); tests/test_queue_output.py compares with the orders' rows.
-        sql = (f"WITH m(id, stale) AS (VALUES {', '.join('(?, ?)' for _ in merchants)}) "
-               f"SELECT m.id, (SELECT CAST(group_concat(j, ?) AS BLOB) FROM (SELECT "
-               f"{_QUEUED_JSON.format(stale='m.stale')} AS j FROM {_QUEUED_FROM} "
-               f"WHERE o.merchant_id = m.id{' AND o.eligible = 1' if eligible_only else ''} "
-               "ORDER BY o.created_at, o.order_id)) FROM m")
+            return b""
+        # A merchant's objects: the ORDER BY of a subquery is kept under an aggregate (SQLite
+        # never flattens one into an aggregate query; tests/test_queue_output.py compares).
+        # The merchants': in the order SQLite reads them, told by `k` (in the order given).
+        sql = (f"WITH m(k, id, stale) AS (VALUES "
+               f"{', '.join(f'({k}, ?, ?)' for k in range(len(merchants)))}) "
+               "SELECT group_concat(k), CAST(group_concat(part, ?) AS BLOB) FROM (SELECT m.k AS k, "
+               f"(SELECT group_concat(j, ?) FROM (SELECT {_QUEUED_JSON.format(stale='m.stale')} "
+               f"AS j FROM {_QUEUED_FROM} WHERE o.merchant_id = m.id"
+               f"{' AND o.eligible = 1' if eligible_only else ''} "
+               "ORDER BY o.created_at, o.order_id)) AS part FROM m)")
         params: list[Any] = [value for merchant_id, stale in merchants
                              for value in (merchant_id, int(stale))]
-        # In the order given, whichever order SQLite answers in.
-        joined = dict(self.conn.execute(sql, [*params, separator]).fetchall())
-        for merchant_id, _ in merchants:
-            if joined.get(merchant_id) is not None:
-                yield joined[merchant_id]
+        order, joined = self.conn.execute(sql, [*params, separator, separator]).fetchone()
+        if order != ",".join(map(str, range(len(merchants)))):  # read in another order
+            return separator.encode().join(part for part in (
+                self.queued_orders_json_joined([merchant], separator, eligible_only)
+                for merchant in merchants) if part)
+        return joined or b""
 
     def merchants_with_orders(self) -> list[str]:
         return sorted(row[0] for row in self.conn.execute(
