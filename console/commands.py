@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +21,7 @@ from console.output import (
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
+    OBJECTS_SEPARATOR,
     err,
     install_cancel,
     print_json,
@@ -173,6 +174,14 @@ def _age(now: datetime, moment: str | None) -> str:
     return f"{seconds}s"
 
 
+def _merchants_part(reports: Sequence[Any]) -> dict[str, Any]:
+    """`queue --json`'s part after the orders: the merchants refreshed just now."""
+    return {"merchants": [{"merchant_id": r.merchant_id, "business_name": r.business_name,
+                           "token_health": r.token_health, "error": r.error,
+                           "open_orders": r.orders, "eligible": r.eligible,
+                           "stale": not r.refreshed} for r in reports]}
+
+
 def _print_queue_document(store: Store, reports: Sequence[Any],
                           args: argparse.Namespace) -> None:
     """`queue --json`'s document: the orders, built by the database, not an object per order
@@ -180,46 +189,131 @@ def _print_queue_document(store: Store, reports: Sequence[Any],
     print_json_objects("orders", store.queued_orders_json(
         sorted(r.merchant_id for r in reports if r.refreshed),
         eligible_only=not args.include_ineligible, merchant_ids=args.merchant or None),
-        {"merchants": [{"merchant_id": r.merchant_id, "business_name": r.business_name,
-                        "token_health": r.token_health, "error": r.error,
-                        "open_orders": r.orders, "eligible": r.eligible,
-                        "stale": not r.refreshed} for r in reports]})
+        _merchants_part(reports))
 
 
-def _queue_json_meanwhile(workspace: Workspace, args: argparse.Namespace
-                          ) -> tuple[Callable[[list[Any]], None], Callable[[], bool]]:
-    """`queue --json`'s document written by a worker thread with a second connection, started
-    once the refresh has written every merchant, while this thread records the backlog
-    history: SQLite builds the orders' JSON without holding the GIL, on the other core
-    (issue 11). (start, written): `written` waits for the document; False where no second
-    connection can be opened (then the caller writes it)."""
-    from concurrent.futures import Future, ThreadPoolExecutor
+class _QueueJsonMeanwhile:
+    """`queue --json`'s orders, built while the refresh runs by a worker thread with a second
+    SQLite connection (issue 11): each merchant's as soon as its refresh is over and every
+    merchant before it in the document's order is done, so SQLite builds the JSON on the
+    other core while this thread waits for Square, not after. A merchant's orders are one
+    text (`queued_orders_json_joined`): the thread takes the GIL once a merchant, not once an
+    order. The text is kept until every merchant is written, then written out by the
+    thread while this one records the backlog history: a refresh that fails before prints
+    no document, as before.
 
-    from services.storage.sqlite import SQLiteStore
+    The merchants that may gain or lose orders are those refreshed (the `--merchant`s, else
+    every merchant with credentials); any other merchant's orders are as stored already.
+    If the refresh's reports are not for exactly those, the document is built afterwards,
+    as without a worker."""
 
-    store = workspace.store
-    future: Future[None] | None = None
+    # Merchants written between two wakes of the thread, and at most in one text (one
+    # merchant's is ~0.2 MB at 500 orders).
+    GROUP = 32
 
-    def write(reports: list[Any]) -> None:
-        reader = SQLiteStore(store.location, migrate=False)
+    def __init__(self, workspace: Workspace, args: argparse.Namespace) -> None:
+        import threading
+
+        from services.storage.sqlite import SQLiteStore
+
+        self.args = args
+        self.store = workspace.store
+        self.changed = threading.Condition()
+        self.written: dict[str, bool] = {}    # merchant -> refreshed, as each one is done
+        self.reports: list[Any] | None = None  # every merchant's: the refresh is over
+        self.abandoned = False
+        self.printed = False
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        if args.json and isinstance(self.store, SQLiteStore) and \
+                self.store.location != ":memory:":
+            refreshed = set(args.merchant if args.merchant is not None
+                            else workspace.credentials())
+            self.thread = threading.Thread(target=self._build, args=(refreshed,),
+                                           name="queue-json", daemon=True)
+            self.thread.start()
+
+    def merchant_written(self, report: Any) -> None:
+        with self.changed:
+            self.written[report.merchant_id] = report.refreshed
+            # Woken a group at a time: each wake takes the GIL from the event loop.
+            if len(self.written) % self.GROUP == 0:
+                self.changed.notify()
+
+    def all_written(self, reports: list[Any]) -> None:
+        with self.changed:
+            self.reports = reports
+            self.written.update((r.merchant_id, r.refreshed) for r in reports)
+            self.changed.notify()
+
+    def abandon(self) -> None:
+        """The refresh failed: the thread stops, nothing is written."""
+        with self.changed:
+            self.abandoned = True
+            self.changed.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _build(self, refreshed: set[str]) -> None:
+        from services.storage.sqlite import SQLiteStore
+
         try:
-            _print_queue_document(reader, reports, args)
-        finally:
-            reader.close()
+            reader = SQLiteStore(self.store.location, migrate=False)
+            try:
+                blocks = self._blocks(reader, refreshed)
+            finally:
+                reader.close()
+            if blocks is not None and self.reports is not None:
+                print_json_objects("orders", ([block] for block in blocks),
+                                   _merchants_part(self.reports))
+                self.printed = True
+        except BaseException as error:  # raised by `print`, in the command's thread
+            self.error = error
 
-    def start(reports: list[Any]) -> None:
-        nonlocal future
-        if isinstance(store, SQLiteStore) and store.location != ":memory:":
-            pool = ThreadPoolExecutor(1)
-            future = pool.submit(write, reports)
-            pool.shutdown(wait=False)  # its thread ends with the document
+    def _blocks(self, reader: Store, refreshed: set[str]) -> list[bytes] | None:
+        merchants = sorted(set(reader.merchants_with_orders()) | refreshed)
+        if self.args.merchant:
+            merchants = [m for m in merchants if m in self.args.merchant]
+        blocks: list[bytes] = []
+        done = 0
+        while True:
+            with self.changed:
+                while True:
+                    if self.abandoned:
+                        return None
+                    ready = []  # (merchant, stale) of the next merchants, all done
+                    for merchant_id in merchants[done:done + self.GROUP]:
+                        if merchant_id in self.written:
+                            ready.append((merchant_id, not self.written[merchant_id]))
+                        elif merchant_id not in refreshed:
+                            ready.append((merchant_id, True))
+                        else:
+                            break
+                    over = self.reports is not None
+                    if ready or over:
+                        break
+                    self.changed.wait()
+            block = reader.queued_orders_json_joined(
+                ready, OBJECTS_SEPARATOR, eligible_only=not self.args.include_ineligible)
+            if block:
+                blocks.append(block)
+            done += len(ready)
+            if over and not ready:
+                break
+        assert self.reports is not None
+        if done < len(merchants) or {r.merchant_id for r in self.reports} != refreshed:
+            return None
+        return blocks
 
-    def written() -> bool:
-        if future is None:
+    def written_out(self) -> bool:
+        """Wait for the document; False where the caller must build it (no worker, or not
+        the merchants it expected)."""
+        if self.thread is None:
             return False
-        future.result()
-        return True
-    return start, written
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.printed
 
 
 def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
@@ -227,9 +321,14 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
         workspace = Workspace.open(settings)
         try:
             await _recover_first(workspace)
-            start, written = _queue_json_meanwhile(workspace, args)
-            reports = await workspace.refresh(args.merchant, full=args.full,
-                                              on_written=start if args.json else None)
+            document = _QueueJsonMeanwhile(workspace, args)
+            try:
+                reports = await workspace.refresh(
+                    args.merchant, full=args.full, on_written=document.all_written,
+                    on_merchant_written=document.merchant_written)
+            except BaseException:
+                document.abandon()
+                raise
             refreshed = {r.merchant_id for r in reports if r.refreshed}
             now = workspace.clock()
             names = workspace.merchant_names()
@@ -249,7 +348,7 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
             # Exit 1: an unreachable or refused merchant is a failure, not a quiet success.
             code = EXIT_FAILURES if failed else EXIT_OK
             if args.json:
-                if not written():
+                if not document.written_out():
                     _print_queue_document(workspace.store, reports, args)
                 return code
             orders = [o for o in workspace.queue(include_ineligible=args.include_ineligible)
@@ -277,13 +376,14 @@ def queue(args: argparse.Namespace, settings: ReconSettings) -> int:
             return code
         finally:
             await workspace.aclose()
-    return asyncio.run(run())
+    return _run_sending(run())
 
 
 def _run_sending(main: Coroutine[Any, Any, int]) -> int:
     """`asyncio.run` on uvloop where it is installed (a dependency except on Windows): the
     stdlib loop's Python transports and scheduling cost ~65 us more client CPU per Square
-    request (206 against 141 us measured), and `complete` makes one per order (issue 11)."""
+    request (206 against 141 us measured), and `complete` makes one per order, `queue` four
+    per merchant (issue 11)."""
     try:
         import uvloop
     except ImportError:

@@ -16,8 +16,9 @@ import orjson
 
 from services.text_safety import json_inert
 
-__all__ = ["EXIT_CANCELLED", "EXIT_FAILURES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "err",
-           "install_cancel", "print_json", "print_json_objects", "print_json_stream"]
+__all__ = ["EXIT_CANCELLED", "EXIT_FAILURES", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE",
+           "OBJECTS_SEPARATOR", "err", "install_cancel", "print_json", "print_json_objects",
+           "print_json_stream"]
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 # Four-eyes: nothing was sent, because the batch needs (or lacks) a second operator's approval.
@@ -92,13 +93,18 @@ def print_json_stream(key: str, items: Iterable[Any], rest: dict[str, Any],
     _print_document(key, blocks(), rest)
 
 
+# Between two items of `print_json_objects`' list: a store may join them so itself.
+OBJECTS_SEPARATOR = ",\n    "
+
+
 def print_json_objects(key: str, chunks: Iterable[Sequence[bytes]], rest: dict[str, Any]
                        ) -> None:
     """`print_json({key: [...], **rest})` for items that are JSON objects already (UTF-8), as
     the store writes `queue --json`'s orders: one per line, a chunk at a time, with no
     object per item in Python (issue 11). The same document as `print_json` (parsed), with
     the same escaping of what a terminal would act on."""
-    _print_document(key, (b"    " + b",\n    ".join(chunk) for chunk in chunks if chunk), rest)
+    separator = OBJECTS_SEPARATOR.encode()
+    _print_document(key, (b"    " + separator.join(chunk) for chunk in chunks if chunk), rest)
 
 
 def install_cancel(loop: asyncio.AbstractEventLoop, cancel: asyncio.Event) -> None:

@@ -417,10 +417,14 @@ class Workspace:
     async def refresh(self, merchant_ids: Sequence[str] | None = None,
                       on_merchant: Callable[[MerchantDiscovery], None] | None = None,
                       full: bool = False,
-                      on_written: Callable[[list[MerchantDiscovery]], None] | None = None
+                      on_written: Callable[[list[MerchantDiscovery]], None] | None = None,
+                      on_merchant_written: Callable[[MerchantDiscovery], None] | None = None
                       ) -> list[MerchantDiscovery]:
         """By change since the last refresh; `full` re-reads every order. `on_written`: called
-        once every merchant's orders are written, before the backlog history is recorded."""
+        once every merchant's orders are written, before the backlog history is recorded.
+        `on_merchant_written`: called as each merchant this process discovers is done (its
+        orders written, or its failure recorded); unlike `on_merchant`, it keeps no share of
+        the merchants from a second process (whose merchants come only to `on_written`)."""
         credentials = self.credentials()
         if merchant_ids is not None:
             unknown = [m for m in merchant_ids if m not in credentials]
@@ -431,11 +435,16 @@ class Workspace:
         wanted = list(merchant_ids) if merchant_ids is not None else sorted(credentials)
         consents = self.consents_by_merchant()
 
+        def each(report: MerchantDiscovery) -> None:
+            for hook in (on_merchant, on_merchant_written):
+                if hook is not None:
+                    hook(report)
+
         async def here(ids: list[str], concurrency: int,
                        claim: Callable[[int], bool] | None = None) -> list[MerchantDiscovery]:
             return await discover(self.gateway, self.store, credentials, consents, now,
                                   concurrency=concurrency, merchant_ids=ids,
-                                  on_merchant=on_merchant, full=full, claim=claim)
+                                  on_merchant=each, full=full, claim=claim)
         # Other processes only where they can open all this one has: the settings' database
         # file or URL, credentials file and Square (not a client or credentials handed in),
         # and with no one waiting on each merchant's report as it comes.

@@ -128,6 +128,32 @@ def test_database_built_queue_json_is_the_per_order_document(
         assert {o["stale"] for o in document["orders"]} == {True, False}
 
 
+@pytest.mark.parametrize("eligible_only", [False, True])
+def test_orders_joined_per_merchant_are_the_orders_json_bytes(store: Store,
+                                                              eligible_only: bool) -> None:
+    """`queued_orders_json_joined` (merchants' objects in one text: what `queue --json`'s
+    worker writes, console/commands.py) is `queued_orders_json`, byte for byte: merchant by
+    merchant in the order asked, each one's `stale` as given, ties by id, hostile text."""
+    nul = isinstance(store, SQLiteStore)
+    with store.transaction():
+        store.write_orders(hostile_rows(nul))
+    store.save_order_sync("M3", "2026-11-26T13:00:00.000Z", None)
+    hostile = "M2 " + HOSTILE + ("\x00" if nul else "")
+    assert store.merchants_with_orders() == sorted(["M1", hostile, "M3"])
+    separator = ",\n    "
+    asked = [("M3", False), ("nobody", False), (hostile, True), ("M1", True)]
+    joined = store.queued_orders_json_joined(asked, separator, eligible_only)
+    expected = []
+    for merchant_id, stale in asked:
+        refreshed = [] if stale else [merchant_id]
+        expected.extend(text for chunk in store.queued_orders_json(
+            refreshed, eligible_only, merchant_ids=[merchant_id], chunk=1) for text in chunk)
+    assert len(expected) == (6 if eligible_only else 12)
+    assert joined == separator.encode().join(expected)
+    assert store.queued_orders_json_joined([], separator, eligible_only) == b""
+    assert store.queued_orders_json_joined([("nobody", True)], separator, eligible_only) == b""
+
+
 def test_plain_ascii_output_still_has_del_escaped() -> None:
     """json_inert's shortcut for plain ASCII must not skip DEL, the one ASCII it escapes."""
     from services.text_safety import json_inert

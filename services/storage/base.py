@@ -381,6 +381,17 @@ class Store(ABC):
         writes it through that."""
 
     @abstractmethod
+    def queued_orders_json_joined(self, merchants: Sequence[tuple[str, bool]], separator: str,
+                                  eligible_only: bool = False) -> bytes:
+        """`queued_orders_json`'s objects of `merchants` (each with whether it is stale), in
+        that order, joined by `separator` in one text (UTF-8; empty without any), by the
+        database."""
+
+    @abstractmethod
+    def merchants_with_orders(self) -> list[str]:
+        """Every merchant some order is stored for, sorted as Python sorts."""
+
+    @abstractmethod
     def oldest_orders(self, merchant_id: str | None = None, limit: int = 200
                       ) -> list[QueuedOrder]:
         """The `limit` oldest open orders (ties by id): the queue's first screenful, shown

@@ -216,17 +216,19 @@ _QUEUED = ("SELECT o.order_id, o.merchant_id, o.location_id, o.version, o.state,
            "FROM orders o LEFT JOIN order_sync s ON s.merchant_id = o.merchant_id WHERE true")
 # One `queue --json` order as JSON text, made by json_build_object: keys in the order of the
 # document interfaces.md describes. Its parameter: the merchants refreshed just now.
-_QUEUED_JSON = (
-    "SELECT json_build_object('merchant_id', o.merchant_id, 'order_id', o.order_id, "
+_QUEUED_OBJECT = (
+    "json_build_object('merchant_id', o.merchant_id, 'order_id', o.order_id, "
     "'location_id', o.location_id, 'version', o.version, 'state', o.state, "
     "'source', o.source, "
     "'total_money', json_build_object('amount', o.total_amount, 'currency', o.currency), "
     "'net_amount_due_money', json_build_object('amount', o.due_amount, "
     "'currency', o.currency), "
     "'created_at', o.created_at, 'eligible', o.eligible <> 0, 'reason', o.reason, "
-    "'stale', NOT (o.merchant_id = ANY(%s)), "
-    "'fetched_at', GREATEST(o.seen_at, COALESCE(s.fetched_at, o.seen_at)))::text "
-    "FROM orders o LEFT JOIN order_sync s ON s.merchant_id = o.merchant_id WHERE true")
+    "'stale', {stale}, "
+    "'fetched_at', GREATEST(o.seen_at, COALESCE(s.fetched_at, o.seen_at)))::text")
+_QUEUED_FROM = "FROM orders o LEFT JOIN order_sync s ON s.merchant_id = o.merchant_id WHERE true"
+_QUEUED_JSON = (f"SELECT {_QUEUED_OBJECT.format(stale='NOT (o.merchant_id = ANY(%s))')} "
+                f"{_QUEUED_FROM}")
 # Column types, for `_recordset`: a whole group of rows is one statement (one
 # round trip, one firing of the statement-level change trigger, one plan) instead of one each.
 _ORDER_TYPES = {c: "bigint" if c in ("version", "total_amount", "due_amount") else
@@ -636,6 +638,22 @@ class PostgresStore(Store):
         rows = self._all(sql + " ORDER BY o.merchant_id, o.created_at, o.order_id", params)
         for start in range(0, len(rows), chunk):
             yield [row[0].encode() for row in rows[start:start + chunk]]
+
+    def queued_orders_json_joined(self, merchants: Sequence[tuple[str, bool]], separator: str,
+                                  eligible_only: bool = False) -> bytes:
+        if not merchants:
+            return b""
+        sql = (f"SELECT string_agg(part, %s ORDER BY k) FROM (SELECT m.k, (SELECT string_agg("
+               f"{_QUEUED_OBJECT.format(stale='m.stale')}, %s ORDER BY o.created_at, "
+               f"o.order_id) {_QUEUED_FROM} AND o.merchant_id = m.id"
+               f"{' AND o.eligible = 1' if eligible_only else ''}) AS part FROM "
+               "unnest(%s::text[], %s::boolean[]) WITH ORDINALITY AS m(id, stale, k)) parts")
+        row = self._one(sql, [separator, separator, [m for m, _ in merchants],
+                              [stale for _, stale in merchants]])
+        return row[0].encode() if row and row[0] is not None else b""
+
+    def merchants_with_orders(self) -> list[str]:
+        return sorted(row[0] for row in self._all("SELECT DISTINCT merchant_id FROM orders"))
 
     def oldest_orders(self, merchant_id: str | None = None, limit: int = 200
                       ) -> list[QueuedOrder]:
