@@ -339,3 +339,56 @@ async def test_a_reload_changes_only_the_cells_that_changed(tmp_path: Path) -> N
         await wait_until(pilot, lambda: str(table.get_row(first)[0]) == "Maple & Main Books Ltd")
         assert clears == 0
         assert [str(c) for c in table.get_row_at(1)] == before[1]
+
+
+async def test_a_queue_answer_landing_after_the_screen_went_leaves_the_console_running(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """A worker's read or sum that ends while its queue screen is being taken down (the
+    console quitting removes the widgets before it cancels the workers) finds no table to
+    fill: it drops its answer. It used to raise NoMatches, which Textual turns into a
+    WorkerFailed that stops the console with a traceback (seen in the suite under load)."""
+    import threading
+
+    from console.screens import queue as queue_module
+
+    release = threading.Event()
+    reading = threading.Event()
+    holding = {"start": ""}  # which of the two is held
+    real_read, real_totals = QueueScreen._read, queue_module.selection_totals
+
+    def held_read(self: QueueScreen, *args: Any) -> Any:
+        if self.loaded and holding["start"] == "reload":  # after the first, full read
+            reading.set()
+            release.wait(10)
+        return real_read(self, *args)
+
+    def held_totals(*args: Any) -> Any:
+        if holding["start"] == "select all":
+            reading.set()
+            release.wait(10)
+        return real_totals(*args)
+
+    monkeypatch.setattr(QueueScreen, "_read", held_read)
+    monkeypatch.setattr(queue_module, "selection_totals", held_totals)
+    monkeypatch.setattr(queue_module, "SELECTION_IN_WORKER", 0)
+    for start in ("reload", "select all"):
+        reading.clear()
+        release.clear()
+        holding["start"] = start
+        app = app_for(demo(tmp_path / start.replace(" ", "-")))
+        async with app.run_test(size=(160, 45)) as pilot:
+            await wait_until(pilot, merchants_loaded(app), timeout=60)
+            await pilot.press("Q")
+            await wait_until(pilot, lambda a=app: isinstance(a.screen, QueueScreen))
+            queue = app.screen
+            assert isinstance(queue, QueueScreen)
+            if start == "reload":
+                queue.reload()
+            else:
+                await pilot.press("a")
+            while not reading.is_set():
+                await pilot.pause(0.02)
+            await queue.query_one(OrderTable).remove()  # as a closing screen's, first
+            release.set()
+            await pilot.pause(0.3)
+            assert app._exception is None, (start, app._exception)

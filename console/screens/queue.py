@@ -249,7 +249,15 @@ class QueueScreen(ConsoleScreen):
         return QueueData(by_id, holds, kinds, table.prepare(rows), now, held_text,
                          complete=limit is None, leased=leased)
 
+    def _taken_down(self) -> bool:
+        """Whether this screen's widgets are gone: a worker's answer that lands then (the
+        console quitting prunes widgets before it cancels workers) has nothing to fill."""
+        return not self.query(OrderTable)
+
     def _show(self, data: QueueData) -> None:
+        if self._taken_down():
+            release_gradually(data.orders)
+            return
         release_gradually(self.orders)  # the orders replaced, freed off the UI thread
         self.orders, self.holds, self.kinds = data.orders, data.holds, data.kinds
         self._now = data.now
@@ -334,7 +342,8 @@ class QueueScreen(ConsoleScreen):
         """Totals of a large selection, in a thread (exclusive: only the latest lands)."""
         self._selection_money = await asyncio.to_thread(selection_totals, selected,
                                                         self.orders, self.kinds)
-        self._show_selection()
+        if not self._taken_down():
+            self._show_selection()
 
     def _show_selection(self) -> None:
         table = self.query_one(OrderTable)
@@ -429,7 +438,8 @@ class QueueScreen(ConsoleScreen):
         while table.sort_pending:
             table.apply_sort(await asyncio.to_thread(table.prepare_sort, table.sort_column,
                                                      table.sort_reverse))
-        self._update_tabs()
+        if not self._taken_down():
+            self._update_tabs()
 
     def action_complete(self) -> None:
         table = self.query_one(OrderTable)
