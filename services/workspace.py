@@ -445,16 +445,8 @@ class Workspace:
             return await discover(self.gateway, self.store, credentials, consents, now,
                                   concurrency=concurrency, merchant_ids=ids,
                                   on_merchant=each, full=full, claim=claim)
-        # Other processes only where they can open all this one has: the settings' database
-        # file or URL, credentials file and Square (not a client or credentials handed in),
-        # and with no one waiting on each merchant's report as it comes.
-        processes, heavy = 1, []
-        if on_merchant is None and self.store.location != ":memory:" \
-                and self.discovery_processes > 1:
-            # Worth a second interpreter only for many merchants read in full (a first
-            # discovery, `--full`, the daily full read); those are shared out evenly.
-            heavy = [m for m in wanted if reads_in_full(self.store, m, full, now)]
-            processes = processes_for(len(heavy), self.discovery_processes)
+        processes, heavy = (1, []) if on_merchant is not None else \
+            self._discovery_plan(wanted, full, now)
         if processes > 1:
             light = set(wanted) - set(heavy)
             reports = await discover_in_processes(
@@ -468,6 +460,27 @@ class Workspace:
             on_written(reports)
         self.record_backlog([r.merchant_id for r in reports if r.refreshed])
         return reports
+
+    def _discovery_plan(self, wanted: Sequence[str], full: bool, now: datetime
+                        ) -> tuple[int, list[str]]:
+        """How many processes a refresh of `wanted` runs in, and the merchants read in full
+        (shared out evenly among them first). Other processes only where they can open all
+        this one has: the settings' database file or URL, credentials file and Square (not a
+        client or credentials handed in), and with no one waiting on each merchant's report
+        as it comes (`on_merchant`)."""
+        if self.store.location == ":memory:" or self.discovery_processes <= 1:
+            return 1, []
+        # Worth a second interpreter only for many merchants read in full (a first
+        # discovery, `--full`, the daily full read).
+        heavy = [m for m in wanted if reads_in_full(self.store, m, full, now)]
+        return processes_for(len(heavy), self.discovery_processes), heavy
+
+    def refresh_in_processes(self, merchant_ids: Sequence[str] | None = None,
+                             full: bool = False) -> bool:
+        """Whether `refresh(merchant_ids, full=full)` (without `on_merchant`) would share its
+        merchants out over several processes, as it stands now."""
+        wanted = list(merchant_ids) if merchant_ids is not None else sorted(self.credentials())
+        return self._discovery_plan(wanted, full, self.clock())[0] > 1
 
     def record_backlog(self, merchant_ids: Sequence[str], days: int = 30) -> None:
         """Today's candidates by age, per merchant just refreshed: the chart's history.

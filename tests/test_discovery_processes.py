@@ -44,6 +44,16 @@ def test_two_processes_discover_what_one_does(tmp_path: Path,
         shared.append(args[5])
         return await real(*args, **kwargs)
     monkeypatch.setattr("services.workspace.discover_in_processes", spy)
+    # `queue --json` builds its document during the refresh, but not beside a discovery
+    # shared out over processes (both cores busy discovering: it made that one ~1 s slower).
+    from console import commands
+    built_meanwhile: list[int] = []
+    real_build = commands._QueueJsonMeanwhile._build
+
+    def build_spy(self: Any, refreshed: set[str]) -> None:
+        built_meanwhile.append(len(shared))
+        real_build(self, refreshed)
+    monkeypatch.setattr(commands._QueueJsonMeanwhile, "_build", build_spy)
     with LoopbackServer(emulator) as server:
         monkeypatch.setenv("RECON_SQUARE_BASE_URL", server.base_url)
         monkeypatch.setenv("RECON_CREDENTIALS", str(tmp_path / "credentials.toml"))
@@ -57,6 +67,7 @@ def test_two_processes_discover_what_one_does(tmp_path: Path,
         # A refresh by change reads little: not worth a second interpreter.
         code, again = _queue(capsys, monkeypatch, tmp_path / "p2.db", 2)
         assert shared == [2] and code == 1
+        assert built_meanwhile == [0, 1]  # the first run's and this one's, not the shared one
         assert {o["order_id"] for o in again["orders"]} == {
             o["order_id"] for o in results[2][1]["orders"]}
     (code_one, one), (code_two, two) = results[1], results[2]

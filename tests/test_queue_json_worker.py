@@ -167,14 +167,15 @@ def test_reports_for_other_merchants_than_expected_build_the_document_after(
     with store.transaction():
         store.write_orders(hostile_rows(nul=True))
     merchants = store.merchants_with_orders()
-    args = Namespace(json=True, merchant=None, include_ineligible=True)
+    args = Namespace(json=True, merchant=None, include_ineligible=True, full=False)
 
     def report(merchant_id: str) -> SimpleNamespace:
         return SimpleNamespace(merchant_id=merchant_id, refreshed=True, business_name=None,
                                token_health="valid", error=None, orders=0, eligible=0)
 
     for expected in ({"M1": None}, {m: None for m in merchants}):
-        workspace = SimpleNamespace(store=store, credentials=lambda e=expected: e)
+        workspace = SimpleNamespace(store=store, credentials=lambda e=expected: e,
+                                    refresh_in_processes=lambda *_, **__: False)
         document = _QueueJsonMeanwhile(workspace, args)  # type: ignore[arg-type]
         reports = [report(m) for m in merchants]
         document.merchant_written(reports[0])
