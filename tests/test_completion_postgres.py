@@ -13,10 +13,11 @@ from pathlib import Path
 
 import psycopg
 
-from services.completion import ApprovedItem
+from services.completion import ApprovedItem, BatchProgress, Outcome
 from services.completion.sending import ConsentReads
 from services.consent import ConsentStatus
 from services.demo import consent_for, workspace_on_emulator
+from services.emulator import FaultPlan
 from services.storage.postgres import PostgresStore
 from services.workspace import Workspace
 from tests.conftest import Emulator
@@ -194,3 +195,35 @@ async def test_a_lost_revision_connection_is_opened_again(pg_url: str) -> None:
     finally:
         await reader.aclose()
         store.close()
+
+
+async def test_a_batch_outlives_its_revision_connection_being_cut(
+        emulator: Emulator, pg_url: str, tmp_path: Path) -> None:
+    """The consents' revision reader's connection cut in the middle of a batch (a server
+    restart, a killed backend, a firewall's idle timeout): the read that finds it is taken
+    again on a new connection, still begun after the sends waiting for it asked. The batch
+    goes on; before, that read's error left every send waiting for it, raised out of the
+    batch (no BATCH_FINISHED, intents left open, the other sends orphaned)."""
+    workspace = await team_workspace(emulator, pg_url, tmp_path / "a", "ann")
+    await workspace.refresh()
+    cut: list[int] = []
+
+    def progress(event: BatchProgress) -> None:
+        if event.completed >= 3 and not cut:
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                cut.append(len(admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                    "datname = current_database() AND pid <> pg_backend_pid() AND "
+                    "query LIKE 'SELECT (SELECT COUNT(*) FROM consents)%'").fetchall()))
+
+    try:
+        preview = workspace.preview()
+        before = versions(emulator)
+        emulator.app.set_faults(FaultPlan(latency_ms=2))
+        _, results = await workspace.complete(preview, on_progress=progress)
+        assert cut == [1]  # the reader's connection, and only it
+        assert {r.outcome for r in results} == {Outcome.COMPLETED}
+        assert len(results) == len(preview.items)
+        assert_invariants(emulator, workspace, pg_url, before, preview.items)
+    finally:
+        await workspace.aclose()
