@@ -198,7 +198,7 @@ def test_a_process_that_dies_holding_the_claims_lock_costs_time_not_merchants(
     import threading
     import time
 
-    monkeypatch.setattr(discovery_processes, "CLAIM_WAIT_S", 0.2, raising=False)
+    monkeypatch.setattr(discovery_processes, "CLAIM_WAIT_S", 0.2)
     ids = [str(tmp_path / f"M{n}") for n in range(5)]
     monkeypatch.setattr(discovery_processes, "_child", _dies_holding_the_claims)
     calls: list[tuple[list[str], bool]] = []
