@@ -382,10 +382,6 @@ class PostgresStore(Store):
             # Data Square gives again: no wait for the WAL flush (still atomic; a later
             # durable commit flushes it too).
             conn.execute("SET LOCAL synchronous_commit = off")
-            # The change counter's row first (as `commit_group`): each merchant's upsert
-            # bumps it, so a commit that locked a merchant's row and then waited for the
-            # counter deadlocked with another process's that held it and wanted that row.
-            conn.execute("SELECT 1 FROM change_counter WHERE id = 1 FOR UPDATE")
             yield conn
 
     def commit_group(self, parts: Sequence[Callable[[Store], None]]
