@@ -457,6 +457,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURES
 
 
+# Commands that only read what earlier ones recorded: on a --db file that does not exist they
+# would make a new, empty one and report on it ("Audit chain verified: 0 entries" for a
+# mistyped path, exit 0), so they refuse instead.
+READS_ONLY = {("audit", "verify"), ("audit", "export"), ("audit", "checkpoint"),
+              ("consent", "list"), ("remind", "history"), ("approve", None)}
+
+
+def _refuse_missing_database(args: argparse.Namespace, settings: Any) -> None:
+    from services.database_url import is_database_url
+    word = getattr(args, f"{args.command}_command", None)
+    if (args.command, word) not in READS_ONLY or is_database_url(settings.db):
+        return
+    from services.settings import default_db_path
+    path = Path(settings.db).expanduser()
+    # (The default location is never mistyped: there a first read finds an empty database.)
+    if not path.exists() and path != default_db_path():
+        command = " ".join(part for part in (args.command, word) if part)
+        raise ConfigurationError(
+            f"no database at {str(path)!r}: `{command}` only reads what was recorded there. "
+            "Check the --db / RECON_DB path (a database is made by the commands that record: "
+            "`consent import`, `queue`, the console).")
+
+
 def _refuse_unused(args: argparse.Namespace, unused: Sequence[str], why: str) -> None:
     """A global option a command has no use for is refused, never silently dropped."""
     for name in unused:
@@ -497,6 +520,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command is None:
         from console.app import run_console
         return run_console(settings, read_only=args.read_only)
+    _refuse_missing_database(args, settings)
     from console import commands
     handler = {"consent": commands.consent, "queue": commands.queue,
                "complete": commands.complete, "recover": commands.recover,
