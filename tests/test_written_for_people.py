@@ -1,4 +1,4 @@
-"""Amounts as people read them, the same on screen and in the audit's notes."""
+"""Amounts and the backlog chart as people read them: the same on screen and in the audit."""
 
 from __future__ import annotations
 
@@ -24,3 +24,10 @@ def test_the_audit_note_of_a_preview_says_the_amounts_as_the_confirmation_does()
         ("M1", 17, {"GBP": 275900}), ("M2", 2, {"JPY": 800, "USD": 1250})])
     assert _preview_record(preview) == (  # type: ignore[arg-type]
         "M1: 17 orders, 2,759.00 GBP; M2: 2 orders, 800 JPY, 12.50 USD")
+
+
+def test_a_sparkline_band_with_orders_is_never_blank() -> None:
+    from console.screens.merchants import sparkline
+    line = sparkline([1, 1, 3, 40])
+    assert " " not in line and line[0] == line[1] == "▁" and line[-1] == "█"
+    assert sparkline([0, 2, 0]) == "·█·"
