@@ -422,9 +422,40 @@ def settings_from(args: argparse.Namespace) -> Any:
     return settings
 
 
+def _refuse_misplaced_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """A subcommand's own option written before the subcommand (`recon-console --json queue`)
+    is said to be one, with where it goes; argparse would call it unrecognized, or take its
+    value for the subcommand's name ("invalid choice: 'json'")."""
+    commands: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            commands = dict(action.choices)
+    words = list(argv)
+    named = [index for index, word in enumerate(words) if word in commands]
+    if not named:
+        return
+    command = words[named[0]]
+
+    def knows(sub: argparse.ArgumentParser, option: str) -> bool:
+        if option in sub._option_string_actions:
+            return True
+        return any(knows(nested, option) for action in sub._actions
+                   if isinstance(action, argparse._SubParsersAction)
+                   for nested in action.choices.values())
+    for word in words[:named[0]]:
+        option = word.split("=", 1)[0]
+        if option.startswith("-") and option not in parser._option_string_actions \
+                and knows(commands[command], option):
+            raise UsageError(f"recon-console: {option} is an option of `{command}`, not of "
+                             f"recon-console itself: write it after the subcommand, as in "
+                             f"`recon-console {command} {option} ...`")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = merge_global_options(build_parser().parse_args(argv))
+        parser = build_parser()
+        _refuse_misplaced_option(parser, sys.argv[1:] if argv is None else argv)
+        args = merge_global_options(parser.parse_args(argv))
         resolve_output_format(args)
         return _dispatch(args)
     except UsageError as error:

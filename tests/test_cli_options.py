@@ -129,6 +129,24 @@ def test_hole3_same_option_with_two_values_is_refused(
     assert code == 0, err
 
 
+@pytest.mark.parametrize(("argv", "option", "command"), [
+    (["--json", "queue"], "--json", "queue"),
+    (["--format", "json", "queue"], "--format", "queue"),
+    (["--merchant", "M1", "complete", "--dry-run"], "--merchant", "complete"),
+    (["--yes", "complete", "--merchant", "M1"], "--yes", "complete"),
+    (["--db", "x.db", "--json", "consent", "list"], "--json", "consent")])
+def test_a_subcommands_option_before_it_says_where_it_goes(
+        argv: list[str], option: str, command: str, clean_env: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse called these unrecognized, or took `--format`'s value for the subcommand
+    ("invalid choice: 'json'"), `--merchant`'s too; a newcomer could not tell what to do."""
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and len(err) == 1, err
+    assert f"{option} is an option of `{command}`" in err[0]
+    assert f"recon-console {command} {option}" in err[0]
+    assert not clean_env.exists()
+
+
 def test_hole3_two_values_in_one_place_are_refused(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "audit", "verify", "--operator", "a", "--operator", "b")
