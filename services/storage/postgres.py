@@ -315,9 +315,14 @@ class PostgresStore(Store):
                 else:
                     _check_migrated(conn)
         except psycopg.OperationalError as error:
-            reason = str(error).strip().splitlines()[-1] if str(error).strip() else "no answer"
+            # libpq's last line, its tabs and other control characters made spaces (one line,
+            # nothing a terminal would act on), then what to do.
+            lines = str(error).strip().splitlines()
+            reason = " ".join("".join(c if c.isprintable() else " " for c in lines[-1]).split()
+                              ).rstrip("?.") if lines else "no answer"
             raise ConfigurationError(f"cannot connect to PostgreSQL at {display_url(url)}: "
-                                     f"{reason}") from None
+                                     f"{reason}. Start the server or fix the --db / RECON_DB "
+                                     "URL (host, port, database, user).") from None
         self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, kwargs=kwargs,
                                    open=True, name="recon-console")
         self._feeds: list[ListenChangeFeed] = []  # closed with the store
