@@ -358,8 +358,8 @@ class QueueScreen(ConsoleScreen):
             chosen, money = self._selection_money
             left_out = selected - chosen
             note = f", {left_out:,} cannot be completed now (left out)" if left_out else ""
-            text = (f"{selected:,} selected: {plural(chosen, 'candidate')} "
-                    f"{money}{note}   {shown:,} shown{only}")
+            text = (f"{selected:,} selected: {plural(chosen, 'candidate')}"
+                    f"{' ' + money if money else ''}{note}   {shown:,} shown{only}")
         self.query_one("#selection", Static).update(safe(text + self._held_text))
 
     # ------------------------------------------------------------------ events
