@@ -422,9 +422,40 @@ def settings_from(args: argparse.Namespace) -> Any:
     return settings
 
 
+def _refuse_misplaced_option(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """A subcommand's own option written before the subcommand (`recon-console --json queue`)
+    is said to be one, with where it goes; argparse would call it unrecognized, or take its
+    value for the subcommand's name ("invalid choice: 'json'")."""
+    commands: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            commands = dict(action.choices)
+    words = list(argv)
+    named = [index for index, word in enumerate(words) if word in commands]
+    if not named:
+        return
+    command = words[named[0]]
+
+    def knows(sub: argparse.ArgumentParser, option: str) -> bool:
+        if option in sub._option_string_actions:
+            return True
+        return any(knows(nested, option) for action in sub._actions
+                   if isinstance(action, argparse._SubParsersAction)
+                   for nested in action.choices.values())
+    for word in words[:named[0]]:
+        option = word.split("=", 1)[0]
+        if option.startswith("-") and option not in parser._option_string_actions \
+                and knows(commands[command], option):
+            raise UsageError(f"recon-console: {option} is an option of `{command}`, not of "
+                             f"recon-console itself: write it after the subcommand, as in "
+                             f"`recon-console {command} {option} ...`")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = merge_global_options(build_parser().parse_args(argv))
+        parser = build_parser()
+        _refuse_misplaced_option(parser, sys.argv[1:] if argv is None else argv)
+        args = merge_global_options(parser.parse_args(argv))
         resolve_output_format(args)
         return _dispatch(args)
     except UsageError as error:
@@ -455,6 +486,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" ({type(error).__name__}); free space or check the database, then run "
             "`recon-console recover` before anything else.")
         return EXIT_FAILURES
+
+
+# Commands that only read what earlier ones recorded: on a --db file that does not exist they
+# would make a new, empty one and report on it ("Audit chain verified: 0 entries" for a
+# mistyped path, exit 0), so they refuse instead.
+READS_ONLY = {("audit", "verify"), ("audit", "export"), ("audit", "checkpoint"),
+              ("consent", "list"), ("remind", "history"), ("approve", None)}
+
+
+def _refuse_missing_database(args: argparse.Namespace, settings: Any) -> None:
+    from services.database_url import is_database_url
+    word = getattr(args, f"{args.command}_command", None)
+    if (args.command, word) not in READS_ONLY or is_database_url(settings.db):
+        return
+    from services.settings import default_db_path
+    path = Path(settings.db).expanduser()
+    # (The default location is never mistyped: there a first read finds an empty database.)
+    if not path.exists() and path != default_db_path():
+        command = " ".join(part for part in (args.command, word) if part)
+        raise ConfigurationError(
+            f"no database at {str(path)!r}: `{command}` only reads what was recorded there. "
+            "Check the --db / RECON_DB path (a database is made by the commands that record: "
+            "`consent import`, `queue`, the console).")
 
 
 def _refuse_unused(args: argparse.Namespace, unused: Sequence[str], why: str) -> None:
@@ -497,6 +551,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command is None:
         from console.app import run_console
         return run_console(settings, read_only=args.read_only)
+    _refuse_missing_database(args, settings)
     from console import commands
     handler = {"consent": commands.consent, "queue": commands.queue,
                "complete": commands.complete, "recover": commands.recover,

@@ -6,16 +6,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from services.money import major_text
+
 if TYPE_CHECKING:  # types only (see console/app.py)
     from services.workspace import Hold, Preview
 
-_ZERO_DECIMAL = {"JPY", "KRW", "VND", "CLP", "ISK", "UGX", "XAF", "XOF"}
-
 
 def format_money(amount: int, currency: str) -> str:
-    if currency in _ZERO_DECIMAL:
-        return f"{amount:,} {currency}"
-    return f"{amount / 100:,.2f} {currency}"
+    return major_text(amount, currency)
 
 
 def money_text(totals: Mapping[str, int]) -> str:

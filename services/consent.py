@@ -255,7 +255,8 @@ def read_consent_file(path: Path) -> tuple[list[tuple[str, ConsentRecord, dict[s
         if len(raw) > MAX_CONSENT_FILE_BYTES:
             return [], [f"{path}: larger than {MAX_CONSENT_FILE_BYTES // 2**20} MiB, not a "
                         "consent file; split it or check the path."]
-        document = json.loads(raw.decode())
+        # utf-8-sig: a file saved with a byte-order mark (Windows editors) is the same JSON.
+        document = json.loads(raw.decode("utf-8-sig"))
     except FileNotFoundError:
         return [], [f"{path}: file not found."]
     except IsADirectoryError:
@@ -264,7 +265,8 @@ def read_consent_file(path: Path) -> tuple[list[tuple[str, ConsentRecord, dict[s
         return [], [f"{path}: cannot be read ({error.strerror}); check the path and its "
                     "permissions."]
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        return [], [f"{path}: not valid JSON ({error})."]
+        return [], [f"{path}: not valid JSON ({error}); fix the file (one consent record, "
+                    "or a JSON array of records, in UTF-8) and import it again."]
     except RecursionError:
         return [], [f"{path}: JSON nested too deeply to be a consent record."]
     items = document if isinstance(document, list) else [document]

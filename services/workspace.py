@@ -62,7 +62,7 @@ from services.eligibility import (
     apply_batch_limits,
 )
 from services.errors import AuditChainError, ConfigurationError, ConsentFileError
-from services.money import totals_by_currency
+from services.money import major_text, totals_by_currency
 from services.presence import EXPIRY_S, HEARTBEAT_S, Presence, online
 from services.processes import HOST
 from services.settings import ReconSettings
@@ -873,10 +873,11 @@ def _token_problem(merchant: dict[str, Any]) -> str:
 
 
 def _preview_record(preview: Preview) -> str:
-    """The audit's note of a preview: counts and minor units, per merchant."""
+    """The audit's note of a preview: counts and totals, per merchant (written as everywhere
+    else: "275900 GBP" in minor units read as £275,900 on the audit screen)."""
     return "; ".join(
-        f"{merchant_id}: {count} orders, " + ", ".join(f"{amount} {currency}" for currency, amount
-                                                 in sorted(totals.items()))
+        f"{merchant_id}: {count} orders, " + ", ".join(major_text(amount, currency)
+                                                 for currency, amount in sorted(totals.items()))
         for merchant_id, count, totals in preview.per_merchant()) or "nothing eligible"
 
 

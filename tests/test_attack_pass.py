@@ -106,9 +106,15 @@ def test_a_database_that_is_not_ours_is_refused_and_left_alone(
 
 def test_a_new_or_empty_database_file_is_still_ours(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import DATA
     empty = tmp_path / "empty.db"
     empty.touch(mode=0o600)
-    for path in (empty, tmp_path / "new.db"):
+    new = tmp_path / "new.db"
+    # A new one is made by a command that records (a reading one refuses a missing file).
+    code, _, err = run(capsys, "consent", "import", "--db", str(new),
+                       str(DATA / "consent" / "valid" / "minimal.json"))
+    assert code == 0, err
+    for path in (empty, new):
         code, _, err = run(capsys, "consent", "list", "--db", str(path))
         assert code == 0, err
         code, _, err = run(capsys, "consent", "list", "--db", str(path))  # and again, migrated
@@ -127,6 +133,7 @@ def test_a_database_that_refuses_writes_gets_one_line(
     from services.storage.sqlite import SQLiteStore
     from tests.conftest import DATA
     db = str(tmp_path / "r.db")
+    SQLiteStore(Path(db)).close()
     assert run(capsys, "consent", "list", "--db", db)[0] == 0
 
     @contextmanager

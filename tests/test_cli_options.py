@@ -98,6 +98,8 @@ def test_hole3_options_before_nested_subcommand_are_used(
         tmp_path: Path, clean_env: Path, command: list[str], where: str,
         capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "nested.db"
+    if command[0] == "audit":  # it reads what was recorded: a database that is there
+        Store(db).close()
     options = ["--db", str(db), "--operator", "bob", "--credentials", str(tmp_path / "c.toml")]
     argv = {"before": [*options, *command],
             "between": [command[0], *options, *command[1:]],
@@ -122,8 +124,27 @@ def test_hole3_same_option_with_two_values_is_refused(
     assert str(first) in err[0] and str(second) in err[0] and "--db" in err[0]
     assert not first.exists() and not second.exists() and not clean_env.exists()
     # The same value in both places is no conflict.
+    Store(first).close()
     code, _, err = run(capsys, "--db", str(first), "audit", "verify", "--db", str(first))
     assert code == 0, err
+
+
+@pytest.mark.parametrize(("argv", "option", "command"), [
+    (["--json", "queue"], "--json", "queue"),
+    (["--format", "json", "queue"], "--format", "queue"),
+    (["--merchant", "M1", "complete", "--dry-run"], "--merchant", "complete"),
+    (["--yes", "complete", "--merchant", "M1"], "--yes", "complete"),
+    (["--db", "x.db", "--json", "consent", "list"], "--json", "consent")])
+def test_a_subcommands_option_before_it_says_where_it_goes(
+        argv: list[str], option: str, command: str, clean_env: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse called these unrecognized, or took `--format`'s value for the subcommand
+    ("invalid choice: 'json'"), `--merchant`'s too; a newcomer could not tell what to do."""
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and len(err) == 1, err
+    assert f"{option} is an option of `{command}`" in err[0]
+    assert f"recon-console {command} {option}" in err[0]
+    assert not clean_env.exists()
 
 
 def test_hole3_two_values_in_one_place_are_refused(
@@ -246,6 +267,27 @@ def test_hole8_db_that_is_a_directory_is_refused(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [["audit", "verify"], ["audit", "export"],
+                                     ["audit", "checkpoint"], ["consent", "list"],
+                                     ["remind", "history"], ["approve", "B1"]])
+def test_a_reading_command_refuses_a_database_that_is_not_there(
+        tmp_path: Path, clean_env: Path, command: list[str],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped --db in a folder that exists: `audit verify` used to make a new, empty
+    database there and say "Audit chain verified: 0 entries", exit 0."""
+    db = tmp_path / "recon-typo.db"
+    code, out, err = run(capsys, *command, "--db", str(db))
+    assert code == 2 and out == "" and err[-1].startswith("error: no database at"), err
+    assert len([line for line in err if not line.startswith("Square:")]) == 1
+    assert str(db) in err[-1] and "--db" in err[-1]
+    assert list(tmp_path.iterdir()) == []  # nothing made
+    made = tmp_path / "recon.db"
+    assert run(capsys, "consent", "import", str(VALID_CONSENT),
+               "--db", str(made))[0] == 0  # a recording command makes it
+    code, _, err = run(capsys, "audit", "verify", "--db", str(made))
+    assert code == 0 and "verified" in err[0], err
+
+
 def test_hole8_store_never_makes_a_directory_elsewhere(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.OperationalError):
         Store(tmp_path / "typo" / "recon.db")
@@ -292,6 +334,7 @@ def test_hole8_export_and_checkpoint_are_owner_only(
 
 def test_hole8_unwritable_output_is_a_one_line_error(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Store(tmp_path / "r.db").close()
     code, _, err = run(capsys, "audit", "export", "--format", "csv", "--db",
                        str(tmp_path / "r.db"), "--output", str(tmp_path / "no" / "out.csv"))
     assert code == 2 and len(err) == 1 and "cannot write" in err[0]

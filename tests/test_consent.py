@@ -128,8 +128,19 @@ def test_invalid_file_stores_nothing_even_beside_valid_ones(workspace: Workspace
     lines = str(error.value).splitlines()
     assert len(lines) == 2
     assert "mixed.json: record 1: $.grantor.email" in lines[0]
-    assert "broken.json: not valid JSON" in lines[1]
+    assert "broken.json: not valid JSON" in lines[1] and "import it again" in lines[1]
     assert workspace.consents() == []
+
+
+def test_a_consent_file_saved_with_a_byte_order_mark_imports(workspace: Workspace,
+                                                            tmp_path: Path) -> None:
+    """Windows editors write a UTF-8 byte-order mark: the same JSON, not 'not valid JSON
+    (Unexpected UTF-8 BOM (decode using utf-8-sig))'."""
+    marked = tmp_path / "marked.json"
+    marked.write_bytes(b"\xef\xbb\xbf" + (DATA / "consent" / "valid" / "minimal.json")
+                       .read_bytes())
+    workspace.import_consent_files([marked])
+    assert len(workspace.consents()) == 1
 
 
 def test_revoke_stores_new_version_and_audits(workspace: Workspace) -> None:

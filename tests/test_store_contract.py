@@ -399,6 +399,50 @@ def test_group_commits_of_two_writers_never_deadlock(store: Store) -> None:
     assert [r["order_id"] for r in store.open_intents()] == ["O3"]
     assert AuditTrail(store).verify().ok
 
+@pytest.mark.parametrize("kind", ["cache_transaction", "transaction"])
+def test_write_groups_of_two_writers_never_deadlock(store: Store, kind: str) -> None:
+    """Two processes' discoveries each commit a group of merchants (`cache_transaction`), in
+    different orders: A writes M1 and then M2, B writes M2 and then M1. On PostgreSQL each
+    write's trigger bumps the change counter after the row is locked, so unless a group takes
+    the counter first, A (M1's row, the counter) and B (M2's row, waiting for the counter)
+    wait for each other: `deadlock detected` ended one operator's `complete` (seen with three
+    operators at once, tests/test_postgres_store.py). Any other transaction that writes
+    (`transaction`: a consent's reclassification, a lease) likewise."""
+    b_wrote = threading.Event()
+    errors: dict[str, BaseException | None] = {}
+
+    def merchant(merchant_id: str, name: str) -> dict[str, Any]:
+        return {"merchant_id": merchant_id, "business_name": name}
+
+    def group(name: str, first: str, then: str, after: float) -> None:
+        time.sleep(after)
+        writer = store.writer() or store
+        try:
+            with getattr(writer, kind)():
+                writer.upsert_merchant(merchant(first, name))
+                if name == "a":
+                    b_wrote.wait(1.0)  # (never set when B waits for A from its start)
+                else:
+                    b_wrote.set()
+                writer.upsert_merchant(merchant(then, name))
+            errors[name] = None
+        except BaseException as error:  # reported by the assertion below
+            errors[name] = error
+        finally:
+            if writer is not store:
+                writer.close()
+
+    threads = [threading.Thread(target=group, args=("a", "M1", "M2", 0.0)),
+               threading.Thread(target=group, args=("b", "M2", "M1", 0.2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == {"a": None, "b": None}
+    assert {m["merchant_id"]: m["business_name"] for m in store.merchants()} == {
+        "M1": "b", "M2": "b"}  # B's group committed last, whole
+
+
 # ---------------------------------------------------------------------- leases
 def lease(token: str, expires: datetime, operator: str = "ann") -> Lease:
     return Lease("M1", operator, "host-a", 4242, utc_text(NOW), utc_text(NOW),

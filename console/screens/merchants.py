@@ -41,7 +41,10 @@ def sparkline(buckets: Iterable[int]) -> str:
     top = max(values) if values else 0
     if not top:
         return "·" * len(values)
-    return "".join(_SPARK[round(v / top * (len(_SPARK) - 1))] if v else "·" for v in values)
+    # A band with any order is at least the lowest bar: rounded down to the blank, 1 order
+    # beside 40 looked like none, and unlike `·` (none) the blank is explained nowhere.
+    return "".join(_SPARK[max(1, round(v / top * (len(_SPARK) - 1)))] if v else "·"
+                   for v in values)
 
 
 def online_line(sessions: list[OperatorSession], me: str | None, limit: int = 8) -> SafeText:

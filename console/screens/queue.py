@@ -106,6 +106,7 @@ class QueueData:
     held_text: str                      # "held back: …" for the selection line, or ""
     complete: bool                      # False: only the first screenful, the rest to come
     leased: set[str]                    # merchants another live run holds, at this read
+    kind_counts: Counter[str]           # orders per kind (the tabs' counts)
 
 
 # Orders read first, oldest first, so the screen shows before the rest has loaded: a few
@@ -247,7 +248,8 @@ class QueueScreen(ConsoleScreen):
                                   if kinds.get(k) == "candidate")
             held_text = f"   held back: {holds_summary(holds, consent_of, per_consent)}"
         return QueueData(by_id, holds, kinds, table.prepare(rows), now, held_text,
-                         complete=limit is None, leased=leased)
+                         complete=limit is None, leased=leased,
+                         kind_counts=Counter(kinds.values()))  # ~10 ms at 100,000: here
 
     def _taken_down(self) -> bool:
         """Whether this screen's widgets are gone: a worker's answer that lands then (the
@@ -263,7 +265,7 @@ class QueueScreen(ConsoleScreen):
         self._now = data.now
         self._held_text = data.held_text
         self._leased = data.leased
-        self._kind_counts = Counter(self.kinds.values())
+        self._kind_counts = data.kind_counts
         self.loaded = data.complete
         table = self.query_one(OrderTable)
         table.set_data(data.table)
@@ -356,8 +358,8 @@ class QueueScreen(ConsoleScreen):
             chosen, money = self._selection_money
             left_out = selected - chosen
             note = f", {left_out:,} cannot be completed now (left out)" if left_out else ""
-            text = (f"{selected:,} selected: {plural(chosen, 'candidate')} "
-                    f"{money}{note}   {shown:,} shown{only}")
+            text = (f"{selected:,} selected: {plural(chosen, 'candidate')}"
+                    f"{' ' + money if money else ''}{note}   {shown:,} shown{only}")
         self.query_one("#selection", Static).update(safe(text + self._held_text))
 
     # ------------------------------------------------------------------ events

@@ -315,9 +315,14 @@ class PostgresStore(Store):
                 else:
                     _check_migrated(conn)
         except psycopg.OperationalError as error:
-            reason = str(error).strip().splitlines()[-1] if str(error).strip() else "no answer"
+            # libpq's last line, its tabs and other control characters made spaces (one line,
+            # nothing a terminal would act on), then what to do.
+            lines = str(error).strip().splitlines()
+            reason = " ".join("".join(c if c.isprintable() else " " for c in lines[-1]).split()
+                              ).rstrip("?.") if lines else "no answer"
             raise ConfigurationError(f"cannot connect to PostgreSQL at {display_url(url)}: "
-                                     f"{reason}") from None
+                                     f"{reason}. Start the server or fix the --db / RECON_DB "
+                                     "URL (host, port, database, user).") from None
         self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, kwargs=kwargs,
                                    open=True, name="recon-console")
         self._feeds: list[ListenChangeFeed] = []  # closed with the store
@@ -343,36 +348,56 @@ class PostgresStore(Store):
 
     def _run(self, sql: str, params: Sequence[Any] = ()) -> int:
         with self._conn() as conn:
+            self._changes_first(conn)
             return conn.execute(sql, params).rowcount
 
     def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
             with self._conn() as conn, conn.cursor() as cursor:
+                self._changes_first(conn)
                 cursor.executemany(sql, rows)
+
+    def _changes_first(self, conn: psycopg.Connection[Any]) -> None:
+        """In a transaction, before its first write: the change counter's row, locked to the
+        commit. Every write to a table a console watches bumps the counter (its trigger),
+        but only after it has locked its own rows: two transactions writing the same rows in
+        different orders (two discoveries' groups of merchants, a consent's reclassification
+        beside a refresh) each held a row the other wanted while waiting for the counter
+        (`deadlock detected`, seen with three operators at once). Taken first, by every
+        writer (`commit_group` too, before the audit head), the second writer waits for the
+        first's commit before it locks anything. Writes outside a transaction are one
+        statement each and hold nothing while they wait."""
+        if getattr(self._local, "conn", None) is conn and not self._local.changes_locked:
+            conn.execute("SELECT 1 FROM change_counter WHERE id = 1 FOR UPDATE")
+            self._local.changes_locked = True
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
         # `_local.head`: the audit head (seq, hash) as this transaction has it, its row locked
         # (None: not read yet). Appends after the first need not read it again.
+        # `_local.changes_locked`: whether it holds the change counter's row (`_changes_first`).
         conn = getattr(self._local, "conn", None)
         if conn is not None:  # nested: a savepoint of the thread's transaction
-            head = self._local.head
+            head, locked = self._local.head, self._local.changes_locked
             with conn.transaction():
                 try:
                     yield conn
                 except BaseException:
-                    self._local.head = head  # rolled back to the savepoint, and its lock
+                    # Rolled back to the savepoint, with the locks taken since.
+                    self._local.head, self._local.changes_locked = head, locked
                     raise
             return
         with self.pool.connection() as conn:
             self._local.conn = conn
             self._local.head = None
+            self._local.changes_locked = False
             try:
                 with conn.transaction():
                     yield conn
             finally:
                 self._local.conn = None
                 self._local.head = None
+                self._local.changes_locked = False
 
     @contextmanager
     def cache_transaction(self) -> Iterator[psycopg.Connection[Any]]:
@@ -380,8 +405,11 @@ class PostgresStore(Store):
         # for the other, once a refresh's rows made a message larger than the socket buffer.)
         with self.transaction() as conn:
             # Data Square gives again: no wait for the WAL flush (still atomic; a later
-            # durable commit flushes it too).
-            conn.execute("SET LOCAL synchronous_commit = off")
+            # durable commit flushes it too). The change counter's row first, in the same
+            # round trip: every such group writes (`_changes_first`).
+            conn.execute("SET LOCAL synchronous_commit = off; "
+                         "SELECT 1 FROM change_counter WHERE id = 1 FOR UPDATE")
+            self._local.changes_locked = True
             yield conn
 
     def commit_group(self, parts: Sequence[Callable[[Store], None]]
@@ -402,6 +430,7 @@ class PostgresStore(Store):
                 row = cursor.fetchone()
                 assert row is not None, "audit_head has lost its row"
                 self._local.head = (int(row[0]), row[1])
+                self._local.changes_locked = True
                 if len(parts) == 1:  # refused, it is refused alone either way: no savepoint
                     parts[0](self)
                     return errors
@@ -876,6 +905,8 @@ class PostgresStore(Store):
     def _append_audit(self, build: AuditBuilder) -> list[dict[str, Any]]:
         head = self._local.head
         if head is None:
+            with self._conn() as conn:
+                self._changes_first(conn)  # the counter before the head, as every writer
             # The head row's lock is held to COMMIT: the next writer reads the head this
             # transaction leaves, so every entry links to the one committed before it.
             row = self._one("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
