@@ -410,6 +410,7 @@ async def test_a_queue_load_starting_after_the_screen_went_leaves_the_console_ru
         await wait_until(pilot, lambda: queue.loaded, timeout=60)
         await queue.query_one(OrderTable).remove()  # as a closing screen's, first
         queue.reload()
-        await queue.workers.wait_for_complete()
+        await wait_until(pilot, lambda: not any(
+            w.group == "load" and not w.is_finished for w in queue.workers))
         await pilot.pause(0.1)
         assert app._exception is None, app._exception
