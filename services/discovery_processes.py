@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from services.discovery import MerchantDiscovery
     from services.settings import ReconSettings
 
-__all__ = ["MIN_MERCHANTS_PER_PROCESS", "discover_in_processes", "processes_for"]
+__all__ = ["CLAIM_WAIT_S", "MIN_MERCHANTS_PER_PROCESS", "discover_in_processes", "processes_for"]
 
 # Below this many merchants a second interpreter's start-up (~0.5 s of CPU) costs more
 # than it saves.
@@ -47,15 +47,31 @@ def processes_for(merchants: int, wanted: int) -> int:
     return max(1, min(wanted, os.cpu_count() or 1, merchants // MIN_MERCHANTS_PER_PROCESS))
 
 
+# A claim holds the lock for microseconds: one held this long is a dead process's (killed,
+# out of memory), and no lock of multiprocessing is released when its holder dies.
+CLAIM_WAIT_S = 2.0
+
+
 def _claimer(taken: SynchronizedArray[int], number: int) -> Callable[[int], bool]:
     """`discover`'s claim for process `number` (1: the console's own): merchant `index` is
-    its own if nobody took it before."""
+    its own if nobody took it before. A lock held by a dead process is given up on: the
+    merchants are then taken without it, so at worst one is discovered twice (its rows are
+    replaced in one transaction), never one left out."""
+    lock, raw = taken.get_lock(), taken.get_obj()  # raw: no lock of its own per item
+    broken = False
+
     def claim(index: int) -> bool:
-        with taken.get_lock():
-            if taken[index]:
+        nonlocal broken
+        held = not broken and lock.acquire(timeout=CLAIM_WAIT_S)
+        broken = not held
+        try:
+            if raw[index]:
                 return False
-            taken[index] = number
+            raw[index] = number
             return True
+        finally:
+            if held:
+                lock.release()
     return claim
 
 
@@ -130,8 +146,8 @@ async def discover_in_processes(
             try:
                 kind, value = await asyncio.to_thread(receiving.recv)
             except EOFError:  # it died without a word
-                results.append(await here([m for index, m in enumerate(ids)
-                                           if taken[index] == number], each, None))
+                results.append(await here([m for index, m in enumerate(ids)  # (`_claimer`)
+                                           if taken.get_obj()[index] == number], each, None))
                 continue
             if kind == "error":
                 raise value

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import psycopg
 
-from services.completion import ApprovedItem
+from services.completion import ApprovedItem, BatchProgress, Outcome
 from services.completion.sending import ConsentReads
 from services.consent import ConsentStatus
 from services.demo import consent_for, workspace_on_emulator
+from services.emulator import FaultPlan
 from services.storage.postgres import PostgresStore
 from services.workspace import Workspace
 from tests.conftest import Emulator
@@ -177,7 +178,8 @@ async def test_consent_revoked_by_another_console_stops_the_next_send_on_postgre
 
 async def test_a_lost_revision_connection_is_opened_again(pg_url: str) -> None:
     """The consents' revision reader's connection, cut (a server restart, a killed backend):
-    that read fails, the next one opens another connection instead of failing the batch."""
+    the read that finds it opens another connection and answers, instead of failing the
+    batch."""
     store = PostgresStore(pg_url)
     reader = store.consents_revision_reader()
     try:
@@ -186,11 +188,40 @@ async def test_a_lost_revision_connection_is_opened_again(pg_url: str) -> None:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
                           "datname = current_database() AND pid <> pg_backend_pid() AND "
                           "query LIKE 'SELECT (SELECT COUNT(*) FROM consents)%'")
-        try:
-            await reader.read()
-        except psycopg.OperationalError:
-            pass  # cut while idle: the read that finds it so fails
+        assert await reader.read() == first  # cut while idle: read again, on a new one
         assert await reader.read() == first
     finally:
         await reader.aclose()
         store.close()
+
+
+async def test_a_batch_outlives_its_revision_connection_being_cut(
+        emulator: Emulator, pg_url: str, tmp_path: Path) -> None:
+    """The consents' revision reader's connection cut in the middle of a batch (a server
+    restart, a killed backend, a firewall's idle timeout): the read that finds it is taken
+    again on a new connection, still begun after the sends waiting for it asked. The batch
+    goes on; before, that read's error left every send waiting for it, raised out of the
+    batch (no BATCH_FINISHED, intents left open, the other sends orphaned)."""
+    workspace = await team_workspace(emulator, pg_url, tmp_path / "a", "ann")
+    await workspace.refresh()
+    cut: list[int] = []
+
+    def progress(event: BatchProgress) -> None:
+        if event.completed >= 3 and not cut:
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                cut.append(len(admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                    "datname = current_database() AND pid <> pg_backend_pid() AND "
+                    "query LIKE 'SELECT (SELECT COUNT(*) FROM consents)%'").fetchall()))
+
+    try:
+        preview = workspace.preview()
+        before = versions(emulator)
+        emulator.app.set_faults(FaultPlan(latency_ms=2))
+        _, results = await workspace.complete(preview, on_progress=progress)
+        assert cut == [1]  # the reader's connection, and only it
+        assert {r.outcome for r in results} == {Outcome.COMPLETED}
+        assert len(results) == len(preview.items)
+        assert_invariants(emulator, workspace, pg_url, before, preview.items)
+    finally:
+        await workspace.aclose()

@@ -392,3 +392,25 @@ async def test_a_queue_answer_landing_after_the_screen_went_leaves_the_console_r
             release.set()
             await pilot.pause(0.3)
             assert app._exception is None, (start, app._exception)
+
+
+async def test_a_queue_load_starting_after_the_screen_went_leaves_the_console_running(
+        tmp_path: Path) -> None:
+    """A reload whose worker only starts once the queue's table is gone (a change announced
+    as the console quits, or as the screen is popped): it finds nothing to fill and stops.
+    It looked the table up first, before any guard: NoMatches, a WorkerFailed that stopped
+    the console (seen in the full suite under load, test_four_eyes)."""
+    app = app_for(demo(tmp_path / "late-load"))
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, merchants_loaded(app), timeout=60)
+        await pilot.press("Q")
+        await wait_until(pilot, lambda: isinstance(app.screen, QueueScreen))
+        queue = app.screen
+        assert isinstance(queue, QueueScreen)
+        await wait_until(pilot, lambda: queue.loaded, timeout=60)
+        await queue.query_one(OrderTable).remove()  # as a closing screen's, first
+        queue.reload()
+        await wait_until(pilot, lambda: not any(
+            w.group == "load" and not w.is_finished for w in queue.workers))
+        await pilot.pause(0.1)
+        assert app._exception is None, app._exception

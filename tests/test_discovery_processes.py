@@ -173,3 +173,51 @@ def test_merchants_a_dead_process_had_taken_are_discovered_here(
         None, ids, None, False, 4, 2, here))  # type: ignore[arg-type]
     assert calls == [(ids, True), ([ids[1], ids[3]], False)]
     assert sorted(map(str, reports)) == ids and len(reports) == len(ids)
+
+
+def _dies_holding_the_claims(answer: Any, settings: Any, ids: list[str], now: Any,
+                             full: bool, concurrency: int, taken: Any, number: int) -> None:
+    """A second process killed (out of memory, say) while it held the claims' lock, having
+    just taken the second merchant."""
+    import os
+    from pathlib import Path
+
+    assert taken.get_lock().acquire(timeout=60)
+    taken.get_obj()[1] = number
+    Path(ids[0]).with_name("taken").write_text("")
+    os._exit(9)
+
+
+def test_a_process_that_dies_holding_the_claims_lock_costs_time_not_merchants(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No lock of multiprocessing is released when the process holding it dies: waited for
+    as it was, this process hung for ever on its next claim. A claim holds it for a few
+    microseconds, so one held for seconds is a dead holder's: the merchants are then taken
+    without it (at worst one discovered twice, never one left out)."""
+    import asyncio
+    import threading
+    import time
+
+    monkeypatch.setattr(discovery_processes, "CLAIM_WAIT_S", 0.2)
+    ids = [str(tmp_path / f"M{n}") for n in range(5)]
+    monkeypatch.setattr(discovery_processes, "_child", _dies_holding_the_claims)
+    calls: list[tuple[list[str], bool]] = []
+
+    async def here(merchants: list[str], concurrency: int, claim: Any) -> list[Any]:
+        if claim is not None:  # once the child holds the lock (and has died)
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "taken").exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        calls.append((merchants, claim is not None))
+        return [m for index, m in enumerate(merchants) if claim is None or claim(index)]
+
+    reports: list[Any] = []
+    # In a thread: without the fix it never returns (a daemon thread, left blocked).
+    thread = threading.Thread(target=lambda: reports.extend(asyncio.run(
+        discovery_processes.discover_in_processes(
+            None, ids, None, False, 4, 2, here))), daemon=True)  # type: ignore[arg-type]
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "a claim waited for ever for a dead process's lock"
+    assert calls == [(ids, True), ([ids[1]], False)]
+    assert sorted(map(str, reports)) == ids and len(reports) == len(ids)

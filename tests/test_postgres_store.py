@@ -227,6 +227,55 @@ def test_settling_a_group_reads_its_own_intents_only(pg_url: str,
         store.close()
 
 
+def test_two_discoveries_writing_the_same_merchants_do_not_deadlock(pg_url: str) -> None:
+    """Two processes' discovery commits (`cache_transaction`) upserting the same merchants in
+    different orders: each upsert's statement trigger bumps the change counter, so a commit
+    that locked merchant B's row, then waited for the counter, deadlocked with one that held
+    the counter and then wanted B (`complete` on three consoles at once failed one with
+    `deadlock detected`). The counter is taken first, as every group commit takes it."""
+    first, second = PostgresStore(pg_url), PostgresStore(pg_url)
+    failures: list[BaseException] = []
+    try:
+        for merchant_id in ("A", "B"):
+            first.upsert_merchant({"merchant_id": merchant_id, "business_name": "old"})
+        holding = threading.Event()
+
+        def other() -> None:  # B first: its row, then the counter (held by `first`)
+            holding.wait(30)
+            try:
+                with second.cache_transaction():
+                    second.upsert_merchant({"merchant_id": "B", "business_name": "two"})
+            except psycopg.Error as error:
+                failures.append(error)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        try:
+            with first.cache_transaction() as conn:
+                first.upsert_merchant({"merchant_id": "A", "business_name": "one"})
+                holding.set()
+                with psycopg.connect(pg_url, autocommit=True) as watcher:
+                    for _ in range(3000):  # until the other waits for a lock
+                        if watcher.execute(
+                                "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                "current_database() AND wait_event_type = 'Lock' AND pid <> "
+                                "%s", [conn.info.backend_pid]).fetchone()[0]:
+                            break
+                        threading.Event().wait(0.01)
+                    else:
+                        raise AssertionError("the other commit never waited")
+                first.upsert_merchant({"merchant_id": "B", "business_name": "one"})
+        except psycopg.Error as error:
+            failures.append(error)
+        thread.join(60)
+        assert failures == []
+        assert {m["merchant_id"]: m["business_name"] for m in first.merchants()} == {
+            "A": "one", "B": "two"}
+    finally:
+        first.close()
+        second.close()
+
+
 # ---------------------------------------------------------------------- end to end
 @pytest.mark.loopback
 def test_cli_completes_a_batch_on_postgres(pg_url: str, tmp_path: Path,

@@ -217,6 +217,8 @@ class QueueScreen(ConsoleScreen):
         this one, so an older answer never lands over a newer one."""
         workspace = self.recon.workspace
         assert workspace is not None
+        if self._taken_down():  # started after the screen went: nothing to fill
+            return
         table = self.query_one(OrderTable)
         if not self.loaded:  # the first load: the oldest orders at once
             self._show(await asyncio.to_thread(self._read, workspace, table, FIRST_PAGE))

@@ -1148,6 +1148,19 @@ class ConsentsRevisionReader:
         self._cursor: psycopg.AsyncCursor[Any] | None = None
 
     async def read(self) -> int:
+        # A connection lost since the last read (a server restart, a killed backend, a
+        # firewall's idle timeout) fails only the read that finds it: it is taken again,
+        # once, on a new connection (begun later still, so as recent as asked). Raised into
+        # the sends waiting for it, that error aborted the whole batch.
+        reused = self._cursor is not None
+        try:
+            return await self._read()
+        except psycopg.OperationalError:
+            if not reused:
+                raise
+            return await self._read()
+
+    async def _read(self) -> int:
         if self._cursor is None:
             self._conn = await psycopg.AsyncConnection.connect(str(self.store.location),
                                                                **self.store._kwargs)
