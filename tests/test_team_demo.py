@@ -60,6 +60,7 @@ def test_a_second_operator_works_the_same_database_and_square() -> None:
         queue = second_console(command, "queue", "--json")
         assert queue.returncode in (0, 1), queue.stderr  # some demo tokens are expired
         assert f"Square: {demo.base_url}" in queue.stderr
+        assert queue.stdout.strip().startswith("{"), queue.stderr[-3000:]  # its document
         assert json.loads(queue.stdout)  # the emulator answered over loopback
 
         # Reminders go to the demo's mail server, as in `demo`, from either console; each
