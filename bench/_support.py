@@ -17,9 +17,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory deleted when the benchmark's process exits: each run's databases
+    (~200 MB for a discovery) were left in /tmp, and over many runs filled the disk (a full
+    disk then failed an unrelated test run)."""
+    import atexit
+    import shutil
+
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
 @contextmanager
 def loopback_emulator(*args: str, timeout: float = 300) -> Iterator[dict[str, Any]]:
-    directory = Path(tempfile.mkdtemp(prefix="bench-emu-"))
+    directory = scratch_dir("bench-emu-")
     manifest = directory / "manifest.json"
     process = subprocess.Popen(
         [sys.executable, "-m", "console.cli", "emulator", "serve", "--port", "0",

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
-from pathlib import Path
 
+from bench._support import scratch_dir
 from bench.completion import build_audit
 from services.audit import AuditTrail, VerifyReport
 from services.postgres_cluster import local_cluster
@@ -43,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"audit verify, {args.entries:,} entries; {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at start")
-    sqlite_path = Path(tempfile.mkdtemp(prefix="bench-verify-")) / "audit.db"
+    sqlite_path = scratch_dir("bench-verify-") / "audit.db"
     start = time.perf_counter()
     build_audit(sqlite_path, args.entries)
     print(f"built the SQLite chain in {time.perf_counter() - start:.1f} s")

@@ -19,14 +19,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from bench._support import ROOT, loopback_emulator
+from bench._support import ROOT, loopback_emulator, scratch_dir
 from services.audit import AuditTrail
 from services.demo import consent_for
 from services.store import Store
@@ -101,7 +100,7 @@ def one_run(code: Path, merchants: int, per_location: int) -> dict[str, float]:
 
 
 def baseline_checkout(ref: str) -> Path:
-    path = Path(tempfile.mkdtemp(prefix="bench-baseline-")) / "tree"
+    path = scratch_dir("bench-baseline-") / "tree"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path),
                     ref], check=True)
     return path
@@ -170,7 +169,7 @@ def main() -> None:
         r["wall"] for r in ours)
     print(f"speed-up: {speedup:.1f}x (target: <= 5 s wall on an otherwise idle machine)")
     if args.verify_entries:
-        audit_db = Path(tempfile.mkdtemp(prefix="bench-verify-")) / "audit.db"
+        audit_db = scratch_dir("bench-verify-") / "audit.db"
         start = time.perf_counter()
         build_audit(audit_db, args.verify_entries)
         built = time.perf_counter() - start

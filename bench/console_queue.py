@@ -33,13 +33,14 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from bench._support import scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (160, 50)
@@ -391,7 +392,7 @@ def run_side(tree: Path, db: Path, args: argparse.Namespace, stock: bool = False
 
 
 def main_worktree() -> Path:
-    directory = Path(tempfile.mkdtemp(prefix="bench-console-main-"))
+    directory = scratch_dir("bench-console-main-")
     tree = directory / "tree"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), "main"],
                    check=True, capture_output=True)
@@ -507,7 +508,7 @@ def main() -> None:
                                        args.cycle_all))
         print(json.dumps(result))
         return
-    directory = Path(tempfile.mkdtemp(prefix="bench-console-"))
+    directory = scratch_dir("bench-console-")
     try:
         measure(directory, args)
     finally:

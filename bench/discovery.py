@@ -20,14 +20,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench._peak import MARK as PEAK_MARK
-from bench._support import ROOT, loopback_emulator
+from bench._support import ROOT, loopback_emulator, scratch_dir
 
 LATENCY_MS = 20.0
 QUERY = {"filter": {"state_filter": {"states": ["OPEN"]}},
@@ -79,7 +78,7 @@ def prepare(manifest: dict[str, Any], concurrency: int = 16) -> tuple[Path, dict
 
 
 def fresh_db(env: dict[str, str], consents: Path, name: str) -> dict[str, str]:
-    db = Path(tempfile.mkdtemp(prefix="bench-discovery-")) / f"{name}.db"
+    db = scratch_dir("bench-discovery-") / f"{name}.db"
     env = dict(env, RECON_DB=str(db))
     subprocess.run([sys.executable, "-m", "console.cli", "consent", "import", str(consents)],
                    cwd=ROOT, env=env, check=True, capture_output=True)

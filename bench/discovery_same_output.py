@@ -13,11 +13,10 @@ import argparse
 import hashlib
 import subprocess
 import sys
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench._support import ROOT, loopback_emulator
+from bench._support import ROOT, loopback_emulator, scratch_dir
 from bench.completion import baseline_checkout
 from bench.discovery import emulator_args, prepare
 
@@ -41,7 +40,7 @@ if __name__ == "__main__":
 
 
 def document(tree: Path, env: dict[str, str], consents: Path, moment: str) -> bytes:
-    db = Path(tempfile.mkdtemp(prefix="bench-same-")) / "recon.db"
+    db = scratch_dir("bench-same-") / "recon.db"
     env = dict(env, RECON_DB=str(db))
     subprocess.run([sys.executable, "-m", "console.cli", "consent", "import", str(consents)],
                    cwd=tree, env=env, check=True, capture_output=True)

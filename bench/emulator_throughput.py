@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from bench._support import ROOT, loopback_emulator
+from bench._support import ROOT, loopback_emulator, scratch_dir
 
 CONNECTIONS = 32
 DURATION_S = 4
@@ -88,7 +87,7 @@ def _seed_once() -> dict[str, float]:
 
 
 def main() -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="bench-wrk-"))
+    workdir = scratch_dir("bench-wrk-")
     bare_url, bare = bare_server()
     (workdir / "bare.txt").write_text("PUT\t/v2/orders/x\tnone\t{}\n")
     ceiling, _ = wrk(bare_url, workdir / "bare.txt")

@@ -13,12 +13,10 @@ import json
 import smtplib
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
-from bench._support import ROOT
+from bench._support import ROOT, scratch_dir
 from services.audit import AuditTrail
 from services.reminders import ReminderService, SmtpTarget
 from services.store import Store
@@ -64,7 +62,7 @@ def main() -> None:
 
 
 def run(merchants: int, port: int) -> dict[str, object]:
-    directory = Path(tempfile.mkdtemp(prefix="bench-remind-"))
+    directory = scratch_dir("bench-remind-")
     store = Store(directory / "recon.db")
     fill(store, merchants, NOW, zones=["Europe/London", "UTC", "Africa/Lagos"])
     service = ReminderService(store, AuditTrail(store, lambda: NOW),
