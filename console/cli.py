@@ -495,18 +495,24 @@ READS_ONLY = {("audit", "verify"), ("audit", "export"), ("audit", "checkpoint"),
               ("consent", "list"), ("remind", "history"), ("approve", None)}
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """The command as typed, nested word included: "audit verify", "queue"."""
+    return " ".join(part for part in (args.command, getattr(
+        args, f"{args.command}_command", None)) if part)
+
+
 def _refuse_missing_database(args: argparse.Namespace, settings: Any) -> None:
     from services.database_url import is_database_url
-    word = getattr(args, f"{args.command}_command", None)
-    if (args.command, word) not in READS_ONLY or is_database_url(settings.db):
+    if (args.command, getattr(args, f"{args.command}_command", None)) not in READS_ONLY \
+            or is_database_url(settings.db):
         return
     from services.settings import default_db_path
     path = Path(settings.db).expanduser()
     # (The default location is never mistyped: there a first read finds an empty database.)
     if not path.exists() and path != default_db_path():
-        command = " ".join(part for part in (args.command, word) if part)
         raise ConfigurationError(
-            f"no database at {str(path)!r}: `{command}` only reads what was recorded there. "
+            f"no database at {str(path)!r}: `{_command_name(args)}` only reads what was "
+            "recorded there. "
             "Check the --db / RECON_DB path (a database is made by the commands that record: "
             "`consent import`, `queue`, the console).")
 
@@ -515,9 +521,7 @@ def _refuse_unused(args: argparse.Namespace, unused: Sequence[str], why: str) ->
     """A global option a command has no use for is refused, never silently dropped."""
     for name in unused:
         if getattr(args, name):
-            command = " ".join(part for part in (args.command, getattr(
-                args, f"{args.command}_command", None)) if part)
-            raise UsageError(f"recon-console: `{command}` does not use "
+            raise UsageError(f"recon-console: `{_command_name(args)}` does not use "
                              f"--{name.replace('_', '-')}: {why}")
 
 

@@ -16,6 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -254,6 +255,18 @@ def test_one_call_with_a_row_given_twice(store: Store) -> None:
     assert (batch["completed"], batch["failed"], batch["open"]) == (1, 0, 1)
 
 # ---------------------------------------------------------------------- intents
+@contextmanager
+def writing(store: Store) -> Iterator[Store]:
+    """The store a writer process would use (`Store.writer`, a connection of its own where
+    the store has one), closed after."""
+    writer = store.writer() or store
+    try:
+        yield writer
+    finally:
+        if writer is not store:
+            writer.close()
+
+
 def intent_row(order_id: str, attempt: int, batch_id: str = "B1") -> dict[str, Any]:
     return {"intent_id": f"{batch_id}:{order_id}:{attempt}", "attempt": attempt,
             "idempotency_key": f"k-{order_id}-{attempt}", "batch_id": batch_id,
@@ -310,12 +323,8 @@ def test_group_commit_keeps_the_good_parts(store: Store) -> None:
         s.insert_intents([intent_row("O3", 1)])
         s.insert_intents([intent_row("O3", 1)])  # duplicate: refused
 
-    writer = store.writer() or store
-    try:
+    with writing(store) as writer:
         errors = writer.commit_group([good("O1"), refused, good("O2")])
-    finally:
-        if writer is not store:
-            writer.close()
     assert errors[0] is None and errors[2] is None
     assert isinstance(errors[1], database_errors())
     assert sorted(r["order_id"] for r in store.open_intents()) == ["O1", "O2"]
@@ -339,19 +348,14 @@ def test_a_refused_part_takes_its_audit_entries_back_with_it(store: Store) -> No
         AuditTrail(s).append_many(None, [entry("O3"), entry("O3")])
         s.insert_intents([intent_row("O1", 1)])  # O1's again: refused
 
-    writer = store.writer() or store
-    try:
+    with writing(store) as writer:
         errors = writer.commit_group([good("O1"), refused, good("O2")])
-    finally:
-        if writer is not store:
-            writer.close()
     assert errors[0] is None and errors[2] is None
     assert isinstance(errors[1], database_errors())
     trail = AuditTrail(store)
     assert [e["order_id"] for e in trail.entries()] == ["O1", "O2"]
     report = trail.verify()
     assert report.ok and report.entries == 2, report.sentence()
-
 
 
 def test_group_commits_of_two_writers_never_deadlock(store: Store) -> None:
@@ -382,12 +386,8 @@ def test_group_commits_of_two_writers_never_deadlock(store: Store) -> None:
 
     def group(name: str, parts: list[Callable[[Store], None]], after: float) -> None:
         time.sleep(after)
-        writer = store.writer() or store
-        try:
+        with writing(store) as writer:
             errors[name] = writer.commit_group(parts)
-        finally:
-            if writer is not store:
-                writer.close()
 
     threads = [threading.Thread(target=group, args=("a", [a_intents, a_outcomes], 0.0)),
                threading.Thread(target=group, args=("b", [b_outcomes], 0.2))]
@@ -416,9 +416,8 @@ def test_write_groups_of_two_writers_never_deadlock(store: Store, kind: str) -> 
 
     def group(name: str, first: str, then: str, after: float) -> None:
         time.sleep(after)
-        writer = store.writer() or store
         try:
-            with getattr(writer, kind)():
+            with writing(store) as writer, getattr(writer, kind)():
                 writer.upsert_merchant(merchant(first, name))
                 if name == "a":
                     b_wrote.wait(1.0)  # (never set when B waits for A from its start)
@@ -428,9 +427,6 @@ def test_write_groups_of_two_writers_never_deadlock(store: Store, kind: str) -> 
             errors[name] = None
         except BaseException as error:  # reported by the assertion below
             errors[name] = error
-        finally:
-            if writer is not store:
-                writer.close()
 
     threads = [threading.Thread(target=group, args=("a", "M1", "M2", 0.0)),
                threading.Thread(target=group, args=("b", "M2", "M1", 0.2))]
