@@ -37,7 +37,7 @@ from services.errors import (
     SquareScopeError,
     TokenMerchantMismatch,
 )
-from services.square_gateway import SquareGateway
+from services.square_gateway import SquareGateway, token_sha256
 from services.square_models import (
     Classifiable,
     Location,
@@ -322,12 +322,12 @@ async def _read_orders(gateway: SquareGateway, store: Store, creds: MerchantCred
 
 
 def _start_early_reads(gateway: SquareGateway, store: Store, creds: MerchantCredentials,
-                       full: bool, now: datetime
+                       full: bool, now: datetime, stored: dict[str, Any] | None
                        ) -> tuple[list[str], asyncio.Task[_Pages]] | None:
     """The order reads of this refresh, started beside the profile and locations requests
-    with the ACTIVE locations stored last time (a round trip less per merchant): only the
-    token's identity must come first, and it has. None for a merchant never read."""
-    stored = store.merchant(creds.merchant_id)
+    with the ACTIVE locations stored last time (`stored`: the merchant's row; a round trip
+    less per merchant): only the token's identity must come first, and it has. None for a
+    merchant never read."""
     if not stored or not stored.get("locations_json"):
         return None
     active = [str(loc["id"]) for loc in orjson.loads(str(stored["locations_json"]))
@@ -353,7 +353,17 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
     row: dict[str, object] = {"merchant_id": creds.merchant_id,
                               "sync_time": creds.sync_time.strftime("%H:%M")
                               if creds.sync_time else None}
+    profile: asyncio.Future[Any] | None = None
     try:
+        stored = store.merchant(creds.merchant_id)
+        gateway.recall_owner(creds, stored.get("token_sha256") if stored else None)
+        if gateway.owner_confirmed(creds):
+            # Square said before that this token is this merchant's: its scopes, profile,
+            # locations and orders are asked at once, a round trip less. Nothing read is
+            # used unless the token's status below is good.
+            early = _start_early_reads(gateway, store, creds, full, now, stored)
+            profile = asyncio.gather(gateway.merchant(creds), gateway.locations(creds),
+                                     return_exceptions=True)
         try:
             status = await gateway.token_status(creds)
         except SquareAuthError as error:
@@ -369,12 +379,15 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
             report.token_health = TokenHealth.EXPIRING
         else:
             report.token_health = TokenHealth.VALID
-        row.update(token_expires_at=status.expires_at, token_scopes=",".join(status.scopes))
-        if "ORDERS_READ" not in missing:
-            early = _start_early_reads(gateway, store, creds, full, now)
-        # All at once (the token's identity is settled by now): two round trips less.
-        merchant_or_error, locations_or_error = await asyncio.gather(
-            gateway.merchant(creds), gateway.locations(creds), return_exceptions=True)
+        row.update(token_expires_at=status.expires_at, token_scopes=",".join(status.scopes),
+                   token_sha256=token_sha256(creds))  # Square has just confirmed whose
+        if "ORDERS_READ" not in missing and profile is None:
+            early = _start_early_reads(gateway, store, creds, full, now, stored)
+        if profile is None:
+            # All at once (the token's identity is settled by now): two round trips less.
+            profile = asyncio.gather(gateway.merchant(creds), gateway.locations(creds),
+                                     return_exceptions=True)
+        merchant_or_error, locations_or_error = await profile
         for outcome in (merchant_or_error, locations_or_error):
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -405,6 +418,7 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
     except TokenMerchantMismatch as error:
         report.token_health = TokenHealth.MERCHANT_MISMATCH
         report.error = str(error)
+        row["token_sha256"] = None
         # Whatever is stored under this id may have come through that token: none of it may
         # stay a candidate, and the next good refresh reads everything again.
         store.replace_orders(creds.merchant_id, [])
@@ -415,6 +429,8 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
     finally:
         if early is not None:
             _drop(early[1])
+        if profile is not None and not profile.done():
+            profile.cancel()
     row.update(token_health=report.token_health, discovery_error=report.error,
                discovered_at=utc_text(now))
     with store.cache_transaction():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -61,7 +62,8 @@ if TYPE_CHECKING:
     import httpx
     from square import AsyncSquare
 
-__all__ = ["SQUARE_VERSION", "RetryPolicy", "SquareGateway", "error_from_response"]
+__all__ = ["SQUARE_VERSION", "RetryPolicy", "SquareGateway", "error_from_response",
+           "token_sha256"]
 
 SQUARE_VERSION = "2026-09-16"
 T = TypeVar("T")
@@ -179,11 +181,26 @@ class SquareGateway:
             await self._http.aclose()
 
     # ------------------------------------------------------------------ token identity
+    def recall_owner(self, creds: MerchantCredentials, confirmed_sha256: object) -> None:
+        """Take `creds`'s token as its merchant's without asking, if `confirmed_sha256` (what
+        the store kept when Square last confirmed this merchant's token) is this token's
+        digest. A token's owner never changes; another token, or this one filed under
+        another merchant, is still asked about before anything is sent with it."""
+        key = token_sha256(creds)
+        if isinstance(confirmed_sha256, str) and key not in self._owners and \
+                hmac.compare_digest(confirmed_sha256, key):
+            self._owners[key] = creds.merchant_id
+
+    def owner_confirmed(self, creds: MerchantCredentials) -> bool:
+        """Whether Square has said (this run, or as recalled) that the token is `creds`'s
+        merchant's: requests with it then go out without waiting for the check."""
+        return self._owners.get(token_sha256(creds)) == creds.merchant_id
+
     async def ensure_identity(self, creds: MerchantCredentials) -> None:
         """Raise `TokenMerchantMismatch` unless Square said this token is `creds.merchant_id`'s.
         Asks once per token (one attempt: callers sit inside their own retries); concurrent
         callers wait for that one answer."""
-        key = _token_key(creds)
+        key = token_sha256(creds)
         owner = self._owners.get(key)
         if owner is None:
             lock = self._identity_locks.setdefault(key, asyncio.Lock())
@@ -218,7 +235,7 @@ class SquareGateway:
         use goes through `_sdk_call`, which checks the token's identity first."""
         # Keyed by the token, not the merchant: a re-read credentials file with a new token
         # must not reuse a client that sends the old (unchecked) one.
-        key = _token_key(creds)
+        key = token_sha256(creds)
         client = self._sdk.get(key)
         if client is None:
             from square import AsyncSquare
@@ -263,7 +280,7 @@ class SquareGateway:
         async def once() -> TokenStatus:
             status = await self._fetch_token_status(creds)
             if status.merchant_id:
-                self._owners[_token_key(creds)] = status.merchant_id
+                self._owners[token_sha256(creds)] = status.merchant_id
             await self.ensure_identity(creds)
             return status
         return await self.retry.run(once)
@@ -272,7 +289,7 @@ class SquareGateway:
         content = await self.retry.run(partial(self.send, creds, "GET", "/v2/merchants/me"))
         merchant = _validate(_MerchantEnvelope, content).merchant
         if merchant.id != creds.merchant_id:  # Square's second word on it must agree too
-            self._owners[_token_key(creds)] = merchant.id
+            self._owners[token_sha256(creds)] = merchant.id
             raise TokenMerchantMismatch(creds.merchant_id, merchant.id)
         return merchant
 
@@ -375,7 +392,8 @@ class _LocationList(BaseModel):
     locations: tuple[Location, ...] | None = None
 
 
-def _token_key(creds: MerchantCredentials) -> str:
+def token_sha256(creds: MerchantCredentials) -> str:
+    """The digest a token is known by here and in the store (never the token itself)."""
     return hashlib.sha256(creds.access_token.get_secret_value().encode()).hexdigest()
 
 

@@ -276,3 +276,93 @@ async def test_a_token_status_naming_nobody_is_settled_by_the_sdk_merchants_me(
         finally:
             await gateway.aclose()
     assert seen == [("POST", IDENTITY_CHECK), ("GET", "/v2/merchants/me")] * 2
+
+
+def record_request_spans(emulator: Emulator) -> list[tuple[str, str]]:
+    """("start" | "end", path) of every request, in the order the emulator began and
+    finished handling them."""
+    spans: list[tuple[str, str]] = []
+    handle = emulator.app._handle
+
+    async def spy(operation: Any, request: Request) -> Any:
+        spans.append(("start", request.url.path))
+        try:
+            return await handle(operation, request)
+        finally:
+            spans.append(("end", request.url.path))
+
+    emulator.app._handle = spy  # type: ignore[method-assign]
+    return spans
+
+
+async def test_a_token_square_confirmed_before_asks_for_orders_beside_its_status(
+        tmp_path: Path) -> None:
+    """Issue 11: a refresh with the token Square confirmed at the last one (its SHA-256 kept
+    on the merchant's row, never the token) asks for the token's status, the profile, the
+    locations and the orders at once: one round trip, not two."""
+    import hashlib
+
+    emulator = make_emulator(SeedConfig(merchants=1, orders_per_location=3),
+                             FaultPlan(latency_ms=40))
+    a = emulator.merchants[0].merchant.id
+    token = emulator.token(0)
+    settings = ReconSettings(db=tmp_path / "recon.db", square_base_url=emulator.base_url,
+                             credentials=tmp_path / "none.toml")
+    own = {a: MerchantCredentials(merchant_id=a, access_token=SecretStr(token))}
+    handle = emulator.app._handle
+    for run in range(2):  # each refresh in its own workspace: nothing carried over in memory
+        emulator.app._handle = handle  # type: ignore[method-assign]
+        spans = record_request_spans(emulator)
+        workspace = Workspace.open(settings, async_http(emulator), credentials=own)
+        try:
+            reports = await workspace.refresh()
+            assert reports[0].refreshed, reports[0].error
+            stored = workspace.store.merchant(a)
+        finally:
+            await workspace.aclose()
+        assert stored is not None
+        assert stored["token_sha256"] == hashlib.sha256(token.encode()).hexdigest()
+        check_over = spans.index(("end", IDENTITY_CHECK))
+        asked_orders = spans.index(("start", "/v2/orders/search"))
+        if run == 0:  # never confirmed before: nothing else goes out until the check is over
+            assert spans[:check_over + 1] == [("start", IDENTITY_CHECK), ("end", IDENTITY_CHECK)]
+        else:
+            assert asked_orders < check_over, spans
+    assert token.encode() not in (tmp_path / "recon.db").read_bytes()
+
+
+async def test_swapped_tokens_send_nothing_but_the_check_after_a_good_refresh(
+        tmp_path: Path) -> None:
+    """Each merchant's token was confirmed (and its digest kept); then the file is edited so
+    each token is under the other merchant. The kept digests are not these tokens': every
+    request with them waits for, and stops at, the identity check. (Latency, so that
+    requests started beside the check would reach the emulator before its answer.)"""
+    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=5),
+                             FaultPlan(latency_ms=20))
+    a, b = (m.merchant.id for m in emulator.merchants)
+    token_a, token_b = emulator.token(0), emulator.token(1)
+    settings = ReconSettings(db=tmp_path / "recon.db", square_base_url=emulator.base_url,
+                             credentials=tmp_path / "none.toml")
+
+    def creds(entries: dict[str, str]) -> dict[str, MerchantCredentials]:
+        return {m: MerchantCredentials(merchant_id=m, access_token=SecretStr(t))
+                for m, t in entries.items()}
+
+    workspace = Workspace.open(settings, async_http(emulator),
+                               credentials=creds({a: token_a, b: token_b}))
+    try:
+        assert all(r.refreshed for r in await workspace.refresh())
+    finally:
+        await workspace.aclose()
+    seen = record_requests(emulator)
+    swapped = Workspace.open(settings, async_http(emulator),
+                             credentials=creds({a: token_b, b: token_a}))
+    try:
+        reports = await swapped.refresh()
+        assert {r.merchant_id: r.token_health for r in reports} == {
+            a: "merchant_mismatch", b: "merchant_mismatch"}
+        assert swapped.store.merchant(a)["token_sha256"] is None  # type: ignore[index]
+        assert swapped.queue(a) == [] and swapped.queue(b) == []
+    finally:
+        await swapped.aclose()
+    assert {path for _, path, _ in seen} == {IDENTITY_CHECK}, seen

@@ -199,6 +199,10 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("intents_created_at_index", """
         CREATE INDEX intents_created_at ON intents(created_at);
     """),
+    # SQLite's migrations of the same names say why.
+    ("merchant_token_sha256", """
+        ALTER TABLE merchants ADD COLUMN token_sha256 TEXT COLLATE "C";
+    """),
 ]
 
 _APPROVAL = ", ".join(Approval._fields)

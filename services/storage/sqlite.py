@@ -45,6 +45,9 @@ migrations = Migrations("recon-console")
 # SQLite's default autocheckpoint, 1,000 pages of 4 KB, kept in bytes whatever the page size.
 _AUTOCHECKPOINT_BYTES = 1000 * 4096
 _PAGE_SIZE = 16384
+# `candidates_by_age` with up to this many edges sums each (a refresh asks 4); with more (a
+# merchant's first backlog, 42) it classes each row by a binary search over them.
+_EDGES_SUMMED = 8
 _BUSY_TIMEOUT_S = 30.0
 _BUSY_POLL_S = 0.001
 
@@ -316,6 +319,23 @@ def change_counter_per_statement(db: Database) -> None:
     tells a console as much as a hundred. Only `SQLiteStore` writes these tables."""
     for name in ("orders_changed_delete", "orders_changed_update", "intents_changed_update"):
         db.execute(f"DROP TRIGGER IF EXISTS {name}")
+
+
+@migrations()
+def merchant_token_sha256(db: Database) -> None:
+    """The SHA-256 of the access token Square last said is this merchant's (never the token):
+    a later refresh with the same token asks for its scopes and orders at once, a round
+    trip less per merchant (issue 11), since a token's owner never changes."""
+    db.execute("ALTER TABLE merchants ADD COLUMN token_sha256 TEXT")
+
+
+@migrations()
+def orders_merchant_candidates(db: Database) -> None:
+    """The backlog's counts by age (`candidates_by_age`) from the index alone: created_at
+    beside (merchant_id, eligible), not a table row looked up per candidate. 100,000 orders:
+    ~95 -> ~30 ms at every refresh."""
+    db.execute("DROP INDEX orders_merchant")
+    db.execute("CREATE INDEX orders_merchant ON orders(merchant_id, eligible, created_at)")
 
 
 _INTENT_COLUMNS = ", ".join(INTENT_COLUMNS)
@@ -730,6 +750,8 @@ class SQLiteStore(Store):
                           ) -> dict[str, tuple[int, ...] | None]:
         if not merchant_ids:
             return {}
+        if len(edges) <= _EDGES_SUMMED:
+            return self._candidates_summed(merchant_ids, edges)
         passed, params = edges_passed(edges)
         rows = self.conn.execute(
             f"SELECT merchant_id, {passed}, count(*), "
@@ -737,6 +759,19 @@ class SQLiteStore(Store):
             f"AND merchant_id IN ({', '.join('?' * len(merchant_ids))}) GROUP BY 1, 2",
             [*params, *merchant_ids])
         return counts_at_edges(rows, edges)
+
+    def _candidates_summed(self, merchant_ids: Sequence[str], edges: Sequence[str]
+                           ) -> dict[str, tuple[int, ...] | None]:
+        """`candidates_by_age` for a refresh's few edges: a sum per edge, in one pass of the
+        index in its own order (merchant_id, eligible, created_at), no grouping by edge
+        passed (~30 against ~95 ms over 100,000 orders)."""
+        sums = "".join(", sum(created_at <= ?)" for _ in edges)
+        rows = self.conn.execute(
+            f"SELECT merchant_id, count(*), sum(created_at GLOB '{SQUARE_TIME_GLOB}'){sums} "
+            "FROM orders WHERE eligible = 1 "
+            f"AND merchant_id IN ({', '.join('?' * len(merchant_ids))}) GROUP BY 1",
+            [*edges, *merchant_ids])
+        return {row[0]: None if row[2] != row[1] else (row[1], *row[3:]) for row in rows}
 
     def order_json(self, order_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT order_json FROM orders WHERE order_id = ?",
