@@ -31,3 +31,17 @@ def test_a_sparkline_band_with_orders_is_never_blank() -> None:
     line = sparkline([1, 1, 3, 40])
     assert " " not in line and line[0] == line[1] == "▁" and line[-1] == "█"
     assert sparkline([0, 2, 0]) == "·█·"
+
+
+def test_a_merchants_candidate_count_is_written_with_thousands_separators() -> None:
+    from datetime import UTC, datetime
+
+    from console.screens.merchants import overview_cells
+    from services.workspace import MerchantOverview
+    row = MerchantOverview(
+        merchant_id="M1", business_name="Shop", consent_status="active",
+        consent_expires_at=None, token_health="valid", error=None, candidates=12_345,
+        totals={"USD": 100}, oldest_candidate_at=None, age_buckets=(0, 0, 0, 0, 12_345),
+        next_sync_in=None, waiting_without_consent=0)
+    cells = overview_cells(row, datetime(2026, 12, 3, tzinfo=UTC), {})
+    assert cells[3].plain == "12,345"

@@ -95,7 +95,7 @@ def overview_cells(row: MerchantOverview, now: datetime, reminded: dict[str, str
     return (safe(clip(row.business_name, 40)),
             safe(consent, _CONSENT_STYLE.get(row.consent_status, "")),
             safe(row.token_health.replace("_", " "), _TOKEN_STYLE.get(row.token_health, "")),
-            safe(row.candidates if row.candidates else "—"), safe(total), safe(oldest),
+            safe(f"{row.candidates:,}" if row.candidates else "—"), safe(total), safe(oldest),
             safe(sparkline(row.age_buckets)), safe(duration(row.next_sync_in)),
             safe(clip(note, 36),  # in full in the detail pane
                  "red" if row.error else "yellow"))
