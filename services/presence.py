@@ -50,22 +50,41 @@ class Presence:
         with contextlib.suppress(RuntimeError):  # no running loop: the caller beats
             self._task = asyncio.get_running_loop().create_task(self._beat_forever())
 
-    def _register(self) -> None:
+    def _register(self, store: Store | None = None) -> None:
         now = self.clock()
         self.session = self.session._replace(last_seen=utc_text(now))
-        self.store.register_session(self.session, utc_text(now - FORGET_AFTER))
+        (store or self.store).register_session(self.session, utc_text(now - FORGET_AFTER))
 
-    def beat(self) -> None:
-        """Heart-beat; a session forgotten meanwhile is registered again. A busy database
-        skips a beat (the expiry allows for several)."""
+    def beat(self, store: Store | None = None) -> None:
+        """Heart-beat (through `store`, else the process's own); a session forgotten
+        meanwhile is registered again. A busy database skips a beat (the expiry allows for
+        several)."""
+        store = store or self.store
         with contextlib.suppress(*database_errors()):
-            if not self.store.touch_session(self.session.session_id, utc_text(self.clock())):
-                self._register()
+            if not store.touch_session(self.session.session_id, utc_text(self.clock())):
+                self._register(store)
 
     async def _beat_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            self.beat()
+        # Off the event loop, on a connection of its own (`Store.writer`; an in-memory
+        # database has none): a beat's commit waits for the disk, and for another process's
+        # write lock (up to the busy timeout), and in the console this loop is the UI thread.
+        # One such commit on it was a 56 ms stall in bench/console_queue.py.
+        beater = self.store.writer()
+        try:
+            while True:
+                await asyncio.sleep(self.heartbeat_s)
+                if beater is None:
+                    self.beat()
+                    continue
+                beat = asyncio.get_running_loop().run_in_executor(None, self.beat, beater)
+                try:
+                    await asyncio.shield(beat)
+                except asyncio.CancelledError:
+                    await asyncio.wait([beat])  # its connection is closed only after it
+                    raise
+        finally:
+            if beater is not None and beater is not self.store:
+                beater.close()
 
     def stop(self) -> None:
         if self._task is not None:

@@ -259,6 +259,42 @@ def test_a_session_is_online_until_its_heartbeat_is_older_than_the_expiry(
     store.close()
 
 
+async def test_heartbeats_are_written_off_the_event_loop_on_a_connection_of_their_own(
+        tmp_path: Path) -> None:
+    """A heartbeat's commit waits for the disk and for another process's write lock; in the
+    console the event loop is the UI thread, so no beat may be written there."""
+    import threading
+
+    store = Store(tmp_path / "recon.db")
+    beats: list[tuple[bool, bool]] = []  # (on the loop's thread, through the loop's store)
+    loop_thread = threading.current_thread()
+
+    def spying(target: Store) -> Store:
+        touch = target.touch_session
+
+        def touched(session_id: str, last_seen: str) -> bool:
+            beats.append((threading.current_thread() is loop_thread, target is store))
+            return touch(session_id, last_seen)
+        target.touch_session = touched  # type: ignore[method-assign]
+        return target
+
+    spying(store)
+    writer = store.writer
+    store.writer = lambda: spying(writer())  # type: ignore[assignment,method-assign,return-value]
+    presence = Presence(store, "eve", "console", heartbeat_s=0.01)
+    presence.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(beats) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    finally:
+        presence.stop()
+        await asyncio.sleep(0.05)  # the beat task ends (its connection closed after its beat)
+    assert len(beats) >= 3 and beats[:3] == [(False, False)] * 3, beats
+    assert [s.operator for s in online(store)] == []  # stop ended the session
+    store.close()
+
+
 async def test_the_change_counter_moves_for_what_consoles_show_and_not_for_heartbeats(
         tmp_path: Path) -> None:
     environment = demo(tmp_path)
