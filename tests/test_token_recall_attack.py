@@ -1,0 +1,150 @@
+"""Attacks on the recalled token owner (issue 11: a token whose SHA-256 Square confirmed at
+the last refresh asks for its status, profile, locations and orders at once).
+
+The recall may only save a round trip: it must never make the gateway forget an owner
+Square named in this run, nor let anything read early be written or shown when the token's
+status is bad."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import SecretStr
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.credentials import MerchantCredentials
+from services.emulator import FaultPlan, SeedConfig
+from services.errors import TokenMerchantMismatch
+from services.settings import ReconSettings
+from services.workspace import Workspace
+from tests.conftest import Emulator, async_http, make_emulator
+from tests.test_token_identity import IDENTITY_CHECK, record_requests
+
+MERCHANTS_ME = "/v2/merchants/me"
+
+
+def settings_for(tmp_path: Path, emulator: Emulator) -> ReconSettings:
+    return ReconSettings(db=tmp_path / "recon.db", square_base_url=emulator.base_url,
+                         credentials=tmp_path / "none.toml")
+
+
+def creds(merchant_id: str, token: str) -> dict[str, MerchantCredentials]:
+    return {merchant_id: MerchantCredentials(merchant_id=merchant_id,
+                                             access_token=SecretStr(token))}
+
+
+async def confirmed_once(settings: ReconSettings, emulator: Emulator,
+                         own: dict[str, MerchantCredentials]) -> None:
+    """A good refresh: Square confirms the token and its digest is kept on the row."""
+    workspace = Workspace.open(settings, async_http(emulator), credentials=own)
+    try:
+        assert all(r.refreshed for r in await workspace.refresh())
+    finally:
+        await workspace.aclose()
+
+
+def merchants_me_names(emulator: Emulator, token: str, other: str) -> asyncio.Event:
+    """merchants/me answers, for `token`, that it is `other`'s (Square's second word
+    disagreeing with its token status), and the token status for `token` is answered only
+    after that (so the status's answer lands last). The event: merchants/me was answered."""
+    handle = emulator.app._handle
+    answered = asyncio.Event()
+
+    async def steer(operation: Any, request: Request) -> Any:
+        bearer = request.headers.get("authorization", "")[len("Bearer "):].strip()
+        if bearer == token and request.url.path == IDENTITY_CHECK:
+            try:
+                await asyncio.wait_for(answered.wait(), 5)
+            except TimeoutError:  # merchants/me never asked beside it: answer anyway
+                pass
+        response = await handle(operation, request)
+        if bearer == token and request.url.path == MERCHANTS_ME and response.status_code == 200:
+            body = orjson.loads(response.body)
+            body["merchant"]["id"] = other
+            answered.set()
+            return Response(orjson.dumps(body), media_type="application/json")
+        return response
+
+    emulator.app._handle = steer  # type: ignore[method-assign]
+    return answered
+
+
+async def test_a_token_status_answered_after_merchants_me_does_not_undo_its_mismatch(
+        tmp_path: Path) -> None:
+    """The recalled token's status and merchants/me go out at once. merchants/me says the
+    token is another merchant's; the status (arriving after) says it is this one's. The
+    refresh shows the mismatch, and the gateway must keep it: a later request with that token
+    for this merchant (a batch completed in the same console) is refused before anything is
+    sent, as it was when the status was always asked first."""
+    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=2))
+    a, b = (m.merchant.id for m in emulator.merchants)
+    token = emulator.token(0)
+    settings = settings_for(tmp_path, emulator)
+    own = creds(a, token)
+    await confirmed_once(settings, emulator, own)
+    answered = merchants_me_names(emulator, token, b)
+    workspace = Workspace.open(settings, async_http(emulator), credentials=own)
+    try:
+        reports = await workspace.refresh()
+        assert answered.is_set()  # merchants/me went out beside the status (the recall)
+        assert reports[0].token_health == "merchant_mismatch", reports[0]
+        seen = record_requests(emulator)
+        with pytest.raises(TokenMerchantMismatch):
+            await workspace.gateway.raw(own[a], "GET", "/v2/locations")
+    finally:
+        await workspace.aclose()
+    assert [path for _, path, _ in seen if path != IDENTITY_CHECK] == [], seen
+
+
+async def test_a_token_revoked_while_its_orders_are_read_early_writes_none_of_them(
+        tmp_path: Path) -> None:
+    """A token confirmed at the last refresh: its orders are asked beside its status. Square
+    answers the orders, then revokes the token before answering the status. The status
+    decides: the health is `revoked`, and nothing of what came back early is written."""
+    emulator = make_emulator(SeedConfig(merchants=1, orders_per_location=3))
+    a = emulator.merchants[0].merchant.id
+    token = emulator.token(0)
+    settings = settings_for(tmp_path, emulator)
+    own = creds(a, token)
+    await confirmed_once(settings, emulator, own)
+    record = emulator.square.orders_by_merchant[a][0]
+    new = emulator.square.create_order(a, {"location_id": record.location_id, "line_items": [
+        {"name": "x", "quantity": "1",
+         "base_price_money": {"amount": 100, "currency": record.doc["total_money"]["currency"]}}]})
+    handle = emulator.app._handle
+    orders_read = asyncio.Event()
+
+    async def revoke_after_the_orders(operation: Any, request: Request) -> Any:
+        if request.url.path == IDENTITY_CHECK:
+            try:
+                await asyncio.wait_for(orders_read.wait(), 5)
+            except TimeoutError:  # the orders were not asked beside the status
+                pass
+            emulator.square.revoke_token(token)
+        response = await handle(operation, request)
+        if request.url.path == "/v2/orders/search":
+            orders_read.set()
+        return response
+
+    emulator.app._handle = revoke_after_the_orders  # type: ignore[method-assign]
+    workspace = Workspace.open(settings, async_http(emulator), credentials=own)
+    try:
+        before = {o.order_id for o in workspace.queue(a)}
+        assert before and new.id not in before
+        reports = await workspace.refresh()
+        assert orders_read.is_set()  # asked early (the recall), and answered
+        assert reports[0].token_health == "revoked" and not reports[0].refreshed, reports[0]
+        assert {o.order_id for o in workspace.queue(a)} == before
+        row = workspace.store.merchant(a)
+        assert row is not None and row["token_health"] == "revoked"
+        # The digest stays: Square said whose the token is; a revoked one is refused anyway.
+        assert row["token_sha256"] == hashlib.sha256(token.encode()).hexdigest()
+        assert token not in orjson.dumps(row).decode()
+    finally:
+        await workspace.aclose()
