@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.credentials import MerchantCredentials
-from services.emulator import FaultPlan, SeedConfig
+from services.emulator import SeedConfig
 from services.errors import TokenMerchantMismatch
 from services.settings import ReconSettings
 from services.workspace import Workspace
@@ -100,6 +100,41 @@ async def test_a_token_status_answered_after_merchants_me_does_not_undo_its_mism
     finally:
         await workspace.aclose()
     assert [path for _, path, _ in seen if path != IDENTITY_CHECK] == [], seen
+
+
+async def test_a_recalled_owner_gives_way_to_the_token_status(tmp_path: Path) -> None:
+    """A digest recalled from the store stands only until Square answers: the token status,
+    saying the token is another merchant's, wins over it, in the refresh and in the gateway
+    afterwards (a recalled owner is not an answer Square gave this run)."""
+    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=2))
+    a, b = (m.merchant.id for m in emulator.merchants)
+    token = emulator.token(0)
+    settings = settings_for(tmp_path, emulator)
+    own = creds(a, token)
+    await confirmed_once(settings, emulator, own)
+    handle = emulator.app._handle
+
+    async def status_names_b(operation: Any, request: Request) -> Any:
+        response = await handle(operation, request)
+        if request.url.path == IDENTITY_CHECK and response.status_code == 200:
+            body = orjson.loads(response.body)
+            body["merchant_id"] = b
+            return Response(orjson.dumps(body), media_type="application/json")
+        return response
+
+    emulator.app._handle = status_names_b  # type: ignore[method-assign]
+    workspace = Workspace.open(settings, async_http(emulator), credentials=own)
+    try:
+        reports = await workspace.refresh()
+        assert reports[0].token_health == "merchant_mismatch", reports[0]
+        assert workspace.store.merchant(a)["token_sha256"] is None  # type: ignore[index]
+        assert not workspace.gateway.owner_confirmed(own[a])
+        seen = record_requests(emulator)
+        with pytest.raises(TokenMerchantMismatch):
+            await workspace.gateway.raw(own[a], "GET", "/v2/locations")
+    finally:
+        await workspace.aclose()
+    assert seen == [], seen
 
 
 async def test_a_token_revoked_while_its_orders_are_read_early_writes_none_of_them(
