@@ -102,6 +102,43 @@ async def test_a_token_status_answered_after_merchants_me_does_not_undo_its_mism
     assert [path for _, path, _ in seen if path != IDENTITY_CHECK] == [], seen
 
 
+async def test_a_mismatch_merchants_me_named_beside_a_failed_status_is_not_lost(
+        tmp_path: Path) -> None:
+    """The recalled token's status and merchants/me go out at once; merchants/me says the
+    token is another merchant's, and the status request fails (Square unavailable). What
+    merchants/me said stands: the merchant shows the mismatch, the digest is forgotten (the
+    next refresh asks before anything else) and nothing stored under it stays a candidate."""
+    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=2))
+    a, b = (m.merchant.id for m in emulator.merchants)
+    token = emulator.token(0)
+    settings = settings_for(tmp_path, emulator).model_copy(update={"read_retries": 0})
+    own = creds(a, token)
+    await confirmed_once(settings, emulator, own)
+    answered = merchants_me_names(emulator, token, b)
+    steered = emulator.app._handle
+
+    async def status_unavailable(operation: Any, request: Request) -> Any:
+        response = await steered(operation, request)
+        if request.url.path == IDENTITY_CHECK:
+            return Response(b'{"errors":[{"category":"API_ERROR","code":"SERVICE_UNAVAILABLE"}]}',
+                            status_code=503, media_type="application/json")
+        return response
+
+    emulator.app._handle = status_unavailable  # type: ignore[method-assign]
+    workspace = Workspace.open(settings, async_http(emulator), credentials=own)
+    try:
+        assert workspace.queue(a)
+        reports = await workspace.refresh()
+        assert answered.is_set()
+        assert reports[0].token_health == "merchant_mismatch", reports[0]
+        row = workspace.store.merchant(a)
+        assert row is not None and row["token_sha256"] is None
+        assert row["token_health"] == "merchant_mismatch"
+        assert workspace.queue(a) == []
+    finally:
+        await workspace.aclose()
+
+
 async def test_a_recalled_owner_gives_way_to_the_token_status(tmp_path: Path) -> None:
     """A digest recalled from the store stands only until Square answers: the token status,
     saying the token is another merchant's, wins over it, in the refresh and in the gateway
