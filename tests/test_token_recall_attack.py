@@ -220,3 +220,20 @@ async def test_a_token_revoked_while_its_orders_are_read_early_writes_none_of_th
         assert token not in orjson.dumps(row).decode()
     finally:
         await workspace.aclose()
+
+
+@pytest.mark.parametrize("kept", ["é" * 64, "", "not a digest", None, 12, b"\x00" * 32])
+async def test_a_damaged_kept_digest_recalls_nothing_and_breaks_nothing(kept: object) -> None:
+    """What the store holds is compared, never trusted: a damaged or edited value (not hex,
+    not ASCII, not text) recalls no owner, and does not stop the refresh with a TypeError."""
+    from services.square_gateway import SquareGateway
+
+    emulator = make_emulator(SeedConfig(merchants=1, orders_per_location=1))
+    a = emulator.merchants[0].merchant.id
+    gateway = SquareGateway(emulator.base_url, async_http(emulator))
+    try:
+        own = creds(a, emulator.token(0))[a]
+        gateway.recall_owner(own, kept)
+        assert not gateway.owner_confirmed(own)
+    finally:
+        await gateway.aclose()
