@@ -191,7 +191,7 @@ class SquareGateway:
         another merchant, is still asked about before anything is sent with it."""
         key = token_sha256(creds)
         if isinstance(confirmed_sha256, str) and key not in self._owners and \
-                hmac.compare_digest(confirmed_sha256, key):
+                hmac.compare_digest(confirmed_sha256.encode(), key.encode()):  # bytes: any text
             self._recalled[key] = creds.merchant_id
 
     def owner_confirmed(self, creds: MerchantCredentials) -> bool:
