@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,21 @@ from tests.conftest import Emulator, async_http, make_emulator
 from tests.test_token_identity import IDENTITY_CHECK, record_requests
 
 MERCHANTS_ME = "/v2/merchants/me"
+
+
+def record_searched_locations(emulator: Emulator) -> list[tuple[str, list[str]]]:
+    """(bearer token, location ids) of every SearchOrders request."""
+    searched: list[tuple[str, list[str]]] = []
+    handle = emulator.app._handle
+
+    async def spy(operation: Any, request: Request) -> Any:
+        if request.url.path == "/v2/orders/search":
+            bearer = request.headers.get("authorization", "")[len("Bearer "):].strip()
+            searched.append((bearer, orjson.loads(await request.body())["location_ids"]))
+        return await handle(operation, request)
+
+    emulator.app._handle = spy  # type: ignore[method-assign]
+    return searched
 
 
 def settings_for(tmp_path: Path, emulator: Emulator) -> ReconSettings:
@@ -222,7 +238,8 @@ async def test_a_token_revoked_while_its_orders_are_read_early_writes_none_of_th
         await workspace.aclose()
 
 
-@pytest.mark.parametrize("kept", ["é" * 64, "", "not a digest", None, 12, b"\x00" * 32])
+@pytest.mark.parametrize("kept", ["é" * 64, "", "not a digest", None, 12, b"\x00" * 32],
+                         ids=["non-ascii", "empty", "not-hex", "null", "integer", "bytes"])
 async def test_a_damaged_kept_digest_recalls_nothing_and_breaks_nothing(kept: object) -> None:
     """What the store holds is compared, never trusted: a damaged or edited value (not hex,
     not ASCII, not text) recalls no owner, and does not stop the refresh with a TypeError."""
@@ -237,3 +254,63 @@ async def test_a_damaged_kept_digest_recalls_nothing_and_breaks_nothing(kept: ob
         assert not gateway.owner_confirmed(own)
     finally:
         await gateway.aclose()
+
+
+@pytest.mark.loopback
+def test_tokens_swapped_and_shared_send_only_the_check_over_two_processes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Discovery shared over two processes (each recalls from the database for itself): after
+    a good refresh, the file is edited so that C's and D's tokens are swapped and A's token
+    is also filed under B. A (its own token, recalled) refreshes; B, C and D show the
+    mismatch, with nothing but the identity check sent with C's and D's tokens, and nothing
+    of theirs left in the queue."""
+    from console.cli import main
+    from services import discovery_processes
+    from services.demo import write_demo_files
+    from tests.conftest import LoopbackServer
+    from tests.test_token_identity import write_credentials
+
+    emulator = make_emulator(SeedConfig(merchants=4, orders_per_location=3))
+    a, b, c, d = (m.merchant.id for m in emulator.merchants)
+    token_a, token_c, token_d = emulator.token(0), emulator.token(2), emulator.token(3)
+    write_demo_files(tmp_path, emulator.merchants)
+    monkeypatch.setattr(discovery_processes, "MIN_MERCHANTS_PER_PROCESS", 1)
+    monkeypatch.setattr(discovery_processes.os, "cpu_count", lambda: 2)
+    shared: list[int] = []
+    real = discovery_processes.discover_in_processes
+
+    async def spy(*args: Any, **kwargs: Any) -> Any:
+        shared.append(args[5])
+        return await real(*args, **kwargs)
+    monkeypatch.setattr("services.workspace.discover_in_processes", spy)
+    monkeypatch.setenv("RECON_DB", str(tmp_path / "recon.db"))
+    monkeypatch.setenv("RECON_DISCOVERY_PROCESSES", "2")
+    monkeypatch.setenv("RECON_CREDENTIALS", str(tmp_path / "credentials.toml"))
+
+    def queue(*args: str) -> dict[str, Any]:
+        capsys.readouterr()
+        main(["queue", "--json", "--include-ineligible", *args])
+        out, _ = capsys.readouterr()
+        return json.loads(out)
+
+    with LoopbackServer(emulator) as server:
+        monkeypatch.setenv("RECON_SQUARE_BASE_URL", server.base_url)
+        first = queue()
+        assert {o["merchant_id"] for o in first["orders"]} == {a, b, c, d}
+        write_credentials(tmp_path / "credentials.toml",
+                          {a: token_a, b: token_a, c: token_d, d: token_c})
+        seen = record_requests(emulator)
+        searched = record_searched_locations(emulator)
+        second = queue("--full")
+    assert shared == [2, 2]
+    health = {m["merchant_id"]: m["token_health"] for m in second["merchants"]}
+    assert health == {a: "valid", b: "merchant_mismatch", c: "merchant_mismatch",
+                      d: "merchant_mismatch"}, second["merchants"]
+    assert {o["merchant_id"] for o in second["orders"]} == {a}
+    assert {path for _, path, token in seen if token in (token_c, token_d)} == {IDENTITY_CHECK}
+    assert "/v2/orders/search" in {path for _, path, token in seen if token == token_a}
+    # A's token, filed under B too, read A's orders only: B's never, not even early.
+    b_locations = {loc.id for loc in emulator.square.merchant_locations(b)}
+    assert searched and not b_locations & {loc for token, locs in searched if token == token_a
+                                           for loc in locs}
