@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.credentials import MerchantCredentials
-from services.emulator import SeedConfig
+from services.emulator import FaultPlan, SeedConfig
 from services.errors import TokenMerchantMismatch
 from services.settings import ReconSettings
 from services.workspace import Workspace
@@ -314,3 +314,50 @@ def test_tokens_swapped_and_shared_send_only_the_check_over_two_processes(
     b_locations = {loc.id for loc in emulator.square.merchant_locations(b)}
     assert searched and not b_locations & {loc for token, locs in searched if token == token_a
                                            for loc in locs}
+
+
+async def test_team_consoles_on_postgres_recall_only_what_square_confirmed(
+        pg_url: str, tmp_path: Path) -> None:
+    """Team mode: Ann's console refreshes with the right tokens (their digests kept in the
+    shared database); Bob's has them swapped. Bob's refresh sends nothing but the identity
+    check with either token, and forgets the digests; Ann's next one asks before anything
+    else, and refreshes. The database holds digests, never a token."""
+    import psycopg
+
+    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=3),
+                             FaultPlan(latency_ms=10))
+    a, b = (m.merchant.id for m in emulator.merchants)
+    token_a, token_b = emulator.token(0), emulator.token(1)
+
+    def console(home: str, entries: dict[str, str]) -> Workspace:
+        (tmp_path / home).mkdir()
+        settings = ReconSettings(db=pg_url, square_base_url=emulator.base_url, operator=home,
+                                 credentials=tmp_path / home / "none.toml")
+        return Workspace.open(settings, async_http(emulator),
+                              credentials={m: creds(m, t)[m] for m, t in entries.items()})
+
+    ann = console("ann", {a: token_a, b: token_b})
+    bob = console("bob", {a: token_b, b: token_a})
+    try:
+        assert all(r.refreshed for r in await ann.refresh())
+        assert bob.store.merchant(a)["token_sha256"] == hashlib.sha256(  # type: ignore[index]
+            token_a.encode()).hexdigest()
+        seen = record_requests(emulator)
+        reports = await bob.refresh()
+        assert {r.merchant_id: r.token_health for r in reports} == {
+            a: "merchant_mismatch", b: "merchant_mismatch"}
+        assert {path for _, path, _ in seen} == {IDENTITY_CHECK}, seen
+        assert ann.store.merchant(a)["token_sha256"] is None  # type: ignore[index]
+        assert ann.queue(a) == [] and ann.queue(b) == []
+        seen.clear()
+        assert all(r.refreshed for r in await ann.refresh())
+        # In Ann's process Square named each token's owner at her first refresh: the
+        # forgotten digests cost nothing there, and her orders are back.
+        assert ann.queue(a) and ann.queue(b)
+    finally:
+        await ann.aclose()
+        await bob.aclose()
+    with psycopg.connect(pg_url) as conn:
+        for table in ("merchants", "orders", "audit"):
+            text = str(conn.execute(f"SELECT * FROM {table}").fetchall())
+            assert token_a not in text and token_b not in text
