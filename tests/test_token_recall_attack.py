@@ -361,3 +361,34 @@ async def test_team_consoles_on_postgres_recall_only_what_square_confirmed(
         for table in ("merchants", "orders", "audit"):
             text = str(conn.execute(f"SELECT * FROM {table}").fetchall())
             assert token_a not in text and token_b not in text
+
+
+async def test_a_recalled_token_that_lost_orders_read_reads_nothing_into_the_queue(
+        tmp_path: Path) -> None:
+    """A token confirmed at the last refresh has since lost ORDERS_READ: its orders are asked
+    beside its status (and refused), the status decides: `missing_scopes`, not refreshed,
+    the queue as it was, and the refusal of the early read is not what the operator sees."""
+    emulator = make_emulator(SeedConfig(merchants=1, orders_per_location=3),
+                             FaultPlan(latency_ms=10))
+    a = emulator.merchants[0].merchant.id
+    token = emulator.token(0)
+    settings = settings_for(tmp_path, emulator)
+    own = creds(a, token)
+    await confirmed_once(settings, emulator, own)
+    held = emulator.square.tokens[token]
+    held.scopes = frozenset(held.scopes - {"ORDERS_READ"})
+    workspace = Workspace.open(settings, async_http(emulator), credentials=own)
+    try:
+        before = workspace.queue(a)
+        seen = record_requests(emulator)
+        reports = await workspace.refresh()
+        assert "/v2/orders/search" in {path for _, path, _ in seen}  # early, and refused
+        report = reports[0]
+        assert report.token_health == "missing_scopes" and not report.refreshed, report
+        assert "ORDERS_READ" in (report.error or "")
+        assert workspace.queue(a) == before
+        row = workspace.store.merchant(a)
+        assert row is not None and row["token_health"] == "missing_scopes"
+        assert "ORDERS_READ" not in (row["token_scopes"] or "").split(",")
+    finally:
+        await workspace.aclose()
