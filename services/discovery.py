@@ -366,10 +366,17 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
                                      return_exceptions=True)
         try:
             status = await gateway.token_status(creds)
-        except SquareAuthError as error:
-            report.token_health = {"ACCESS_TOKEN_EXPIRED": TokenHealth.EXPIRED,
-                                   "ACCESS_TOKEN_REVOKED": TokenHealth.REVOKED}.get(
-                error.code, TokenHealth.INVALID)
+        except ReconError as error:
+            if isinstance(error, SquareAuthError):
+                report.token_health = {"ACCESS_TOKEN_EXPIRED": TokenHealth.EXPIRED,
+                                       "ACCESS_TOKEN_REVOKED": TokenHealth.REVOKED}.get(
+                    error.code, TokenHealth.INVALID)
+            if profile is not None and not isinstance(error, TokenMerchantMismatch):
+                # merchants/me, asked beside the status, may have named another merchant:
+                # that stands whatever became of the status.
+                named = (await profile)[0]
+                if isinstance(named, TokenMerchantMismatch):
+                    raise named from None
             raise
         missing = [s for s in NEEDED_SCOPES if s not in status.scopes]
         expires = parse_time(status.expires_at) if status.expires_at else None

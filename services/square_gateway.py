@@ -160,6 +160,9 @@ class SquareGateway:
         self._sdk: dict[str, AsyncSquare] = {}
         # Whose token it is, as Square said, keyed by a digest of the token (never the token).
         self._owners: dict[str, str] = {}
+        # Owners recalled from the store (`recall_owner`), apart: Square's answers this run
+        # (`_owners`) come first, and a recalled one never stands in for one of them.
+        self._recalled: dict[str, str] = {}
         self._identity_locks: dict[str, asyncio.Lock] = {}
 
     @property
@@ -188,20 +191,21 @@ class SquareGateway:
         another merchant, is still asked about before anything is sent with it."""
         key = token_sha256(creds)
         if isinstance(confirmed_sha256, str) and key not in self._owners and \
-                hmac.compare_digest(confirmed_sha256, key):
-            self._owners[key] = creds.merchant_id
+                hmac.compare_digest(confirmed_sha256.encode(), key.encode()):  # bytes: any text
+            self._recalled[key] = creds.merchant_id
 
     def owner_confirmed(self, creds: MerchantCredentials) -> bool:
         """Whether Square has said (this run, or as recalled) that the token is `creds`'s
         merchant's: requests with it then go out without waiting for the check."""
-        return self._owners.get(token_sha256(creds)) == creds.merchant_id
+        key = token_sha256(creds)
+        return self._owners.get(key, self._recalled.get(key)) == creds.merchant_id
 
     async def ensure_identity(self, creds: MerchantCredentials) -> None:
         """Raise `TokenMerchantMismatch` unless Square said this token is `creds.merchant_id`'s.
         Asks once per token (one attempt: callers sit inside their own retries); concurrent
         callers wait for that one answer."""
         key = token_sha256(creds)
-        owner = self._owners.get(key)
+        owner = self._owners.get(key, self._recalled.get(key))
         if owner is None:
             lock = self._identity_locks.setdefault(key, asyncio.Lock())
             async with lock:
@@ -280,7 +284,9 @@ class SquareGateway:
         async def once() -> TokenStatus:
             status = await self._fetch_token_status(creds)
             if status.merchant_id:
-                self._owners[token_sha256(creds)] = status.merchant_id
+                # Not over an owner Square named meanwhile: merchants/me, asked beside the
+                # status of a recalled token, may have said it is another merchant's.
+                self._owners.setdefault(token_sha256(creds), status.merchant_id)
             await self.ensure_identity(creds)
             return status
         return await self.retry.run(once)
