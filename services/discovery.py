@@ -37,7 +37,7 @@ from services.errors import (
     SquareScopeError,
     TokenMerchantMismatch,
 )
-from services.square_gateway import SquareGateway, token_sha256
+from services.square_gateway import SquareGateway
 from services.square_models import (
     Classifiable,
     Location,
@@ -387,7 +387,8 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
         else:
             report.token_health = TokenHealth.VALID
         row.update(token_expires_at=status.expires_at, token_scopes=",".join(status.scopes),
-                   token_sha256=token_sha256(creds))  # Square has just confirmed whose
+                   # Square has just confirmed whose it is (see recall_owner).
+                   token_sha256=gateway.confirmation_sha256(creds))
         if "ORDERS_READ" not in missing and profile is None:
             early = _start_early_reads(gateway, store, creds, full, now, stored)
         if profile is None:

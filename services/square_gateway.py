@@ -62,8 +62,7 @@ if TYPE_CHECKING:
     import httpx
     from square import AsyncSquare
 
-__all__ = ["SQUARE_VERSION", "RetryPolicy", "SquareGateway", "error_from_response",
-           "token_sha256"]
+__all__ = ["SQUARE_VERSION", "RetryPolicy", "SquareGateway", "error_from_response"]
 
 SQUARE_VERSION = "2026-09-16"
 T = TypeVar("T")
@@ -187,12 +186,20 @@ class SquareGateway:
     def recall_owner(self, creds: MerchantCredentials, confirmed_sha256: object) -> None:
         """Take `creds`'s token as its merchant's without asking, if `confirmed_sha256` (what
         the store kept when Square last confirmed this merchant's token) is this token's
-        digest. A token's owner never changes; another token, or this one filed under
-        another merchant, is still asked about before anything is sent with it."""
+        digest (`confirmation_sha256`). A token's owner never changes; another token, this
+        one filed under another merchant, or one confirmed by another Square (the emulator,
+        the sandbox) is still asked about before anything is sent with it."""
         key = token_sha256(creds)
         if isinstance(confirmed_sha256, str) and key not in self._owners and \
-                hmac.compare_digest(confirmed_sha256.encode(), key.encode()):  # bytes: any text
+                hmac.compare_digest(confirmed_sha256.encode(),  # bytes: any text compares
+                                    self.confirmation_sha256(creds).encode()):
             self._recalled[key] = creds.merchant_id
+
+    def confirmation_sha256(self, creds: MerchantCredentials) -> str:
+        """What the store keeps once this Square has confirmed whose the token is: a digest
+        of this Square's address and the token (never the token itself)."""
+        return hashlib.sha256(f"{self.base_url}\n".encode()
+                              + creds.access_token.get_secret_value().encode()).hexdigest()
 
     def owner_confirmed(self, creds: MerchantCredentials) -> bool:
         """Whether Square has said (this run, or as recalled) that the token is `creds`'s
@@ -399,7 +406,7 @@ class _LocationList(BaseModel):
 
 
 def token_sha256(creds: MerchantCredentials) -> str:
-    """The digest a token is known by here and in the store (never the token itself)."""
+    """The digest a token is known by in this process (never the token itself)."""
     return hashlib.sha256(creds.access_token.get_secret_value().encode()).hexdigest()
 
 

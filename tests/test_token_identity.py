@@ -321,7 +321,9 @@ async def test_a_token_square_confirmed_before_asks_for_orders_beside_its_status
         finally:
             await workspace.aclose()
         assert stored is not None
-        assert stored["token_sha256"] == hashlib.sha256(token.encode()).hexdigest()
+        # Of the token and the Square that confirmed it, never the token itself.
+        assert stored["token_sha256"] == hashlib.sha256(
+            f"{emulator.base_url.rstrip('/')}\n{token}".encode()).hexdigest()
         check_over = spans.index(("end", IDENTITY_CHECK))
         asked_orders = spans.index(("start", "/v2/orders/search"))
         if run == 0:  # never confirmed before: nothing else goes out until the check is over

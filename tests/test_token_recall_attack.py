@@ -232,7 +232,8 @@ async def test_a_token_revoked_while_its_orders_are_read_early_writes_none_of_th
         row = workspace.store.merchant(a)
         assert row is not None and row["token_health"] == "revoked"
         # The digest stays: Square said whose the token is; a revoked one is refused anyway.
-        assert row["token_sha256"] == hashlib.sha256(token.encode()).hexdigest()
+        assert row["token_sha256"] == hashlib.sha256(
+            f"{emulator.base_url.rstrip('/')}\n{token}".encode()).hexdigest()
         assert token not in orjson.dumps(row).decode()
     finally:
         await workspace.aclose()
@@ -341,7 +342,7 @@ async def test_team_consoles_on_postgres_recall_only_what_square_confirmed(
     try:
         assert all(r.refreshed for r in await ann.refresh())
         assert bob.store.merchant(a)["token_sha256"] == hashlib.sha256(  # type: ignore[index]
-            token_a.encode()).hexdigest()
+            f"{emulator.base_url.rstrip('/')}\n{token_a}".encode()).hexdigest()
         seen = record_requests(emulator)
         reports = await bob.refresh()
         assert {r.merchant_id: r.token_health for r in reports} == {
@@ -392,3 +393,25 @@ async def test_a_recalled_token_that_lost_orders_read_reads_nothing_into_the_que
         assert "ORDERS_READ" not in (row["token_scopes"] or "").split(",")
     finally:
         await workspace.aclose()
+
+
+async def test_a_digest_another_square_confirmed_recalls_nothing(tmp_path: Path) -> None:
+    """A database used with one Square (the emulator, the sandbox) and then another: what the
+    first confirmed is not taken as the second's word; the token is asked about first."""
+    from services.square_gateway import SquareGateway
+
+    emulator = make_emulator(SeedConfig(merchants=1, orders_per_location=2),
+                             FaultPlan(latency_ms=20))
+    a = emulator.merchants[0].merchant.id
+    token = emulator.token(0)
+    own = creds(a, token)
+    elsewhere = SquareGateway("https://connect.squareup.com", async_http(emulator))
+    here = SquareGateway(emulator.base_url, async_http(emulator))
+    try:
+        elsewhere.recall_owner(own[a], here.confirmation_sha256(own[a]))
+        assert not elsewhere.owner_confirmed(own[a])
+        here.recall_owner(own[a], here.confirmation_sha256(own[a]))
+        assert here.owner_confirmed(own[a])
+    finally:
+        await elsewhere.aclose()
+        await here.aclose()

@@ -323,7 +323,8 @@ def change_counter_per_statement(db: Database) -> None:
 
 @migrations()
 def merchant_token_sha256(db: Database) -> None:
-    """The SHA-256 of the access token Square last said is this merchant's (never the token):
+    """A SHA-256 of the access token Square last said is this merchant's, and of that
+    Square's address (never the token; `SquareGateway.confirmation_sha256`):
     a later refresh with the same token asks for its scopes and orders at once, a round
     trip less per merchant (issue 11), since a token's owner never changes."""
     db.execute("ALTER TABLE merchants ADD COLUMN token_sha256 TEXT")
