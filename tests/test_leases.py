@@ -219,3 +219,54 @@ async def test_merchants_ending_together_release_their_leases_in_one_commit(
     await keeper.release_soon("M3")  # alone in its turn
     assert commits == [["M1", "M2"], ["M3"]]
     assert [lease.merchant_id for lease in store.leases()] == ["M4"]
+
+
+async def test_heartbeats_are_written_off_the_event_loop_and_their_answer_applied(
+        tmp_path: Path) -> None:
+    """The beat's commit runs on a thread with a connection of its own (in the console the
+    loop is the UI thread); what it answers still decides `holds`: a lease Bob took over
+    after it expired stops being ours, the other is extended."""
+    import threading
+
+    store = Store(tmp_path / "l.db")
+    loop_thread = threading.current_thread()
+    beats: list[tuple[bool, bool]] = []  # (on the loop's thread, through the loop's store)
+    writer = store.writer
+
+    def spying_writer() -> Store:
+        own = writer()
+        assert own is not None
+        beat = own.heartbeat_leases
+
+        def beaten(*args: str) -> set[str]:
+            beats.append((threading.current_thread() is loop_thread, own is store))
+            return beat(*args)
+        own.heartbeat_leases = beaten  # type: ignore[method-assign]
+        return own
+
+    store.writer = spying_writer  # type: ignore[method-assign]
+    keeper = LeaseKeeper(store, "alice", ttl_s=0.5, heartbeat_s=0.02)
+    async with keeper:
+        assert keeper.take("M1") is None and keeper.take("M2") is None
+        bobs = lease(datetime.now(UTC) + timedelta(minutes=5), token="bobs")
+        store.take_lease(bobs, lambda x: True)
+        await until(lambda: not keeper.holds("M1") and len(beats) >= 2)
+        started = time.monotonic()
+        await until(lambda: time.monotonic() - started > 0.6)  # past the first TTL
+        assert keeper.holds("M2") and not keeper.holds("M1")
+    assert beats and set(beats) == {(False, False)}, beats
+    assert store.leases() == [bobs]
+
+
+def test_a_beat_answered_after_a_lease_was_taken_again_leaves_that_take_alone(
+        tmp_path: Path) -> None:
+    """A beat's answer arrives after the loop went on: a lease released and taken again
+    meanwhile is missing from the answer, and must stay held as its take said."""
+    store = Store(tmp_path / "l.db")
+    keeper = LeaseKeeper(store, "alice", ttl_s=30.0)
+    began = time.monotonic()
+    assert keeper.take("M1") is None and keeper.take("M2") is None
+    keeper._kept({"M2"}, began - 1.0)  # begun before the takes, answered after them
+    assert keeper.holds("M1") and keeper.holds("M2")
+    keeper._kept(set(), time.monotonic())  # begun after: M1 and M2 are not ours any more
+    assert not keeper.holds("M1") and not keeper.holds("M2")

@@ -106,16 +106,47 @@ class LeaseKeeper:
                 self.token, utc_text(now), utc_text(now + timedelta(seconds=self.ttl_s)))
         except database_errors():
             return  # try again next beat; `holds` turns false if it never succeeds
-        for merchant_id in list(self._deadline):
+        self._kept(kept, began)
+
+    def _kept(self, kept: set[str], began: float) -> None:
+        """A beat's answer (begun at `began`): our leases end `ttl_s` after it. One taken
+        since it began (its deadline is later) is as that take said."""
+        for merchant_id, deadline in list(self._deadline.items()):
             if merchant_id in kept:
-                self._deadline[merchant_id] = began + self.ttl_s
-            else:
+                self._deadline[merchant_id] = max(deadline, began + self.ttl_s)
+            elif deadline <= began + self.ttl_s:
                 del self._deadline[merchant_id]  # taken over after it expired: not ours
 
     async def _beat_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            self.beat()
+        # The beat's commit off the event loop, on a connection of its own (services/presence
+        # says why: in the console this loop is the UI thread); its answer is applied here,
+        # on the loop, where `holds` is asked. A lease released meanwhile stays released: the
+        # answer only updates the leases still held.
+        beater = self.store.writer()
+        try:
+            while True:
+                await asyncio.sleep(self.heartbeat_s)
+                if beater is None:
+                    self.beat()
+                    continue
+                if not self._deadline:
+                    continue
+                began = time.monotonic()
+                now = now_utc()
+                write = asyncio.get_running_loop().run_in_executor(
+                    None, beater.heartbeat_leases, self.token, utc_text(now),
+                    utc_text(now + timedelta(seconds=self.ttl_s)))
+                try:
+                    kept = await asyncio.shield(write)
+                except asyncio.CancelledError:
+                    await asyncio.wait([write])  # its connection is closed only after it
+                    raise
+                except database_errors():
+                    continue  # as `beat`: the next one tries again
+                self._kept(kept, began)
+        finally:
+            if beater is not None and beater is not self.store:
+                beater.close()
 
     async def __aenter__(self) -> LeaseKeeper:
         self._task = asyncio.create_task(self._beat_forever())
