@@ -291,7 +291,7 @@ class QueueScreen(ConsoleScreen):
         tabs = safe(f"{title}   ")
         for key, (kind, label) in KINDS.items():
             # Counted once the whole queue is in; the first screenful's counts would mislead.
-            count = (counts[kind] if kind else len(self.orders)) if self.loaded else "…"
+            count = f"{counts[kind] if kind else len(self.orders):,}" if self.loaded else "…"
             tabs.append(f" {key} {label} {count} ", style="reverse" if key == self.kind_key
                         else "")
             tabs.append("  ")
