@@ -175,7 +175,7 @@ class ReconApp(App[int]):
             text = "Refreshed."
             if failed:
                 text = (f"Refreshed: {failed} of {len(reports)} merchants have a problem; "
-                        "the Note column says what to do.")
+                        "the merchants screen's Note column says what to do.")
             open_intents = self.workspace.open_intent_count()
             if open_intents:
                 text += f" {open_intents} unsettled intents: press R to recover."
