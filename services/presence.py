@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -43,8 +44,13 @@ class Presence:
         self.session = OperatorSession(uuid.uuid4().hex, operator, HOST, os.getpid(), kind,
                                        now, now)
         self._task: asyncio.Task[None] | None = None
+        # A beat (on its own thread) and `stop` take turns: a beat still out when the session
+        # is ended would find it gone and register it again, online for the whole expiry.
+        self._turn = threading.Lock()
+        self._stopped = False
 
     def start(self) -> None:
+        self._stopped = False
         with contextlib.suppress(*database_errors()):  # a busy database: the next beat registers
             self._register()
         with contextlib.suppress(RuntimeError):  # no running loop: the caller beats
@@ -60,7 +66,9 @@ class Presence:
         meanwhile is registered again. A busy database skips a beat (the expiry allows for
         several)."""
         store = store or self.store
-        with contextlib.suppress(*database_errors()):
+        with self._turn, contextlib.suppress(*database_errors()):
+            if self._stopped:
+                return
             if not store.touch_session(self.session.session_id, utc_text(self.clock())):
                 self._register(store)
 
@@ -90,5 +98,7 @@ class Presence:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        with contextlib.suppress(*database_errors()):  # not removed, it simply expires
-            self.store.end_session(self.session.session_id)
+        with self._turn:  # after a beat still out; none after this
+            self._stopped = True
+            with contextlib.suppress(*database_errors()):  # not removed, it simply expires
+                self.store.end_session(self.session.session_id)

@@ -295,6 +295,43 @@ async def test_heartbeats_are_written_off_the_event_loop_on_a_connection_of_thei
     store.close()
 
 
+async def test_a_beat_still_out_when_the_session_ends_does_not_bring_it_back(
+        tmp_path: Path) -> None:
+    """The console quits while a heartbeat is being written on its thread: the session must
+    end, not be found gone by that beat and registered again (online for the expiry)."""
+    import threading
+
+    store = Store(tmp_path / "recon.db")
+    beat_started = threading.Event()
+    writer = store.writer
+
+    def slow_writer() -> Store:
+        own = writer()
+        assert own is not None
+        touch = own.touch_session
+
+        def touched(session_id: str, last_seen: str) -> bool:
+            beat_started.set()
+            time.sleep(0.2)  # still out when stop() comes
+            return touch(session_id, last_seen)
+        own.touch_session = touched  # type: ignore[method-assign]
+        return own
+
+    store.writer = slow_writer  # type: ignore[method-assign]
+    presence = Presence(store, "eve", "console", heartbeat_s=0.01)
+    presence.start()
+    deadline = time.monotonic() + 5
+    while not beat_started.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    assert beat_started.is_set()
+    presence.stop()
+    await asyncio.sleep(0.4)  # the beat's thread is done either way
+    assert online(store) == [] and store.sessions("") == []
+    presence.beat()  # one more that was already on its way: too late, it writes nothing
+    assert store.sessions("") == []
+    store.close()
+
+
 async def test_the_change_counter_moves_for_what_consoles_show_and_not_for_heartbeats(
         tmp_path: Path) -> None:
     environment = demo(tmp_path)
