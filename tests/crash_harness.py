@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -206,11 +207,25 @@ def raw_orders(emulator: Emulator) -> dict[str, dict[str, Any]]:
 
 def run_trial(seed: int, workdir: Path | None = None, plan: KillPlan | None = None
               ) -> TrialResult:
-    """One trial; `plan` overrides the seed's kill moment (the seed still draws one)."""
+    """One trial; `plan` overrides the seed's kill moment (the seed still draws one). Without
+    a `workdir`, one in the temporary directory, deleted afterwards unless the trial broke an
+    invariant or raised (its database is then the evidence); every suite run left ~45 MB."""
+    if workdir is not None:
+        return _trial(seed, workdir, plan)
+    own = Path(tempfile.mkdtemp(prefix="crash-"))
+    result = None
+    try:
+        result = _trial(seed, own, plan)
+        return result
+    finally:
+        if result is not None and not result.violations:
+            shutil.rmtree(own, ignore_errors=True)
+
+
+def _trial(seed: int, workdir: Path, plan: KillPlan | None) -> TrialResult:
     began = time.monotonic()
     rng = random.Random(seed)
     plan = KillPlan.draw(rng) if plan is None else (KillPlan.draw(rng), plan)[1]
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="crash-"))
     latency = rng.choice([15.0, 25.0, 40.0])
     # Some trials lose answers to UpdateOrder: resends under the same key, uncertain outcomes.
     lost = rng.choice([0.0, 0.0, 0.1])
