@@ -270,3 +270,62 @@ def test_a_beat_answered_after_a_lease_was_taken_again_leaves_that_take_alone(
     assert keeper.holds("M1") and keeper.holds("M2")
     keeper._kept(set(), time.monotonic())  # begun after: M1 and M2 are not ours any more
     assert not keeper.holds("M1") and not keeper.holds("M2")
+
+
+async def test_a_beat_written_after_a_take_never_leaves_us_holding_past_the_rows_expiry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A beat begun before a take (recovery takes merchants one by one while beats run) but
+    whose UPDATE lands after it writes the beat's earlier expiry over the take's. `holds`
+    must then go by the row, not the take: else, once the row has expired, Bob takes the
+    merchant over while we still think it ours and both send. Clocks are faked (both the
+    monotonic and the wall clock advance together) so the gap is exact, not a sleep."""
+    import threading
+    from types import SimpleNamespace
+
+    from services.completion import leases as leases_module
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(leases_module, "time", SimpleNamespace(monotonic=lambda: clock["t"]))
+    monkeypatch.setattr(leases_module, "now_utc",
+                        lambda: NOW + timedelta(seconds=clock["t"]))
+    store = Store(tmp_path / "l.db")
+    out, answer = threading.Event(), threading.Event()
+    writer = store.writer
+
+    def held_writer() -> Store:
+        own = writer()
+        assert own is not None
+        beat = own.heartbeat_leases
+
+        def late(*args: str) -> set[str]:
+            out.set()
+            assert answer.wait(5)  # the loop takes M2 meanwhile
+            return beat(*args)
+        own.heartbeat_leases = late  # type: ignore[method-assign]
+        return own
+
+    store.writer = held_writer  # type: ignore[method-assign]
+    keeper = LeaseKeeper(store, "alice", ttl_s=30.0, heartbeat_s=0.01)
+    applied: list[set[str]] = []
+    kept = keeper._kept
+
+    def spying_kept(answered: set[str], began: float) -> None:
+        applied.append(answered)
+        kept(answered, began)
+    keeper._kept = spying_kept  # type: ignore[method-assign]
+    async with keeper:
+        assert keeper.take("M1") is None  # something to beat: a beat begins at t=0
+        await until(out.is_set)
+        keeper.heartbeat_s = 3600.0  # no second beat: this one's answer is the last word
+        clock["t"] = 10.0
+        assert keeper.take("M2") is None  # its row: expires at t=40
+        answer.set()
+        await until(lambda: bool(applied))
+        assert applied == [{"M1", "M2"}]
+        rows = {x.merchant_id: parse_time(x.expires_at) for x in store.leases()}
+        assert rows["M2"] == NOW + timedelta(seconds=30)  # the late beat's, not the take's
+        clock["t"] = 35.0  # past the row's expiry
+        bob = LeaseKeeper(store, "bob", ttl_s=30.0)
+        taken_by_bob = bob.take("M2") is None
+        assert not (taken_by_bob and keeper.holds("M2")), "both hold M2"
+        assert not keeper.holds("M2")

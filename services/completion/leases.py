@@ -110,10 +110,13 @@ class LeaseKeeper:
 
     def _kept(self, kept: set[str], began: float) -> None:
         """A beat's answer (begun at `began`): our leases end `ttl_s` after it. One taken
-        since it began (its deadline is later) is as that take said."""
+        since it began and missing from the answer is as that take said. One taken since it
+        began and in the answer ends with the beat, even if its take said later: the beat's
+        UPDATE may have landed after the take and written the beat's earlier expiry over it
+        (whichever came last, the row ends no sooner)."""
         for merchant_id, deadline in list(self._deadline.items()):
             if merchant_id in kept:
-                self._deadline[merchant_id] = max(deadline, began + self.ttl_s)
+                self._deadline[merchant_id] = began + self.ttl_s
             elif deadline <= began + self.ttl_s:
                 del self._deadline[merchant_id]  # taken over after it expired: not ours
 
