@@ -329,3 +329,58 @@ async def test_a_beat_written_after_a_take_never_leaves_us_holding_past_the_rows
         taken_by_bob = bob.take("M2") is None
         assert not (taken_by_bob and keeper.holds("M2")), "both hold M2"
         assert not keeper.holds("M2")
+
+
+async def test_a_batch_cancelled_twice_closes_the_beats_connection_only_after_its_beat(
+        tmp_path: Path) -> None:
+    """The batch is cancelled while a beat is out on its thread, and cancelled again while
+    `__aexit__` waits for that beat (the console quitting): the beat's own connection must
+    not be closed under it (the beat then fails half-way, an error nobody reads)."""
+    import threading
+
+    store = Store(tmp_path / "l.db")
+    out, answer = threading.Event(), threading.Event()
+    events: list[str] = []
+    writer = store.writer
+
+    def held_writer() -> Store:
+        own = writer()
+        assert own is not None
+        beat, close = own.heartbeat_leases, own.close
+
+        def late(*args: str) -> set[str]:
+            out.set()
+            assert answer.wait(5)
+            try:
+                return beat(*args)
+            finally:
+                events.append("beat done")
+
+        def closing() -> None:
+            events.append("closed")
+            close()
+        own.heartbeat_leases = late  # type: ignore[method-assign]
+        own.close = closing  # type: ignore[method-assign]
+        return own
+
+    store.writer = held_writer  # type: ignore[method-assign]
+    keeper = LeaseKeeper(store, "alice", ttl_s=30.0, heartbeat_s=0.01)
+
+    async def batch() -> None:
+        async with keeper:
+            assert keeper.take("M1") is None
+            await asyncio.Event().wait()
+
+    running = asyncio.create_task(batch())
+    await until(out.is_set)
+    running.cancel()  # the batch cancelled: `__aexit__` waits for the beat out
+    await until(lambda: keeper._task is not None and keeper._task.cancelling() > 0)
+    await asyncio.sleep(0)
+    running.cancel()  # and cancelled again meanwhile
+    await until(lambda: keeper._task is not None and keeper._task.done())
+    answer.set()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await until(lambda: "closed" in events)
+    assert events == ["beat done", "closed"]
+    assert store.leases() == []  # released all the same

@@ -12,12 +12,13 @@ import os
 import time
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 from services.processes import HOST, pid_alive
 from services.store import Lease, Store, database_errors, now_utc, utc_text
 from services.timestamps import parse_time
 
-__all__ = ["LeaseKeeper", "holder_gone"]
+__all__ = ["LeaseKeeper", "close_after", "holder_gone"]
 
 def holder_gone(lease: Lease, now: datetime | None = None) -> bool:
     """Expired, or held by a process of this host that no longer exists."""
@@ -25,6 +26,21 @@ def holder_gone(lease: Lease, now: datetime | None = None) -> bool:
     if expires <= (now or now_utc()):
         return True
     return lease.host == HOST and not pid_alive(lease.pid)
+
+
+def close_after(write: asyncio.Future[Any] | None, beater: Store) -> None:
+    """Close a beat's own connection once its last beat is done, not under it: cancelled
+    again while waiting for that beat (a batch cancelled, then the console quitting), the
+    task ends with the beat still out on its thread."""
+    if write is None or write.done():
+        beater.close()
+        return
+
+    def closing(done: asyncio.Future[Any]) -> None:
+        if not done.cancelled():
+            done.exception()  # its error is nobody's now: not "never retrieved"
+        beater.close()
+    write.add_done_callback(closing)
 
 
 class LeaseKeeper:
@@ -126,6 +142,7 @@ class LeaseKeeper:
         # on the loop, where `holds` is asked. A lease released meanwhile stays released: the
         # answer only updates the leases still held.
         beater = self.store.writer()
+        write: asyncio.Future[set[str]] | None = None
         try:
             while True:
                 await asyncio.sleep(self.heartbeat_s)
@@ -149,7 +166,7 @@ class LeaseKeeper:
                 self._kept(kept, began)
         finally:
             if beater is not None and beater is not self.store:
-                beater.close()
+                close_after(write, beater)
 
     async def __aenter__(self) -> LeaseKeeper:
         self._task = asyncio.create_task(self._beat_forever())
