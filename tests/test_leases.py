@@ -19,8 +19,12 @@ import pytest
 
 from services.completion.leases import LeaseKeeper, holder_gone
 from services.processes import HOST
+from services.storage import open_store
 from services.store import Lease, Store, utc_text
 from services.timestamps import parse_time
+from tests.pg_support import pg_cluster, pg_url
+
+__all__ = ["pg_cluster", "pg_url"]  # PostgreSQL fixtures (tests/pg_support.py)
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 
@@ -272,8 +276,10 @@ def test_a_beat_answered_after_a_lease_was_taken_again_leaves_that_take_alone(
     assert not keeper.holds("M1") and not keeper.holds("M2")
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
 async def test_a_beat_written_after_a_take_never_leaves_us_holding_past_the_rows_expiry(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
+        database: str) -> None:
     """A beat begun before a take (recovery takes merchants one by one while beats run) but
     whose UPDATE lands after it writes the beat's earlier expiry over the take's. `holds`
     must then go by the row, not the take: else, once the row has expired, Bob takes the
@@ -288,12 +294,13 @@ async def test_a_beat_written_after_a_take_never_leaves_us_holding_past_the_rows
     monkeypatch.setattr(leases_module, "time", SimpleNamespace(monotonic=lambda: clock["t"]))
     monkeypatch.setattr(leases_module, "now_utc",
                         lambda: NOW + timedelta(seconds=clock["t"]))
-    store = Store(tmp_path / "l.db")
+    store = (Store(tmp_path / "l.db") if database == "sqlite"
+             else open_store(request.getfixturevalue("pg_url")))
     out, answer = threading.Event(), threading.Event()
     writer = store.writer
 
     def held_writer() -> Store:
-        own = writer()
+        own = writer()  # on PostgreSQL the store itself (its pool is shared by threads)
         assert own is not None
         beat = own.heartbeat_leases
 
@@ -329,6 +336,7 @@ async def test_a_beat_written_after_a_take_never_leaves_us_holding_past_the_rows
         taken_by_bob = bob.take("M2") is None
         assert not (taken_by_bob and keeper.holds("M2")), "both hold M2"
         assert not keeper.holds("M2")
+    store.close()
 
 
 async def test_a_batch_cancelled_twice_closes_the_beats_connection_only_after_its_beat(
