@@ -392,3 +392,26 @@ async def test_a_batch_cancelled_twice_closes_the_beats_connection_only_after_it
     await until(lambda: "closed" in events)
     assert events == ["beat done", "closed"]
     assert store.leases() == []  # released all the same
+
+
+def test_a_take_never_counts_its_lease_as_ours_longer_than_its_row_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local deadline starts no later than the expiry written: a clock that ticks a
+    second at every reading makes the order of the two readings visible."""
+    from types import SimpleNamespace
+
+    from services.completion import leases as leases_module
+
+    ticks = [0.0]
+
+    def tick() -> float:
+        ticks[0] += 1.0
+        return ticks[0] - 1.0
+    monkeypatch.setattr(leases_module, "time", SimpleNamespace(monotonic=tick))
+    monkeypatch.setattr(leases_module, "now_utc", lambda: NOW + timedelta(seconds=tick()))
+    store = Store(tmp_path / "l.db")
+    keeper = LeaseKeeper(store, "alice", ttl_s=30.0)
+    assert keeper.take("M1") is None
+    expires = parse_time(store.leases()[0].expires_at)
+    ticks[0] = (expires - NOW).total_seconds()  # the row's expiry, on both clocks
+    assert not keeper.holds("M1")

@@ -64,11 +64,11 @@ class LeaseKeeper:
 
     def take_all(self, merchant_ids: list[str]) -> dict[str, Lease | None]:
         """`take` for each merchant, in one transaction (one durable commit, not one each)."""
+        began = time.monotonic()  # before the expiry's clock is read: ours no longer than it
         now = now_utc()
         started, expires = utc_text(now), utc_text(now + timedelta(seconds=self.ttl_s))
         mine = [Lease(merchant_id, self.operator, HOST, os.getpid(), started, started, expires,
                       self.token) for merchant_id in merchant_ids]
-        began = time.monotonic()
         in_force = self.store.take_leases(mine, lambda lease: holder_gone(lease, now))
         holders: dict[str, Lease | None] = {}
         for merchant_id, current in zip(merchant_ids, in_force, strict=True):
