@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from services.completion.leases import close_after
 from services.processes import HOST
 from services.store import OperatorSession, Store, database_errors, now_utc, utc_text
 
@@ -78,6 +79,7 @@ class Presence:
         # write lock (up to the busy timeout), and in the console this loop is the UI thread.
         # One such commit on it was a 56 ms stall in bench/console_queue.py.
         beater = self.store.writer()
+        beat: asyncio.Future[None] | None = None
         try:
             while True:
                 await asyncio.sleep(self.heartbeat_s)
@@ -92,7 +94,7 @@ class Presence:
                     raise
         finally:
             if beater is not None and beater is not self.store:
-                beater.close()
+                close_after(beat, beater)  # not under a beat still out
 
     def stop(self) -> None:
         if self._task is not None:

@@ -19,8 +19,12 @@ import pytest
 
 from services.completion.leases import LeaseKeeper, holder_gone
 from services.processes import HOST
+from services.storage import open_store
 from services.store import Lease, Store, utc_text
 from services.timestamps import parse_time
+from tests.pg_support import pg_cluster, pg_url
+
+__all__ = ["pg_cluster", "pg_url"]  # PostgreSQL fixtures (tests/pg_support.py)
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 
@@ -270,3 +274,144 @@ def test_a_beat_answered_after_a_lease_was_taken_again_leaves_that_take_alone(
     assert keeper.holds("M1") and keeper.holds("M2")
     keeper._kept(set(), time.monotonic())  # begun after: M1 and M2 are not ours any more
     assert not keeper.holds("M1") and not keeper.holds("M2")
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_a_beat_written_after_a_take_never_leaves_us_holding_past_the_rows_expiry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
+        database: str) -> None:
+    """A beat begun before a take (recovery takes merchants one by one while beats run) but
+    whose UPDATE lands after it writes the beat's earlier expiry over the take's. `holds`
+    must then go by the row, not the take: else, once the row has expired, Bob takes the
+    merchant over while we still think it ours and both send. Clocks are faked (both the
+    monotonic and the wall clock advance together) so the gap is exact, not a sleep."""
+    import threading
+    from types import SimpleNamespace
+
+    from services.completion import leases as leases_module
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(leases_module, "time", SimpleNamespace(monotonic=lambda: clock["t"]))
+    monkeypatch.setattr(leases_module, "now_utc",
+                        lambda: NOW + timedelta(seconds=clock["t"]))
+    store = (Store(tmp_path / "l.db") if database == "sqlite"
+             else open_store(request.getfixturevalue("pg_url")))
+    out, answer = threading.Event(), threading.Event()
+    writer = store.writer
+
+    def held_writer() -> Store:
+        own = writer()  # on PostgreSQL the store itself (its pool is shared by threads)
+        assert own is not None
+        beat = own.heartbeat_leases
+
+        def late(*args: str) -> set[str]:
+            out.set()
+            assert answer.wait(5)  # the loop takes M2 meanwhile
+            return beat(*args)
+        own.heartbeat_leases = late  # type: ignore[method-assign]
+        return own
+
+    store.writer = held_writer  # type: ignore[method-assign]
+    keeper = LeaseKeeper(store, "alice", ttl_s=30.0, heartbeat_s=0.01)
+    applied: list[set[str]] = []
+    kept = keeper._kept
+
+    def spying_kept(answered: set[str], began: float) -> None:
+        applied.append(answered)
+        kept(answered, began)
+    keeper._kept = spying_kept  # type: ignore[method-assign]
+    async with keeper:
+        assert keeper.take("M1") is None  # something to beat: a beat begins at t=0
+        await until(out.is_set)
+        keeper.heartbeat_s = 3600.0  # no second beat: this one's answer is the last word
+        clock["t"] = 10.0
+        assert keeper.take("M2") is None  # its row: expires at t=40
+        answer.set()
+        await until(lambda: bool(applied))
+        assert applied == [{"M1", "M2"}]
+        rows = {x.merchant_id: parse_time(x.expires_at) for x in store.leases()}
+        assert rows["M2"] == NOW + timedelta(seconds=30)  # the late beat's, not the take's
+        clock["t"] = 35.0  # past the row's expiry
+        bob = LeaseKeeper(store, "bob", ttl_s=30.0)
+        taken_by_bob = bob.take("M2") is None
+        assert not (taken_by_bob and keeper.holds("M2")), "both hold M2"
+        assert not keeper.holds("M2")
+    store.close()
+
+
+async def test_a_batch_cancelled_twice_closes_the_beats_connection_only_after_its_beat(
+        tmp_path: Path) -> None:
+    """The batch is cancelled while a beat is out on its thread, and cancelled again while
+    `__aexit__` waits for that beat (the console quitting): the beat's own connection must
+    not be closed under it (the beat then fails half-way, an error nobody reads)."""
+    import threading
+
+    store = Store(tmp_path / "l.db")
+    out, answer = threading.Event(), threading.Event()
+    events: list[str] = []
+    writer = store.writer
+
+    def held_writer() -> Store:
+        own = writer()
+        assert own is not None
+        beat, close = own.heartbeat_leases, own.close
+
+        def late(*args: str) -> set[str]:
+            out.set()
+            assert answer.wait(5)
+            try:
+                return beat(*args)
+            finally:
+                events.append("beat done")
+
+        def closing() -> None:
+            events.append("closed")
+            close()
+        own.heartbeat_leases = late  # type: ignore[method-assign]
+        own.close = closing  # type: ignore[method-assign]
+        return own
+
+    store.writer = held_writer  # type: ignore[method-assign]
+    keeper = LeaseKeeper(store, "alice", ttl_s=30.0, heartbeat_s=0.01)
+
+    async def batch() -> None:
+        async with keeper:
+            assert keeper.take("M1") is None
+            await asyncio.Event().wait()
+
+    running = asyncio.create_task(batch())
+    await until(out.is_set)
+    running.cancel()  # the batch cancelled: `__aexit__` waits for the beat out
+    await until(lambda: keeper._task is not None and keeper._task.cancelling() > 0)
+    await asyncio.sleep(0)
+    running.cancel()  # and cancelled again meanwhile
+    await until(lambda: keeper._task is not None and keeper._task.done())
+    answer.set()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await until(lambda: "closed" in events)
+    assert events == ["beat done", "closed"]
+    assert store.leases() == []  # released all the same
+
+
+def test_a_take_never_counts_its_lease_as_ours_longer_than_its_row_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local deadline starts no later than the expiry written: a clock that ticks a
+    second at every reading makes the order of the two readings visible."""
+    from types import SimpleNamespace
+
+    from services.completion import leases as leases_module
+
+    ticks = [0.0]
+
+    def tick() -> float:
+        ticks[0] += 1.0
+        return ticks[0] - 1.0
+    monkeypatch.setattr(leases_module, "time", SimpleNamespace(monotonic=tick))
+    monkeypatch.setattr(leases_module, "now_utc", lambda: NOW + timedelta(seconds=tick()))
+    store = Store(tmp_path / "l.db")
+    keeper = LeaseKeeper(store, "alice", ttl_s=30.0)
+    assert keeper.take("M1") is None
+    expires = parse_time(store.leases()[0].expires_at)
+    ticks[0] = (expires - NOW).total_seconds()  # the row's expiry, on both clocks
+    assert not keeper.holds("M1")

@@ -383,3 +383,59 @@ async def test_operator_names_are_shown_literally(tmp_path: Path) -> None:
         assert "[b]bold[/b] ␛[2J<U+202E… (console)" in line
         assert "\x1b" not in line and "\u202e" not in line
         assert isinstance(app.screen, MerchantsScreen)
+
+
+async def test_a_beat_task_cancelled_twice_closes_its_connection_only_after_the_beat(
+        tmp_path: Path) -> None:
+    """The heartbeat task cancelled while a beat is out, and again while it waits for that
+    beat (the loop shutting down cancels what is left): its own connection is closed once
+    the beat is done, not under it."""
+    import threading
+
+    store = Store(tmp_path / "recon.db")
+    out, answer = threading.Event(), threading.Event()
+    events: list[str] = []
+    writer = store.writer
+
+    def held_writer() -> Store:
+        own = writer()
+        assert own is not None
+        touch, close = own.touch_session, own.close
+
+        def touched(session_id: str, last_seen: str) -> bool:
+            out.set()
+            assert answer.wait(5)
+            try:
+                return touch(session_id, last_seen)
+            finally:
+                events.append("beat done")
+
+        def closing() -> None:
+            events.append("closed")
+            close()
+        own.touch_session = touched  # type: ignore[method-assign]
+        own.close = closing  # type: ignore[method-assign]
+        return own
+
+    store.writer = held_writer  # type: ignore[method-assign]
+    presence = Presence(store, "eve", "console", heartbeat_s=0.01)
+    presence.start()
+    task = presence._task
+    assert task is not None
+    deadline = time.monotonic() + 5
+    while not out.is_set():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    task.cancel()
+    await asyncio.sleep(0)  # it is waiting for the beat now
+    task.cancel()
+    while not task.done():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    answer.set()
+    while "closed" not in events:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    assert events == ["beat done", "closed"]
+    assert [s.session_id for s in store.sessions("")] == [presence.session.session_id]
+    store.close()

@@ -12,12 +12,13 @@ import os
 import time
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 from services.processes import HOST, pid_alive
 from services.store import Lease, Store, database_errors, now_utc, utc_text
 from services.timestamps import parse_time
 
-__all__ = ["LeaseKeeper", "holder_gone"]
+__all__ = ["LeaseKeeper", "close_after", "holder_gone"]
 
 def holder_gone(lease: Lease, now: datetime | None = None) -> bool:
     """Expired, or held by a process of this host that no longer exists."""
@@ -25,6 +26,21 @@ def holder_gone(lease: Lease, now: datetime | None = None) -> bool:
     if expires <= (now or now_utc()):
         return True
     return lease.host == HOST and not pid_alive(lease.pid)
+
+
+def close_after(write: asyncio.Future[Any] | None, beater: Store) -> None:
+    """Close a beat's own connection once its last beat is done, not under it: cancelled
+    again while waiting for that beat (a batch cancelled, then the console quitting), the
+    task ends with the beat still out on its thread."""
+    if write is None or write.done():
+        beater.close()
+        return
+
+    def closing(done: asyncio.Future[Any]) -> None:
+        if not done.cancelled():
+            done.exception()  # its error is nobody's now: not "never retrieved"
+        beater.close()
+    write.add_done_callback(closing)
 
 
 class LeaseKeeper:
@@ -48,11 +64,11 @@ class LeaseKeeper:
 
     def take_all(self, merchant_ids: list[str]) -> dict[str, Lease | None]:
         """`take` for each merchant, in one transaction (one durable commit, not one each)."""
+        began = time.monotonic()  # before the expiry's clock is read: ours no longer than it
         now = now_utc()
         started, expires = utc_text(now), utc_text(now + timedelta(seconds=self.ttl_s))
         mine = [Lease(merchant_id, self.operator, HOST, os.getpid(), started, started, expires,
                       self.token) for merchant_id in merchant_ids]
-        began = time.monotonic()
         in_force = self.store.take_leases(mine, lambda lease: holder_gone(lease, now))
         holders: dict[str, Lease | None] = {}
         for merchant_id, current in zip(merchant_ids, in_force, strict=True):
@@ -110,10 +126,13 @@ class LeaseKeeper:
 
     def _kept(self, kept: set[str], began: float) -> None:
         """A beat's answer (begun at `began`): our leases end `ttl_s` after it. One taken
-        since it began (its deadline is later) is as that take said."""
+        since it began and missing from the answer is as that take said. One taken since it
+        began and in the answer ends with the beat, even if its take said later: the beat's
+        UPDATE may have landed after the take and written the beat's earlier expiry over it
+        (whichever came last, the row ends no sooner)."""
         for merchant_id, deadline in list(self._deadline.items()):
             if merchant_id in kept:
-                self._deadline[merchant_id] = max(deadline, began + self.ttl_s)
+                self._deadline[merchant_id] = began + self.ttl_s
             elif deadline <= began + self.ttl_s:
                 del self._deadline[merchant_id]  # taken over after it expired: not ours
 
@@ -123,6 +142,7 @@ class LeaseKeeper:
         # on the loop, where `holds` is asked. A lease released meanwhile stays released: the
         # answer only updates the leases still held.
         beater = self.store.writer()
+        write: asyncio.Future[set[str]] | None = None
         try:
             while True:
                 await asyncio.sleep(self.heartbeat_s)
@@ -146,7 +166,7 @@ class LeaseKeeper:
                 self._kept(kept, began)
         finally:
             if beater is not None and beater is not self.store:
-                beater.close()
+                close_after(write, beater)
 
     async def __aenter__(self) -> LeaseKeeper:
         self._task = asyncio.create_task(self._beat_forever())
