@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from services.completion.leases import close_after
+from services.completion.leases import HEARTBEATS, close_after
 from services.processes import HOST
 from services.store import OperatorSession, Store, database_errors, now_utc, utc_text
 
@@ -86,7 +86,7 @@ class Presence:
                 if beater is None:
                     self.beat()
                     continue
-                beat = asyncio.get_running_loop().run_in_executor(None, self.beat, beater)
+                beat = asyncio.get_running_loop().run_in_executor(HEARTBEATS, self.beat, beater)
                 try:
                     await asyncio.shield(beat)
                 except asyncio.CancelledError:

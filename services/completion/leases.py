@@ -11,6 +11,7 @@ import contextlib
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,6 +27,13 @@ def holder_gone(lease: Lease, now: datetime | None = None) -> bool:
     if expires <= (now or now_utc()):
         return True
     return lease.host == HOST and not pid_alive(lease.pid)
+
+
+# Heartbeats' own threads, apart from the loop's default pool: that one also runs the
+# console's reads and the PostgreSQL change feed's waits, and a beat queued behind them
+# would let a lease lapse (its batch stops) or an operator show offline. Two: presence and
+# a batch's leases each have one.
+HEARTBEATS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="heartbeat")
 
 
 def close_after(write: asyncio.Future[Any] | None, beater: Store) -> None:
@@ -154,7 +162,7 @@ class LeaseKeeper:
                 began = time.monotonic()
                 now = now_utc()
                 write = asyncio.get_running_loop().run_in_executor(
-                    None, beater.heartbeat_leases, self.token, utc_text(now),
+                    HEARTBEATS, beater.heartbeat_leases, self.token, utc_text(now),
                     utc_text(now + timedelta(seconds=self.ttl_s)))
                 try:
                     kept = await asyncio.shield(write)
