@@ -354,6 +354,12 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
                               "sync_time": creds.sync_time.strftime("%H:%M")
                               if creds.sync_time else None}
     profile: asyncio.Future[Any] | None = None
+
+    def ask_profile() -> asyncio.Future[Any]:
+        """The merchant's profile and locations, together (each answer or its error)."""
+        return asyncio.gather(gateway.merchant(creds), gateway.locations(creds),
+                              return_exceptions=True)
+
     try:
         stored = store.merchant(creds.merchant_id)
         gateway.recall_owner(creds, stored.get("token_sha256") if stored else None)
@@ -362,8 +368,7 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
             # locations and orders are asked at once, a round trip less. Nothing read is
             # used unless the token's status below is good.
             early = _start_early_reads(gateway, store, creds, full, now, stored)
-            profile = asyncio.gather(gateway.merchant(creds), gateway.locations(creds),
-                                     return_exceptions=True)
+            profile = ask_profile()
         try:
             status = await gateway.token_status(creds)
         except ReconError as error:
@@ -389,12 +394,10 @@ async def _discover_one(gateway: SquareGateway, store: Store, creds: MerchantCre
         row.update(token_expires_at=status.expires_at, token_scopes=",".join(status.scopes),
                    # Square has just confirmed whose it is (see recall_owner).
                    token_sha256=gateway.confirmation_sha256(creds))
-        if "ORDERS_READ" not in missing and profile is None:
-            early = _start_early_reads(gateway, store, creds, full, now, stored)
-        if profile is None:
-            # All at once (the token's identity is settled by now): two round trips less.
-            profile = asyncio.gather(gateway.merchant(creds), gateway.locations(creds),
-                                     return_exceptions=True)
+        if profile is None:  # nothing asked beside the status: all at once now
+            if "ORDERS_READ" not in missing:
+                early = _start_early_reads(gateway, store, creds, full, now, stored)
+            profile = ask_profile()
         merchant_or_error, locations_or_error = await profile
         for outcome in (merchant_or_error, locations_or_error):
             if isinstance(outcome, BaseException):

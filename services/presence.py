@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from services.completion.leases import HEARTBEATS, close_after
+from services.heartbeat import beat_forever
 from services.processes import HOST
 from services.store import OperatorSession, Store, database_errors, now_utc, utc_text
 
@@ -74,27 +74,8 @@ class Presence:
                 self._register(store)
 
     async def _beat_forever(self) -> None:
-        # Off the event loop, on a connection of its own (`Store.writer`; an in-memory
-        # database has none): a beat's commit waits for the disk, and for another process's
-        # write lock (up to the busy timeout), and in the console this loop is the UI thread.
-        # One such commit on it was a 56 ms stall in bench/console_queue.py.
-        beater = self.store.writer()
-        beat: asyncio.Future[None] | None = None
-        try:
-            while True:
-                await asyncio.sleep(self.heartbeat_s)
-                if beater is None:
-                    self.beat()
-                    continue
-                beat = asyncio.get_running_loop().run_in_executor(HEARTBEATS, self.beat, beater)
-                try:
-                    await asyncio.shield(beat)
-                except asyncio.CancelledError:
-                    await asyncio.wait([beat])  # its connection is closed only after it
-                    raise
-        finally:
-            if beater is not None and beater is not self.store:
-                close_after(beat, beater)  # not under a beat still out
+        # Off the event loop, on a connection of its own (services/heartbeat says why).
+        await beat_forever(self.store, self.heartbeat_s, self.beat, lambda _: None)
 
     def stop(self) -> None:
         if self._task is not None:

@@ -189,7 +189,7 @@ class SquareGateway:
         digest (`confirmation_sha256`). A token's owner never changes; another token, this
         one filed under another merchant, or one confirmed by another Square (the emulator,
         the sandbox) is still asked about before anything is sent with it."""
-        key = token_sha256(creds)
+        key = _token_key(creds)
         if isinstance(confirmed_sha256, str) and key not in self._owners and \
                 hmac.compare_digest(confirmed_sha256.encode(),  # bytes: any text compares
                                     self.confirmation_sha256(creds).encode()):
@@ -204,15 +204,18 @@ class SquareGateway:
     def owner_confirmed(self, creds: MerchantCredentials) -> bool:
         """Whether Square has said (this run, or as recalled) that the token is `creds`'s
         merchant's: requests with it then go out without waiting for the check."""
-        key = token_sha256(creds)
-        return self._owners.get(key, self._recalled.get(key)) == creds.merchant_id
+        return self._owner(_token_key(creds)) == creds.merchant_id
+
+    def _owner(self, key: str) -> str | None:
+        """Whose the token is: as Square said this run, else as recalled, else unknown."""
+        return self._owners.get(key, self._recalled.get(key))
 
     async def ensure_identity(self, creds: MerchantCredentials) -> None:
         """Raise `TokenMerchantMismatch` unless Square said this token is `creds.merchant_id`'s.
         Asks once per token (one attempt: callers sit inside their own retries); concurrent
         callers wait for that one answer."""
-        key = token_sha256(creds)
-        owner = self._owners.get(key, self._recalled.get(key))
+        key = _token_key(creds)
+        owner = self._owner(key)
         if owner is None:
             lock = self._identity_locks.setdefault(key, asyncio.Lock())
             async with lock:
@@ -246,7 +249,7 @@ class SquareGateway:
         use goes through `_sdk_call`, which checks the token's identity first."""
         # Keyed by the token, not the merchant: a re-read credentials file with a new token
         # must not reuse a client that sends the old (unchecked) one.
-        key = token_sha256(creds)
+        key = _token_key(creds)
         client = self._sdk.get(key)
         if client is None:
             from square import AsyncSquare
@@ -293,7 +296,7 @@ class SquareGateway:
             if status.merchant_id:
                 # Not over an owner Square named meanwhile: merchants/me, asked beside the
                 # status of a recalled token, may have said it is another merchant's.
-                self._owners.setdefault(token_sha256(creds), status.merchant_id)
+                self._owners.setdefault(_token_key(creds), status.merchant_id)
             await self.ensure_identity(creds)
             return status
         return await self.retry.run(once)
@@ -302,7 +305,7 @@ class SquareGateway:
         content = await self.retry.run(partial(self.send, creds, "GET", "/v2/merchants/me"))
         merchant = _validate(_MerchantEnvelope, content).merchant
         if merchant.id != creds.merchant_id:  # Square's second word on it must agree too
-            self._owners[token_sha256(creds)] = merchant.id
+            self._owners[_token_key(creds)] = merchant.id
             raise TokenMerchantMismatch(creds.merchant_id, merchant.id)
         return merchant
 
@@ -405,7 +408,7 @@ class _LocationList(BaseModel):
     locations: tuple[Location, ...] | None = None
 
 
-def token_sha256(creds: MerchantCredentials) -> str:
+def _token_key(creds: MerchantCredentials) -> str:
     """The digest a token is known by in this process (never the token itself)."""
     return hashlib.sha256(creds.access_token.get_secret_value().encode()).hexdigest()
 

@@ -11,15 +11,14 @@ import contextlib
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Any
 
+from services.heartbeat import beat_forever
 from services.processes import HOST, pid_alive
 from services.store import Lease, Store, database_errors, now_utc, utc_text
 from services.timestamps import parse_time
 
-__all__ = ["LeaseKeeper", "close_after", "holder_gone"]
+__all__ = ["LeaseKeeper", "holder_gone"]
 
 def holder_gone(lease: Lease, now: datetime | None = None) -> bool:
     """Expired, or held by a process of this host that no longer exists."""
@@ -27,28 +26,6 @@ def holder_gone(lease: Lease, now: datetime | None = None) -> bool:
     if expires <= (now or now_utc()):
         return True
     return lease.host == HOST and not pid_alive(lease.pid)
-
-
-# Heartbeats' own threads, apart from the loop's default pool: that one also runs the
-# console's reads and the PostgreSQL change feed's waits, and a beat queued behind them
-# would let a lease lapse (its batch stops) or an operator show offline. Two: presence and
-# a batch's leases each have one.
-HEARTBEATS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="heartbeat")
-
-
-def close_after(write: asyncio.Future[Any] | None, beater: Store) -> None:
-    """Close a beat's own connection once its last beat is done, not under it: cancelled
-    again while waiting for that beat (a batch cancelled, then the console quitting), the
-    task ends with the beat still out on its thread."""
-    if write is None or write.done():
-        beater.close()
-        return
-
-    def closing(done: asyncio.Future[Any]) -> None:
-        if not done.cancelled():
-            done.exception()  # its error is nobody's now: not "never retrieved"
-        beater.close()
-    write.add_done_callback(closing)
 
 
 class LeaseKeeper:
@@ -121,16 +98,26 @@ class LeaseKeeper:
                 released.set()
 
     def beat(self) -> None:
+        self._answered(self._beat_through(self.store))
+
+    def _beat_through(self, store: Store) -> tuple[set[str], float] | None:
+        """Extend our leases in `store` (on a heartbeat thread, or the loop): which are still
+        ours, and when the beat began; None when there was nothing to beat or the database
+        refused (tried again next beat; `holds` turns false if it never succeeds)."""
         if not self._deadline:
-            return
-        began = time.monotonic()
+            return None
+        began = time.monotonic()  # before the expiry's clock is read: ours no longer than it
         now = now_utc()
         try:
-            kept = self.store.heartbeat_leases(
+            kept = store.heartbeat_leases(
                 self.token, utc_text(now), utc_text(now + timedelta(seconds=self.ttl_s)))
         except database_errors():
-            return  # try again next beat; `holds` turns false if it never succeeds
-        self._kept(kept, began)
+            return None
+        return kept, began
+
+    def _answered(self, answer: tuple[set[str], float] | None) -> None:
+        if answer is not None:
+            self._kept(*answer)
 
     def _kept(self, kept: set[str], began: float) -> None:
         """A beat's answer (begun at `began`): our leases end `ttl_s` after it. One taken
@@ -145,36 +132,10 @@ class LeaseKeeper:
                 del self._deadline[merchant_id]  # taken over after it expired: not ours
 
     async def _beat_forever(self) -> None:
-        # The beat's commit off the event loop, on a connection of its own (services/presence
-        # says why: in the console this loop is the UI thread); its answer is applied here,
-        # on the loop, where `holds` is asked. A lease released meanwhile stays released: the
-        # answer only updates the leases still held.
-        beater = self.store.writer()
-        write: asyncio.Future[set[str]] | None = None
-        try:
-            while True:
-                await asyncio.sleep(self.heartbeat_s)
-                if beater is None:
-                    self.beat()
-                    continue
-                if not self._deadline:
-                    continue
-                began = time.monotonic()
-                now = now_utc()
-                write = asyncio.get_running_loop().run_in_executor(
-                    HEARTBEATS, beater.heartbeat_leases, self.token, utc_text(now),
-                    utc_text(now + timedelta(seconds=self.ttl_s)))
-                try:
-                    kept = await asyncio.shield(write)
-                except asyncio.CancelledError:
-                    await asyncio.wait([write])  # its connection is closed only after it
-                    raise
-                except database_errors():
-                    continue  # as `beat`: the next one tries again
-                self._kept(kept, began)
-        finally:
-            if beater is not None and beater is not self.store:
-                close_after(write, beater)
+        # The beat's commit off the event loop (services/heartbeat); its answer is applied
+        # on the loop, where `holds` is asked. A lease released meanwhile stays released:
+        # the answer only updates the leases still held.
+        await beat_forever(self.store, self.heartbeat_s, self._beat_through, self._answered)
 
     async def __aenter__(self) -> LeaseKeeper:
         self._task = asyncio.create_task(self._beat_forever())
