@@ -17,6 +17,19 @@ from services.emulator import SeedConfig
 from tests.conftest import LoopbackServer, make_emulator
 
 
+def count_process_shares(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of processes each discovery shared out over, as it was shared (none for a
+    discovery in one process)."""
+    shared: list[int] = []
+    real = discovery_processes.discover_in_processes
+
+    async def spy(*args: Any, **kwargs: Any) -> Any:
+        shared.append(args[5])
+        return await real(*args, **kwargs)
+    monkeypatch.setattr("services.workspace.discover_in_processes", spy)
+    return shared
+
+
 def _queue(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, db: Path,
            processes: int) -> tuple[int, dict[str, Any]]:
     monkeypatch.setenv("RECON_DB", str(db))
@@ -37,13 +50,7 @@ def test_two_processes_discover_what_one_does(tmp_path: Path,
     # One merchant's token is revoked: its failure must be reported the same from either side.
     emulator.square.revoke_token(emulator.token(3))
     monkeypatch.setattr(discovery_processes, "MIN_MERCHANTS_PER_PROCESS", 2)
-    shared: list[int] = []
-    real = discovery_processes.discover_in_processes
-
-    async def spy(*args: Any, **kwargs: Any) -> Any:
-        shared.append(args[5])
-        return await real(*args, **kwargs)
-    monkeypatch.setattr("services.workspace.discover_in_processes", spy)
+    shared = count_process_shares(monkeypatch)
     # `queue --json` builds its document during the refresh, but not beside a discovery
     # shared out over processes (both cores busy discovering: it made that one ~1 s slower).
     from console import commands

@@ -22,6 +22,7 @@ from services.processes import HOST
 from services.storage import open_store
 from services.store import Lease, Store, utc_text
 from services.timestamps import parse_time
+from tests.heartbeat_support import hold_beats
 from tests.pg_support import pg_cluster, pg_url
 
 __all__ = ["pg_cluster", "pg_url"]  # PostgreSQL fixtures (tests/pg_support.py)
@@ -344,34 +345,8 @@ async def test_a_batch_cancelled_twice_closes_the_beats_connection_only_after_it
     """The batch is cancelled while a beat is out on its thread, and cancelled again while
     `__aexit__` waits for that beat (the console quitting): the beat's own connection must
     not be closed under it (the beat then fails half-way, an error nobody reads)."""
-    import threading
-
     store = Store(tmp_path / "l.db")
-    out, answer = threading.Event(), threading.Event()
-    events: list[str] = []
-    writer = store.writer
-
-    def held_writer() -> Store:
-        own = writer()
-        assert own is not None
-        beat, close = own.heartbeat_leases, own.close
-
-        def late(*args: str) -> set[str]:
-            out.set()
-            assert answer.wait(5)
-            try:
-                return beat(*args)
-            finally:
-                events.append("beat done")
-
-        def closing() -> None:
-            events.append("closed")
-            close()
-        own.heartbeat_leases = late  # type: ignore[method-assign]
-        own.close = closing  # type: ignore[method-assign]
-        return own
-
-    store.writer = held_writer  # type: ignore[method-assign]
+    out, answer, events = hold_beats(store, "heartbeat_leases")
     keeper = LeaseKeeper(store, "alice", ttl_s=30.0, heartbeat_s=0.01)
 
     async def batch() -> None:

@@ -33,6 +33,7 @@ from services.workspace import Workspace
 from tests.conftest import LoopbackServer, make_emulator
 from tests.console_harness import DISMISS, app_for, demo, merchants_loaded, wait_until
 from tests.crash_harness import ROOT, cli_workdir, start_cli
+from tests.heartbeat_support import hold_beats
 
 LIVE_S = 2.0  # the issue's bound: another console shows a change within 2 s
 
@@ -390,34 +391,8 @@ async def test_a_beat_task_cancelled_twice_closes_its_connection_only_after_the_
     """The heartbeat task cancelled while a beat is out, and again while it waits for that
     beat (the loop shutting down cancels what is left): its own connection is closed once
     the beat is done, not under it."""
-    import threading
-
     store = Store(tmp_path / "recon.db")
-    out, answer = threading.Event(), threading.Event()
-    events: list[str] = []
-    writer = store.writer
-
-    def held_writer() -> Store:
-        own = writer()
-        assert own is not None
-        touch, close = own.touch_session, own.close
-
-        def touched(session_id: str, last_seen: str) -> bool:
-            out.set()
-            assert answer.wait(5)
-            try:
-                return touch(session_id, last_seen)
-            finally:
-                events.append("beat done")
-
-        def closing() -> None:
-            events.append("closed")
-            close()
-        own.touch_session = touched  # type: ignore[method-assign]
-        own.close = closing  # type: ignore[method-assign]
-        return own
-
-    store.writer = held_writer  # type: ignore[method-assign]
+    out, answer, events = hold_beats(store, "touch_session")
     presence = Presence(store, "eve", "console", heartbeat_s=0.01)
     presence.start()
     task = presence._task

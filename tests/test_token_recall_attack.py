@@ -270,6 +270,7 @@ def test_tokens_swapped_and_shared_send_only_the_check_over_two_processes(
     from services import discovery_processes
     from services.demo import write_demo_files
     from tests.conftest import LoopbackServer
+    from tests.test_discovery_processes import count_process_shares
     from tests.test_token_identity import write_credentials
 
     emulator = make_emulator(SeedConfig(merchants=4, orders_per_location=3))
@@ -278,13 +279,7 @@ def test_tokens_swapped_and_shared_send_only_the_check_over_two_processes(
     write_demo_files(tmp_path, emulator.merchants)
     monkeypatch.setattr(discovery_processes, "MIN_MERCHANTS_PER_PROCESS", 1)
     monkeypatch.setattr(discovery_processes.os, "cpu_count", lambda: 2)
-    shared: list[int] = []
-    real = discovery_processes.discover_in_processes
-
-    async def spy(*args: Any, **kwargs: Any) -> Any:
-        shared.append(args[5])
-        return await real(*args, **kwargs)
-    monkeypatch.setattr("services.workspace.discover_in_processes", spy)
+    shared = count_process_shares(monkeypatch)
     monkeypatch.setenv("RECON_DB", str(tmp_path / "recon.db"))
     monkeypatch.setenv("RECON_DISCOVERY_PROCESSES", "2")
     monkeypatch.setenv("RECON_CREDENTIALS", str(tmp_path / "credentials.toml"))
