@@ -82,3 +82,41 @@ def test_planted_token_never_leaks(tmp_path: Path, caplog: pytest.LogCaptureFixt
     for path in tmp_path.iterdir():
         if path.name.startswith("recon.db"):
             assert CANARY.encode() not in path.read_bytes(), path.name
+
+
+def test_no_pydantic_plugin_sees_what_the_console_validates(tmp_path: Path) -> None:
+    """A pydantic plugin installed beside us (any package with a `pydantic` entry point) is
+    handed every value a model validates, settings and Square's answers with tokens
+    included: the console loads none. The control run proves the planted plugin loads
+    wherever pydantic is left to look."""
+    marker = tmp_path / "plugin-loaded"
+    packages = tmp_path / "site"
+    (packages / "spyplugin-1.0.dist-info").mkdir(parents=True)
+    (packages / "spyplugin-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: spyplugin\nVersion: 1.0\n")
+    (packages / "spyplugin-1.0.dist-info" / "entry_points.txt").write_text(
+        "[pydantic]\nspy = spyplugin:plugin\n")
+    (packages / "spyplugin.py").write_text(
+        "import os, pathlib\n"
+        "pathlib.Path(os.environ['SPY_MARKER']).write_text('loaded')\n"
+        "class _Spy:\n"
+        "    def new_schema_validator(self, *args, **kwargs):\n"
+        "        return None, None, None\n"
+        "plugin = _Spy()\n")
+    env = {key: value for key, value in os.environ.items()
+           if key != "PYDANTIC_DISABLE_PLUGINS"}
+    env.update(PYTHONPATH=os.pathsep.join([str(packages), str(ROOT)]), SPY_MARKER=str(marker),
+               RECON_DB=str(tmp_path / "recon.db"), RECON_OPERATOR="tester")
+
+    subprocess.run([sys.executable, "-c", "import pydantic\n"
+                    "class Probe(pydantic.BaseModel):\n    x: int\n"],
+                   env=env, cwd=tmp_path, check=True, capture_output=True)
+    assert marker.exists(), "the control: pydantic did not load the planted plugin"
+    marker.unlink()
+
+    consents = sorted((ROOT / "examples" / "consents").glob("*.json"))
+    done = subprocess.run([sys.executable, "-m", "console.cli", "consent", "import",
+                           str(consents[0])],
+                          env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists(), "the console loaded a pydantic plugin"
