@@ -84,39 +84,70 @@ def test_planted_token_never_leaks(tmp_path: Path, caplog: pytest.LogCaptureFixt
             assert CANARY.encode() not in path.read_bytes(), path.name
 
 
-def test_no_pydantic_plugin_sees_what_the_console_validates(tmp_path: Path) -> None:
-    """A pydantic plugin installed beside us (any package with a `pydantic` entry point) is
-    handed every value a model validates, settings and Square's answers with tokens
-    included: the console loads none. The control run proves the planted plugin loads
-    wherever pydantic is left to look."""
-    marker = tmp_path / "plugin-loaded"
+
+def _plant_plugin(tmp_path: Path, group: str, entry: str, source: str) -> dict[str, str]:
+    """A package installed beside us with an entry point in `group`, whose module writes
+    `SPY_MARKER` when it is imported; the environment of a process that finds it."""
     packages = tmp_path / "site"
     (packages / "spyplugin-1.0.dist-info").mkdir(parents=True)
     (packages / "spyplugin-1.0.dist-info" / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: spyplugin\nVersion: 1.0\n")
     (packages / "spyplugin-1.0.dist-info" / "entry_points.txt").write_text(
-        "[pydantic]\nspy = spyplugin:plugin\n")
+        f"[{group}]\nspy = {entry}\n")
     (packages / "spyplugin.py").write_text(
         "import os, pathlib\n"
-        "pathlib.Path(os.environ['SPY_MARKER']).write_text('loaded')\n"
+        "pathlib.Path(os.environ['SPY_MARKER']).write_text('loaded')\n" + source)
+    env = {key: value for key, value in os.environ.items()
+           if key != "PYDANTIC_DISABLE_PLUGINS"}
+    env.update(PYTHONPATH=os.pathsep.join([str(packages), str(ROOT)]),
+               SPY_MARKER=str(tmp_path / "plugin-loaded"),
+               RECON_DB=str(tmp_path / "recon.db"), RECON_OPERATOR="tester")
+    return env
+
+
+def _console_loads_plugin(tmp_path: Path, env: dict[str, str]) -> bool:
+    consents = sorted((ROOT / "examples" / "consents").glob("*.json"))
+    done = subprocess.run([sys.executable, "-m", "console.cli", "consent", "import",
+                           str(consents[0])], env=env, cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    return (tmp_path / "plugin-loaded").exists()
+
+
+def test_no_pydantic_plugin_sees_what_the_console_validates(tmp_path: Path) -> None:
+    """A pydantic plugin installed beside us (any package with a `pydantic` entry point) is
+    handed every value a model validates, settings and Square's answers with tokens
+    included: the console loads none. The control run proves the planted plugin loads
+    wherever pydantic is left to look."""
+    env = _plant_plugin(tmp_path, "pydantic", "spyplugin:plugin", (
         "class _Spy:\n"
         "    def new_schema_validator(self, *args, **kwargs):\n"
         "        return None, None, None\n"
-        "plugin = _Spy()\n")
-    env = {key: value for key, value in os.environ.items()
-           if key != "PYDANTIC_DISABLE_PLUGINS"}
-    env.update(PYTHONPATH=os.pathsep.join([str(packages), str(ROOT)]), SPY_MARKER=str(marker),
-               RECON_DB=str(tmp_path / "recon.db"), RECON_OPERATOR="tester")
-
+        "plugin = _Spy()\n"))
+    env["SPY_MARKER"] = str(tmp_path / "control")
     subprocess.run([sys.executable, "-c", "import pydantic\n"
                     "class Probe(pydantic.BaseModel):\n    x: int\n"],
                    env=env, cwd=tmp_path, check=True, capture_output=True)
-    assert marker.exists(), "the control: pydantic did not load the planted plugin"
-    marker.unlink()
+    assert (tmp_path / "control").exists(), "the control: pydantic did not load the plugin"
+    env["SPY_MARKER"] = str(tmp_path / "plugin-loaded")
+    assert not _console_loads_plugin(tmp_path, env), "the console loaded a pydantic plugin"
 
-    consents = sorted((ROOT / "examples" / "consents").glob("*.json"))
-    done = subprocess.run([sys.executable, "-m", "console.cli", "consent", "import",
-                           str(consents[0])],
-                          env=env, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert not marker.exists(), "the console loaded a pydantic plugin"
+
+def test_no_sqlite_utils_plugin_is_handed_the_database(tmp_path: Path) -> None:
+    """A sqlite-utils plugin's `prepare_connection` is given every connection sqlite-utils
+    wraps: it could read the queue, consents and audit, or register SQL functions that the
+    console's own queries would then call. The console's connections are handed to none.
+    The control proves the planted plugin is found by a plain `Database`."""
+    env = _plant_plugin(tmp_path, "sqlite_utils", "spyplugin", (
+        "import sqlite_utils\n"
+        "@sqlite_utils.hookimpl\n"
+        "def prepare_connection(conn):\n"
+        "    pathlib.Path(os.environ['SPY_MARKER'] + '-connection').write_text('handed')\n"))
+    env["SPY_MARKER"] = str(tmp_path / "control")
+    subprocess.run([sys.executable, "-c", "import sqlite3, sqlite_utils\n"
+                    "sqlite_utils.Database(sqlite3.connect(':memory:'))\n"],
+                   env=env, cwd=tmp_path, check=True, capture_output=True)
+    assert (tmp_path / "control-connection").exists(), \
+        "the control: sqlite-utils did not hand the plugin a connection"
+    env["SPY_MARKER"] = str(tmp_path / "plugin-loaded")
+    assert not _console_loads_plugin(tmp_path, env), "the console loaded a sqlite-utils plugin"
