@@ -5,7 +5,9 @@ Each run times, from process start to exit:
 - ours: `recon-console queue --json --include-ineligible` on an empty database (a full
   discovery: every order read, classified, stored and written out);
 - the baseline: a plain httpx loop that sends the same requests (token status, merchant,
-  locations, every SearchOrders page) with the same concurrency and only `json.loads` them.
+  locations, every SearchOrders page) with the same concurrency and only `json.loads` them;
+- the same loop on aiohttp, the console's client: the requests and decoding alone, the floor
+  under a discovery on this machine.
 The medians of `--runs` runs are printed side by side, with the load average of the machine.
 
     .venv/bin/python -m bench.discovery [--merchants 200] [--runs 3]
@@ -126,6 +128,49 @@ async def plain_httpx(manifest: dict[str, Any], concurrency: int) -> int:
     return orders
 
 
+async def plain_aiohttp(manifest: dict[str, Any], concurrency: int) -> int:
+    """The same loop as `plain_httpx` on aiohttp, the console's HTTP client: what the requests
+    and `json.loads` alone cost with the faster client (the floor under a discovery)."""
+    import aiohttp
+    base = manifest["base_url"]
+    gate = asyncio.Semaphore(concurrency)
+    orders = 0
+
+    async def one(client: aiohttp.ClientSession, entry: dict[str, Any]) -> None:
+        nonlocal orders
+        headers = {"Authorization": f"Bearer {entry['access_token']}",
+                   "Square-Version": "2026-09-16", "Content-Type": "application/json"}
+
+        async def read(method: str, path: str, body: Any = None) -> Any:
+            async with client.request(method, f"{base}{path}", headers=headers,
+                                      data=None if body is None else json.dumps(body)
+                                      ) as response:
+                response.raise_for_status()
+                return json.loads(await response.read())
+
+        async with gate:
+            await read("POST", "/oauth2/token/status")
+            await read("GET", "/v2/merchants/me")
+            locations = await read("GET", "/v2/locations")
+            active = [loc["id"] for loc in locations.get("locations", [])
+                      if loc.get("status") == "ACTIVE"]
+            cursor = None
+            while True:
+                body: dict[str, Any] = {"location_ids": active, "query": QUERY, "limit": 1000}
+                if cursor:
+                    body["cursor"] = cursor
+                page = await read("POST", "/v2/orders/search", body)
+                orders += len(page.get("orders", []))
+                cursor = page.get("cursor")
+                if not cursor:
+                    break
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as client:
+        await asyncio.gather(*(one(client, m) for m in manifest["merchants"]))
+    return orders
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -143,10 +188,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16,
                         help="merchants at once, ours (max_concurrent_merchants) and baseline")
     parser.add_argument("--baseline-child", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-client", choices=("httpx", "aiohttp"), default="httpx",
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_child:  # the baseline in a process of its own, timed from outside
         manifest = json.loads(Path(args.baseline_child).read_text())
-        print(asyncio.run(plain_httpx(manifest, args.concurrency)))
+        loop = plain_httpx if args.baseline_client == "httpx" else plain_aiohttp
+        print(asyncio.run(loop(manifest, args.concurrency)))
         return
     with loopback_emulator(*emulator_args(args.merchants)) as manifest:
         consents, env = prepare(manifest, args.concurrency)
@@ -154,11 +202,14 @@ def main() -> None:
         manifest_file.write_text(json.dumps(manifest))
         ours: list[tuple[float, float, float]] = []
         base: list[tuple[float, float, float]] = []
+        floor: list[tuple[float, float, float]] = []
         loads = [os.getloadavg()[0]]
         for run in range(args.runs):
-            base.append(timed_process(
-                [sys.executable, "-m", "bench.discovery", "--baseline-child",
-                 str(manifest_file), "--concurrency", str(args.concurrency)], env))
+            for client, rows in (("httpx", base), ("aiohttp", floor)):
+                rows.append(timed_process(
+                    [sys.executable, "-m", "bench.discovery", "--baseline-child",
+                     str(manifest_file), "--baseline-client", client,
+                     "--concurrency", str(args.concurrency)], env))
             run_env = fresh_db(env, consents, f"run{run}")
             with open(Path(run_env["RECON_DB"]).with_suffix(".json"), "wb") as out:
                 ours.append(timed_process(cli("queue", "--json", "--include-ineligible"),
@@ -172,7 +223,8 @@ def main() -> None:
           f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs (shared machine)")
     print(f"{'':38}{'wall s':>8}{'CPU s':>8}{'peak MB':>9}")
     for name, rows in (("queue --json (full discovery)", ours),
-                       ("baseline: plain httpx + json.loads", base)):
+                       ("baseline: plain httpx + json.loads", base),
+                       ("plain aiohttp + json.loads", floor)):
         print(f"{name:38}{median([r[0] for r in rows]):8.2f}{median([r[1] for r in rows]):8.2f}"
               f"{median([r[2] for r in rows]):9.0f}")
     print("targets: queue --json <= 3 s wall, <= 400 MB")
