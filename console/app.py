@@ -367,8 +367,8 @@ class ReconApp(App[int]):
 
     # ------------------------------------------------------------------ actions
     def action_help(self) -> None:
-        bindings = [(b.binding.key_display or b.binding.key, b.binding.description or
-                     b.binding.action, b.binding.id or "")
+        bindings = [(_key_shown(self.get_key_display(b.binding), b.binding.key),
+                     b.binding.description or b.binding.action, b.binding.id or "")
                     for b in self.active_bindings.values()]
         self.push_screen(HelpScreen(bindings))
 
@@ -447,6 +447,12 @@ def load_keymap(path: Path) -> dict[str, str]:
         raise ConfigurationError(f'{path}: each line must be "binding.id" = "keys", e.g. '
                                  '"queue.complete" = "ctrl+k".')
     return {str(k): str(v) for k, v in document.items()}
+
+
+def _key_shown(display: str, name: str) -> str:
+    """A key in the help: as the footer shows it (`?`, `⏎`, `^p`), and its name where that
+    differs (`question_mark`, `enter`, `ctrl+p`: how a keymap file spells it)."""
+    return display if display == name else f"{display}  ({name})"
 
 
 def freeze_heap() -> None:

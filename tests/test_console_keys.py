@@ -341,3 +341,36 @@ def test_backlog_chart_heights_follow_the_totals_and_gaps_are_not_zeros() -> Non
     assert known == sorted(known) and known[-1] == 12  # a larger total is never shorter
     assert lines[0][7 + 2 * 5] == "█" and lines[0][7 + 2 * 3] != "▓"
     assert all(line[7 + 2 * n] == "▓" for n in (0, 1, 3) for line in lines[11:])
+
+
+async def test_help_shows_keys_as_the_footer_does_and_names_them_for_the_keymap(
+        tmp_path: Path) -> None:
+    """A newcomer reads `?`, not `question_mark`; a keymap file needs the name."""
+    app = app_for(demo(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        await pilot.press("question_mark")
+        await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        rows = {key.strip(): binding_id for key, _, binding_id in app.screen.bindings}
+        assert rows["?  (question_mark)"] == "app.help"
+        assert rows["⏎  (enter)"] == "merchants.open"
+        assert rows["A"] == "app.audit"
+        assert not any(key.startswith(("question_mark", "enter")) for key in rows)
+
+
+async def test_every_footer_key_fits_at_160_columns(tmp_path: Path) -> None:
+    """The key bar of each main screen, at the width the README is written for: no key cut
+    off (the queue's lost `M Reminders` and `q Quit` at 160 columns)."""
+    from textual.widgets._footer import FooterKey
+
+    app = app_for(demo(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, merchants_loaded(app))
+        for step in range(2):
+            screen = app.screen if step == 0 else await open_queue(pilot, app)
+            await pilot.pause()
+            keys = list(screen.query(FooterKey))
+            assert {key.key for key in keys} >= {"question_mark", "q"}, screen
+            cut = [f"{key.key_display} {key.description}" for key in keys
+                   if key.region.right > SIZE[0] or not key.region.width]
+            assert not cut, f"{type(screen).__name__}: cut off at {SIZE[0]} columns: {cut}"

@@ -142,17 +142,18 @@ class QueueScreen(ConsoleScreen):
     BINDINGS = [
         Binding("slash", "filter", "Filter", id="queue.filter"),
         Binding("escape", "back", "Back", id="queue.back"),
-        # Off the footer: the tabs line above the table shows them, and `c` must fit at 160.
+        # Off the footer: the tabs line above the table shows them; with them (and longer
+        # labels) the footer was cut at 160 columns, losing `q Quit`.
         Binding("1", "kind('1')", "Candidates", show=False, id="queue.candidates"),
         Binding("2", "kind('2')", "Blocked", show=False, id="queue.blocked"),
         Binding("3", "kind('3')", "Manual", show=False, id="queue.manual"),
         Binding("4", "kind('4')", "All", show=False, id="queue.all"),
-        Binding("a", "select_all", "Select all matching", id="queue.select_all"),
+        Binding("a", "select_all", "All matching", id="queue.select_all"),
         Binding("i", "invert", "Invert", id="queue.invert"),
         Binding("x", "clear", "Clear", id="queue.clear"),
         Binding("s", "selected_only", "Selected only", id="queue.selected_only"),
         Binding("o", "sort", "Sort", id="queue.sort"),
-        Binding("c", "complete", "Complete selected", id="queue.complete"),
+        Binding("c", "complete", "Complete", id="queue.complete"),
         Binding("r", "app.refresh", "Refresh", id="queue.refresh"),
     ]
 
@@ -190,7 +191,7 @@ class QueueScreen(ConsoleScreen):
             yield OrderDetail(id="detail")
         yield Static("", id="selection")
         yield Static(safe(self.recon.status), id="status")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         table = self.query_one(OrderTable)
