@@ -49,17 +49,34 @@ def screen_loading(app: object) -> bool:
                and not worker.is_finished for worker in app.workers)
 
 
-def merchants_loaded(app: ReconApp) -> Callable[[], bool]:
+def change_pending(app: ReconApp) -> bool:
+    """A write the change feed has seen (or will at its next poll) that the screens have not
+    reloaded for yet: a snapshot taken now could catch the reload half done."""
+    if app.changes is None:
+        return False
+    return bool(app._live_pending) or app.changes.version() != app.changes_loaded
+
+
+def merchants_loaded(app: ReconApp, under: type | None = None) -> Callable[[], bool]:
+    """The merchants screen's rows in and laid out, nothing left to reload; on top, or
+    right under a screen of type `under` (a dialog showing it behind)."""
     from textual.widgets import DataTable
 
     from console.screens.base import LOAD_GROUP
 
     def check() -> bool:
+        stack = app.screen_stack
+        if under is not None and not (isinstance(stack[-1], under) and len(stack) > 1):
+            return False
+        screen = stack[-2] if under is not None else stack[-1]
         try:
             # And no overview load still running: the refresh's own reload may land after
-            # the first rows and the "Refreshed" status (a snapshot then raced it).
-            return app.screen.query_one("#merchants", DataTable).row_count > 0 and \
-                app.status.startswith("Refreshed") and not any(
+            # the first rows and the "Refreshed" status (a snapshot then raced it). And the
+            # rows laid out: a DataTable sizes its columns to new rows when next idle, and a
+            # snapshot taken before had header-wide columns (seen once in a full run).
+            table = screen.query_one("#merchants", DataTable)
+            return table.row_count > 0 and not table._require_update_dimensions and \
+                app.status.startswith("Refreshed") and not change_pending(app) and not any(
                     worker.group == LOAD_GROUP and not worker.is_finished
                     for worker in app.workers)
         except Exception:

@@ -14,6 +14,7 @@ from textual.widgets import Static
 
 from console.app import ReconApp
 from console.screens.confirm import ConfirmScreen
+from console.screens.help import HelpScreen
 from console.screens.progress import ProgressScreen
 from console.screens.queue import QueueScreen
 from services.completion import Outcome
@@ -211,6 +212,9 @@ def test_help(snap_compare: Any, app: ReconApp) -> None:
     async def run(pilot: Pilot[Any]) -> None:
         await loaded(pilot)
         await pilot.press("question_mark")
+        # The merchants behind it as laid out when it opened (a reload then would show them
+        # half done: seen once in a full run).
+        await wait_until(pilot, merchants_loaded(pilot.app, under=HelpScreen))  # type: ignore[arg-type]
     assert snap_compare(app, terminal_size=SIZE, run_before=run)
 
 
