@@ -7,6 +7,7 @@ configuration error, one line on stderr; 130 cancelled by the operator.
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import os
 import sys
@@ -158,7 +159,48 @@ class _Parser(argparse.ArgumentParser):
         _common(self)  # every subcommand, however nested, takes the global options
 
     def error(self, message: str) -> Any:  # one line, exit 2
+        # A mistyped option is what is wrong, whatever argparse noticed first: it said
+        # "one of the arguments --merchant --all-merchants --batch is required" for
+        # `complete --merchnat X`, or "unrecognized arguments" without the command.
+        typo = _unknown_option(_parsing)
+        if typo is not None:
+            raise UsageError(typo)
         raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+# The words `main` is parsing, for `_Parser.error` (argparse hands it only a message).
+_parsing: list[str] = []
+
+
+def _command_parser(parser: argparse.ArgumentParser, words: Sequence[str]
+                    ) -> argparse.ArgumentParser:
+    """The innermost (sub)command parser the words name (`consent revoke`: revoke's)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for index, word in enumerate(words):
+                if word in action.choices:
+                    return _command_parser(action.choices[word], words[index + 1:])
+    return parser
+
+
+def _unknown_option(words: Sequence[str]) -> str | None:
+    """"`recon-console complete`: no option --merchnat (did you mean --merchant?)" for the
+    first long option the command does not know (nor abbreviates, as argparse allows)."""
+    if not words:
+        return None
+    command = _command_parser(build_parser(), words)
+    known = [option for option in command._option_string_actions if option.startswith("--")]
+    for word in words:
+        if word == "--":
+            break
+        option = word.split("=", 1)[0]
+        if not option.startswith("--") or any(k.startswith(option) for k in known):
+            continue
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return (f"{command.prog}: no option {option}{hint}; "
+                f"`{command.prog} --help` lists them")
+    return None
 
 
 def _at_least_one(text: str) -> int:
@@ -454,8 +496,10 @@ def _refuse_misplaced_option(parser: argparse.ArgumentParser, argv: Sequence[str
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
-        _refuse_misplaced_option(parser, sys.argv[1:] if argv is None else argv)
-        args = merge_global_options(parser.parse_args(argv))
+        words = list(sys.argv[1:] if argv is None else argv)
+        _refuse_misplaced_option(parser, words)
+        _parsing[:] = words
+        args = merge_global_options(parser.parse_args(words))
         resolve_output_format(args)
         return _dispatch(args)
     except UsageError as error:

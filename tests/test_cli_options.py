@@ -400,3 +400,33 @@ def test_complete_and_recover_send_on_uvloop_where_it_is_installed(
     assert _run_sending(loop_module()) == 1
     monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
     assert _run_sending(loop_module()) == 0
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    # argparse said "one of the arguments --merchant --all-merchants --batch is required".
+    (["complete", "--merchnat", "M1", "--dry-run"],
+     "recon-console complete: no option --merchnat (did you mean --merchant?)"),
+    # argparse said "recon-console: unrecognized arguments: --formt json": no command.
+    (["queue", "--formt", "json"],
+     "recon-console queue: no option --formt (did you mean --format?)"),
+    (["complete", "--merchant", "M1", "--dry-runn"],
+     "recon-console complete: no option --dry-runn (did you mean --dry-run?)"),
+    (["consent", "revoke", "C1", "--by", "ann", "--reasn", "moved"],
+     "recon-console consent revoke: no option --reasn (did you mean --reason?)"),
+    (["queue", "--zzz"], "recon-console queue: no option --zzz;"),
+])
+def test_a_mistyped_option_is_named_with_its_command_and_the_likely_one(
+        argv: list[str], said: str, clean_env: Path, capsys: pytest.CaptureFixture[str]
+        ) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and len(err) == 1, err
+    assert err[0].startswith(said), err[0]
+    assert not clean_env.exists()  # refused before anything was opened
+
+
+def test_an_abbreviated_option_and_a_bad_value_keep_argparse_s_own_answer(
+        clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "queue", "--format", "yaml")
+    assert code == 2 and "invalid choice: 'yaml'" in err[0], err
+    code, _, err = run(capsys, "queue", "--form", "yaml")  # --form: argparse's abbreviation
+    assert code == 2 and "invalid choice: 'yaml'" in err[0], err
