@@ -57,9 +57,11 @@ def change_pending(app: ReconApp) -> bool:
     return bool(app._live_pending) or app.changes.version() != app.changes_loaded
 
 
-def merchants_loaded(app: ReconApp, under: type | None = None) -> Callable[[], bool]:
-    """The merchants screen's rows in and laid out, nothing left to reload; on top, or
-    right under a screen of type `under` (a dialog showing it behind)."""
+def merchants_loaded(app: ReconApp, under: type | None = None,
+                     status: Callable[[str], bool] | None = None) -> Callable[[], bool]:
+    """The merchants screen's rows in and laid out, nothing left to reload, and the status
+    a refresh's (`status`: another test of it); on top, or right under a screen of type
+    `under` (a dialog showing it behind)."""
     from textual.widgets import DataTable
 
     from console.screens.base import LOAD_GROUP
@@ -75,8 +77,10 @@ def merchants_loaded(app: ReconApp, under: type | None = None) -> Callable[[], b
             # rows laid out: a DataTable sizes its columns to new rows when next idle, and a
             # snapshot taken before had header-wide columns (seen once in a full run).
             table = screen.query_one("#merchants", DataTable)
+            said = status(app.status) if status is not None else \
+                app.status.startswith("Refreshed")
             return table.row_count > 0 and not table._require_update_dimensions and \
-                app.status.startswith("Refreshed") and not change_pending(app) and not any(
+                said and not change_pending(app) and not any(
                     worker.group == LOAD_GROUP and not worker.is_finished
                     for worker in app.workers)
         except Exception:

@@ -236,8 +236,8 @@ def test_square_down_error(snap_compare: Any, tmp_path: Path) -> None:
 
 
 async def loaded_with_errors(pilot: Pilot[Any]) -> None:
-    await wait_until(pilot, lambda: pilot.app.status != "Starting…" and
-                     not pilot.app.busy and "Refreshed" in pilot.app.status)  # type: ignore
+    await wait_until(pilot, lambda: not pilot.app.busy and merchants_loaded(  # type: ignore
+        pilot.app, status=lambda text: "Refreshed" in text)())  # type: ignore[arg-type]
     await pilot.pause()
 
 

@@ -189,17 +189,20 @@ class AuditScreen(ConsoleScreen):
             chain.add_class("error")
             return
         checked = report.checkpoint
+        # The time of this check: `v` again shows it ran again (the line was the same).
+        at = workspace.clock().astimezone(UTC).strftime("%H:%M:%S UTC")
         against = (f" against checkpoint {Path(checked['path']).name} ({checked['size']} "
-                   f"entries, {checked['created_at']})" if checked else "")
+                   f"entries, {str(checked['created_at'])[:19].replace('T', ' ')})"
+                   if checked else "")
         if report.ok:
             if report.warning:
                 against = "; ⚠ no signed checkpoint yet: the tail of the chain is not anchored"
-            chain.update(safe(f"Chain: ✔ verified to entry {report.entries} "
+            chain.update(safe(f"Chain: ✔ verified at {at} to entry {report.entries} "
                               f"(head {report.head_hash[:12]}){against}"))
             chain.remove_class("error")
         else:
             where = f" at entry {report.broken_at}" if report.broken_at is not None else ""
-            chain.update(safe(f"Chain: ✘ BROKEN{where}: {report.problem}" +
+            chain.update(safe(f"Chain: ✘ BROKEN{where} (checked at {at}): {report.problem}" +
                               (f" (checked{against})" if checked else "")))
             chain.add_class("error")
 
