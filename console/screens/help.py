@@ -13,23 +13,28 @@ from console.safe_text import safe
 
 # The same on every screen (tests/test_console_keys.py holds each screen to them).
 KEYS_EVERYWHERE = """\
-space     selects (or unselects) the highlighted order AND moves to the next row,
-          so holding space selects a run of orders; shift+down/up extend the same way
+space     selects/unselects the highlighted order AND moves to the next row,
+          so holding space selects a run of orders; shift+down/up extend the
+          same way
 home/end  go to the first / last row of any table (not sideways)
-/         opens the filter; keys typed or pasted right after it land in the filter
-esc       closes the innermost thing first (filter, detail pane, dialog), then goes back"""
+/         opens the filter; keys typed or pasted right after it land in it
+esc       closes the innermost thing first (filter, detail pane, dialog),
+          then goes back"""
 
+# Lines of at most 78 characters: the help box wraps longer ones, leaving a word alone.
 COLUMNS = """\
 Eligible      candidates: orders that can be completed now
 Oldest        age of the oldest candidate
-Ages <1d…2w+  one bar per age band of the candidates: under 1 day, 1-3 days, 3-7 days,
-              7-14 days, 2 weeks and more; the tallest bar is the band with the most
-              orders, · is a band with none
-Next sync     time until the merchant's own daily sync (its sync time, in its time zone),
-              when Square may change its orders; complete before it, or refresh after
+Ages <1d…2w+  one bar per age band of the candidates: under 1 day, 1-3 days,
+              3-7 days, 7-14 days, 2 weeks and more; the tallest bar is the
+              band with the most orders, · is a band with none
+Next sync     time until the merchant's own daily sync (its sync time, in its
+              time zone), when Square may change its orders; complete before
+              it, or refresh after
 Note          what needs doing; the detail pane below (d) shows it in full
-Detail pane   consents, token, locations, last refresh, last batches, and the backlog by
-              age over 30 days: each column a day, oldest orders on top (red)"""
+Detail pane   consents, token, locations, last refresh, last batches, and the
+              backlog by age over 30 days: each column a day, oldest orders on
+              top (red)"""
 
 
 class HelpScreen(ModalScreen[None]):
