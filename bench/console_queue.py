@@ -40,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench._support import scratch_dir
+from bench._support import compile_bytecode, scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (160, 50)
@@ -516,6 +516,7 @@ def main() -> None:
 
 
 def measure(directory: Path, args: argparse.Namespace) -> None:
+    compile_bytecode()
     fill(directory / "seed.db", args.orders)
     dbs = {}
     for side in ("mine", "main", "stock"):

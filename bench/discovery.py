@@ -23,6 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,67 +93,58 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "console.cli", *args]
 
 
-async def plain_httpx(manifest: dict[str, Any], concurrency: int) -> int:
-    """The baseline: the same requests, `json.loads` of each answer, nothing else."""
-    import httpx
-    base = manifest["base_url"]
-    gate = asyncio.Semaphore(concurrency)
-    orders = 0
-
-    async def one(client: httpx.AsyncClient, entry: dict[str, Any]) -> None:
-        nonlocal orders
-        headers = {"Authorization": f"Bearer {entry['access_token']}",
-                   "Square-Version": "2026-09-16", "Content-Type": "application/json"}
-        async with gate:
-            json.loads((await client.post(f"{base}/oauth2/token/status",
-                                          headers=headers)).content)
-            json.loads((await client.get(f"{base}/v2/merchants/me", headers=headers)).content)
-            locations = json.loads((await client.get(f"{base}/v2/locations",
-                                                     headers=headers)).content)
-            active = [loc["id"] for loc in locations.get("locations", [])
-                      if loc.get("status") == "ACTIVE"]
-            cursor = None
-            while True:
-                body: dict[str, Any] = {"location_ids": active, "query": QUERY, "limit": 1000}
-                if cursor:
-                    body["cursor"] = cursor
-                page = json.loads((await client.post(f"{base}/v2/orders/search",
-                                                     headers=headers, json=body)).content)
-                orders += len(page.get("orders", []))
-                cursor = page.get("cursor")
-                if not cursor:
-                    break
-
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(
-            max_connections=concurrency, max_keepalive_connections=concurrency)) as client:
-        await asyncio.gather(*(one(client, m) for m in manifest["merchants"]))
-    return orders
+# `read(headers, method, url, body)`: one request, its answer `json.loads`ed.
+Read = Callable[[dict[str, str], str, str, Any], Awaitable[Any]]
 
 
-async def plain_aiohttp(manifest: dict[str, Any], concurrency: int) -> int:
-    """The same loop as `plain_httpx` on aiohttp, the console's HTTP client: what the requests
-    and `json.loads` alone cost with the faster client (the floor under a discovery)."""
+def square_headers(entry: dict[str, Any]) -> dict[str, str]:
+    """A plain loop's headers for a manifest merchant's requests."""
+    return {"Authorization": f"Bearer {entry['access_token']}",
+            "Square-Version": "2026-09-16", "Content-Type": "application/json"}
+
+
+@asynccontextmanager
+async def plain_client(client: str, connections: int) -> AsyncIterator[Read]:
+    """A plain loop's `Read` on httpx or on aiohttp (the console's client), with at most
+    `connections` open at once: nothing but the request and `json.loads` of its answer."""
+    if client == "httpx":
+        import httpx
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(
+                max_connections=connections, max_keepalive_connections=connections)) as http:
+            async def read_httpx(headers: dict[str, str], method: str, url: str,
+                                 body: Any = None) -> Any:
+                response = await http.request(method, url, headers=headers, json=body)
+                response.raise_for_status()
+                return json.loads(response.content)
+            yield read_httpx
+        return
     import aiohttp
-    base = manifest["base_url"]
-    gate = asyncio.Semaphore(concurrency)
-    orders = 0
-
-    async def one(client: aiohttp.ClientSession, entry: dict[str, Any]) -> None:
-        nonlocal orders
-        headers = {"Authorization": f"Bearer {entry['access_token']}",
-                   "Square-Version": "2026-09-16", "Content-Type": "application/json"}
-
-        async def read(method: str, path: str, body: Any = None) -> Any:
-            async with client.request(method, f"{base}{path}", headers=headers,
-                                      data=None if body is None else json.dumps(body)
-                                      ) as response:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async def read_aiohttp(headers: dict[str, str], method: str, url: str,
+                               body: Any = None) -> Any:
+            async with session.request(method, url, headers=headers,
+                                       data=None if body is None else json.dumps(body)
+                                       ) as response:
                 response.raise_for_status()
                 return json.loads(await response.read())
+        yield read_aiohttp
 
+
+async def plain_discovery(manifest: dict[str, Any], concurrency: int, client: str) -> int:
+    """The baseline: the same requests, `json.loads` of each answer, nothing else (on httpx,
+    the issue's baseline, or on aiohttp, the floor under a discovery)."""
+    base = manifest["base_url"]
+    gate = asyncio.Semaphore(concurrency)
+    orders = 0
+
+    async def one(read: Read, entry: dict[str, Any]) -> None:
+        nonlocal orders
+        headers = square_headers(entry)
         async with gate:
-            await read("POST", "/oauth2/token/status")
-            await read("GET", "/v2/merchants/me")
-            locations = await read("GET", "/v2/locations")
+            await read(headers, "POST", f"{base}/oauth2/token/status", None)
+            await read(headers, "GET", f"{base}/v2/merchants/me", None)
+            locations = await read(headers, "GET", f"{base}/v2/locations", None)
             active = [loc["id"] for loc in locations.get("locations", [])
                       if loc.get("status") == "ACTIVE"]
             cursor = None
@@ -159,15 +152,14 @@ async def plain_aiohttp(manifest: dict[str, Any], concurrency: int) -> int:
                 body: dict[str, Any] = {"location_ids": active, "query": QUERY, "limit": 1000}
                 if cursor:
                     body["cursor"] = cursor
-                page = await read("POST", "/v2/orders/search", body)
+                page = await read(headers, "POST", f"{base}/v2/orders/search", body)
                 orders += len(page.get("orders", []))
                 cursor = page.get("cursor")
                 if not cursor:
                     break
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
-                                     timeout=aiohttp.ClientTimeout(total=60)) as client:
-        await asyncio.gather(*(one(client, m) for m in manifest["merchants"]))
+    async with plain_client(client, concurrency) as read:
+        await asyncio.gather(*(one(read, m) for m in manifest["merchants"]))
     return orders
 
 
@@ -193,8 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.baseline_child:  # the baseline in a process of its own, timed from outside
         manifest = json.loads(Path(args.baseline_child).read_text())
-        loop = plain_httpx if args.baseline_client == "httpx" else plain_aiohttp
-        print(asyncio.run(loop(manifest, args.concurrency)))
+        print(asyncio.run(plain_discovery(manifest, args.concurrency, args.baseline_client)))
         return
     with loopback_emulator(*emulator_args(args.merchants)) as manifest:
         consents, env = prepare(manifest, args.concurrency)

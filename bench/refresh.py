@@ -31,14 +31,21 @@ from pathlib import Path
 from typing import Any
 
 from bench._support import loopback_emulator
-from bench.discovery import cli, emulator_args, fresh_db, median, prepare, timed_process
-
-SQUARE_VERSION = "2026-09-16"
+from bench.discovery import (
+    Read,
+    cli,
+    emulator_args,
+    fresh_db,
+    median,
+    plain_client,
+    prepare,
+    square_headers,
+    timed_process,
+)
 
 
 async def plain_refresh(manifest: dict[str, Any], concurrency: int, since: str) -> int:
     """The baseline: a refresh's requests and `json.loads` of each answer (see above)."""
-    import aiohttp
     base = manifest["base_url"]
     gate = asyncio.Semaphore(concurrency)
     changed = 0
@@ -46,28 +53,22 @@ async def plain_refresh(manifest: dict[str, Any], concurrency: int, since: str) 
                         "date_time_filter": {"updated_at": {"start_at": since}}},
              "sort": {"sort_field": "UPDATED_AT", "sort_order": "ASC"}}
 
-    async def one(client: aiohttp.ClientSession, entry: dict[str, Any]) -> None:
+    async def one(read: Read, entry: dict[str, Any]) -> None:
         nonlocal changed
-        headers = {"Authorization": f"Bearer {entry['access_token']}",
-                   "Square-Version": SQUARE_VERSION}
+        headers = square_headers(entry)
         async with gate:
             async def search(cursor: str | None) -> dict[str, Any]:
                 body: dict[str, Any] = {"location_ids": entry["location_ids"], "query": query,
                                         "limit": 1000}
                 if cursor:
                     body["cursor"] = cursor
-                return await read("POST", "/v2/orders/search", body)
-
-            async def read(method: str, path: str, body: Any = None) -> dict[str, Any]:
-                async with client.request(method, f"{base}{path}", headers=headers,
-                                          data=None if body is None else json.dumps(body),
-                                          ) as response:
-                    response.raise_for_status()
-                    document: dict[str, Any] = json.loads(await response.read())
-                    return document
+                page: dict[str, Any] = await read(headers, "POST", f"{base}/v2/orders/search",
+                                                  body)
+                return page
             answers = await asyncio.gather(
-                read("POST", "/oauth2/token/status"), read("GET", "/v2/merchants/me"),
-                read("GET", "/v2/locations"), search(None))
+                read(headers, "POST", f"{base}/oauth2/token/status", None),
+                read(headers, "GET", f"{base}/v2/merchants/me", None),
+                read(headers, "GET", f"{base}/v2/locations", None), search(None))
             page: dict[str, Any] = answers[3]
             while True:
                 changed += len(page.get("orders", []))
@@ -75,11 +76,9 @@ async def plain_refresh(manifest: dict[str, Any], concurrency: int, since: str) 
                     break
                 page = await search(page["cursor"])
 
-    async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency * 4),
-            headers={"Content-Type": "application/json"},
-            timeout=aiohttp.ClientTimeout(total=60)) as client:
-        await asyncio.gather(*(one(client, m) for m in manifest["merchants"]))
+    # The four requests of each merchant at once: as many connections.
+    async with plain_client("aiohttp", concurrency * 4) as read:
+        await asyncio.gather(*(one(read, m) for m in manifest["merchants"]))
     return changed
 
 

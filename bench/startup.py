@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._support import ROOT, loopback_emulator
+from bench._support import ROOT, compile_bytecode, loopback_emulator
 
 COMMANDS: dict[str, list[str]] = {
     "queue --json": ["queue", "--json"],
@@ -101,8 +101,7 @@ def main() -> None:
     baseline = baseline_checkout(args.baseline_ref)
     trees = {"this tree": ROOT, args.baseline_ref: baseline}
     for code in trees.values():
-        subprocess.run([sys.executable, "-m", "compileall", "-q", "services", "console"],
-                       cwd=code, check=True, stdout=subprocess.DEVNULL)
+        compile_bytecode(code)
     figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
     imports: dict[str, list[tuple[float, int]]] = {tree: [] for tree in trees}
     try:
