@@ -162,14 +162,15 @@ class _Parser(argparse.ArgumentParser):
         # A mistyped option is what is wrong, whatever argparse noticed first: it said
         # "one of the arguments --merchant --all-merchants --batch is required" for
         # `complete --merchnat X`, or "unrecognized arguments" without the command.
-        typo = _unknown_option(_parsing)
+        typo = _unknown_option(*_parsing) if _parsing is not None else None
         if typo is not None:
             raise UsageError(typo)
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-# The words `main` is parsing, for `_Parser.error` (argparse hands it only a message).
-_parsing: list[str] = []
+# What `main` is parsing (its parser, the words), for `_Parser.error`: argparse hands it
+# only a message.
+_parsing: tuple[argparse.ArgumentParser, list[str]] | None = None
 
 
 def _command_parser(parser: argparse.ArgumentParser, words: Sequence[str]
@@ -183,12 +184,12 @@ def _command_parser(parser: argparse.ArgumentParser, words: Sequence[str]
     return parser
 
 
-def _unknown_option(words: Sequence[str]) -> str | None:
+def _unknown_option(parser: argparse.ArgumentParser, words: Sequence[str]) -> str | None:
     """"`recon-console complete`: no option --merchnat (did you mean --merchant?)" for the
     first long option the command does not know (nor abbreviates, as argparse allows)."""
     if not words:
         return None
-    command = _command_parser(build_parser(), words)
+    command = _command_parser(parser, words)
     known = [option for option in command._option_string_actions if option.startswith("--")]
     for word in words:
         if word == "--":
@@ -494,11 +495,12 @@ def _refuse_misplaced_option(parser: argparse.ArgumentParser, argv: Sequence[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _parsing
     try:
         parser = build_parser()
         words = list(sys.argv[1:] if argv is None else argv)
         _refuse_misplaced_option(parser, words)
-        _parsing[:] = words
+        _parsing = (parser, words)
         args = merge_global_options(parser.parse_args(words))
         resolve_output_format(args)
         return _dispatch(args)
