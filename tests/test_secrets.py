@@ -105,13 +105,21 @@ def _plant_plugin(tmp_path: Path, group: str, entry: str, source: str) -> dict[s
     return env
 
 
+def _run_with_plugin(tmp_path: Path, env: dict[str, str], argv: list[str], marker: str
+                     ) -> Path:
+    """Run `argv` beside the planted plugin, which marks its import at `tmp_path/marker`;
+    that path."""
+    done = subprocess.run(argv, env=dict(env, SPY_MARKER=str(tmp_path / marker)), cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return tmp_path / marker
+
+
 def _console_loads_plugin(tmp_path: Path, env: dict[str, str]) -> bool:
     consents = sorted((ROOT / "examples" / "consents").glob("*.json"))
-    done = subprocess.run([sys.executable, "-m", "console.cli", "consent", "import",
-                           str(consents[0])], env=env, cwd=ROOT, capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stderr
-    return (tmp_path / "plugin-loaded").exists()
+    return _run_with_plugin(tmp_path, env, [sys.executable, "-m", "console.cli", "consent",
+                                            "import", str(consents[0])],
+                            "plugin-loaded").exists()
 
 
 def test_no_pydantic_plugin_sees_what_the_console_validates(tmp_path: Path) -> None:
@@ -124,12 +132,10 @@ def test_no_pydantic_plugin_sees_what_the_console_validates(tmp_path: Path) -> N
         "    def new_schema_validator(self, *args, **kwargs):\n"
         "        return None, None, None\n"
         "plugin = _Spy()\n"))
-    env["SPY_MARKER"] = str(tmp_path / "control")
-    subprocess.run([sys.executable, "-c", "import pydantic\n"
-                    "class Probe(pydantic.BaseModel):\n    x: int\n"],
-                   env=env, cwd=tmp_path, check=True, capture_output=True)
-    assert (tmp_path / "control").exists(), "the control: pydantic did not load the plugin"
-    env["SPY_MARKER"] = str(tmp_path / "plugin-loaded")
+    control = _run_with_plugin(tmp_path, env, [sys.executable, "-c", "import pydantic\n"
+                                               "class Probe(pydantic.BaseModel):\n    x: int\n"],
+                               "control")
+    assert control.exists(), "the control: pydantic did not load the plugin"
     assert not _console_loads_plugin(tmp_path, env), "the console loaded a pydantic plugin"
 
 
@@ -143,11 +149,9 @@ def test_no_sqlite_utils_plugin_is_handed_the_database(tmp_path: Path) -> None:
         "@sqlite_utils.hookimpl\n"
         "def prepare_connection(conn):\n"
         "    pathlib.Path(os.environ['SPY_MARKER'] + '-connection').write_text('handed')\n"))
-    env["SPY_MARKER"] = str(tmp_path / "control")
-    subprocess.run([sys.executable, "-c", "import sqlite3, sqlite_utils\n"
-                    "sqlite_utils.Database(sqlite3.connect(':memory:'))\n"],
-                   env=env, cwd=tmp_path, check=True, capture_output=True)
+    _run_with_plugin(tmp_path, env, [sys.executable, "-c", "import sqlite3, sqlite_utils\n"
+                                     "sqlite_utils.Database(sqlite3.connect(':memory:'))\n"],
+                     "control")
     assert (tmp_path / "control-connection").exists(), \
         "the control: sqlite-utils did not hand the plugin a connection"
-    env["SPY_MARKER"] = str(tmp_path / "plugin-loaded")
     assert not _console_loads_plugin(tmp_path, env), "the console loaded a sqlite-utils plugin"

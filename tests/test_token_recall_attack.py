@@ -65,6 +65,20 @@ async def confirmed_once(settings: ReconSettings, emulator: Emulator,
         await workspace.aclose()
 
 
+async def two_merchants_a_confirmed(tmp_path: Path, **settings: Any
+                                    ) -> tuple[Emulator, str, str, str, ReconSettings,
+                                               dict[str, MerchantCredentials]]:
+    """Two merchants, A's own token confirmed by a good refresh (its digest kept): the
+    emulator, A, B, A's token, the settings (`settings` changed) and A's credentials."""
+    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=2))
+    a, b = (m.merchant.id for m in emulator.merchants)
+    token = emulator.token(0)
+    kept = settings_for(tmp_path, emulator).model_copy(update=settings)
+    own = creds(a, token)
+    await confirmed_once(kept, emulator, own)
+    return emulator, a, b, token, kept, own
+
+
 def merchants_me_names(emulator: Emulator, token: str, other: str) -> asyncio.Event:
     """merchants/me answers, for `token`, that it is `other`'s (Square's second word
     disagreeing with its token status), and the token status for `token` is answered only
@@ -98,12 +112,7 @@ async def test_a_token_status_answered_after_merchants_me_does_not_undo_its_mism
     refresh shows the mismatch, and the gateway must keep it: a later request with that token
     for this merchant (a batch completed in the same console) is refused before anything is
     sent, as it was when the status was always asked first."""
-    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=2))
-    a, b = (m.merchant.id for m in emulator.merchants)
-    token = emulator.token(0)
-    settings = settings_for(tmp_path, emulator)
-    own = creds(a, token)
-    await confirmed_once(settings, emulator, own)
+    emulator, a, b, token, settings, own = await two_merchants_a_confirmed(tmp_path)
     answered = merchants_me_names(emulator, token, b)
     workspace = Workspace.open(settings, async_http(emulator), credentials=own)
     try:
@@ -124,12 +133,8 @@ async def test_a_mismatch_merchants_me_named_beside_a_failed_status_is_not_lost(
     token is another merchant's, and the status request fails (Square unavailable). What
     merchants/me said stands: the merchant shows the mismatch, the digest is forgotten (the
     next refresh asks before anything else) and nothing stored under it stays a candidate."""
-    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=2))
-    a, b = (m.merchant.id for m in emulator.merchants)
-    token = emulator.token(0)
-    settings = settings_for(tmp_path, emulator).model_copy(update={"read_retries": 0})
-    own = creds(a, token)
-    await confirmed_once(settings, emulator, own)
+    emulator, a, b, token, settings, own = await two_merchants_a_confirmed(tmp_path,
+                                                                           read_retries=0)
     answered = merchants_me_names(emulator, token, b)
     steered = emulator.app._handle
 
@@ -159,12 +164,7 @@ async def test_a_recalled_owner_gives_way_to_the_token_status(tmp_path: Path) ->
     """A digest recalled from the store stands only until Square answers: the token status,
     saying the token is another merchant's, wins over it, in the refresh and in the gateway
     afterwards (a recalled owner is not an answer Square gave this run)."""
-    emulator = make_emulator(SeedConfig(merchants=2, orders_per_location=2))
-    a, b = (m.merchant.id for m in emulator.merchants)
-    token = emulator.token(0)
-    settings = settings_for(tmp_path, emulator)
-    own = creds(a, token)
-    await confirmed_once(settings, emulator, own)
+    emulator, a, b, _, settings, own = await two_merchants_a_confirmed(tmp_path)
     handle = emulator.app._handle
 
     async def status_names_b(operation: Any, request: Request) -> Any:
