@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from textual.pilot import Pilot
 
@@ -57,6 +58,15 @@ def change_pending(app: ReconApp) -> bool:
     return bool(app._live_pending) or app.changes.version() != app.changes_loaded
 
 
+def painted(screen: Any) -> bool:
+    """Nothing left for the screen on top to lay out or paint. A dialog opened over it
+    shows it as last painted: the help's snapshot once caught the merchants laid out but
+    not yet painted, with header-wide columns."""
+    return not (screen._layout_required or screen._scroll_required or
+                screen._repaint_required or screen._recompose_required or
+                screen._dirty_widgets)
+
+
 def merchants_loaded(app: ReconApp, under: type | None = None,
                      status: Callable[[str], bool] | None = None) -> Callable[[], bool]:
     """The merchants screen's rows in and laid out, nothing left to reload, and the status
@@ -80,6 +90,7 @@ def merchants_loaded(app: ReconApp, under: type | None = None,
             said = status(app.status) if status is not None else \
                 app.status.startswith("Refreshed")
             return table.row_count > 0 and not table._require_update_dimensions and \
+                (under is not None or painted(screen)) and \
                 said and not change_pending(app) and not any(
                     worker.group == LOAD_GROUP and not worker.is_finished
                     for worker in app.workers)
